@@ -1,0 +1,129 @@
+"""Single-request generation on the MLX thread: chunked prefill, then a pipelined decode loop.
+
+The decode loop queues the next forward (``mx.async_eval``) before handing out the current token, so the host
+work of one step overlaps the device work of the next. With streaming residency the forward itself reads the
+router's choices back to the host (one sync per MoE layer), so the overlap shrinks to what remains.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+
+from ..errors import ConfigError
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # text decoded since the previous chunk (may be empty mid-character)
+    token: int
+    finish_reason: str | None = None  # "stop" (eos) or "length" on the last chunk
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first generated token comes out of prefill; decode time covers the rest
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
+    """logprobs[1, V] → token[1]; greedy when temperature is 0."""
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0, got {top_k}")
+    return mlx_lm_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+
+
+def prefill(model, tokens: mx.array, cache, step: int = PREFILL_STEP) -> mx.array:
+    """Runs all but the last prompt token through the model into ``cache``; returns the last token."""
+    while tokens.size > 1:
+        n = min(step, tokens.size - 1)
+        model(tokens[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[n:]
+    return tokens
+
+
+def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: int, stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yields up to ``max_tokens`` token ids; the caller stops early on eos."""
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give at least one token")
+    if max_tokens <= 0:
+        raise ConfigError(f"max_tokens must be > 0, got {max_tokens}")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+
+    def step(y):
+        logits = model(y[None], cache=cache)[:, -1, :]
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    t0 = time.perf_counter()
+    y = prefill(model, mx.array(prompt_ids, dtype=mx.uint32), cache)
+    tok = step(y)
+    mx.eval(tok)
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for n in range(max_tokens):
+        nxt = None
+        if n + 1 < max_tokens:
+            nxt = step(tok)
+            mx.async_eval(nxt)
+        stats.generated_tokens = n + 1
+        stats.decode_seconds = time.perf_counter() - t0
+        yield int(tok.item())
+        tok = nxt
+
+
+def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache=None,
+                    stats: GenerationStats | None = None) -> Iterator[GenerationChunk]:
+    """Text chunks for a prompt (a string, or token ids); stops at eos or ``max_tokens``."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if cache is None:
+        cache = make_prompt_cache(model)
+    if seed is not None:
+        mx.random.seed(seed)
+    stats = stats if stats is not None else GenerationStats()
+    sampler = make_sampler(temperature, top_p, top_k)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = set(tokenizer.eos_token_ids)
+    last = None
+    for last in generate_tokens(model, ids, cache, sampler, max_tokens, stats):
+        if last in eos:
+            detok.finalize()
+            stats.finish_reason = "stop"
+            yield GenerationChunk(detok.last_segment, last, "stop")
+            return
+        detok.add_token(last)
+        if stats.generated_tokens == max_tokens:
+            break
+        yield GenerationChunk(detok.last_segment, last)
+    detok.finalize()
+    stats.finish_reason = "length"
+    yield GenerationChunk(detok.last_segment, last, "length")

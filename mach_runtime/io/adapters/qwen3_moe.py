@@ -1,0 +1,38 @@
+"""qwen3_moe (Qwen3-30B-A3B, Qwen3-235B-A22B): plain SwiGLU experts, standard KV cache."""
+
+from __future__ import annotations
+
+from ..arch_registry import MoeArchAdapter
+
+
+def _moe_layers(tc: dict) -> list[int]:
+    """Layers whose MLP is routed: not in mlp_only_layers and on the decoder_sparse_step grid."""
+    n = int(tc["num_hidden_layers"])
+    only = set(tc.get("mlp_only_layers") or [])
+    step = int(tc.get("decoder_sparse_step", 1) or 1)
+    if int(tc.get("num_experts", 0) or 0) <= 0:
+        return []
+    return [i for i in range(n) if i not in only and (i + 1) % step == 0]
+
+
+ADAPTER = MoeArchAdapter(
+    key="qwen3_moe",
+    model_types=("qwen3_moe",),
+    model_module="mlx_lm.models.qwen3_moe",
+    swiglu_variant="plain_swiglu",
+    has_expert_bias=False,
+    wrapped=False,
+    stacked=True,
+    kv_cache_kind="standard",
+    specdec_kind="trim",
+    default_bits=4,
+    default_group=64,
+    projections=("gate_proj", "up_proj", "down_proj"),
+    per_expert_template="model.layers.{layer}.mlp.experts.{expert}.{proj}",
+    stacked_template="model.layers.{layer}.mlp.switch_mlp.{proj}",
+    switch_module_template="model.layers.{layer}.mlp.switch_mlp",
+    num_experts_field="num_experts",
+    top_k_field="num_experts_per_tok",
+    moe_intermediate_field="moe_intermediate_size",
+    moe_layers=_moe_layers,
+)

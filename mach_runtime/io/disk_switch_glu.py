@@ -1,0 +1,74 @@
+"""DiskSwitchGLU: the routed-expert MLP in streaming residency.
+
+Same contract as ``GatherSwitchGLU`` (``(x[..., D], indices[..., k]) -> y[..., k, D]``), but the weights it
+multiplies are the layer's *bank* of slots, not all experts. Per call it reads the router's choices to the host
+once (the one sync per layer streaming needs), makes those experts resident (hits are free, misses are read from
+disk into slots), remaps expert ids to slot ids and runs the gather matmuls on the bank.
+
+When a call needs more distinct experts than the bank has slots (a long prefill), the tokens are split into
+consecutive groups whose distinct experts fit, and each group is computed — and evaluated, so its slots may be
+overwritten — before the next group loads. Any bank with at least top-k slots therefore gives the same result as
+stacked residency.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .expert_bank import LayerBank, StreamingExpertStore
+from .gather_switch_glu import ExpertProjection, activation_for, switch_glu
+
+
+def token_groups(inds: np.ndarray, slots: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) token ranges whose distinct experts each fit in ``slots``."""
+    n = inds.shape[0]
+    if len(np.unique(inds)) <= slots:
+        return [(0, n)]
+    groups, start, seen = [], 0, set()
+    for t in range(n):
+        row = set(inds[t].tolist())
+        if len(seen | row) > slots:
+            groups.append((start, t))
+            start, seen = t, set()
+        seen |= row
+    groups.append((start, n))
+    return groups
+
+
+class DiskSwitchGLU(nn.Module):
+    def __init__(
+        self,
+        gate_up: ExpertProjection,
+        down: ExpertProjection,
+        swiglu_variant: str,
+        inter: int,
+        store: StreamingExpertStore,
+        bank: LayerBank,
+    ):
+        super().__init__()
+        self.gate_up = gate_up  # [slots, 2I, D] (the bank's arrays are this module's parameters)
+        self.down = down
+        self.inter = inter
+        self.swiglu_variant = swiglu_variant
+        self._activation = activation_for(swiglu_variant)
+        self._store = store
+        self._bank = bank
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
+        inds = np.array(indices).reshape(-1, k)  # the host readback (one sync per layer)
+        xf = x.reshape(-1, D)
+        outs = []
+        groups = token_groups(inds, self._bank.slots)
+        for gi, (a, b) in enumerate(groups):
+            chunk = inds[a:b]
+            self._store.ensure(self._bank, np.unique(chunk))
+            slot_idx = mx.array(self._bank.lut[chunk])
+            y = switch_glu(xf[a:b], slot_idx, self.gate_up, self.down, self._activation, self.inter)
+            if gi + 1 < len(groups):
+                mx.eval(y)  # the next group may overwrite slots this one reads
+            outs.append(y)
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        return y.reshape(*lead, k, D)

@@ -1,0 +1,98 @@
+"""GatherSwitchGLU: the routed-expert MLP over stacked expert weights (stacked residency).
+
+Drop-in for mlx-lm's ``SwitchGLU``: ``__call__(x[..., D], indices[..., k]) -> y[..., k, D]``; the MoE block
+applies routing weights and sums over k. Gate and up projections are fused into one ``[E, 2I, D]`` weight so a
+token costs two gather matmuls instead of three. The same module computes over the expert *bank* in streaming
+residency, where "experts" are bank slots (see ``disk_switch_glu.py``).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+
+from .expert_layout import QuantSpec
+
+# prefill: sort (token, k) pairs by expert once there are this many, as mlx-lm does
+SORT_THRESHOLD = 64
+
+
+class ExpertProjection(nn.Module):
+    """One projection of E experts (or E bank slots): ``weight [E, out, in]`` or its quantized form."""
+
+    def __init__(self, weight: mx.array, scales=None, biases=None, bias=None, quant: QuantSpec | None = None):
+        super().__init__()
+        self.weight = weight
+        if scales is not None:
+            self.scales = scales
+        if biases is not None:
+            self.biases = biases
+        if bias is not None:
+            self.bias = bias
+        self.quant = quant
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        q = self.quant
+        if q is not None:
+            y = mx.gather_qmm(
+                x,
+                self["weight"],
+                self["scales"],
+                self.get("biases"),
+                rhs_indices=idx,
+                transpose=True,
+                group_size=q.group_size,
+                bits=q.bits,
+                mode=q.mode,
+                sorted_indices=sorted_indices,
+            )
+        else:
+            y = mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+        if "bias" in self:
+            y = y + mx.expand_dims(self["bias"][idx], -2)
+        return y
+
+
+ACTIVATIONS = {"plain_swiglu": swiglu}  # activation(gate, up)
+
+
+def activation_for(variant: str):
+    try:
+        return ACTIVATIONS[variant]
+    except KeyError:
+        raise NotImplementedError(f"swiglu variant {variant!r} has no activation yet") from None
+
+
+def switch_glu(x, indices, gate_up: ExpertProjection, down: ExpertProjection, activation, inter: int):
+    """y[..., k, D] for tokens x[..., D] routed to ``indices[..., k]`` (rows of the projections)."""
+    x = mx.expand_dims(x, (-2, -3))
+    indices = mx.stop_gradient(indices)
+    do_sort = indices.size >= SORT_THRESHOLD
+    idx, inv_order = indices, None
+    if do_sort:
+        k = indices.shape[-1]
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inv_order = mx.argsort(order)
+        x, idx = x.flatten(0, -3)[order // k], flat[order]
+    h = gate_up(x, idx, do_sort)
+    y = down(activation(h[..., :inter], h[..., inter:]), idx, do_sort)
+    if do_sort:
+        y = mx.unflatten(y[inv_order], 0, indices.shape)
+    return y.squeeze(-2)
+
+
+class GatherSwitchGLU(nn.Module):
+    """All experts resident; gather (quantized) matmuls pick each token's experts."""
+
+    def __init__(self, gate_up: ExpertProjection, down: ExpertProjection, swiglu_variant: str, inter: int):
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+        self.inter = inter
+        self.swiglu_variant = swiglu_variant
+        self._activation = activation_for(swiglu_variant)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        return switch_glu(x, indices, self.gate_up, self.down, self._activation, self.inter)

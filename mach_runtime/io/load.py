@@ -1,0 +1,340 @@
+"""``load`` (mlx-lm compatible) and ``load_moe`` (MoE checkpoints in stacked or streaming residency).
+
+The load pipeline: read config.json → pick the family's adapter → index the safetensors headers → find the
+routed-expert tensors (per-expert or stacked layout) → build the family's MLX model → swap every routed MLP for
+a ``GatherSwitchGLU`` (stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from
+disk) → load the non-expert weights → return ``(model, tokenizer, store, cache)``.
+
+Nothing is downloaded: the path must be a local checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from .arch_registry import REGISTRY, MoeArchAdapter, adapter_for_config, read_config
+from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
+from .safetensors_index import CheckpointIndex
+
+_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _local_dir(path) -> Path:
+    if path is None:
+        raise CheckpointNotFoundError("no checkpoint path given; pass a local checkpoint directory")
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.exists():
+        raise CheckpointNotFoundError(
+            f"{p}: checkpoint path does not exist; pass a local directory holding config.json and "
+            "*.safetensors (mach_runtime never downloads weights)"
+        )
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory; pass the checkpoint directory, not a file inside it")
+    return p.resolve()
+
+
+def load(path, **kwargs):
+    """mlx-lm's loader for any model mlx-lm supports, restricted to local paths: ``(model, tokenizer)``."""
+    directory = _local_dir(path)
+    read_config(directory)  # clear error for a missing or broken config.json
+    from mlx_lm import load as mlx_lm_load
+
+    return mlx_lm_load(str(directory), **kwargs)
+
+
+def _load_tokenizer(directory: Path, config: dict):
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
+            "original model into the checkpoint directory"
+        )
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+
+
+def _set_module(root, path: str, module) -> None:
+    parts = path.split(".")
+    obj = root
+    for p in parts[:-1]:
+        obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+    setattr(obj, parts[-1], module)
+
+
+class _Tensors:
+    """Lazy ``mx.load`` of every shard, opened once; arrays are read from disk only when evaluated."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._files: dict[str, dict] = {}
+
+    def __getitem__(self, name: str):
+        import mlx.core as mx
+
+        f = self.index[name].file
+        if f not in self._files:
+            self._files[f] = mx.load(f)
+        return self._files[f][name]
+
+
+def _float_cast(layout: ExpertLayout, dtype):
+    """The dtype every floating weight is cast to, or None to keep the checkpoint's dtypes.
+
+    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when the experts are unquantized half
+    precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
+    """
+    import mlx.core as mx
+
+    if dtype is not None:
+        try:
+            return getattr(mx, str(dtype)) if isinstance(dtype, str) else dtype
+        except AttributeError:
+            raise ConfigError(f"dtype: unknown MLX dtype {dtype!r} (use float32, float16 or bfloat16)") from None
+    w = layout.layers[0].components[next(iter(layout.layers[0].components))]
+    if layout.quant is None and w.dtype in ("F16", "BF16") and mx.default_device() == mx.cpu:
+        return mx.float32
+    return None
+
+
+def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
+    """Bytes one expert occupies in memory once loaded (after any float cast)."""
+    import math
+
+    import mlx.core as mx
+
+    total = 0
+    for c in layout.layers[0].components.values():
+        dt = getattr(mx, _MX_DTYPES[c.dtype])
+        if target is not None and mx.issubdtype(dt, mx.floating):
+            dt = target
+        total += math.prod(c.shape) * dt.size
+    return total
+
+
+def _build_projections(src: ExpertLayerSource, adapter: MoeArchAdapter, make_array, cast):
+    """(gate_up, down) ExpertProjections; gate and up are concatenated along the output rows."""
+    from .gather_switch_glu import ExpertProjection
+
+    gate, up, down = adapter.projections
+    comps = sorted({c for _, c in src.components})
+    out = []
+    for group in ((gate, up), (down,)):
+        kwargs = {}
+        for comp in comps:
+            parts = [make_array(src, p, comp) for p in group]
+            a = parts[0] if len(parts) == 1 else _concat_rows(parts)
+            kwargs[comp] = cast(a)
+        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant, **kwargs))
+    return out
+
+
+def _concat_rows(parts):
+    import mlx.core as mx
+
+    return mx.concatenate(parts, axis=1)
+
+
+def _build_stacked(src, adapter, tensors: _Tensors, cast, inter):
+    import mlx.core as mx
+
+    from .gather_switch_glu import GatherSwitchGLU
+
+    def make_array(s, proj, comp):
+        c = s.components[(proj, comp)]
+        if len(c.tensor_names) == 1:  # stacked layout: the tensor itself
+            return tensors[c.tensor_names[0]]
+        return mx.stack([tensors[n] for n in c.tensor_names])
+
+    gate_up, down = _build_projections(src, adapter, make_array, cast)
+    glu = GatherSwitchGLU(gate_up, down, adapter.swiglu_variant, inter)
+    mx.eval(glu.parameters())  # one layer at a time bounds peak memory
+    return glu
+
+
+def _build_streaming(src, adapter, store, cast, inter):
+    import mlx.core as mx
+
+    from .disk_switch_glu import DiskSwitchGLU
+    from .expert_bank import _Target
+
+    S = store.slots
+
+    def make_array(s, proj, comp):
+        c = s.components[(proj, comp)]
+        return mx.zeros((S, *c.shape), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
+
+    gate_up, down = _build_projections(src, adapter, make_array, cast)
+    gate, up, _ = adapter.projections
+    targets = {}
+    for proj, comp in src.components:
+        target = down if proj == adapter.projections[2] else gate_up
+        rows = slice(0, inter) if proj == gate else slice(inter, 2 * inter) if proj == up else slice(None)
+        targets[(proj, comp)] = _Target(target, comp, rows)
+    bank = store.add_layer(src, targets)
+    return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank)
+
+
+def _quantize_non_experts(model, config: dict, weights: dict) -> None:
+    quant = config.get("quantization")
+    if not quant:
+        return
+    import mlx.nn as nn
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path, module):
+        if isinstance(quant.get(path), dict):
+            return quant[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quant.get("group_size", 64),
+        bits=quant.get("bits", 4),
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
+    from mlx.utils import tree_flatten
+
+    weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _quantize_non_experts(model, config, weights)
+    expected = {
+        k: v.shape for k, v in tree_flatten(model.parameters()) if not any(k.startswith(p + ".") for p in swapped)
+    }
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{index.directory}: weights do not match the {config.get('model_type')} model built from "
+            f"config.json: {'; '.join(detail)}"
+        )
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != tuple(shape):
+            where = index[k].file if k in index else str(index.directory)
+            raise CheckpointError(
+                f"{where}: tensor {k!r} has shape {list(weights[k].shape)}, the model expects {list(shape)}; "
+                "config.json and the weights do not match"
+            )
+    model.load_weights([(k, cast(v)) for k, v in weights.items()], strict=False)
+
+
+def load_moe(
+    path,
+    arch: str | None = None,
+    *,
+    expert_residency: str | None = None,
+    expert_cache_gb: float | None = None,
+    eviction_policy: str | None = None,
+    io_threads: int | None = None,
+    direct_io: bool | None = None,
+    dtype=None,
+    progress: bool = False,
+):
+    """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
+
+    expert_residency: "stacked" (all experts resident) or "streaming" (bounded bank per layer, misses read
+        from disk); None → env MACH_EXPERT_RESIDENCY → "stacked".
+    expert_cache_gb: streaming bank budget in GiB over all MoE layers; None → env MACH_EXPERT_CACHE_GB →
+        a quarter of the routed-expert bytes.
+    eviction_policy: "lru" or "lrfu" (frequency-aware LRU, default); io_threads: reader threads;
+    direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
+    directory = _local_dir(path)
+    source = str(directory / "config.json")
+    config = read_config(directory)
+    if arch is not None:
+        if arch not in REGISTRY:
+            raise UnsupportedArchError(f"arch {arch!r} is not registered; known archs: {', '.join(sorted(REGISTRY))}")
+        adapter = REGISTRY[arch]
+        if config.get("model_type") not in adapter.model_types:
+            raise CheckpointError(
+                f"{source}: model_type {config.get('model_type')!r} does not match arch={arch!r} "
+                f"(expects {', '.join(adapter.model_types)}); omit arch to auto-detect"
+            )
+    else:
+        adapter = adapter_for_config(config, source)
+    tc = adapter.text_config(config, source)
+    index = CheckpointIndex(directory)
+    layout = find_expert_layout(index, adapter, tc, source)
+    tokenizer = _load_tokenizer(directory, config)
+
+    Model, Args = adapter.model_classes()
+    try:
+        model = Model(Args.from_dict(tc))
+    except TypeError as e:
+        raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model ({e})") from None
+
+    target = _float_cast(layout, dtype)
+
+    def cast(a):
+        if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
+            return a.astype(target)
+        return a
+
+    streaming = settings.expert_residency == "streaming"
+    store = None
+    try:
+        if streaming:
+            from .expert_bank import StreamingExpertStore
+
+            bank_bytes = _bank_expert_bytes(layout, target)
+            budget = settings.expert_cache_gb
+            if budget is None:
+                budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
+                budget = max(budget, layout.top_k * len(layout.layers) * bank_bytes / (1 << 30))
+            slots = StreamingExpertStore.slots_for_budget(layout, budget, bank_bytes)
+            store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads, settings.direct_io)
+            if layout.layout == "stacked":
+                print(
+                    f"[mach] streaming residency on a stacked checkpoint ({index.directory}): experts are read as "
+                    "lazy per-expert slices of the stacked tensors; the stacked tensors are never materialised",
+                    file=sys.stderr,
+                )
+        else:
+            from .expert_bank import ResidentExpertStore
+
+            store = ResidentExpertStore(layout)
+
+        tensors = _Tensors(index)
+        swapped = []
+        layers = layout.layers
+        if progress:
+            from tqdm import tqdm
+
+            layers = tqdm(layers, desc=f"experts ({settings.expert_residency})", unit="layer", file=sys.stderr)
+        for src in layers:
+            mpath = adapter.switch_module_template.format(layer=src.layer)
+            if streaming:
+                glu = _build_streaming(src, adapter, store, cast, layout.moe_intermediate)
+            else:
+                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate)
+            _set_module(model, mpath, glu)
+            swapped.append(mpath)
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast)
+        mx.eval(model.parameters())
+        model.eval()
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    return model, tokenizer, store, make_prompt_cache(model)
