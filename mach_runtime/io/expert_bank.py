@@ -132,22 +132,26 @@ class StreamingExpertStore:
     def _load(self, bank: LayerBank, missing: np.ndarray, needed: set) -> None:
         import mlx.core as mx
 
-        slots = []
-        for e in missing.tolist():
-            if bank.free:
-                slot = bank.free.pop()
-            else:
-                victim = bank.policy.victim(needed)
-                bank.policy.remove(victim)
-                slot = int(bank.lut[victim])
-                bank.lut[victim] = -1
-                self.evictions += 1
-            bank.lut[e] = slot
-            bank.slot_expert[slot] = e
-            slots.append(slot)
+        # choose free slots, then victims, without touching the tables: a failed read leaves the bank intact
+        n_free = min(len(bank.free), len(missing))
+        slots = bank.free[len(bank.free) - n_free :][::-1]
+        victims, exclude = [], set(needed)
+        for _ in range(len(missing) - n_free):
+            victim = bank.policy.victim(exclude)
+            exclude.add(victim)
+            victims.append(victim)
+        slots += [int(bank.lut[v]) for v in victims]
         t0 = time.perf_counter()
         bufs = self.reader.read([bank.source.ranges(e) for e in missing.tolist()])
         self.read_seconds += time.perf_counter() - t0
+        del bank.free[len(bank.free) - n_free :]
+        for v in victims:
+            bank.policy.remove(v)
+            bank.lut[v] = -1
+        self.evictions += len(victims)
+        for e, slot in zip(missing.tolist(), slots):
+            bank.lut[e] = slot
+            bank.slot_expert[slot] = e
         self.misses += len(missing)
         idx = mx.array(slots)
         for i, (key, comp) in enumerate(bank.source.components.items()):

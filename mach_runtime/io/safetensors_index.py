@@ -113,10 +113,10 @@ class CheckpointIndex:
         if index.exists():
             files = self._files_from_index(index)
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            files = sorted(p.name for p in self.directory.glob("model*.safetensors"))  # as mlx-lm does
             if not files:
                 raise CheckpointNotFoundError(
-                    f"{self.directory}: no *.safetensors weight files; point at a directory with "
+                    f"{self.directory}: no model*.safetensors weight files; point at a directory with "
                     "model.safetensors or a sharded model.safetensors.index.json"
                 )
         self.files = [str(self.directory / f) for f in files]

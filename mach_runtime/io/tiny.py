@@ -68,7 +68,8 @@ def tiny_config(vocab: int, eos: int, *, hidden=64, layers=2, heads=4, head_dim=
     )
 
 
-def _save_weights(out: Path, weights: dict, shard_bytes: int | None) -> None:
+def save_weights(out: Path, weights: dict, shard_bytes: int | None) -> None:
+    """Writes ``weights`` as model.safetensors, or as shards + model.safetensors.index.json."""
     import mlx.core as mx
 
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
@@ -154,5 +155,5 @@ def make_tiny_checkpoint(
             for e in range(v.shape[0]):
                 weights[f"{pre}.experts.{e}.{rest}"] = mx.contiguous(v[e])
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    _save_weights(out, weights, shard_bytes)
+    save_weights(out, weights, shard_bytes)
     return out

@@ -1,0 +1,99 @@
+"""Test helpers: rewrite a checkpoint into another real layout (stacked, sharded, bf16, quantized)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mach_runtime.io.tiny import save_weights
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HF_QWEN3_MOE = FIXTURES / "hf_qwen3_moe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _all_weights(src: Path) -> dict:
+    w = {}
+    for f in sorted(src.glob("*.safetensors")):
+        if f.name.startswith("model"):
+            w.update(mx.load(str(f)))
+    return w
+
+
+def _copy_meta(src: Path, dst: Path, config: dict | None = None) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(src / f, dst / f)
+    cfg = config if config is not None else json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def stack_experts(weights: dict) -> dict:
+    """HF per-expert keys → MLX switch_mlp stacked keys."""
+    out, groups = {}, {}
+    for k, v in weights.items():
+        if ".mlp.experts." in k:
+            pre, rest = k.split(".mlp.experts.")
+            e, tail = rest.split(".", 1)
+            groups.setdefault((pre, tail), {})[int(e)] = v
+        else:
+            out[k] = v
+    for (pre, tail), experts in groups.items():
+        out[f"{pre}.mlp.switch_mlp.{tail}"] = mx.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
+def convert(src: Path, dst: Path, *, layout: str = "per_expert", dtype: str | None = None, shard_bytes=None) -> Path:
+    """Writes src's weights to dst in ``layout`` ("per_expert" / "stacked"), optional dtype cast and shards."""
+    w = _all_weights(src)
+    if layout == "stacked":
+        w = stack_experts(w)
+    if dtype is not None:
+        w = {k: v.astype(getattr(mx, dtype)) for k, v in w.items()}
+    cfg = json.loads((src / "config.json").read_text())
+    if dtype is not None:
+        cfg["torch_dtype"] = cfg["dtype"] = dtype
+    _copy_meta(src, dst, cfg)
+    save_weights(dst, w, shard_bytes)
+    return dst
+
+
+def quantize(src: Path, dst: Path, bits: int = 4, group_size: int = 32, shard_bytes=None) -> Path:
+    """mlx-lm's own quantization of src into an MLX stacked quantized checkpoint at dst."""
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import quantize_model
+
+    model, _ = load(str(src))
+    cfg = json.loads((src / "config.json").read_text())
+    model, cfg = quantize_model(model, cfg, group_size=group_size, bits=bits)
+    _copy_meta(src, dst, cfg)
+    save_weights(dst, dict(tree_flatten(model.parameters())), shard_bytes)
+    return dst
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| relative to max |b|."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def greedy(model, ids, n: int) -> list[int]:
+    """Plain greedy decoding with mlx-lm's KV cache (the independent reference loop)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)
+    out = []
+    for _ in range(n):
+        t = int(mx.argmax(logits[0, -1]).item())
+        out.append(t)
+        logits = model(mx.array([[t]]), cache=cache)
+    return out

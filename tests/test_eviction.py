@@ -1,0 +1,50 @@
+import pytest
+
+from mach_runtime.io.eviction import LRFUPolicy, LRUPolicy, make_policy
+
+
+def test_lru_evicts_least_recently_used():
+    p = LRUPolicy()
+    for used in ([1, 2], [3], [1]):
+        p.step(used)
+    assert p.victim(exclude=set()) == 2
+    assert p.victim(exclude={2}) == 3
+    p.remove(2)
+    assert p.victim(exclude=set()) == 3
+
+
+def test_lrfu_keeps_frequently_used_expert_that_lru_would_drop():
+    # expert 7 is used at each of 10 steps (beside one-off experts 100..109), then 9, 20, 21 once each
+    seq = [[7, 100 + i] for i in range(10)] + [[9], [20], [21]]
+    lru, lrfu = LRUPolicy(), LRFUPolicy()
+    for p in (lru, lrfu):
+        for used in seq:
+            p.step(used)
+        for k in range(100, 110):
+            p.remove(k)
+    # resident now: 7, 9, 20, 21; the step needs 20 and 21
+    assert lru.victim(exclude={20, 21}) == 7  # least recently used
+    assert lrfu.victim(exclude={20, 21}) == 9  # 7's frequency outweighs 9's slightly newer single use
+
+
+def test_lrfu_forgets_old_frequency():
+    p = LRFUPolicy(lam=0.5)
+    for _ in range(5):
+        p.step([1])
+    for _ in range(30):
+        p.step([2])
+    p.step([3])
+    assert p.victim(exclude={3}) == 1  # 1 was hot long ago; 2 is hot now
+
+
+def test_victim_never_in_exclude():
+    for name in ("lru", "lrfu"):
+        p = make_policy(name)
+        p.step([1, 2])
+        with pytest.raises(RuntimeError):
+            p.victim(exclude={1, 2})
+
+
+def test_lrfu_rejects_bad_lambda():
+    with pytest.raises(ValueError):
+        LRFUPolicy(lam=0)
