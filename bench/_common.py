@@ -19,7 +19,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:  # mach_runtime importable without an editable install (the GPU machine)
+import importlib.util  # noqa: E402
+
+if importlib.util.find_spec("mach_runtime") is None:  # no install and no PYTHONPATH entry: use this checkout
     sys.path.insert(1, str(REPO))
 
 RANDOM_ROUTING_NOTE = (
@@ -50,6 +52,7 @@ def machine_info() -> dict:
         "cpu_model": _cpu_model(),
         "mem_total_gib": round(_meminfo().get("MemTotal", 0) / (1 << 20), 1),
     }
+    info.update(mach_runtime_source())
     if info["backend"] == "gpu":
         try:
             info["gpu"] = mx.device_info().get("device_name", "?")
@@ -62,6 +65,21 @@ def machine_info() -> dict:
         except Exception as e:  # pragma: no cover
             info["nvidia_smi"] = f"unavailable ({e})"
     return info
+
+
+def mach_runtime_source() -> dict:
+    """Which mach_runtime is measured: its directory and a hash of its .py files (the checkout may be dirty,
+    and the GPU machine's copy has no .git)."""
+    import hashlib
+
+    import mach_runtime
+
+    root = Path(mach_runtime.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return {"mach_runtime_dir": str(root), "mach_runtime_sha256": h.hexdigest()[:16]}
 
 
 def _cpu_model() -> str:

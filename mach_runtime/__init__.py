@@ -20,6 +20,7 @@ _EXPORTS = {
     "ExpertStoreStats": "mach_runtime.io.expert_bank",
     "stream_generate": "mach_runtime.engine.generate",
     "make_tiny_checkpoint": "mach_runtime.io.tiny",
+    "Runtime": "actors.runtime",
     "MachError": "mach_runtime.errors",
     "CheckpointError": "mach_runtime.errors",
     "CheckpointNotFoundError": "mach_runtime.errors",

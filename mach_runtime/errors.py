@@ -23,9 +23,28 @@ class UnsupportedArchError(CheckpointError):
     """config.json names a model_type that no adapter in the registry handles."""
 
 
+class ArchNotImplementedError(UnsupportedArchError, NotImplementedError):
+    """The architecture is registered (detection, mach check) but load_moe cannot build its model yet."""
+
+
 class ConfigError(MachError, ValueError):
     """A setting (argument, flag or environment variable) has an invalid value."""
 
 
 class ExpertCacheTooSmallError(ConfigError):
     """The streaming expert bank cannot hold the experts one token needs."""
+
+
+class RequestError(MachError, ValueError):
+    """A request is invalid (empty prompt, max_tokens <= 0, bad sampling parameters, too long, ...)."""
+
+
+class UnknownRequestError(RequestError, KeyError):
+    """No live request has this id."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RuntimeFailedError(MachError, RuntimeError):
+    """The runtime gave up (an actor crashed more often than its restart limit allows) or was shut down."""

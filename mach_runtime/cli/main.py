@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, default=2)
     t.add_argument("--moe-inter", type=int, default=32)
     t.set_defaults(func=_cmd_make_tiny)
+
+    from . import check as _check  # import-light: no MLX
+
+    c = _check.build_parser(sub.add_parser("check", help="preflight a checkpoint: arch, layout, fit verdicts (no MLX)"))
+    c.set_defaults(func=_check.run)
     return p
 
 

@@ -22,8 +22,8 @@ KV_CACHE_KINDS = ("standard", "hybrid_gdn", "compressed", "rotating")
 class MoeArchAdapter:
     """What the engine needs to know about one MoE family.
 
-    Tensor-name templates use ``{layer}``, ``{expert}`` and ``{proj}`` placeholders; the component suffix
-    (``weight``, ``scales``, ``biases``, ``bias``) is appended by the loader.
+    Expert tensor names are declared as ``ExpertScheme``s (``expert_schemes.py``): one per real on-disk layout
+    (HF per-expert, HF fused 3-D, MLX ``switch_mlp`` stacked); the loader picks the one the checkpoint has.
     """
 
     key: str  # registry key
@@ -37,20 +37,25 @@ class MoeArchAdapter:
     specdec_kind: str  # how speculative decoding rolls back this family's caches
     default_bits: int  # default routed-expert quantization fallback
     default_group: int
-    # expert tensor naming
-    projections: tuple[str, ...]  # (gate, up, down) projection names, in that order
-    per_expert_template: str  # e.g. "model.layers.{layer}.mlp.experts.{expert}.{proj}"
-    stacked_template: str  # e.g. "model.layers.{layer}.mlp.switch_mlp.{proj}"
+    expert_schemes: tuple  # ExpertScheme, in detection order
     switch_module_template: str  # module path of the routed MLP in the MLX model, e.g. "model.layers.{layer}.mlp.switch_mlp"
     # config.json field names (after unwrapping text_config)
     num_experts_field: str
     top_k_field: str
     moe_intermediate_field: str
     moe_layers: Callable[[dict], list[int]] = field(compare=False, default=None)
+    # the dict given to ModelArgs.from_dict: model_config(config, text_config); None -> the text config
+    model_config: Callable[[dict, dict], dict] | None = field(compare=False, default=None)
+    # extra keyword arguments of the expert activation, from the text config (e.g. gpt-oss's swiglu limit)
+    activation_params: Callable[[dict], dict] | None = field(compare=False, default=None)
+    rotating_keep: int = 0  # tokens a rotating KV cache keeps at the front (mlx-lm's RotatingKVCache keep)
+    implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
+    unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
+    notes: str = ""
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
         """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
-        if not self.wrapped:
+        if not self.wrapped or config.get("model_type") in self.unwrapped_model_types:
             return config
         inner = config.get("text_config")
         if not isinstance(inner, dict):
@@ -78,12 +83,42 @@ class MoeArchAdapter:
     def hidden_size(self, tc: dict, source: str = "config.json") -> int:
         return self.required_int(tc, "hidden_size", source)
 
+    def model_args_dict(self, config: dict, tc: dict) -> dict:
+        return self.model_config(config, tc) if self.model_config else tc
+
+    def activation_kwargs(self, tc: dict) -> dict:
+        return self.activation_params(tc) if self.activation_params else {}
+
+    def continuous_batching(self) -> bool:
+        """Whether the family's caches can be batched per row (see ``continuous_batching_capability``)."""
+        return continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)[0]
+
     def model_classes(self):
         """(Model, ModelArgs) of the family (imports MLX)."""
         import importlib
 
         module = importlib.import_module(self.model_module)
         return module.Model, module.ModelArgs
+
+
+def continuous_batching_capability(kv_cache_kind: str, keep: int = 0) -> tuple[bool, str]:
+    """(possible, reason). The rule: batching needs caches that can be cloned and merged per row.
+
+    * ``standard`` (KVCache) and ``hybrid_gdn`` (KVCache + ArraysCache recurrent state): yes, both merge into
+      batch caches;
+    * ``compressed`` (DeepSeek-V4 compressed/indexed attention caches): no, they have no per-row merge;
+    * ``rotating`` (sliding-window RotatingKVCache): only when ``keep == 0`` (no pinned prefix), because a
+      batched rotating cache rotates every row identically.
+    """
+    if kv_cache_kind in ("standard", "hybrid_gdn"):
+        return True, f"{kv_cache_kind} caches merge into batch caches"
+    if kv_cache_kind == "compressed":
+        return False, "compressed attention caches cannot be merged per row"
+    if kv_cache_kind == "rotating":
+        if keep == 0:
+            return True, "rotating (sliding-window) caches with keep=0 batch"
+        return False, f"rotating caches with keep={keep} cannot be batched (only keep=0)"
+    return False, f"unknown kv_cache_kind {kv_cache_kind!r}"
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:
@@ -152,6 +187,8 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "bits": adapter.default_bits,
         "group": adapter.default_group,
         "model_module": adapter.model_module,
+        "continuous_batching": adapter.continuous_batching(),
+        "implemented": adapter.implemented,
     }
 
 

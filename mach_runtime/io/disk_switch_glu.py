@@ -46,13 +46,14 @@ class DiskSwitchGLU(nn.Module):
         inter: int,
         store: StreamingExpertStore,
         bank: LayerBank,
+        **act,
     ):
         super().__init__()
         self.gate_up = gate_up  # [slots, 2I, D] (the bank's arrays are this module's parameters)
         self.down = down
         self.inter = inter
         self.swiglu_variant = swiglu_variant
-        self._activation = activation_for(swiglu_variant)
+        self._activation = activation_for(swiglu_variant, **act)
         self._store = store
         self._bank = bank
 

@@ -5,12 +5,14 @@ arrays themselves (the ``ExpertProjection`` weights of that layer's ``DiskSwitch
 owns every layer bank, the I/O reader and the statistics. Hits cost no I/O; a miss is read from its byte ranges
 by the reader's threads (bytes only), then written into its slot on the calling (MLX) thread.
 
-Stats reconcile exactly: ``bytes_read == misses * expert_bytes`` and ``hits + misses`` is the number of
-(step, layer, distinct expert) lookups.
+Stats reconcile exactly: ``bytes_read == (misses - prefetch_used + prefetched) * expert_bytes`` (without
+prefetch: ``misses * expert_bytes``) and ``hits + misses`` is the number of (step, layer, distinct expert)
+lookups.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,6 +43,8 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     read_seconds: float  # wall time spent waiting for expert reads
     eviction_policy: str
     direct_io: bool
+    prefetched: int = 0  # experts read ahead of need (bytes_read counts them too)
+    prefetch_used: int = 0  # misses served from prefetched bytes (no wait on the disk)
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -53,25 +57,47 @@ def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
     return a if a.dtype == dtype else a.astype(dtype)
 
 
+def apply_transform(a, transform: str):
+    """Host-side reshaping of expert components ``a [n, ...]`` to the engine's ``[n, out, in]`` rows.
+
+    ``t`` swaps the last two axes of 2-D parts; ``deinterleave`` moves the even rows (gate) before the odd rows
+    (up). MLX ops on the MLX thread; exact (pure data movement).
+    """
+    import mlx.core as mx
+
+    for step in transform.split("+") if transform else ():
+        if step == "t":
+            if a.ndim >= 3:
+                a = a.swapaxes(-1, -2)
+        elif step == "deinterleave":
+            a = mx.concatenate([a[:, 0::2], a[:, 1::2]], axis=1)
+        else:
+            raise ValueError(f"unknown expert transform {step!r}")
+    return mx.contiguous(a) if transform else a
+
+
 @dataclass
 class _Target:
-    """Where one source component lands in the bank: projection, component name, row range."""
+    """Where one source component lands in the bank: projection, component name, row range, transform."""
 
     proj: object  # ExpertProjection
     comp: str
     rows: slice
+    transform: str = ""
 
 
 class LayerBank:
     """Slots of one MoE layer. Not thread-safe: used only from the MLX thread."""
 
-    def __init__(self, source: ExpertLayerSource, slots: int, policy: str, targets: dict):
+    def __init__(self, index: int, source: ExpertLayerSource, slots: int, policy: str, targets: dict):
+        self.index = index  # position among the store's banks
         self.source = source
         self.slots = slots
         self.lut = np.full(source.num_experts, -1, dtype=np.int32)  # expert -> slot
         self.slot_expert = np.full(slots, -1, dtype=np.int32)  # slot -> expert
         self.free = list(range(slots - 1, -1, -1))
         self.policy = make_policy(policy)
+        self.last_used: tuple[int, ...] = ()  # distinct experts of the latest step
         self.targets: dict[tuple[str, str], _Target] = targets  # (proj, comp) -> bank target
 
     @property
@@ -93,6 +119,12 @@ class StreamingExpertStore:
         self.hits = self.misses = self.evictions = 0
         self.read_seconds = 0.0
         self.trace: list[tuple[int, tuple[int, ...]]] | None = None  # (layer, experts) per step when tracing
+        # prefetch staging: (bank index, expert) -> Future of its bytes; filled from any thread, consumed on
+        # the MLX thread by the next miss of that expert
+        self._staged: dict[tuple[int, int], object] = {}
+        self._staged_lock = threading.Lock()
+        self.max_staged = 0  # per store; 0 disables prefetch
+        self.prefetched = self.prefetch_used = 0
 
     @staticmethod
     def slots_for_budget(layout: ExpertLayout, budget_gb: float, bank_expert_bytes: int) -> int:
@@ -109,7 +141,7 @@ class StreamingExpertStore:
         return min(slots, layout.num_experts)
 
     def add_layer(self, source: ExpertLayerSource, targets: dict) -> LayerBank:
-        bank = LayerBank(source, self.slots, self.policy_name, targets)
+        bank = LayerBank(len(self.banks), source, self.slots, self.policy_name, targets)
         self.banks.append(bank)
         return bank
 
@@ -121,8 +153,9 @@ class StreamingExpertStore:
         """Makes every expert in ``needed`` (distinct ids) resident in ``bank``; reads the misses."""
         if len(needed) > bank.slots:
             raise RuntimeError(f"{len(needed)} experts requested from a {bank.slots}-slot bank")
+        bank.last_used = tuple(needed.tolist())
         if self.trace is not None:
-            self.trace.append((bank.source.layer, tuple(int(e) for e in needed)))
+            self.trace.append((bank.source.layer, bank.last_used))
         missing = needed[bank.lut[needed] < 0]
         self.hits += len(needed) - len(missing)
         if len(missing):
@@ -142,7 +175,7 @@ class StreamingExpertStore:
             victims.append(victim)
         slots += [int(bank.lut[v]) for v in victims]
         t0 = time.perf_counter()
-        bufs = self.reader.read([bank.source.ranges(e) for e in missing.tolist()])
+        bufs = self._read(bank, missing.tolist())
         self.read_seconds += time.perf_counter() - t0
         del bank.free[len(bank.free) - n_free :]
         for v in victims:
@@ -158,7 +191,43 @@ class StreamingExpertStore:
             t = bank.targets[key]
             arr = getattr(t.proj, t.comp)
             values = mx.stack([to_mx(b[i], comp.dtype, comp.shape, arr.dtype) for b in bufs])
-            arr[idx, t.rows] = values
+            arr[idx, t.rows] = apply_transform(values, t.transform)
+
+    def _read(self, bank: LayerBank, experts: list[int]) -> list[list[np.ndarray]]:
+        """Bytes of each expert: from prefetch staging when it is there, else read now."""
+        with self._staged_lock:
+            staged = {e: self._staged.pop((bank.index, e), None) for e in experts}
+        cold = [e for e in experts if staged[e] is None]
+        fresh = dict(zip(cold, self.reader.read([bank.source.ranges(e) for e in cold]))) if cold else {}
+        out = []
+        for e in experts:
+            if staged[e] is not None:
+                out.append(staged[e].result())
+                self.prefetch_used += 1
+            else:
+                out.append(fresh[e])
+        return out
+
+    def prefetch(self, bank_index: int, experts) -> int:
+        """Starts background reads of ``experts`` of one bank that are neither resident nor staged.
+
+        Safe from any thread (the bytes land in staging; slot writes still happen on the MLX thread).
+        Returns how many reads were started. Staging holds at most ``max_staged`` experts: the oldest are
+        dropped first.
+        """
+        bank = self.banks[bank_index]
+        started = 0
+        with self._staged_lock:
+            for e in experts:
+                key = (bank_index, int(e))
+                if self.max_staged <= 0 or bank.lut[e] >= 0 or key in self._staged:
+                    continue
+                while len(self._staged) >= self.max_staged:
+                    self._staged.pop(next(iter(self._staged)))
+                self._staged[key] = self.reader.submit(bank.source.ranges(int(e)))
+                started += 1
+            self.prefetched += started
+        return started
 
     def stats(self) -> ExpertStoreStats:
         lookups = self.hits + self.misses
@@ -177,9 +246,13 @@ class StreamingExpertStore:
             read_seconds=self.read_seconds,
             eviction_policy=self.policy_name,
             direct_io=self.reader.direct,
+            prefetched=self.prefetched,
+            prefetch_used=self.prefetch_used,
         )
 
     def close(self) -> None:
+        with self._staged_lock:
+            self._staged.clear()
         self.reader.close()
 
 

@@ -3,9 +3,13 @@
 Two real layouts, both reduced to the same thing — one byte range per (layer, projection, component, expert):
 
 * **per-expert** (HF hub checkpoints): ``...experts.{e}.gate_proj.weight`` — each expert its own tensor;
-* **stacked** (MLX exports, ``switch_mlp``): ``...switch_mlp.gate_proj.weight`` of shape ``[E, out, in]`` —
-  expert ``e`` is the contiguous slice at ``offset + e * stride``. Streaming reads exactly that slice and never
-  the whole tensor.
+* **stacked** (MLX exports, ``switch_mlp``): ``...switch_mlp.gate_proj.weight`` of shape ``[E, out, in]``, or
+  HF fused 3-D tensors (``experts.gate_up_proj [E, 2I, H]``) — expert ``e`` is the contiguous slice at
+  ``offset + e * stride``. Streaming reads exactly that slice and never the whole tensor.
+
+Which names a family uses is declared by its adapter as ``ExpertScheme``s (``expert_schemes.py``); the first
+scheme whose probe tensor exists wins. A component may need a host-side transform (transpose, de-interleave)
+to become rows of the engine's fused ``gate_up`` / ``down`` projections.
 
 Components are ``weight`` plus, for quantized checkpoints, ``scales`` and ``biases`` (affine), and ``bias`` for
 families with expert biases. No MLX here: the discovery commands use this module too.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from .arch_registry import MoeArchAdapter
+from .expert_schemes import ExpertScheme, ExpertTensorSpec
 from .safetensors_index import CheckpointIndex, TensorInfo
 
 COMPONENTS = ("weight", "scales", "biases", "bias")
@@ -33,15 +38,22 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class ExpertComponent:
-    """One component (e.g. ``gate_proj.weight``) of every expert of one layer."""
+    """One component (e.g. ``gate_proj.weight``) of every expert of one layer, and where it lands in the bank."""
 
-    proj: str
-    comp: str
+    part: str  # gate | up | gate_up | down (see expert_schemes)
+    comp: str  # weight | scales | biases | bias
     dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]  # shape of ONE expert's slice
+    shape: tuple[int, ...]  # shape of ONE expert's slice as stored
     nbytes: int  # bytes of one expert's slice
     sources: tuple[tuple[str, int], ...]  # (file, absolute offset) per expert
     tensor_names: tuple[str, ...]  # the stacked tensor (1 name) or the per-expert tensors (E names)
+    target: str = "gate_up"  # engine projection it fills: "gate_up" (gate rows then up rows) or "down"
+    rows: tuple[int, int] | None = None  # rows of the target it fills; None = all
+    transform: str = ""  # host-side reshaping to the engine's [out, in] rows (expert_schemes.TRANSFORMS)
+
+    @property
+    def proj(self) -> str:  # backwards-compatible name
+        return self.part
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ class ExpertLayout:
     hidden_size: int
     moe_intermediate: int
     expert_tensor_names: frozenset[str]
+    scheme: str = ""  # the adapter's scheme name, e.g. "hf_fused", "mlx_switch"
 
     @property
     def expert_bytes(self) -> int:
@@ -114,6 +127,68 @@ def _expected_shape(comp: str, out_dim: int, in_dim: int, quant: QuantSpec | Non
     return (out_dim, in_dim // quant.group_size)
 
 
+def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """Per-expert shape after the host-side transform (a transpose swaps the last two axes of 2-D parts)."""
+    if "t" in transform.split("+") and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _part_dims(part: str, H: int, inter: int) -> tuple[int, int, tuple[int, int] | None]:
+    """(out rows, in dim, rows in the target) of one part."""
+    return {
+        "gate": (inter, H, (0, inter)),
+        "up": (inter, H, (inter, 2 * inter)),
+        "gate_up": (2 * inter, H, None),
+        "down": (H, inter, None),
+    }[part]
+
+
+def _detect_scheme(index: CheckpointIndex, adapter: MoeArchAdapter, layer: int) -> ExpertScheme:
+    tried = []
+    for scheme in adapter.expert_schemes:
+        probe = scheme.probe
+        name = probe.name(layer, "weight", 0 if probe.per_expert else None)
+        if name in index:
+            return scheme
+        tried.append(f"{name!r} ({scheme.name})")
+    raise CheckpointError(
+        f"{index.directory}: no routed-expert tensors found for layer {layer}: the tensor names match no known "
+        f"{adapter.key} layout; expected one of {', '.join(tried)}. Is this a {adapter.key} checkpoint?"
+    )
+
+
+def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int):
+    """(infos, sources, tensor_names, stored shape) of one component, or None when absent."""
+    if not spec.per_expert:
+        tname = spec.name(layer, comp)
+        if tname not in index:
+            return None
+        info = index[tname]
+        if len(info.shape) < 2 or info.shape[0] != E:
+            raise CheckpointError(
+                f"{info.file}: stacked expert tensor {tname!r} has shape {list(info.shape)}; "
+                f"its first axis must be the {E} experts"
+            )
+        stride = info.nbytes // E
+        return [info], tuple((info.file, info.offset + e * stride) for e in range(E)), (tname,), tuple(info.shape[1:])
+    tnames = [spec.name(layer, comp, e) for e in range(E)]
+    present = [t in index for t in tnames]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = tnames[present.index(False)]
+        raise CheckpointError(
+            f"{index.directory}: expert tensor {missing!r} is missing (the checkpoint has "
+            f"{sum(present)} of {E} experts for layer {layer}); the checkpoint is incomplete"
+        )
+    infos = [index[t] for t in tnames]
+    for info in infos:
+        if info.dtype != infos[0].dtype or info.shape != infos[0].shape:
+            raise CheckpointError(f"{info.file}: expert tensor {info.name!r} differs in dtype/shape from its siblings")
+    return infos, tuple((i.file, i.offset) for i in infos), tuple(tnames), tuple(infos[0].shape)
+
+
 def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict, source: str) -> ExpertLayout:
     """Classifies the checkpoint's expert layout and maps every expert to byte ranges; validates shapes."""
     E = adapter.num_experts(tc, source)
@@ -122,93 +197,47 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
     inter = adapter.moe_intermediate(tc, source)
     if top_k > E:
         raise CheckpointError(f"{source}: {adapter.top_k_field}={top_k} exceeds {adapter.num_experts_field}={E}")
-    gate, up, down = adapter.projections
-    dims = {gate: (inter, H), up: (inter, H), down: (H, inter)}  # (out, in)
     moe_layers = adapter.moe_layers(tc)
     if not moe_layers:
         raise CheckpointError(f"{source}: the config describes no routed-expert (MoE) layers")
-
-    def stacked_name(layer, proj, comp):
-        return f"{adapter.stacked_template.format(layer=layer, proj=proj)}.{comp}"
-
-    def expert_name(layer, expert, proj, comp):
-        return f"{adapter.per_expert_template.format(layer=layer, expert=expert, proj=proj)}.{comp}"
-
-    first = moe_layers[0]
-    if stacked_name(first, gate, "weight") in index:
-        layout = "stacked"
-    elif expert_name(first, 0, gate, "weight") in index:
-        layout = "per_expert"
-    else:
-        raise CheckpointError(
-            f"{index.directory}: no routed-expert tensors found for layer {first}: expected "
-            f"{expert_name(first, 0, gate, 'weight')!r} (HF per-expert layout) or "
-            f"{stacked_name(first, gate, 'weight')!r} (MLX stacked layout). Is this a {adapter.key} checkpoint?"
-        )
+    scheme = _detect_scheme(index, adapter, moe_layers[0])
 
     layers, names = [], set()
     for layer in moe_layers:
         comps: dict[tuple[str, str], ExpertComponent] = {}
         quant = None
-        for proj in adapter.projections:
-            out_dim, in_dim = dims[proj]
+        for spec in scheme.tensors:
+            out_dim, in_dim, rows = _part_dims(spec.part, H, inter)
             for comp in COMPONENTS:
-                if layout == "stacked":
-                    tname = stacked_name(layer, proj, comp)
-                    if tname not in index:
-                        if comp == "weight":
-                            raise CheckpointError(f"{index.directory}: missing expert tensor {tname!r}")
-                        continue
-                    info = index[tname]
-                    if len(info.shape) < 2 or info.shape[0] != E:
-                        raise CheckpointError(
-                            f"{info.file}: stacked expert tensor {tname!r} has shape {list(info.shape)}; "
-                            f"its first axis must be the {E} experts"
-                        )
-                    stride = info.nbytes // E
-                    sources = tuple((info.file, info.offset + e * stride) for e in range(E))
-                    infos, tensor_names = [info], (tname,)
-                    shape = info.shape[1:]
-                else:
-                    tnames = [expert_name(layer, e, proj, comp) for e in range(E)]
-                    present = [t in index for t in tnames]
-                    if not any(present):
-                        if comp == "weight":
-                            raise CheckpointError(f"{index.directory}: missing expert tensor {tnames[0]!r}")
-                        continue
-                    if not all(present):
-                        missing = tnames[present.index(False)]
-                        raise CheckpointError(
-                            f"{index.directory}: expert tensor {missing!r} is missing (the checkpoint has "
-                            f"{sum(present)} of {E} experts for layer {layer}); the checkpoint is incomplete"
-                        )
-                    infos = [index[t] for t in tnames]
-                    sources = tuple((i.file, i.offset) for i in infos)
-                    tensor_names = tuple(tnames)
-                    shape = infos[0].shape
+                if comp not in spec.components:
+                    continue
+                found = _component(index, spec, layer, comp, E)
+                if found is None:
+                    if comp == "weight":
+                        want = spec.name(layer, comp, 0 if spec.per_expert else None)
+                        raise CheckpointError(f"{index.directory}: missing expert tensor {want!r}")
+                    continue
+                infos, sources, tensor_names, shape = found
                 if comp == "scales":
-                    w = comps[(proj, "weight")]
-                    winfo = index[w.tensor_names[0]]
-                    quant_here = _infer_quant(w.tensor_names[0], winfo, infos[0], in_dim)
+                    w = comps[(spec.part, "weight")]
+                    quant_here = _infer_quant(w.tensor_names[0], index[w.tensor_names[0]], infos[0], in_dim)
                     if quant is not None and quant_here != quant:
                         raise CheckpointError(f"{infos[0].file}: layer {layer} mixes expert quantizations")
                     quant = quant_here
-                for info, tname in zip(infos, tensor_names):
-                    ishape = info.shape[1:] if layout == "stacked" else info.shape
-                    if info.dtype != infos[0].dtype or ishape != shape:
-                        raise CheckpointError(f"{info.file}: expert tensor {tname!r} differs in dtype/shape from its siblings")
-                comps[(proj, comp)] = ExpertComponent(
-                    proj, comp, infos[0].dtype, tuple(shape), math.prod(shape) * infos[0].itemsize, sources, tensor_names
+                comps[(spec.part, comp)] = ExpertComponent(
+                    spec.part, comp, infos[0].dtype, shape, math.prod(shape) * infos[0].itemsize, sources,
+                    tensor_names, spec.target, rows, spec.transform,
                 )
                 names.update(tensor_names)
         # shapes are checked once quantization is known (weights come before scales in COMPONENTS)
-        for (proj, comp), c in comps.items():
-            out_dim, in_dim = dims[proj]
+        for (part, comp), c in comps.items():
+            out_dim, in_dim, _ = _part_dims(part, H, inter)
             want = _expected_shape(comp, out_dim, in_dim, quant if comp != "bias" else None)
-            if c.shape != want:
+            if _transformed_shape(c.shape, c.transform) != want:
+                stored = list(_transformed_shape(want, c.transform))
                 raise CheckpointError(
                     f"{index[c.tensor_names[0]].file}: expert tensor {c.tensor_names[0]!r} has shape "
-                    f"{list(c.shape)} per expert, expected {list(want)} from config.json "
+                    f"{list(c.shape)} per expert, expected {stored} from config.json "
                     f"(hidden_size={H}, {adapter.moe_intermediate_field}={inter}); config and weights do not match"
                 )
             if comp == "weight" and quant is None and c.dtype not in _FLOAT_DTYPES:
@@ -222,4 +251,4 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                 f"{'need' if adapter.has_expert_bias else 'have no'} per-expert biases"
             )
         layers.append(ExpertLayerSource(layer, E, comps, quant))
-    return ExpertLayout(layout, tuple(layers), E, top_k, H, inter, frozenset(names))
+    return ExpertLayout(scheme.layout, tuple(layers), E, top_k, H, inter, frozenset(names), scheme.name)

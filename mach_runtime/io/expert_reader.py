@@ -105,12 +105,21 @@ class ExpertReader:
             bufs = [self._read_range(*r) for r in flat]
         else:
             bufs = list(self._pool.map(lambda r: self._read_range(*r), flat))
-        self.bytes_read += sum(n for _, _, n in flat)
+        self._count(sum(n for _, _, n in flat))
         out, i = [], 0
         for req in requests:
             out.append(bufs[i : i + len(req)])
             i += len(req)
         return out
+
+    def _count(self, n: int) -> None:
+        with self._lock:  # reads start from the MLX thread and from prefetching actors
+            self.bytes_read += n
+
+    def submit(self, ranges: list[tuple[str, int, int]]):
+        """Starts reading one expert's ranges in the background; a Future of its list of buffers."""
+        self._count(sum(n for _, _, n in ranges))
+        return self._pool.submit(lambda: [self._read_range(*r) for r in ranges])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -54,14 +54,29 @@ class ExpertProjection(nn.Module):
         return y
 
 
-ACTIVATIONS = {"plain_swiglu": swiglu}  # activation(gate, up)
+def silu_limited(gate, up, alpha: float = 1.702, limit: float = 7.0):
+    """gpt-oss's clamped SwiGLU: ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+    gate = mx.minimum(gate, limit)
+    up = mx.clip(up, -limit, limit)
+    return (up + 1.0) * (gate * mx.sigmoid(alpha * gate))
 
 
-def activation_for(variant: str):
+def plain_geglu(gate, up):
+    """Gemma's GeGLU: ``gelu_tanh(gate) * up``."""
+    return nn.gelu_approx(gate) * up
+
+
+ACTIVATIONS = {"plain_swiglu": swiglu, "silu_limited": silu_limited, "plain_geglu": plain_geglu}  # (gate, up)
+
+
+def activation_for(variant: str, **params):
     try:
-        return ACTIVATIONS[variant]
+        fn = ACTIVATIONS[variant]
     except KeyError:
         raise NotImplementedError(f"swiglu variant {variant!r} has no activation yet") from None
+    if params:
+        return lambda gate, up: fn(gate, up, **params)
+    return fn
 
 
 def switch_glu(x, indices, gate_up: ExpertProjection, down: ExpertProjection, activation, inter: int):
@@ -86,13 +101,13 @@ def switch_glu(x, indices, gate_up: ExpertProjection, down: ExpertProjection, ac
 class GatherSwitchGLU(nn.Module):
     """All experts resident; gather (quantized) matmuls pick each token's experts."""
 
-    def __init__(self, gate_up: ExpertProjection, down: ExpertProjection, swiglu_variant: str, inter: int):
+    def __init__(self, gate_up: ExpertProjection, down: ExpertProjection, swiglu_variant: str, inter: int, **act):
         super().__init__()
         self.gate_up = gate_up
         self.down = down
         self.inter = inter
         self.swiglu_variant = swiglu_variant
-        self._activation = activation_for(swiglu_variant)
+        self._activation = activation_for(swiglu_variant, **act)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         return switch_glu(x, indices, self.gate_up, self.down, self._activation, self.inter)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, MoeArchAdapter, adapter_for_config, read_config
 from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
 from .safetensors_index import CheckpointIndex
@@ -116,18 +116,21 @@ def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
     return total
 
 
-def _build_projections(src: ExpertLayerSource, adapter: MoeArchAdapter, make_array, cast):
-    """(gate_up, down) ExpertProjections; gate and up are concatenated along the output rows."""
+def _build_projections(src: ExpertLayerSource, make_array, cast):
+    """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
+
+    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout.
+    """
     from .gather_switch_glu import ExpertProjection
 
-    gate, up, down = adapter.projections
-    comps = sorted({c for _, c in src.components})
     out = []
-    for group in ((gate, up), (down,)):
+    for target in ("gate_up", "down"):
         kwargs = {}
-        for comp in comps:
-            parts = [make_array(src, p, comp) for p in group]
-            a = parts[0] if len(parts) == 1 else _concat_rows(parts)
+        for comp in sorted({c.comp for c in src.components.values() if c.target == target}):
+            parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
+            parts.sort(key=lambda c: (c.rows or (0, 0))[0])
+            arrays = [make_array(c) for c in parts]
+            a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
             kwargs[comp] = cast(a)
         out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant, **kwargs))
     return out
@@ -139,44 +142,45 @@ def _concat_rows(parts):
     return mx.concatenate(parts, axis=1)
 
 
-def _build_stacked(src, adapter, tensors: _Tensors, cast, inter):
+def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
     import mlx.core as mx
 
+    from .expert_bank import apply_transform
     from .gather_switch_glu import GatherSwitchGLU
 
-    def make_array(s, proj, comp):
-        c = s.components[(proj, comp)]
+    def make_array(c):
         if len(c.tensor_names) == 1:  # stacked layout: the tensor itself
-            return tensors[c.tensor_names[0]]
-        return mx.stack([tensors[n] for n in c.tensor_names])
+            a = tensors[c.tensor_names[0]]
+        else:
+            a = mx.stack([tensors[n] for n in c.tensor_names])
+        return apply_transform(a, c.transform)
 
-    gate_up, down = _build_projections(src, adapter, make_array, cast)
-    glu = GatherSwitchGLU(gate_up, down, adapter.swiglu_variant, inter)
+    gate_up, down = _build_projections(src, make_array, cast)
+    glu = GatherSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, **act_kwargs)
     mx.eval(glu.parameters())  # one layer at a time bounds peak memory
     return glu
 
 
-def _build_streaming(src, adapter, store, cast, inter):
+def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
     import mlx.core as mx
 
     from .disk_switch_glu import DiskSwitchGLU
     from .expert_bank import _Target
+    from .expert_layout import _transformed_shape
 
     S = store.slots
 
-    def make_array(s, proj, comp):
-        c = s.components[(proj, comp)]
-        return mx.zeros((S, *c.shape), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
+    def make_array(c):
+        return mx.zeros((S, *_transformed_shape(c.shape, c.transform)), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
 
-    gate_up, down = _build_projections(src, adapter, make_array, cast)
-    gate, up, _ = adapter.projections
+    gate_up, down = _build_projections(src, make_array, cast)
     targets = {}
-    for proj, comp in src.components:
-        target = down if proj == adapter.projections[2] else gate_up
-        rows = slice(0, inter) if proj == gate else slice(inter, 2 * inter) if proj == up else slice(None)
-        targets[(proj, comp)] = _Target(target, comp, rows)
+    for key, c in src.components.items():
+        proj = down if c.target == "down" else gate_up
+        rows = slice(*c.rows) if c.rows else slice(None)
+        targets[key] = _Target(proj, c.comp, rows, c.transform)
     bank = store.add_layer(src, targets)
-    return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank)
+    return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank, **act_kwargs)
 
 
 def _quantize_non_experts(model, config: dict, weights: dict) -> None:
@@ -278,9 +282,15 @@ def load_moe(
     layout = find_expert_layout(index, adapter, tc, source)
     tokenizer = _load_tokenizer(directory, config)
 
+    if not adapter.implemented:
+        raise ArchNotImplementedError(
+            f"{source}: {adapter.key} is a registered architecture (mach-archs, mach check work) but its MLX "
+            f"model is not implemented yet, so load_moe cannot build it; supported for loading: "
+            f"{', '.join(sorted(k for k, a in REGISTRY.items() if a.implemented))}"
+        )
     Model, Args = adapter.model_classes()
     try:
-        model = Model(Args.from_dict(tc))
+        model = Model(Args.from_dict(adapter.model_args_dict(config, tc)))
     except TypeError as e:
         raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model ({e})") from None
 
@@ -316,6 +326,7 @@ def load_moe(
             store = ResidentExpertStore(layout)
 
         tensors = _Tensors(index)
+        act_kwargs = adapter.activation_kwargs(tc)
         swapped = []
         layers = layout.layers
         if progress:
@@ -325,9 +336,9 @@ def load_moe(
         for src in layers:
             mpath = adapter.switch_module_template.format(layer=src.layer)
             if streaming:
-                glu = _build_streaming(src, adapter, store, cast, layout.moe_intermediate)
+                glu = _build_streaming(src, adapter, store, cast, layout.moe_intermediate, act_kwargs)
             else:
-                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate)
+                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
         _load_non_experts(model, index, layout, tensors, config, swapped, cast)

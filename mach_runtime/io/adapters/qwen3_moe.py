@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..arch_registry import MoeArchAdapter
+from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
 
 
 def _moe_layers(tc: dict) -> list[int]:
@@ -27,9 +28,11 @@ ADAPTER = MoeArchAdapter(
     specdec_kind="trim",
     default_bits=4,
     default_group=64,
-    projections=("gate_proj", "up_proj", "down_proj"),
-    per_expert_template="model.layers.{layer}.mlp.experts.{expert}.{proj}",
-    stacked_template="model.layers.{layer}.mlp.switch_mlp.{proj}",
+    expert_schemes=(
+        per_expert_scheme("model.layers.{layer}.mlp.experts"),  # HF hub
+        switch_scheme("model.layers.{layer}.mlp.switch_mlp"),  # MLX exports
+        fused_scheme("model.layers.{layer}.mlp.experts"),  # transformers 5 save_pretrained
+    ),
     switch_module_template="model.layers.{layer}.mlp.switch_mlp",
     num_experts_field="num_experts",
     top_k_field="num_experts_per_tok",

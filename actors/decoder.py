@@ -1,0 +1,178 @@
+"""The Decoder actor: owns the model and runs the decode loop on the one MLX thread.
+
+Its mailbox is a thread-safe queue (the loop lives on the MLX thread, not on the event loop): the async side
+drops ``Submit`` / ``Abort`` / ``Shutdown`` messages in without blocking. Each loop iteration drains the mailbox,
+admits at most one waiting request (prefill interleaves with decoding, so a long prompt delays the running batch
+by one prefill, not by the whole queue), runs one batched decode step for every active request, and hands each
+new token to ``sink`` (the Supervisor's ledger, which fills the request's output slot). Finished and aborted
+requests leave the batch before the next step.
+
+A crash (any exception in the loop) ends the loop; ``on_exit`` tells the Supervisor, which re-admits every live
+request on a fresh Decoder. Session KV caches go to the Cache actor's table as opaque handles.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import Counter, deque
+
+from mach_runtime.engine.batch import BatchEngine
+
+from .messages import (
+    Abort,
+    DecoderStats,
+    Finish,
+    RequestFailed,
+    Shutdown,
+    StepRouting,
+    Submit,
+    TokenOutput,
+)
+
+
+class Decoder:
+    name = "decoder"
+
+    def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, cache_inbox=None, expert_inbox=None,
+                 fault_hook=None, routing_source=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.sink = sink  # callable(OutputMessage), thread-safe
+        self.kv_table = kv_table
+        self.cache_inbox = cache_inbox  # callable(msg): deliver to the Cache actor (thread-safe)
+        self.expert_inbox = expert_inbox  # callable(msg): deliver to the ExpertStore actor (thread-safe)
+        self.fault_hook = fault_hook
+        self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
+        self.mailbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: deque[Submit] = deque()
+        self.engine: BatchEngine | None = None
+        self._submits: dict[str, Submit] = {}
+        self.counters = Counter()
+        self.histogram: Counter = Counter()
+
+    # -- called from async code ----------------------------------------------------------------------------
+    def send(self, msg) -> None:
+        self.mailbox.put(msg)
+
+    def stats(self) -> DecoderStats:
+        e = self.engine
+        return DecoderStats(
+            active=e.active if e else 0,
+            queued=len(self.pending),
+            max_batch=self.max_batch,
+            steps=self.counters["steps"],
+            generated_tokens=self.counters["generated"],
+            prefilled_tokens=self.counters["prefilled"],
+            cached_tokens=self.counters["cached"],
+            completed=self.counters["completed"],
+            aborted=self.counters["aborted"],
+            batch_histogram=dict(self.histogram),
+        )
+
+    # -- the loop (MLX thread) -----------------------------------------------------------------------------
+    def _fault(self, point: str, **info) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(self.name, point, info)
+
+    def run(self) -> None:
+        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
+        while True:
+            self.kv_table.collect()
+            idle = not self.engine.active and not self.pending
+            msgs = [self.mailbox.get()] if idle else []
+            while True:
+                try:
+                    msgs.append(self.mailbox.get_nowait())
+                except queue.Empty:
+                    break
+            for m in msgs:
+                if isinstance(m, Shutdown):
+                    return
+                if isinstance(m, Submit):
+                    self.pending.append(m)
+                elif isinstance(m, Abort):
+                    self._abort(m.request_id)
+            if self.pending and not self.engine.full:
+                self._admit(self.pending.popleft())
+            if self.engine.active:
+                self._step()
+
+    def _admit(self, sub: Submit) -> None:
+        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        cached = sub.cached_tokens if kv is not None else 0
+        if kv is not None:
+            kv, cached = _fit_prefix(kv, cached)
+        self._fault("admit", request_id=sub.request_id)
+        try:
+            seq = self.engine.add(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv, cached)
+        except Exception as e:  # a bad request fails alone; the batch goes on
+            from mach_runtime.errors import MachError
+
+            if not isinstance(e, MachError):
+                raise
+            self.sink(RequestFailed(sub.request_id, str(e)))
+            return
+        self._submits[sub.request_id] = sub
+        self.counters["prefilled"] += seq.prefilled_tokens
+        self.counters["cached"] += seq.cached_tokens
+        if len(sub.resume_ids) >= sub.params.max_tokens:  # replayed request that had in fact completed
+            self._finish(sub.request_id, "length")
+
+    def _step(self) -> None:
+        outs = self.engine.step()
+        self.counters["steps"] += 1
+        self.histogram[len(outs)] += 1
+        self.counters["generated"] += len(outs)
+        if self.expert_inbox is not None and self.routing_source is not None:
+            routing = self.routing_source()
+            if routing is not None:
+                self.expert_inbox(StepRouting(routing))
+        self._fault("step", steps=self.counters["steps"])
+        for o in outs:
+            self.sink(TokenOutput(o.request_id, o.index, (o.token,), o.text))
+            if o.finish_reason is not None:
+                self._finish(o.request_id, o.finish_reason)
+
+    def _finish(self, request_id: str, reason: str) -> None:
+        sub = self._submits.pop(request_id)
+        seq = None
+        if sub.session_id is not None and self.cache_inbox is not None and reason != "abort":
+            kv = self.engine.extract_kv(request_id)
+            seq = self.engine.remove(request_id)
+            tokens = tuple(sub.prompt_ids) + tuple(seq.generated[:-1])  # the last token was never fed
+            handle = self.kv_table.put(kv)
+            from .messages import CacheInsert
+
+            self.cache_inbox(CacheInsert(sub.session_id, handle, tokens))
+        else:
+            seq = self.engine.remove(request_id)
+        self.counters["aborted" if reason == "abort" else "completed"] += 1
+        self.sink(Finish(
+            request_id=request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
+            completion_tokens=len(seq.generated), cached_tokens=seq.cached_tokens,
+            prefilled_tokens=seq.prefilled_tokens,
+        ))
+
+    def _abort(self, request_id: str) -> None:
+        for i, sub in enumerate(self.pending):
+            if sub.request_id == request_id:
+                del self.pending[i]
+                self.counters["aborted"] += 1
+                self.sink(Finish(request_id=request_id, reason="abort", prompt_tokens=len(sub.prompt_ids),
+                                 completion_tokens=len(sub.resume_ids), cached_tokens=0, prefilled_tokens=0))
+                return
+        if self.engine.has(request_id):
+            self._finish(request_id, "abort")
+
+
+def _fit_prefix(kv, cached: int):
+    """Trims a reused KV to ``cached`` tokens; (None, 0) if it is longer and cannot be trimmed."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    have = kv[0].offset if hasattr(kv[0], "offset") and isinstance(kv[0].offset, int) else cached
+    if have > cached:
+        if not can_trim_prompt_cache(kv):
+            return None, 0
+        trim_prompt_cache(kv, have - cached)
+    return kv, cached

@@ -1,0 +1,151 @@
+"""THE protocol: every message the actors exchange, as frozen, tagged msgspec Structs.
+
+No MLX arrays travel in a message: token ids, text, slot/expert ids, session ids and cache handles do. The tag
+(``"type"`` field) makes every message self-describing, so a ``Union`` of them decodes by tag if it ever crosses
+a process boundary (``msgspec.msgpack.encode`` / ``decode(..., type=DecoderMessage)``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0  # always set: the Runtime draws one when the caller gives none, so replays are exact
+    stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos ids
+
+
+# --- Runtime/Supervisor → Decoder ---------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    resume_ids: tuple[int, ...] = ()  # tokens already delivered (re-admission after a Decoder restart)
+    session_id: str | None = None
+    cache_handle: int | None = None  # KV handed over by the Cache actor (reused prefix)
+    cached_tokens: int = 0  # how many leading prompt tokens that KV covers
+
+
+class Abort(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+# --- Decoder → request output slots (through the Supervisor's ledger) ---------------------------------
+
+
+class TokenOutput(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    index: int  # position of token_ids[0] in the request's completion
+    token_ids: tuple[int, ...]
+    text: str
+
+
+class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    request_id: str
+    reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused instead of prefilled
+    prefilled_tokens: int  # tokens actually run through prefill for this request
+
+
+class RequestFailed(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    message: str
+
+
+# --- Decoder → Supervisor -----------------------------------------------------------------------------
+
+
+class ActorCrashed(msgspec.Struct, frozen=True, tag=True):
+    actor: str
+    error: str
+
+
+# --- ExpertStore actor ---------------------------------------------------------------------------------
+
+
+class Prefetch(msgspec.Struct, frozen=True, tag=True):
+    """Read these experts of this MoE layer (bank index) into staging ahead of need."""
+
+    bank: int
+    experts: tuple[int, ...]
+
+
+class StepRouting(msgspec.Struct, frozen=True, tag=True):
+    """The distinct experts one decode step used, per MoE layer (bank index order): predictor input."""
+
+    experts: tuple[tuple[int, ...], ...]
+
+
+# --- Cache actor ---------------------------------------------------------------------------------------
+
+
+class CacheLookup(msgspec.Struct, frozen=True, tag=True):
+    session_id: str
+    prompt_ids: tuple[int, ...]
+
+
+class CacheLookupReply(msgspec.Struct, frozen=True, tag=True):
+    session_id: str
+    handle: int | None  # KV handle to hand to the Decoder, None on a miss
+    cached_tokens: int  # leading prompt tokens the KV covers
+
+
+class CacheInsert(msgspec.Struct, frozen=True, tag=True):
+    """The Decoder stored a finished request's KV under ``handle``; it covers ``token_ids``."""
+
+    session_id: str
+    handle: int
+    token_ids: tuple[int, ...]
+
+
+class CacheRelease(msgspec.Struct, frozen=True, tag=True):
+    session_id: str
+
+
+# --- stats ---------------------------------------------------------------------------------------------
+
+
+class StatsRequest(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+class DecoderStats(msgspec.Struct, frozen=True, kw_only=True):
+    active: int  # requests in the running batch
+    queued: int  # submitted, not yet admitted
+    max_batch: int
+    steps: int  # batched decode steps
+    generated_tokens: int
+    prefilled_tokens: int
+    cached_tokens: int
+    completed: int
+    aborted: int
+    batch_histogram: dict[int, int]  # batch size -> steps
+
+
+class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
+    decoder: DecoderStats
+    experts: object  # mach_runtime ExpertStoreStats
+    sessions: int
+    live_requests: int
+    decoder_restarts: int
+    expert_store_restarts: int
+    prefetch: dict[str, int]
+
+
+DecoderMessage = Submit | Abort | Shutdown
+OutputMessage = TokenOutput | Finish | RequestFailed
+ExpertStoreMessage = Prefetch | StepRouting | StatsRequest
+CacheMessage = CacheLookup | CacheInsert | CacheRelease | StatsRequest

@@ -1,0 +1,84 @@
+"""The one MLX thread, and waking async code from it.
+
+MLX is not thread-safe and its streams are thread-local, so every ``mx`` call of the process runs on one
+long-lived thread: the model is loaded there and the Decoder's loop runs there. Async code hands it work with
+``await mlx.call(fn)``; the thread answers by scheduling a callback on the caller's event loop, which works the
+same under asyncio and trio (``call_soon``). anyio's worker-thread pool is never used for MLX.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import anyio
+import anyio.lowlevel
+
+
+def loop_token():
+    """The running event loop's native token (asyncio loop or TrioToken); call from async code."""
+    return anyio.lowlevel.current_token().native_token
+
+
+def call_soon(token, fn, *args) -> bool:
+    """Schedules ``fn(*args)`` on the event loop of ``token`` from any thread, without waiting.
+
+    Returns False if that loop is gone (the runtime already shut down).
+    """
+    try:
+        if hasattr(token, "call_soon_threadsafe"):  # asyncio event loop
+            token.call_soon_threadsafe(fn, *args)
+        else:  # trio.lowlevel.TrioToken
+            token.run_sync_soon(fn, *args)
+        return True
+    except RuntimeError:  # loop closed / trio run finished
+        return False
+
+
+class MLXThread:
+    """A single daemon thread running submitted jobs in order."""
+
+    def __init__(self, name: str = "mach-mlx"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, done = job
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # reported to the submitter, never kills the thread
+                result, error = None, e
+            if done is not None:
+                done(result, error)
+
+    def submit(self, fn, done=None) -> None:
+        """Runs ``fn()`` on the thread; then ``done(result, error)`` on the thread."""
+        self._jobs.put((fn, done))
+
+    async def call(self, fn):
+        """Runs ``fn()`` on the MLX thread and returns its result (or raises its exception)."""
+        token, event, box = loop_token(), anyio.Event(), {}
+
+        def done(result, error):
+            box["result"], box["error"] = result, error
+            call_soon(token, event.set)
+
+        self.submit(fn, done)
+        with anyio.CancelScope(shield=True):  # the job runs to completion anyway: wait for its answer
+            await event.wait()
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"]
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        if not self.is_current():
+            self._thread.join(timeout=30)

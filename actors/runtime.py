@@ -1,0 +1,299 @@
+"""Runtime: the embedded async API (``mach_runtime.Runtime``).
+
+    async with Runtime.open(checkpoint, expert_residency="streaming", max_batch=8) as rt:
+        async for chunk in rt.stream("def main():", max_tokens=64):
+            print(chunk.text, end="")
+        completion = await rt.generate([{"role": "user", "content": "hi"}])
+        async with rt.session(system="You write Python.") as s:
+            async for chunk in s.send("a function that reverses a list"): ...
+        print(await rt.stats())
+
+Works under asyncio and trio (anyio). The model is loaded on, and only ever touched from, the one MLX thread;
+requests from any number of tasks are multiplexed into the Decoder's continuous batch. Leaving an ``async for``
+early, closing the stream, or cancelling the task that iterates it aborts the request and frees its batch slot
+before the next decode step. Errors arrive as exceptions from the iterator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+
+from mach_runtime.config import mach_home
+from mach_runtime.errors import ConfigError, RequestError
+from mach_runtime.engine.sampling import validate
+
+from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
+from .mlx_thread import MLXThread
+from .slot import Chunk
+from .supervisor import Supervisor
+
+_ids = itertools.count(1)
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: dict
+
+
+class RequestStream:
+    """Async iterator of ``Chunk``s for one request. Closing it (or dropping it) aborts the request."""
+
+    def __init__(self, rt: "Runtime", submit: Submit, on_chunk=None):
+        self._rt = rt
+        self._submit = submit
+        self._slot = None
+        self._finished = False
+        self._on_chunk = on_chunk
+        self.request_id = submit.request_id
+
+    def __aiter__(self):
+        return self
+
+    async def _start(self) -> None:
+        sub = self._submit
+        if sub.session_id is not None:
+            reply = await self._rt._sup.cache.ask(CacheLookup(sub.session_id, sub.prompt_ids))
+            if reply.handle is not None:
+                sub = msgspec.structs.replace(sub, cache_handle=reply.handle, cached_tokens=reply.cached_tokens)
+        self._slot = self._rt._sup.submit(sub)
+
+    async def __anext__(self) -> Chunk:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            if self._slot is None:
+                await self._start()
+            chunk = await self._slot.get()
+        except BaseException:  # cancelled, or the request failed: make sure it leaves the batch
+            self._close()
+            raise
+        if chunk is None:
+            self._finished = True
+            raise StopAsyncIteration
+        if chunk.finish_reason is not None:
+            self._finished = True
+        if self._on_chunk is not None:
+            self._on_chunk(chunk)
+        return chunk
+
+    def _close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._slot is not None and not self._slot.closed:
+                self._rt._sup.abort(self.request_id, missing_ok=True)
+
+    async def aclose(self) -> None:
+        self._close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self._close()
+
+    def __del__(self):  # ``break`` out of ``async for`` drops the stream: abort right away
+        try:
+            self._close()
+        except Exception:
+            pass
+
+
+class Session:
+    """A multi-turn conversation whose KV cache stays warm between turns (no re-prefill of earlier turns)."""
+
+    def __init__(self, rt: "Runtime", system: str | None, session_id: str):
+        self.rt = rt
+        self.session_id = session_id
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._history_text: str | None = None  # rendered text of everything the KV holds
+        self._history_ids: list[int] | None = None
+        self.turns: list[Completion] = []
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        if not self.rt._sup.closed:
+            self.rt._sup.cache.deliver(CacheRelease(self.session_id))
+
+    def _prompt_ids(self, user: str) -> list[int]:
+        tok = self.rt.tokenizer
+        msgs = self.messages + [{"role": "user", "content": user}]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if self._history_text is not None and text.startswith(self._history_text):
+            # continue the exact token history: the KV of the earlier turns is reused as it is
+            return self._history_ids + tok.encode(text[len(self._history_text) :], add_special_tokens=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    def send(self, user: str, **params) -> RequestStream:
+        """Streams the assistant's reply to ``user``; the turn is recorded when the last chunk arrives."""
+        ids = self._prompt_ids(user)
+        parts: list[Chunk] = []
+
+        def collect(chunk: Chunk) -> None:
+            parts.append(chunk)
+            if chunk.finish_reason is not None:
+                self._record(user, ids, parts)
+
+        return self.rt._stream_ids(ids, session_id=self.session_id, on_chunk=collect, **params)
+
+    def _record(self, user: str, prompt_ids: list[int], parts: list[Chunk]) -> None:
+        tok = self.rt.tokenizer
+        text = "".join(c.text for c in parts)
+        gen = [t for c in parts for t in c.token_ids]
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        self._history_ids = list(prompt_ids) + gen
+        self._history_text = tok.decode(self._history_ids)
+        last = parts[-1]
+        self.turns.append(Completion(request_id=last.request_id, text=text, token_ids=tuple(gen),
+                                     finish_reason=last.finish_reason, usage=last.usage))
+
+
+@dataclass
+class _Limits:
+    max_context: int | None
+
+
+class Runtime:
+    def __init__(self, sup: Supervisor, tokenizer, limits: _Limits):
+        self._sup = sup
+        self.tokenizer = tokenizer
+        self._limits = limits
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, checkpoint=None, *, draft=None, expert_residency=None, expert_cache_gb=None,
+                   prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
+                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, **load_kwargs):
+        """Loads the model on the MLX thread and starts the actors; closes everything on exit."""
+        from mach_runtime.io.arch_registry import adapter_for_config, read_config
+        from mach_runtime.io.load import load_moe
+
+        if draft is not None:
+            raise ConfigError("draft models (speculative decoding) are not supported by the Runtime yet")
+        if prefix_cache_dir is not None:
+            raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if checkpoint is None:
+            from mach_runtime.cli.main import default_checkpoint
+
+            checkpoint = default_checkpoint()
+        mlx = MLXThread()
+        store = None
+        try:
+            model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
+                checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            config = read_config(os.fspath(checkpoint))
+            tc = adapter_for_config(config).text_config(config)
+            limits = _Limits(tc.get("max_position_embeddings"))
+            sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
+                             fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
+                             predictor=predictor)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await sup.start(tg)
+                    try:
+                        yield cls(sup, tokenizer, limits)
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await sup.shutdown()
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # the caller's own exception, not a group of one
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+        finally:
+            if store is not None:
+                store.close()
+            mlx.stop()
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def _encode(self, prompt) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            return tok.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if "role" not in m or "content" not in m:
+                    raise RequestError(f"messages[{i}] needs 'role' and 'content'")
+            return list(tok.apply_chat_template(list(prompt), add_generation_prompt=True))
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = getattr(tok, "vocab_size", None)
+            bad = [t for t in prompt if t < 0 or (vocab is not None and t >= len(tok))]
+            if bad:
+                raise RequestError(f"prompt token ids out of range: {bad[:5]}")
+            return list(prompt)
+        raise RequestError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
+
+    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
+                    stop_token_ids=(), request_id=None, session_id=None, on_chunk=None) -> RequestStream:
+        self._sup.check_open()
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        try:
+            validate(temperature, top_p, top_k)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
+        ctx = self._limits.max_context
+        if ctx is not None and len(ids) + max_tokens > ctx:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {ctx} tokens"
+            )
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = tuple(s for s in (stop or ()) if s)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+            seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
+            stop_token_ids=tuple(stop_token_ids),
+        )
+        rid = request_id if request_id is not None else f"req-{next(_ids)}"
+        sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
+        return RequestStream(self, sub, on_chunk)
+
+    def stream(self, prompt, **params) -> RequestStream:
+        """Streams the completion of ``prompt`` (text, chat messages, or token ids) as ``Chunk``s."""
+        return self._stream_ids(self._encode(prompt), **params)
+
+    async def generate(self, prompt, **params) -> Completion:
+        """The whole completion at once."""
+        parts = []
+        async with self.stream(prompt, **params) as s:
+            async for chunk in s:
+                parts.append(chunk)
+        last = parts[-1]
+        return Completion(request_id=last.request_id, text="".join(c.text for c in parts),
+                          token_ids=tuple(t for c in parts for t in c.token_ids), finish_reason=last.finish_reason,
+                          usage=last.usage)
+
+    def session(self, system: str | None = None, session_id: str | None = None) -> Session:
+        return Session(self, system, session_id or f"session-{next(_ids)}")
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a live request; raises ``UnknownRequestError`` for an id that is not live."""
+        self._sup.abort(request_id)
+
+    async def stats(self) -> RuntimeStats:
+        sup = self._sup
+        experts = await sup.expert_store.ask(StatsRequest()) if not sup.closed else sup.store.stats()
+        cache = await sup.cache.ask(StatsRequest()) if not sup.closed else None
+        return RuntimeStats(
+            decoder=sup.decoder.stats(), experts=experts, sessions=cache.sessions if cache else 0,
+            live_requests=len(sup.ledger), decoder_restarts=sup.restarts["decoder"],
+            expert_store_restarts=sup.restarts["expert_store"],
+            prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
+        )

@@ -1,0 +1,90 @@
+"""A request's output slot: the Decoder pushes without ever blocking; the consumer takes merged chunks.
+
+Modelled on vLLM's output collector: one slot per request holds everything produced since the consumer last
+looked. A slow consumer receives several tokens merged into one chunk; the producer (the MLX thread) only
+appends under a lock and schedules a wake-up on the consumer's event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import msgspec
+
+from .mlx_thread import call_soon
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    index: int  # position of token_ids[0] in the completion
+    finish_reason: str | None = None  # None until the last chunk
+    usage: dict | None = None  # on the last chunk: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
+
+
+class OutputSlot:
+    def __init__(self, request_id: str, token):
+        self.request_id = request_id
+        self._token = token
+        self._lock = threading.Lock()
+        self._ids: list[int] = []
+        self._text: list[str] = []
+        self._index = 0  # completion position of the first pending token
+        self._finish: tuple[str, dict] | None = None
+        self._error: BaseException | None = None
+        self._event: anyio.Event | None = None
+        self._done = False  # the consumer received the last chunk
+
+    # -- producer side (any thread) ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            call_soon(self._token, event.set)
+
+    def push(self, token_ids, text: str) -> None:
+        with self._lock:
+            self._ids.extend(token_ids)
+            self._text.append(text)
+            self._wake()
+
+    def finish(self, reason: str, usage: dict) -> None:
+        with self._lock:
+            if self._finish is None and self._error is None:
+                self._finish = (reason, usage)
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._finish is None and self._error is None:
+                self._error = error
+            self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._finish is not None or self._error is not None
+
+    # -- consumer side (the request's task) ---------------------------------------------------------------
+    async def get(self) -> Chunk | None:
+        """The next merged chunk; None after the last one. Raises the request's error."""
+        while True:
+            with self._lock:
+                if self._done:
+                    return None
+                if self._error is not None and not self._ids:
+                    self._done = True
+                    raise self._error
+                if self._ids or self._finish is not None:
+                    ids, text = tuple(self._ids), "".join(self._text)
+                    chunk_index = self._index
+                    self._index += len(ids)
+                    self._ids.clear()
+                    self._text.clear()
+                    reason, usage = self._finish if self._finish else (None, None)
+                    if reason is not None:
+                        self._done = True
+                    return Chunk(request_id=self.request_id, text=text, token_ids=ids, index=chunk_index,
+                                 finish_reason=reason, usage=usage)
+                event = self._event = anyio.Event()
+            await event.wait()

@@ -1,0 +1,229 @@
+"""The Supervisor: starts, watches and restarts the actors, and owns the request ledger.
+
+Start order is ExpertStore, Cache, then Decoder (the Decoder's first forward may need the bank). Strategy is
+one_for_one: a crashed actor is rebuilt alone, at most ``intensity`` times within ``period`` seconds (Erlang
+semantics); past that the Supervisor shuts everything down and fails every live request with
+``RuntimeFailedError``.
+
+The ledger (request id → prompt, params, tokens already delivered, output slot) lives here, not in the Decoder,
+so a Decoder crash loses nothing: the restarted Decoder re-admits every live request as prompt + delivered
+tokens, and generation continues at the next position. Delivery is keyed by (request id, position), so no token
+is delivered twice. ``fault_hook(actor, point, info)`` is called by the actors at fixed points; tests raise from
+it to crash an actor exactly there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import anyio
+
+from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequestError
+
+from .cache import CacheActor, KVTable
+from .decoder import Decoder
+from .expert_store import ExpertStoreActor
+from .messages import Abort, Finish, RequestFailed, Shutdown, Submit, TokenOutput
+from .mlx_thread import MLXThread, call_soon, loop_token
+from .slot import OutputSlot
+
+
+@dataclass
+class LedgerEntry:
+    submit: Submit
+    slot: OutputSlot
+    delivered: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
+                 fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None):
+        self.mlx = mlx
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.max_batch = max_batch
+        self.fault_hook = fault_hook
+        self.intensity, self.period = intensity, period
+        self.predictor = predictor
+        self.kv_table = KVTable()
+        self.max_sessions = max_sessions
+        self.ledger: dict[str, LedgerEntry] = {}
+        self._lock = threading.Lock()  # ledger: the MLX thread delivers, the event loop submits/aborts
+        self._crashes: dict[str, deque] = {}
+        self.restarts = {"decoder": 0, "expert_store": 0, "cache": 0}
+        self.failed: BaseException | None = None
+        self.closed = False
+        self.decoder: Decoder | None = None
+        self.expert_store: ExpertStoreActor | None = None
+        self.cache: CacheActor | None = None
+
+    # -- start / watch -------------------------------------------------------------------------------------
+    async def start(self, tg) -> None:
+        self._token = loop_token()
+        self._exits_send, self._exits_recv = anyio.create_memory_object_stream(16)
+        self._tg = tg
+        await tg.start(self._supervise_async, "expert_store", self._new_expert_store)
+        await tg.start(self._supervise_async, "cache", self._new_cache)
+        self._start_decoder()
+        tg.start_soon(self._watch_decoder)
+
+    def _new_expert_store(self):
+        old = self.expert_store
+        self.expert_store = ExpertStoreActor(self.store, self.predictor)
+        self.expert_store.fault_hook = self.fault_hook
+        if old is not None:  # keep the mailbox: senders hold on to it through the Supervisor
+            self.expert_store.adopt_mailbox(old)
+        return self.expert_store
+
+    def _new_cache(self):
+        old = self.cache
+        self.cache = CacheActor(self.kv_table, self.max_sessions)
+        self.cache.fault_hook = self.fault_hook
+        if old is not None:  # a crashed Cache actor's sessions are gone: free their KV; keep the mailbox
+            old.close()
+            self.cache.adopt_mailbox(old)
+        return self.cache
+
+    def _allow_restart(self, name: str) -> bool:
+        now = time.monotonic()
+        q = self._crashes.setdefault(name, deque())
+        q.append(now)
+        while q and now - q[0] > self.period:
+            q.popleft()
+        return len(q) <= self.intensity
+
+    async def _supervise_async(self, name, factory, *, task_status=anyio.TASK_STATUS_IGNORED):
+        """one_for_one for an event-loop actor: rebuild it after a crash, within the restart limit."""
+        actor = factory()
+        task_status.started()
+        while True:
+            try:
+                await actor.run()
+                return  # mailbox closed: normal shutdown
+            except Exception as e:  # crash: restart alone, or give up past the limit
+                if self.closed:
+                    return
+                if not self._allow_restart(name):
+                    self._give_up(name, e)
+                    return
+                self.restarts[name] += 1
+                actor = factory()
+
+    def _start_decoder(self) -> None:
+        d = Decoder(
+            self.model, self.tokenizer, max_batch=self.max_batch, sink=self.deliver, kv_table=self.kv_table,
+            cache_inbox=lambda m: call_soon(self._token, self.cache.deliver, m),
+            expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
+            routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook,
+        )
+        self.decoder = d
+
+        def exited(result, error, d=d):
+            call_soon(self._token, self._exits_send.send_nowait, (d, error))
+
+        self.mlx.submit(d.run, exited)
+
+    async def _watch_decoder(self) -> None:
+        async for d, error in self._exits_recv:
+            if d is not self.decoder or self.closed:
+                continue
+            if error is None:  # clean shutdown
+                return
+            if not self._allow_restart("decoder"):
+                self._give_up("decoder", error)
+                return
+            self.restarts["decoder"] += 1
+            self._start_decoder()
+            with self._lock:
+                live = list(self.ledger.values())
+            for e in live:  # re-admit: prompt + what the client already has; fresh KV (no session reuse)
+                s = e.submit
+                self.decoder.send(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
+                                         resume_ids=tuple(e.delivered), session_id=s.session_id))
+
+    def _give_up(self, name: str, error: BaseException) -> None:
+        self.failed = RuntimeFailedError(
+            f"the {name} actor crashed more than {self.intensity} times in {self.period:g}s "
+            f"(last error: {type(error).__name__}: {error}); the runtime has shut down"
+        )
+        self.closed = True
+        if self.decoder is not None:
+            self.decoder.send(Shutdown())
+        self._fail_all(self.failed)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            entries = list(self.ledger.values())
+            self.ledger.clear()
+        for e in entries:
+            e.slot.fail(error)
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def check_open(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        if self.closed:
+            raise RuntimeFailedError("the runtime is closed")
+
+    def submit(self, sub: Submit) -> OutputSlot:
+        self.check_open()
+        slot = OutputSlot(sub.request_id, self._token)
+        with self._lock:
+            if sub.request_id in self.ledger:
+                raise RequestError(f"request_id {sub.request_id!r} is already in use by a live request")
+            self.ledger[sub.request_id] = LedgerEntry(sub, slot)
+        self.decoder.send(sub)
+        return slot
+
+    def abort(self, request_id: str, *, missing_ok: bool = False) -> None:
+        with self._lock:
+            known = request_id in self.ledger
+        if not known:
+            if missing_ok:
+                return
+            raise UnknownRequestError(f"no live request with id {request_id!r} (finished, aborted or never submitted)")
+        self.decoder.send(Abort(request_id))
+
+    def deliver(self, msg) -> None:
+        """Output from the Decoder (MLX thread): into the ledger and the request's slot, never blocking."""
+        with self._lock:
+            e = self.ledger.get(msg.request_id)
+            if e is None:
+                return  # already finished or failed
+            if isinstance(msg, TokenOutput):
+                if msg.index < len(e.delivered):
+                    return  # replayed position: the client has it already
+                if msg.index != len(e.delivered):
+                    raise RuntimeError(f"token for {msg.request_id} at {msg.index}, expected {len(e.delivered)}")
+                e.delivered.extend(msg.token_ids)
+                e.slot.push(msg.token_ids, msg.text)
+                return
+            del self.ledger[msg.request_id]
+        if isinstance(msg, Finish):
+            e.slot.finish(msg.reason, {
+                "prompt_tokens": msg.prompt_tokens, "completion_tokens": msg.completion_tokens,
+                "cached_tokens": msg.cached_tokens, "prefilled_tokens": msg.prefilled_tokens,
+            })
+        elif isinstance(msg, RequestFailed):
+            e.slot.fail(RequestError(msg.message))
+
+    # -- shutdown ------------------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.decoder is not None:
+                self.decoder.send(Shutdown())
+        with anyio.move_on_after(30):
+            done = anyio.Event()
+            self.mlx.submit(lambda: None, lambda r, e: call_soon(self._token, done.set))
+            await done.wait()  # the MLX thread has left the decoder loop
+        self._fail_all(self.failed or RuntimeFailedError("the runtime was closed before the request finished"))
+        if self.cache is not None:
+            self.cache.close()
+        self.kv_table.collect()
+        self._exits_send.close()
+        for actor in (self.expert_store, self.cache):
+            if actor is not None:
+                actor.close_mailbox()

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""P7: cold load time and peak memory of a large MoE checkpoint: streaming load_moe vs mlx_lm.load.
+
+Each measurement runs in a fresh child process (``python bench/p7_load.py --child ...``), after the page cache
+was dropped (``diskbw.drop_page_cache``: fadvise + ``echo 3 > /proc/sys/vm/drop_caches`` as root), so every
+load is cold and every peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the child) is that engine's
+alone. Children, alternated over ``--repeats``:
+
+* ``streaming``: ``load_moe(LARGE, expert_residency="streaming", expert_cache_gb=--cache-gb, direct_io=True)``,
+  then ``--decode-tokens`` (8) greedy tokens to prove the model works (tok/s, hit rate, bytes read);
+* ``mlx_lm``: ``mlx_lm.load(LARGE)`` — the full, eager load (every weight read into memory), then the same
+  decode. The machine must have the checkpoint's size + ``--headroom-gib`` of MemAvailable; otherwise
+  (``--mlx-lm auto``) it falls back to ``mlx_lm.load(LARGE, lazy=True)`` — which only builds the graph and
+  reads no weights, so its time/RSS are NOT comparable and the output says so — and skips its decode.
+
+Reported: load seconds (the load call alone, in the child), process wall seconds (interpreter start, imports,
+load; from the parent), peak RSS after load and after decode. Goal for streaming: load < 3 s, RSS < 3 GB.
+
+    python bench/p7_load.py                                   # /work/large_ckpt/qwen3-30b-a3b-shaped-4bit
+    python bench/p7_load.py --ckpt DIR --cache-gb 2 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+DEFAULT_CKPT = "/work/large_ckpt/qwen3-30b-a3b-shaped-4bit"
+MARK = "P7_CHILD_RESULT "
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # Linux: KiB
+
+
+def current_rss_bytes() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def child(a) -> dict:
+    t_import = time.perf_counter()
+    import mlx.core as mx
+
+    out = dict(engine=a.child)
+    if a.child == "streaming":
+        from mach_runtime import load_moe
+
+        t0 = time.perf_counter()
+        model, tok, store, cache = load_moe(a.ckpt, expert_residency="streaming", expert_cache_gb=a.cache_gb,
+                                            direct_io=True)
+        out["load_seconds"] = time.perf_counter() - t0
+        st = store.stats()
+        out.update(capacity_experts=st.capacity_experts, experts_total=st.layers * st.num_experts,
+                   expert_bytes=st.expert_bytes, expert_cache_gb=a.cache_gb)
+    else:
+        import mlx_lm
+
+        t0 = time.perf_counter()
+        model, tok = mlx_lm.load(a.ckpt, lazy=(a.child == "mlx_lm_lazy"))
+        out["load_seconds"] = time.perf_counter() - t0
+        store = None
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(model)
+    out["import_seconds"] = t0 - t_import
+    out["peak_rss_after_load"] = peak_rss_bytes()
+    out["rss_after_load"] = current_rss_bytes()
+    try:
+        out["mlx_peak_memory"] = mx.get_peak_memory()
+    except AttributeError:  # pragma: no cover
+        pass
+
+    if a.decode_tokens and a.child != "mlx_lm_lazy":
+        from mach_runtime.engine.generate import GenerationStats, generate_tokens, make_sampler
+
+        ids = C.make_prompt(tok, a.prompt_tokens)
+        gs = GenerationStats()
+        t0 = time.perf_counter()
+        toks, times = C.timed_tokens(generate_tokens(model, ids, cache, make_sampler(0.0), a.decode_tokens, gs),
+                                     a.decode_tokens)
+        out.update(decode_tokens=len(toks), tokens=toks, ttft=times[0] - t0, decode_tps=C.decode_tps(times),
+                   generate_seconds=times[-1] - t0)
+        if store is not None:
+            s = store.stats()
+            out.update(hit_rate=s.hit_rate, bytes_read=s.bytes_read, misses=s.misses, read_seconds=s.read_seconds)
+        out["peak_rss_after_decode"] = peak_rss_bytes()
+    if store is not None:
+        store.close()
+    return out
+
+
+def spawn(engine, a) -> dict:
+    drop = C.drop_caches(C.safetensors_files(a.ckpt))
+    cmd = [sys.executable, __file__, "--child", engine, "--ckpt", a.ckpt, "--cache-gb", str(a.cache_gb),
+           "--decode-tokens", str(a.decode_tokens), "--prompt-tokens", str(a.prompt_tokens)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    if p.returncode != 0 or not lines:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        return dict(engine=engine, error=f"child exited {p.returncode}", stderr_tail=p.stderr[-2000:],
+                    process_wall_seconds=wall, drop_caches=drop)
+    r = json.loads(lines[-1][len(MARK):])
+    r.update(process_wall_seconds=wall, drop_caches=drop)
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default=DEFAULT_CKPT)
+    p.add_argument("--cache-gb", type=float, default=2.0, help="streaming bank budget (GiB, all layers)")
+    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mlx-lm", choices=["auto", "full", "lazy", "skip"], default="auto")
+    p.add_argument("--headroom-gib", type=float, default=3.0)
+    p.add_argument("--child", choices=["streaming", "mlx_lm", "mlx_lm_lazy"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=C.default_out("p7_load"))
+    a = p.parse_args()
+    if a.child:
+        print(MARK + json.dumps(child(a)), flush=True)
+        return
+
+    info = C.machine_info()
+    ckpt_bytes = C.checkpoint_bytes(a.ckpt)
+    avail = C.mem_available_gib()
+    need = ckpt_bytes / (1 << 30) + a.headroom_gib
+    mode = a.mlx_lm
+    if mode == "auto":
+        mode = "full" if avail >= need else "lazy"
+    reason = (f"MemAvailable {avail:.1f} GiB vs checkpoint {ckpt_bytes / (1 << 30):.1f} GiB + "
+              f"{a.headroom_gib:g} GiB headroom -> mlx_lm {mode}")
+    print(f"[p7] {info}\n[p7] {a.ckpt}: {ckpt_bytes / 1e9:.2f} GB; {reason}", flush=True)
+    engines = ["streaming"] + ({"full": ["mlx_lm"], "lazy": ["mlx_lm_lazy"], "skip": []}[mode])
+
+    runs = {e: [] for e in engines}
+    payload = dict(benchmark="p7_load", machine=info, checkpoint=a.ckpt, checkpoint_bytes=ckpt_bytes,
+                   cache_gb=a.cache_gb, mlx_lm_mode=mode, mlx_lm_mode_reason=reason, runs=runs)
+    for r in range(a.repeats):
+        for e in (engines if r % 2 == 0 else engines[::-1]):
+            res = spawn(e, a)
+            runs[e].append(res)
+            if "error" in res:
+                print(f"[p7] rep {r} {e}: ERROR {res['error']}", flush=True)
+            else:
+                print(f"[p7] rep {r} {e}: load {res['load_seconds']:.2f} s, wall {res['process_wall_seconds']:.2f} s, "
+                      f"peak RSS {res['peak_rss_after_load'] / 1e9:.2f} GB"
+                      + (f", decode {res['decode_tps']:.2f} tok/s" if "decode_tps" in res else "")
+                      + (f", hit {res['hit_rate']:.3f}" if "hit_rate" in res else ""), flush=True)
+            C.write_json(a.out, payload)
+
+    def med(e, key):
+        xs = [x[key] for x in runs[e] if key in x]
+        return C.median(xs) if xs else float("nan")
+
+    summary = []
+    for e in engines:
+        ok = [x for x in runs[e] if "error" not in x]
+        if not ok:
+            summary.append(dict(engine=e, error=runs[e][0]["error"] if runs[e] else "not run"))
+            continue
+        summary.append(dict(engine=e, load_seconds=med(e, "load_seconds"), wall_seconds=med(e, "process_wall_seconds"),
+                            peak_rss_after_load=med(e, "peak_rss_after_load"),
+                            peak_rss_after_decode=med(e, "peak_rss_after_decode"),
+                            decode_tps=med(e, "decode_tps"), ttft=med(e, "ttft"), hit_rate=med(e, "hit_rate"),
+                            runs=len(ok)))
+    payload["summary"] = summary
+    s0 = summary[0]
+    payload["goals"] = dict(streaming_load_lt_3s=s0.get("load_seconds", 99) < 3,
+                            streaming_rss_lt_3gb=s0.get("peak_rss_after_load", 1e12) < 3e9)
+    C.write_json(a.out, payload)
+
+    label = {"streaming": f"load_moe streaming ({a.cache_gb:g} GiB bank)", "mlx_lm": "mlx_lm.load (full)",
+             "mlx_lm_lazy": "mlx_lm.load(lazy=True) (NOT comparable: reads no weights)"}
+    rows = []
+    for s in summary:
+        if "error" in s:
+            rows.append([label[s["engine"]], "ERROR", s["error"], "", "", "", "", ""])
+            continue
+        f = lambda v, fmt: "-" if v != v else fmt.format(v)  # NaN -> "-"
+        rows.append([label[s["engine"]], f(s["load_seconds"], "{:.2f}"), f(s["wall_seconds"], "{:.2f}"),
+                     f(s["peak_rss_after_load"] / 1e9, "{:.2f}"), f(s["peak_rss_after_decode"] / 1e9, "{:.2f}"),
+                     f(s["ttft"], "{:.2f}"), f(s["decode_tps"], "{:.2f}"), f(s["hit_rate"], "{:.3f}")])
+    where = info.get("gpu") or info["cpu_model"]
+    print(f"\nP7 cold load of {a.ckpt} ({ckpt_bytes / 1e9:.1f} GB) ({info['backend']}: {where}; mlx {info['mlx']}); "
+          f"fresh process each, page cache dropped before each; median of {a.repeats}; "
+          f"then {a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt")
+    print(C.fmt_table(["engine", "load s", "process s", "peak RSS GB (load)", "peak RSS GB (+decode)", "TTFT s",
+                       "decode tok/s", "hit rate"], rows))
+    print(f"goals (streaming): load < 3 s: {payload['goals']['streaming_load_lt_3s']}, "
+          f"RSS < 3 GB: {payload['goals']['streaming_rss_lt_3gb']}   [{reason}]")
+    print(f"json: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

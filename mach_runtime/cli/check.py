@@ -1,0 +1,216 @@
+"""``mach check CKPT [--json] [--memory-gb N]``: will this checkpoint run here, and how — before any weight loads.
+
+Reads ``config.json`` and the safetensors *headers* only (no tensor data, no MLX import), so it runs on any
+host. It reports the detected architecture, the expert layout, parameter and byte counts, a verdict for each
+residency, and whether continuous batching is possible for the family's KV cache.
+
+The rules behind the verdicts (``M`` = memory, ``W`` = non-expert weight bytes, ``X`` = all routed-expert bytes,
+``O`` = runtime overhead: KV cache, activations, MLX buffers, taken as ``OVERHEAD_GIB`` + 5 % of the weights):
+
+* **stacked** (every expert resident) needs ``W + X + O``: ``fits`` if that is at most ``HEADROOM`` (80 %) of
+  ``M`` (the rest is the OS and other programs), ``tight`` if it is at most ``M`` (it runs, but expect memory
+  pressure and swapping), else ``wont_fit``.
+* **streaming** (experts on disk, a bank per MoE layer) needs ``W + O + bank``. The bank it would use is what
+  the headroom leaves after ``W + O``, capped at all experts: ``bank = min(X, 0.8 M - W - O)`` rounded down to
+  whole experts per layer. ``fits`` if the bank holds at least ``DEFAULT_BANK_FRACTION`` (25 %) of each
+  layer's experts (published routing locality: LRU over 25-40 % of experts gives most of the hits); ``tight``
+  if it holds less but at least top-k experts per layer (one token's experts: it runs, mostly from disk);
+  ``wont_fit`` if even top-k experts per layer do not fit in ``M``.
+* **continuous batching** follows ``kv_cache_kind`` (``continuous_batching_capability``): ``standard`` and
+  ``hybrid_gdn`` yes; ``compressed`` no; ``rotating`` only when the cache keeps no prefix (``keep == 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+GIB = 1 << 30
+HEADROOM = 0.8
+OVERHEAD_GIB = 0.5
+OVERHEAD_FRACTION = 0.05
+DEFAULT_BANK_FRACTION = 0.25  # the same default as load_moe's streaming bank (mach_runtime.config)
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _param_count(index, layout, quant_bits: int) -> tuple[int, int]:
+    """(all parameters, routed-expert parameters); packed quantized weights count their unpacked values."""
+    total = experts = 0
+    for name, t in index.tensors.items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base and f"{base}.scales" in index:
+            bits = layout.quant.bits if (name in layout.expert_tensor_names and layout.quant) else quant_bits
+            n = math.prod(t.shape) * (t.itemsize * 8 // bits)
+        elif name.endswith((".scales", ".biases")) and f"{name.rsplit('.', 1)[0]}.weight" in index:
+            continue  # quantization metadata, not parameters
+        else:
+            n = math.prod(t.shape)
+        total += n
+        if name in layout.expert_tensor_names:
+            experts += n
+    return total, experts
+
+
+def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k: int, memory: int) -> dict:
+    """The verdict rules of the module docstring, on plain byte counts."""
+    overhead = int(OVERHEAD_GIB * GIB + OVERHEAD_FRACTION * (weights + experts))
+    usable = HEADROOM * memory
+    need = weights + experts + overhead
+    stacked = "fits" if need <= usable else "tight" if need <= memory else "wont_fit"
+    per_expert = experts / max(1, n_layers * num_experts)
+    slots_room = int((usable - weights - overhead) // (n_layers * per_expert)) if per_expert else num_experts
+    slots = max(0, min(num_experts, slots_room))
+    want = max(top_k, math.ceil(DEFAULT_BANK_FRACTION * num_experts))
+    min_need = weights + overhead + n_layers * top_k * per_expert
+    if slots >= want:
+        streaming = "fits"
+    elif min_need <= memory:
+        streaming = "tight"
+        slots = max(slots, top_k)
+    else:
+        streaming = "wont_fit"
+    bank = int(slots * n_layers * per_expert)
+    return {
+        "stacked": {"verdict": stacked, "need_bytes": need},
+        "streaming": {
+            "verdict": streaming,
+            "need_bytes": weights + overhead + bank,
+            "bank_bytes": bank,
+            "bank_gb": round(bank / GIB, 3),
+            "bank_experts_per_layer": slots if streaming != "wont_fit" else 0,
+            "bank_fraction": round(slots / num_experts, 4) if streaming != "wont_fit" else 0.0,
+        },
+        "overhead_bytes": overhead,
+    }
+
+
+def check_checkpoint(path, memory_gb: float | None = None) -> dict:
+    from ..errors import CheckpointError, CheckpointNotFoundError
+    from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
+    from ..io.expert_layout import find_expert_layout
+    from ..io.safetensors_index import CheckpointIndex
+
+    directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.exists(directory):
+        raise CheckpointNotFoundError(f"{directory}: checkpoint path does not exist")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory; pass the checkpoint directory")
+    source = os.path.join(directory, "config.json")
+    config = read_config(directory)
+    adapter = adapter_for_config(config, source)
+    tc = adapter.text_config(config, source)
+    index = CheckpointIndex(directory)
+    layout = find_expert_layout(index, adapter, tc, source)
+    if memory_gb is None:
+        mem = physical_memory_bytes()
+        if mem is None:
+            raise CheckpointError("cannot read this machine's memory size; pass --memory-gb")
+    else:
+        if memory_gb <= 0:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--memory-gb must be positive, got {memory_gb}")
+        mem = int(memory_gb * GIB)
+    total = index.total_bytes()
+    experts = layout.total_expert_bytes
+    weights = total - experts
+    quant = config.get("quantization") or {}
+    params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
+    v = verdicts(weights, experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
+    ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
+    q = layout.quant
+    return {
+        "checkpoint": directory,
+        "arch": adapter.key,
+        "model_type": config.get("model_type"),
+        "loadable": adapter.implemented,
+        "layout": layout.layout,
+        "scheme": layout.scheme,
+        "expert_quantization": None if q is None else {"bits": q.bits, "group_size": q.group_size, "mode": q.mode},
+        "expert_dtype": next(iter(layout.layers[0].components.values())).dtype,
+        "moe_layers": len(layout.layers),
+        "num_experts": layout.num_experts,
+        "top_k": layout.top_k,
+        "params": params,
+        "expert_params": expert_params,
+        "total_bytes": total,
+        "expert_bytes": layout.expert_bytes,
+        "total_expert_bytes": experts,
+        "non_expert_bytes": weights,
+        "memory_bytes": mem,
+        "memory_gb": round(mem / GIB, 3),
+        "stacked": v["stacked"],
+        "streaming": v["streaming"],
+        "overhead_bytes": v["overhead_bytes"],
+        "kv_cache_kind": adapter.kv_cache_kind,
+        "continuous_batching": {"possible": ok, "reason": reason},
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3f} GiB" if n >= GIB / 100 else f"{n / 2**20:.2f} MiB"
+
+
+def format_report(r: dict) -> str:
+    s, st = r["stacked"], r["streaming"]
+    q = r["expert_quantization"]
+    lines = [
+        f"checkpoint      {r['checkpoint']}",
+        f"arch            {r['arch']} (model_type {r['model_type']}){'' if r['loadable'] else '  [not loadable yet]'}",
+        f"layout          {r['layout']} ({r['scheme']}), experts {r['expert_dtype']}"
+        + (f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
+        f"experts         {r['moe_layers']} MoE layers x {r['num_experts']} experts, top-{r['top_k']}; "
+        f"{_gib(r['expert_bytes'])} per expert",
+        f"parameters      {r['params']:,} ({r['expert_params']:,} in routed experts)",
+        f"bytes           {_gib(r['total_bytes'])} total = {_gib(r['non_expert_bytes'])} non-expert + "
+        f"{_gib(r['total_expert_bytes'])} experts",
+        f"memory          {r['memory_gb']} GiB (headroom {int(HEADROOM * 100)} %)",
+        f"stacked         {s['verdict']}: needs {_gib(s['need_bytes'])}",
+        f"streaming       {st['verdict']}: bank {_gib(st['bank_bytes'])} = {st['bank_experts_per_layer']} experts "
+        f"per layer ({st['bank_fraction']:.0%}), needs {_gib(st['need_bytes'])}",
+        f"batching        {'possible' if r['continuous_batching']['possible'] else 'not possible'} "
+        f"({r['kv_cache_kind']}: {r['continuous_batching']['reason']})",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="mach check", description="preflight a checkpoint (no weights loaded)")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--memory-gb", type=float, default=None, help="memory to plan for (default: this machine's RAM)")
+    return p
+
+
+def run(a) -> int:
+    report = check_checkpoint(a.checkpoint, a.memory_gb)
+    if a.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(report))
+    return 0
+
+
+def main(argv=None) -> int:
+    from ..errors import MachError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return run(a)
+    except MachError as e:
+        print(f"mach check: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Continuous batching on the MLX thread: requests join and leave a running batch between decode steps.
+
+A new request is prefilled alone (batch of one, chunked, reusing a prefix KV when one is handed over) up to but
+not including its last token; its cache is then merged into the running batch's caches (mlx-lm's batch caches:
+left-padded KV, batched recurrent state). Every ``step()`` feeds each request's pending token, samples each row
+with its own parameters, detokenizes, checks stop conditions and reports the new tokens. A finished or aborted
+request is filtered out of the batch at once, freeing its slot for the next step.
+
+Synchronous and single-threaded by design: the Decoder actor calls it from the one MLX thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from ..errors import ConfigError
+from .sampling import sample_batch, validate
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    index: int  # position of this token in the completion
+    token: int
+    text: str  # text released by this token (stop-string prefixes are held back)
+    finish_reason: str | None
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    prompt_len: int
+    params: object  # SamplingParams
+    stop_ids: frozenset
+    detok: object
+    generated: list = field(default_factory=list)
+    next_token: int = 0
+    sent_chars: int = 0  # characters of detok.text already released
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+
+    def row(self):
+        p = self.params
+        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated))
+
+
+def _hold_back(text: str, stops) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class BatchEngine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP):
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.prefill_step = prefill_step
+        self.seqs: list[_Seq] = []  # row order of the batch caches
+        self.cache = None  # per-layer batch caches, None while the batch is empty
+        self.eos = frozenset(tokenizer.eos_token_ids)
+        self.steps = 0
+
+    # -- membership ---------------------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def full(self) -> bool:
+        return len(self.seqs) >= self.max_batch
+
+    def has(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in self.seqs)
+
+    def add(self, request_id: str, prompt_ids, params, resume_ids=(), kv=None, cached_tokens: int = 0) -> _Seq:
+        """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if self.full:
+            raise RuntimeError("batch is full")
+        validate(params.temperature, params.top_p, params.top_k)
+        tokens = list(prompt_ids) + list(resume_ids)
+        if not tokens:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if kv is None or cached_tokens <= 0:
+            kv, cached_tokens = make_prompt_cache(self.model), 0
+        cached_tokens = min(cached_tokens, len(tokens) - 1)  # the last token is always fed by a step
+        todo = mx.array(tokens[cached_tokens:-1], dtype=mx.uint32)
+        for start in range(0, todo.size, self.prefill_step):
+            self.model(todo[start : start + self.prefill_step][None], cache=kv)
+            mx.eval([c.state for c in kv])
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        seq = _Seq(
+            request_id, len(prompt_ids), params, self.eos | frozenset(params.stop_token_ids), detok,
+            cached_tokens=cached_tokens, prefilled_tokens=int(todo.size),
+        )
+        for t in resume_ids:  # a replayed request continues its text exactly where it left off
+            seq.generated.append(t)
+            if t not in seq.stop_ids:
+                detok.add_token(t)
+        seq.sent_chars = len(detok.text)
+        seq.next_token = tokens[-1]
+        merged = [type(c).merge([c]) for c in kv]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for a, b in zip(self.cache, merged):
+                a.extend(b)
+        self.seqs.append(seq)
+        return seq
+
+    def _filter(self, keep: list[int]) -> None:
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        for c in self.cache:
+            c.filter(keep)
+
+    def remove(self, request_id: str) -> _Seq | None:
+        for i, s in enumerate(self.seqs):
+            if s.request_id == request_id:
+                self._filter([j for j in range(len(self.seqs)) if j != i])
+                return s
+        return None
+
+    def extract_kv(self, request_id: str):
+        """The request's cache (prompt + generated tokens except the last) as single-request caches."""
+        i = next(i for i, s in enumerate(self.seqs) if s.request_id == request_id)
+        return [c.extract(i) for c in self.cache]
+
+    # -- decoding -----------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One batched decode step; finished requests stay in the batch until ``finish()``."""
+        if not self.seqs:
+            return []
+        inputs = mx.array([[s.next_token] for s in self.seqs], dtype=mx.uint32)
+        logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = sample_batch(logprobs, [s.row() for s in self.seqs]).tolist()
+        self.steps += 1
+        out = []
+        for s, t in zip(self.seqs, tokens):
+            index = len(s.generated)
+            s.generated.append(t)
+            s.next_token = t
+            out.append(self._emit(s, index, t))
+        return out
+
+    def _emit(self, s: _Seq, index: int, t: int) -> StepOutput:
+        stops = s.params.stop
+        if t in s.stop_ids:
+            s.detok.finalize()
+            text = s.detok.text[s.sent_chars :]  # held-back stop-string prefixes are released
+            s.sent_chars += len(text)
+            return StepOutput(s.request_id, index, t, text, "stop")
+        s.detok.add_token(t)
+        finish = "length" if len(s.generated) >= s.params.max_tokens else None
+        if finish:
+            s.detok.finalize()
+        full = s.detok.text
+        if stops:
+            start = max(0, s.sent_chars - max(len(x) for x in stops))
+            hits = [full.find(x, start) for x in stops]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                end = min(hits)
+                text = full[s.sent_chars : max(end, s.sent_chars)]
+                s.sent_chars = max(end, s.sent_chars)
+                return StepOutput(s.request_id, index, t, text, "stop")
+        release = len(full) if finish else len(full) - _hold_back(full, stops)
+        text = full[s.sent_chars : max(release, s.sent_chars)]
+        s.sent_chars = max(release, s.sent_chars)
+        return StepOutput(s.request_id, index, t, text, finish)

@@ -1,0 +1,49 @@
+"""gemma4 (Gemma 4 MoE, e.g. 26B-A4B): config wrapped under ``text_config``; every layer runs a dense GeGLU MLP
+*in parallel* with the routed GeGLU experts; sliding-window and full attention layers alternate (rotating
+KV cache with keep=0 for the sliding layers).
+
+HF checkpoints: ``model.language_model.layers.L.experts.gate_up_proj [E, 2I, H]`` (gate rows first) and
+``experts.down_proj [E, H, I]``; MLX exports: ``language_model.model.layers.L.experts.switch_glu``.
+"""
+
+from __future__ import annotations
+
+from ..arch_registry import MoeArchAdapter
+from ..expert_schemes import fused_scheme, switch_scheme
+
+
+def _moe_layers(tc: dict) -> list[int]:
+    if not tc.get("enable_moe_block") or int(tc.get("num_experts") or 0) <= 0:
+        return []
+    return list(range(int(tc["num_hidden_layers"])))
+
+
+def _model_config(config: dict, tc: dict) -> dict:
+    # mlx-lm's gemma4.ModelArgs overwrites text_config["vocab_size"] with its own (default 262144)
+    return {"model_type": "gemma4", "text_config": dict(tc), "vocab_size": tc.get("vocab_size", 262144)}
+
+
+ADAPTER = MoeArchAdapter(
+    key="gemma4",
+    model_types=("gemma4",),
+    model_module="mlx_lm.models.gemma4",
+    swiglu_variant="plain_geglu",
+    has_expert_bias=False,
+    wrapped=True,
+    stacked=True,
+    kv_cache_kind="rotating",
+    specdec_kind="trim",  # KV + rotating caches trim while inside the window
+    default_bits=4,
+    default_group=64,
+    expert_schemes=(
+        fused_scheme("model.language_model.layers.{layer}.experts"),
+        switch_scheme("language_model.model.layers.{layer}.experts.switch_glu"),
+    ),
+    switch_module_template="language_model.model.layers.{layer}.experts.switch_glu",
+    num_experts_field="num_experts",
+    top_k_field="top_k_experts",
+    moe_intermediate_field="moe_intermediate_size",
+    moe_layers=_moe_layers,
+    model_config=_model_config,
+    rotating_keep=0,
+)
