@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "mach_runtime.io.load",
     "load_moe": "mach_runtime.io.load",
+    "load_v4_flash": "mach_runtime.io.load",
     "detect_arch": "mach_runtime.io.arch_registry",
     "REGISTRY": "mach_runtime.io.arch_registry",
     "registry_summary": "mach_runtime.io.arch_registry",
+    "arch_summary": "mach_runtime.io.arch_registry",
     "MoeArchAdapter": "mach_runtime.io.arch_registry",
     "ExpertStoreStats": "mach_runtime.io.expert_bank",
     "stream_generate": "mach_runtime.engine.generate",
@@ -25,6 +27,7 @@ _EXPORTS = {
     "CheckpointError": "mach_runtime.errors",
     "CheckpointNotFoundError": "mach_runtime.errors",
     "UnsupportedArchError": "mach_runtime.errors",
+    "ArchNotImplementedError": "mach_runtime.errors",
     "ConfigError": "mach_runtime.errors",
     "ExpertCacheTooSmallError": "mach_runtime.errors",
 }

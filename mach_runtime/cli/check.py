@@ -5,7 +5,8 @@ host. It reports the detected architecture, the expert layout, parameter and byt
 residency, and whether continuous batching is possible for the family's KV cache.
 
 The rules behind the verdicts (``M`` = memory, ``W`` = non-expert weight bytes, ``X`` = all routed-expert bytes,
-``O`` = runtime overhead: KV cache, activations, MLX buffers, taken as ``OVERHEAD_GIB`` + 5 % of the weights):
+``O`` = runtime overhead: KV cache, activations, MLX buffers, taken as ``OVERHEAD_GIB`` (0.5 GiB) + 5 % of the
+bytes that stay resident — ``W + X`` stacked, ``W`` streaming):
 
 * **stacked** (every expert resident) needs ``W + X + O``: ``fits`` if that is at most ``HEADROOM`` (80 %) of
   ``M`` (the rest is the OS and other programs), ``tight`` if it is at most ``M`` (it runs, but expect memory
@@ -28,6 +29,11 @@ import math
 import os
 import sys
 
+VERDICT_RULES = """verdicts (M memory, W non-expert bytes, X expert bytes, O overhead = 0.5 GiB + 5% of resident bytes):
+  stacked:   fits if W+X+O <= 80% of M; tight if <= M; else wont_fit
+  streaming: bank = min(X, 80% M - W - O) in whole experts per layer; fits if the bank holds >= 25% of each
+             layer's experts; tight if >= top-k per layer; else wont_fit
+  batching:  standard, hybrid_gdn yes; compressed no; rotating only when keep == 0"""
 GIB = 1 << 30
 HEADROOM = 0.8
 OVERHEAD_GIB = 0.5
@@ -52,6 +58,10 @@ def _param_count(index, layout, quant_bits: int) -> tuple[int, int]:
             n = math.prod(t.shape) * (t.itemsize * 8 // bits)
         elif name.endswith((".scales", ".biases")) and f"{name.rsplit('.', 1)[0]}.weight" in index:
             continue  # quantization metadata, not parameters
+        elif name.endswith("_blocks") and t.dtype == "U8":  # mxfp4: two 4-bit values per byte
+            n = 2 * math.prod(t.shape)
+        elif name.endswith("_scales") and f"{name[: -len('_scales')]}_blocks" in index:
+            continue
         else:
             n = math.prod(t.shape)
         total += n
@@ -66,11 +76,12 @@ def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k:
     usable = HEADROOM * memory
     need = weights + experts + overhead
     stacked = "fits" if need <= usable else "tight" if need <= memory else "wont_fit"
+    overhead_s = int(OVERHEAD_GIB * GIB + OVERHEAD_FRACTION * weights)
     per_expert = experts / max(1, n_layers * num_experts)
-    slots_room = int((usable - weights - overhead) // (n_layers * per_expert)) if per_expert else num_experts
+    slots_room = int((usable - weights - overhead_s) // (n_layers * per_expert)) if per_expert else num_experts
     slots = max(0, min(num_experts, slots_room))
     want = max(top_k, math.ceil(DEFAULT_BANK_FRACTION * num_experts))
-    min_need = weights + overhead + n_layers * top_k * per_expert
+    min_need = weights + overhead_s + n_layers * top_k * per_expert
     if slots >= want:
         streaming = "fits"
     elif min_need <= memory:
@@ -80,16 +91,16 @@ def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k:
         streaming = "wont_fit"
     bank = int(slots * n_layers * per_expert)
     return {
-        "stacked": {"verdict": stacked, "need_bytes": need},
+        "stacked": {"verdict": stacked, "need_bytes": need, "overhead_bytes": overhead},
         "streaming": {
             "verdict": streaming,
-            "need_bytes": weights + overhead + bank,
+            "need_bytes": weights + overhead_s + bank,
             "bank_bytes": bank,
             "bank_gb": round(bank / GIB, 3),
             "bank_experts_per_layer": slots if streaming != "wont_fit" else 0,
             "bank_fraction": round(slots / num_experts, 4) if streaming != "wont_fit" else 0.0,
+            "overhead_bytes": overhead_s,
         },
-        "overhead_bytes": overhead,
     }
 
 
@@ -150,7 +161,6 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
         "memory_gb": round(mem / GIB, 3),
         "stacked": v["stacked"],
         "streaming": v["streaming"],
-        "overhead_bytes": v["overhead_bytes"],
         "kv_cache_kind": adapter.kv_cache_kind,
         "continuous_batching": {"possible": ok, "reason": reason},
     }
@@ -185,6 +195,8 @@ def format_report(r: dict) -> str:
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="mach check", description="preflight a checkpoint (no weights loaded)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = VERDICT_RULES
     p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--memory-gb", type=float, default=None, help="memory to plan for (default: this machine's RAM)")

@@ -17,12 +17,13 @@ families with expert biases. No MLX here: the discovery commands use this module
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from .arch_registry import MoeArchAdapter
-from .expert_schemes import ExpertScheme, ExpertTensorSpec
+from .expert_schemes import U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
 from .safetensors_index import CheckpointIndex, TensorInfo
 
 COMPONENTS = ("weight", "scales", "biases", "bias")
@@ -158,13 +159,26 @@ def _detect_scheme(index: CheckpointIndex, adapter: MoeArchAdapter, layer: int) 
     )
 
 
+def _view(info: TensorInfo, view: str | None) -> TensorInfo:
+    """The tensor as the engine reads it: ``U8_BLOCKS_AS_U32`` turns U8 [..., G, 16] into U32 [..., G * 4]."""
+    if not view:
+        return info
+    if view != U8_BLOCKS_AS_U32 or info.dtype != "U8" or len(info.shape) < 3 or info.shape[-1] % 4:
+        raise CheckpointError(
+            f"{info.file}: tensor {info.name!r} ({info.dtype} {list(info.shape)}) is not an mxfp4 block tensor "
+            "(U8 [..., groups, 16])"
+        )
+    return dataclasses.replace(info, dtype="U32", shape=(*info.shape[:-2], info.shape[-2] * info.shape[-1] // 4))
+
+
 def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int):
     """(infos, sources, tensor_names, stored shape) of one component, or None when absent."""
+    view = spec.views.get(comp)
     if not spec.per_expert:
         tname = spec.name(layer, comp)
         if tname not in index:
             return None
-        info = index[tname]
+        info = _view(index[tname], view)
         if len(info.shape) < 2 or info.shape[0] != E:
             raise CheckpointError(
                 f"{info.file}: stacked expert tensor {tname!r} has shape {list(info.shape)}; "
@@ -182,7 +196,7 @@ def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int):
             f"{index.directory}: expert tensor {missing!r} is missing (the checkpoint has "
             f"{sum(present)} of {E} experts for layer {layer}); the checkpoint is incomplete"
         )
-    infos = [index[t] for t in tnames]
+    infos = [_view(index[t], view) for t in tnames]
     for info in infos:
         if info.dtype != infos[0].dtype or info.shape != infos[0].shape:
             raise CheckpointError(f"{info.file}: expert tensor {info.name!r} differs in dtype/shape from its siblings")
@@ -218,9 +232,11 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                         raise CheckpointError(f"{index.directory}: missing expert tensor {want!r}")
                     continue
                 infos, sources, tensor_names, shape = found
+                if comp == "weight":
+                    weight_info = infos[0]
                 if comp == "scales":
                     w = comps[(spec.part, "weight")]
-                    quant_here = _infer_quant(w.tensor_names[0], index[w.tensor_names[0]], infos[0], in_dim)
+                    quant_here = _infer_quant(w.tensor_names[0], weight_info, infos[0], in_dim)
                     if quant is not None and quant_here != quant:
                         raise CheckpointError(f"{infos[0].file}: layer {layer} mixes expert quantizations")
                     quant = quant_here

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 # component name -> tensor-name suffix
 MLX_COMPONENTS = {"weight": ".weight", "scales": ".scales", "biases": ".biases", "bias": ".bias"}
 HF_FUSED_COMPONENTS = {"weight": "", "bias": "_bias"}  # e.g. experts.gate_up_proj, experts.gate_up_proj_bias
+# OpenAI mxfp4 (gpt-oss hub checkpoints): *_blocks U8 [.., out, in/32, 16] (= MLX's U32 [.., out, in/8]),
+# *_scales U8 [.., out, in/32] (e8m0), *_bias
+MXFP4_COMPONENTS = {"weight": "_blocks", "scales": "_scales", "bias": "_bias"}
+U8_BLOCKS_AS_U32 = "u8_blocks_as_u32"  # a view: U8 [..., G, 16] read as U32 [..., G * 4] (same bytes)
 PARTS = ("gate", "up", "gate_up", "down")
 TRANSFORMS = ("", "t", "deinterleave", "t+deinterleave")
 
@@ -31,6 +35,7 @@ class ExpertTensorSpec:
     per_expert: bool  # one tensor per expert, or one tensor stacked on axis 0 over the experts
     components: dict = field(default_factory=lambda: dict(MLX_COMPONENTS))
     transform: str = ""
+    views: dict = field(default_factory=dict)  # component -> dtype view of the stored bytes (U8_BLOCKS_AS_U32)
 
     def __post_init__(self):
         assert self.part in PARTS and self.transform in TRANSFORMS, (self.part, self.transform)
@@ -79,6 +84,20 @@ def switch_scheme(prefix: str, gate="gate_proj", up="up_proj", down="down_proj",
             ExpertTensorSpec(f"{prefix}.{gate}", "gate", False),
             ExpertTensorSpec(f"{prefix}.{up}", "up", False),
             ExpertTensorSpec(f"{prefix}.{down}", "down", False),
+        ),
+    )
+
+
+def mxfp4_scheme(prefix: str, name="hf_mxfp4"):
+    """gpt-oss hub checkpoints: ``{prefix}.gate_up_proj_blocks [E, 2I, H/32, 16]`` (rows interleaved gate/up),
+    ``_scales``, ``_bias``; ``down_proj_blocks [E, H, I/32, 16]`` (rows = outputs, not transposed)."""
+    views = {"weight": U8_BLOCKS_AS_U32}
+    return ExpertScheme(
+        name,
+        "stacked",
+        (
+            ExpertTensorSpec(f"{prefix}.gate_up_proj", "gate_up", False, dict(MXFP4_COMPONENTS), "deinterleave", views),
+            ExpertTensorSpec(f"{prefix}.down_proj", "down", False, dict(MXFP4_COMPONENTS), "", views),
         ),
     )
 

@@ -153,6 +153,9 @@ def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
             a = tensors[c.tensor_names[0]]
         else:
             a = mx.stack([tensors[n] for n in c.tensor_names])
+        want = getattr(mx, _MX_DTYPES[c.dtype])
+        if a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
+            a = a.view(want).reshape(a.shape[0], *c.shape)
         return apply_transform(a, c.transform)
 
     gate_up, down = _build_projections(src, make_array, cast)
@@ -278,16 +281,16 @@ def load_moe(
     else:
         adapter = adapter_for_config(config, source)
     tc = adapter.text_config(config, source)
-    index = CheckpointIndex(directory)
-    layout = find_expert_layout(index, adapter, tc, source)
-    tokenizer = _load_tokenizer(directory, config)
-
     if not adapter.implemented:
         raise ArchNotImplementedError(
             f"{source}: {adapter.key} is a registered architecture (mach-archs, mach check work) but its MLX "
             f"model is not implemented yet, so load_moe cannot build it; supported for loading: "
             f"{', '.join(sorted(k for k, a in REGISTRY.items() if a.implemented))}"
         )
+    index = CheckpointIndex(directory)
+    layout = find_expert_layout(index, adapter, tc, source)
+    tokenizer = _load_tokenizer(directory, config)
+
     Model, Args = adapter.model_classes()
     try:
         model = Model(Args.from_dict(adapter.model_args_dict(config, tc)))
@@ -349,3 +352,23 @@ def load_moe(
             store.close()
         raise
     return model, tokenizer, store, make_prompt_cache(model)
+
+
+def load_v4_flash(path, **kwargs):
+    """The DeepSeek-V4 loader: ``(model, tokenizer, store, cache)`` with hybrid routing (hash-routed layers, then
+    learned-routed ones) and the MTP head as the speculative-decoding draft hook.
+
+    Checks that ``path`` is a deepseek_v4 checkpoint, then loads it through ``load_moe`` (same keyword
+    arguments). The deepseek_v4 MLX model is not implemented yet, so this raises ``ArchNotImplementedError``
+    after validating the checkpoint's config.
+    """
+    directory = _local_dir(path)
+    config = read_config(directory)
+    source = str(directory / "config.json")
+    adapter = adapter_for_config(config, source)
+    if adapter.key != "deepseek_v4":
+        raise CheckpointError(
+            f"{source}: load_v4_flash loads DeepSeek-V4 checkpoints, this one is {adapter.key} "
+            f"(model_type {config.get('model_type')!r}); use load_moe"
+        )
+    return load_moe(directory, "deepseek_v4", **kwargs)

@@ -19,8 +19,23 @@ def _moe_layers(tc: dict) -> list[int]:
 
 
 def _model_config(config: dict, tc: dict) -> dict:
-    # mlx-lm's gemma4.ModelArgs overwrites text_config["vocab_size"] with its own (default 262144)
-    return {"model_type": "gemma4", "text_config": dict(tc), "vocab_size": tc.get("vocab_size", 262144)}
+    """The dict mlx-lm's gemma4.ModelArgs reads.
+
+    * mlx-lm overwrites ``text_config["vocab_size"]`` with the top-level one (default 262144): pass it.
+    * transformers >= 5.2x writes the full-attention layers' head size / kv heads as ``per_layer_config``
+      (``{"5": {"head_dim": 512, "num_key_value_heads": 2}}``); mlx-lm reads ``global_head_dim`` and
+      ``num_global_key_value_heads`` (hub configs carry those).
+    """
+    tc = dict(tc)
+    types = tc.get("layer_types") or []
+    per_layer = tc.get("per_layer_config") or {}
+    full = [v for k, v in per_layer.items() if int(k) < len(types) and types[int(k)] == "full_attention"]
+    if full:
+        if "global_head_dim" not in tc and "head_dim" in full[0]:
+            tc["global_head_dim"] = full[0]["head_dim"]
+        if "num_global_key_value_heads" not in tc and "num_key_value_heads" in full[0]:
+            tc["num_global_key_value_heads"] = full[0]["num_key_value_heads"]
+    return {"model_type": "gemma4", "text_config": tc, "vocab_size": tc.get("vocab_size", 262144)}
 
 
 ADAPTER = MoeArchAdapter(

@@ -5,13 +5,15 @@ and full attention layers alternating (rotating KV cache, keep=0).
 HF bf16 layout (transformers ``GptOssExperts``): ``experts.gate_up_proj [E, H, 2I]`` — *transposed*, with gate and
 up *interleaved* along the last axis (gate = ``[..., ::2]``, up = ``[..., 1::2]``) — ``gate_up_proj_bias [E, 2I]``
 (interleaved), ``down_proj [E, I, H]`` (transposed), ``down_proj_bias [E, H]``. Each expert is still one
-contiguous range; streaming transposes and de-interleaves it on the host. MLX exports use ``experts.gate_proj``…
+contiguous range; streaming transposes and de-interleaves it on the host. Hub checkpoints keep the experts in
+mxfp4: ``gate_up_proj_blocks [E, 2I, H/32, 16]`` U8 (rows interleaved, not transposed; read as MLX's mxfp4 U32
+weight), ``_scales``, ``_bias``. MLX exports use ``experts.gate_proj``…
 """
 
 from __future__ import annotations
 
 from ..arch_registry import MoeArchAdapter
-from ..expert_schemes import fused_scheme, switch_scheme
+from ..expert_schemes import fused_scheme, mxfp4_scheme, switch_scheme
 
 
 def _moe_layers(tc: dict) -> list[int]:
@@ -51,6 +53,7 @@ ADAPTER = MoeArchAdapter(
     default_group=32,
     expert_schemes=(
         fused_scheme("model.layers.{layer}.mlp.experts", transform_gate_up="t+deinterleave", transform_down="t"),
+        mxfp4_scheme("model.layers.{layer}.mlp.experts"),  # hub checkpoints (mxfp4 experts)
         switch_scheme("model.layers.{layer}.mlp.experts"),
     ),
     switch_module_template="model.layers.{layer}.mlp.experts",
