@@ -138,9 +138,9 @@ class Decoder:
         sub = self._submits.pop(request_id)
         seq = None
         if sub.session_id is not None and self.cache_inbox is not None and reason != "abort":
-            kv = self.engine.extract_kv(request_id)
+            kv, n = self.engine.extract_kv(request_id)
             seq = self.engine.remove(request_id)
-            tokens = tuple(sub.prompt_ids) + tuple(seq.generated[:-1])  # the last token was never fed
+            tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
             handle = self.kv_table.put(kv)
             from .messages import CacheInsert
 

@@ -201,8 +201,9 @@ async def test_session_reuses_previous_turns(tiny_dir):
         usages = [t.usage for t in s.turns]
     assert usages[0]["cached_tokens"] == 0
     for prev, cur in zip(usages, usages[1:]):
-        # everything the previous turn left in the KV (prompt + reply minus its last token) is reused
-        assert cur["cached_tokens"] == prev["prompt_tokens"] + prev["completion_tokens"] - 1
+        # everything the previous turn left in the KV is reused: its prompt and its whole reply (the pipelined
+        # decoder had already fed the reply's last token when the turn finished)
+        assert cur["cached_tokens"] == prev["prompt_tokens"] + prev["completion_tokens"]
         assert cur["prefilled_tokens"] == cur["prompt_tokens"] - cur["cached_tokens"] - 1
 
 

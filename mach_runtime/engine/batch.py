@@ -43,9 +43,10 @@ class _Seq:
     cached_tokens: int = 0
     prefilled_tokens: int = 0
 
-    def row(self):
+    def row(self, ahead: int = 0):
+        """Sampling parameters of this row; ``ahead`` tokens are generated but not yet read back."""
         p = self.params
-        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated))
+        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated) + ahead)
 
 
 def _hold_back(text: str, stops) -> int:
@@ -60,7 +61,7 @@ def _hold_back(text: str, stops) -> int:
 
 
 class BatchEngine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP):
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True):
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -71,6 +72,9 @@ class BatchEngine:
         self.cache = None  # per-layer batch caches, None while the batch is empty
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.steps = 0
+        self.pipeline = pipeline
+        self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
+        self._inflight_rows: list[_Seq] = []
 
     # -- membership ---------------------------------------------------------------------------------------
     @property
@@ -127,10 +131,15 @@ class BatchEngine:
             return
         self.seqs = [self.seqs[i] for i in keep]
         if not keep:
-            self.cache = None
+            self.cache, self._inflight, self._inflight_rows = None, None, []
             return
         for c in self.cache:
             c.filter(keep)
+        if self._inflight is not None:  # drop the removed rows from the step in flight too
+            kept = {id(s) for s in self.seqs}
+            rows = [i for i, s in enumerate(self._inflight_rows) if id(s) in kept]
+            self._inflight = self._inflight[mx.array(rows)] if rows else None
+            self._inflight_rows = [self._inflight_rows[i] for i in rows]
 
     def remove(self, request_id: str) -> _Seq | None:
         for i, s in enumerate(self.seqs):
@@ -140,22 +149,54 @@ class BatchEngine:
         return None
 
     def extract_kv(self, request_id: str):
-        """The request's cache (prompt + generated tokens except the last) as single-request caches."""
+        """(caches, n): the request's cache as single-request caches, covering its first ``n`` tokens
+        (prompt + generated; the newest token is covered only if a step in flight already fed it)."""
         i = next(i for i, s in enumerate(self.seqs) if s.request_id == request_id)
-        return [c.extract(i) for c in self.cache]
+        kv = [c.extract(i) for c in self.cache]
+        n = next((c.offset for c in kv if isinstance(getattr(c, "offset", None), int)), None)
+        s = self.seqs[i]
+        return kv, (n if n is not None else s.prompt_len + len(s.generated) - 1)
 
     # -- decoding -----------------------------------------------------------------------------------------
+    def _launch(self, cur=None, cur_rows=()) -> None:
+        """Queues one forward + sampling for every row; rows in ``cur_rows`` feed their (lazy) token from
+        ``cur``, rows that joined since feed their pending token."""
+        pos = {id(s): i for i, s in enumerate(cur_rows)}
+        kept = [pos[id(s)] for s in self.seqs if id(s) in pos]
+        fresh = [s.next_token for s in self.seqs if id(s) not in pos]
+        parts = []
+        if kept:
+            parts.append(cur if len(kept) == len(cur_rows) and kept == list(range(len(kept))) else cur[mx.array(kept)])
+        if fresh:
+            parts.append(mx.array(fresh, dtype=mx.uint32))
+        inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
+        logits = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        rows = [s.row(1 if id(s) in pos else 0) for s in self.seqs]
+        if any(r[0] > 0 for r in rows):  # greedy needs no normalisation
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        self._inflight = sample_batch(logits, rows)
+        self._inflight_rows = list(self.seqs)
+        mx.async_eval(self._inflight)
+
     def step(self) -> list[StepOutput]:
-        """One batched decode step; finished requests stay in the batch until ``finish()``."""
+        """One batched decode step: the tokens of every row of the step in flight.
+
+        With ``pipeline`` on, the next step is queued before this one's tokens are read back, so building the
+        next graph on the host overlaps the device's work (as mlx-lm's generators do). A row that finishes
+        here was already part of the queued step; that wasted row is dropped when it leaves the batch.
+        """
         if not self.seqs:
             return []
-        inputs = mx.array([[s.next_token] for s in self.seqs], dtype=mx.uint32)
-        logits = self.model(inputs, cache=self.cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tokens = sample_batch(logprobs, [s.row() for s in self.seqs]).tolist()
+        if self._inflight is None:
+            self._launch()
+        cur, rows = self._inflight, self._inflight_rows
+        self._inflight, self._inflight_rows = None, []
+        if self.pipeline:
+            self._launch(cur, rows)
+        tokens = cur.tolist()
         self.steps += 1
         out = []
-        for s, t in zip(self.seqs, tokens):
+        for s, t in zip(rows, tokens):
             index = len(s.generated)
             s.generated.append(t)
             s.next_token = t
