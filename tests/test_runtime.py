@@ -315,3 +315,23 @@ async def test_caller_exception_propagates_unwrapped(tiny_dir):
         async with Runtime.open(tiny_dir) as rt:
             await rt.generate("x", max_tokens=2)
             raise KeyError("mine")
+
+
+async def test_open_errors_are_clear_and_leave_no_threads(tmp_path):
+    import threading
+
+    from mach_runtime.errors import CheckpointNotFoundError, ConfigError
+
+    before = {t.name for t in threading.enumerate()}
+    with anyio.fail_after(30):
+        with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+            async with Runtime.open(tmp_path / "missing"):
+                pass
+        with pytest.raises(ConfigError, match="max_batch"):
+            async with Runtime.open(tmp_path / "missing", max_batch=0):
+                pass
+    for _ in range(50):
+        if not {t.name for t in threading.enumerate()} - before:
+            break
+        await anyio.sleep(0.02)
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("mach-")} - before

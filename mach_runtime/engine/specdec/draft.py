@@ -1,0 +1,158 @@
+"""Drafters: who proposes the block a cycle verifies.
+
+* ``DFlashDrafter``: a DFlash block-diffusion draft (dflash-mlx's ``DFlashDraftModel``). It has no embedding or
+  head of its own: the block ``[staged, MASK × (b−1)]`` is embedded with the target's ``embed_tokens``, attends
+  (bidirectionally) to K/V projected from the target's captured hidden states of every committed token, and its
+  outputs at positions 1..b−1 go through the target's LM head; argmax gives the b−1 drafts, in one draft pass.
+  Committed context reaches the draft lazily: hidden rows are queued by ``observe`` and appended to the draft's
+  context cache (sink + window) on the next ``propose``.
+* ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
+  ``max_ngram`` down to ``min_ngram``) occurred earlier in prompt + completion, propose what followed them.
+
+Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``acceptance.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from ...errors import CheckpointError, CheckpointNotFoundError
+
+
+def read_draft_config(path) -> dict:
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise CheckpointNotFoundError(f"{p}: no config.json; pass a DFlash draft checkpoint directory")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    dc = cfg.get("dflash_config")
+    if not isinstance(cfg.get("block_size"), int) or not isinstance(dc, dict) or "mask_token_id" not in dc:
+        raise CheckpointError(
+            f"{p / 'config.json'}: not a DFlash draft config: it needs an integer 'block_size' and "
+            "'dflash_config': {'mask_token_id': ..., 'target_layer_ids': [...]}"
+        )
+    return cfg
+
+
+def load_dflash_draft(path):
+    """Loads a DFlash draft checkpoint (config with ``block_size`` and ``dflash_config``) → DFlashDraftModel."""
+    from mlx_lm.utils import load_model
+
+    from ...errors import ConfigError
+
+    try:
+        from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
+    except ImportError as e:  # pragma: no cover - the [dflash] extra
+        raise ConfigError(f"NATIVE_V7 needs dflash-mlx (pip install 'mach_runtime[dflash]'): {e}") from None
+    p = Path(path)
+    read_draft_config(p)
+    try:
+        model, _ = load_model(p, get_model_classes=lambda config: (DFlashDraftModel, DFlashDraftModelArgs))
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{p}: cannot load the DFlash draft ({e})") from None
+    model.eval()
+    return model
+
+
+def save_dflash_draft(model, path) -> Path:
+    """Writes a DFlashDraftModel as a DFlash checkpoint (config.json + model.safetensors)."""
+    from dataclasses import asdict
+
+    from mlx.utils import tree_flatten
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    cfg = asdict(model.args)
+    cfg["layer_types"] = list(cfg["layer_types"])
+    cfg["dflash_config"] = dict(cfg.get("dflash_config") or {})
+    cfg["dflash_config"].setdefault("target_layer_ids", list(model.target_layer_ids))
+    cfg["dflash_config"].setdefault("mask_token_id", model.mask_token_id)
+    (p / "config.json").write_text(json.dumps(cfg, indent=1))
+    mx.save_safetensors(str(p / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return p
+
+
+class Drafter:
+    """Protocol: ``start`` per request, ``observe`` committed hidden rows, ``propose`` up to n drafts."""
+
+    needs_hidden = False
+    capture_layer_ids: tuple = ()
+
+    def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def observe(self, hidden) -> None:
+        pass
+
+    def propose(self, history: list[int], staged: int, n: int) -> list[int]:
+        """Up to ``n`` draft tokens following ``staged``; ``history`` = prompt + completion (ends with staged)."""
+        raise NotImplementedError
+
+
+class DFlashDrafter(Drafter):
+    needs_hidden = True
+
+    def __init__(self, draft_model, target_ops, sink: int = 64, window: int = 1024):
+        self.draft = draft_model
+        self.target = target_ops
+        self.capture_layer_ids = tuple(int(i) for i in draft_model.target_layer_ids)
+        self.mask_token_id = int(draft_model.mask_token_id)
+        self.block_size = int(draft_model.block_size)
+        self.sink, self.window = sink, window
+        self.dtype = draft_model.fc.weight.dtype
+        self.cache = None
+        self.pending: list = []
+
+    def start(self, prompt_ids):
+        from dflash_mlx.model import ContextOnlyDraftKVCache
+
+        self.cache = [ContextOnlyDraftKVCache(self.sink, self.window) for _ in self.draft.layers]
+        self.pending = []
+
+    FLUSH_ROWS = 256  # pending context rows beyond this are appended to the draft cache at once (long prompts)
+
+    def observe(self, hidden) -> None:
+        if hidden is not None and hidden.shape[0]:
+            self.pending.append(hidden)
+            if sum(h.shape[0] for h in self.pending) >= self.FLUSH_ROWS:
+                ctx = self._take_context()
+                self.draft.advance_projected_context_cache(draft_context=ctx, cache=self.cache)
+                mx.eval([c.keys for c in self.cache])
+
+    def _take_context(self) -> mx.array:
+        ctx = self.pending[0] if len(self.pending) == 1 else mx.concatenate(self.pending, axis=0)
+        self.pending = []
+        return self.draft.project_target_hidden(ctx[None].astype(self.dtype))
+
+    def draft_logits(self, staged: int, n: int) -> mx.array:
+        """Logits [n, V] of the draft at the n masked positions (one draft pass; advances the context cache)."""
+        ctx = self._take_context() if self.pending else mx.zeros((1, 0, self.draft.args.hidden_size), self.dtype)
+        block = mx.array([staged] + [self.mask_token_id] * n, dtype=mx.uint32)
+        noise = self.target.embed(block[None]).astype(self.dtype)
+        h = self.draft.forward_projected_context(noise_embedding=noise, draft_context=ctx, cache=self.cache)
+        return self.target.head(h[0, 1:])
+
+    def propose(self, history, staged, n):
+        return mx.argmax(self.draft_logits(staged, n), axis=-1).tolist()
+
+
+class PromptLookupDrafter(Drafter):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, history, staged, n):
+        L = len(history)
+        for size in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            key = history[L - size :]
+            # latest earlier occurrence whose continuation is known
+            for start in range(L - size - 1, -1, -1):
+                if history[start : start + size] == key:
+                    cont = history[start + size : start + size + n]
+                    if cont:
+                        return list(cont)
+        return []

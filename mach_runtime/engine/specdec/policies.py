@@ -1,0 +1,279 @@
+"""Block policies: how many tokens the next cycle verifies (1 = a target-only step, no drafts).
+
+``block_len(ctx_len)`` is asked before each cycle; ``observe(block_len, accepted, bytes_read)`` is told what it
+gave. Selectable by name (``make_policy``):
+
+``fixed``
+    Always the full block.
+
+``opencode-sampled-v1`` (default; thresholds from dflash-mlx's adaptive policy, made deterministic)
+    Per cycle: commits = accepted + 1; over a window, *acceptance* = accepted drafts / commits (= 1 − 1/tpc)
+    and *tpc* = commits / cycles.
+    * full → reduced (block ``min_block`` = 4) when, over the last 4 full cycles, acceptance < 0.75 or
+      tpc < 3.5;
+    * reduced → probe after 64 reduced cycles (8 full-block probe cycles), or early (4 probe cycles) once
+      ≥ 16 reduced cycles have run and ≥ 75 % of the last 8 were fully accepted;
+    * probe → full when probe acceptance ≥ 0.80, probe tpc ≥ 3.5 and probe tpc ≥ the reduced tpc;
+      otherwise back to reduced (a failed early probe locks early probes out until the next regular one).
+    dflash-mlx also compares wall-clock tok/s of probe vs reduced; we compare tokens per cycle so the policy
+    is deterministic (and testable); prompts ≥ 32K tokens start reduced, as there.
+
+``residency-aware`` (streaming residency)
+    A verify over b tokens routes all b through every MoE layer, so it touches the *union* of their experts;
+    every miss is read from disk. Cost model, per cycle with block b:
+    * tokens committed  T(b) = (1 − α^b) / (1 − α), α = per-draft acceptance (rolling; accepted drafts over
+      accepted + rejections, the geometric-acceptance MLE);
+    * bytes read        R(1) = R1, the EMA of measured target-only steps; for b > 1 the bank model
+      R(b) = s · L · D(b) · (1 − h) · expert_bytes, D(b) = E(1 − (1 − k/E)^b) the distinct experts b tokens
+      route to per layer (uniform routing: the union saturates at E), h the bank's hit rate, and s the EMA of
+      measured / modelled bytes of past verifies of that block length (else of any length; before any,
+      s = R1 / model(1)). Routing is not uniform (consecutive tokens share experts), so while the ledger is
+      positive it measures the next larger block once every 16 drafting cycles.
+    It verifies b* = argmin R(b)/T(b) over {1, 2, 4, 8, …, b_acc} (b_acc: what ``opencode-sampled-v1`` allows;
+    ties → the larger b) and falls back to target-only (b = 1) when no b beats R1/1. Before any drafting cycle
+    was measured it explores with the cheapest one (b = 2).
+    *Never loses to target-only in bytes per committed token, by construction*: a bytes ledger
+    credit += R1 · committed − bytes_read is kept over the drafting cycles (target-only steps are the baseline
+    itself), and a drafting cycle starts only while credit ≥ 0. So the drafting cycles read at most R1 per
+    token they commit plus what one cycle can overshoot (≤ one worst-case verify), whatever the predictions
+    say. While the ledger is negative it decodes
+    target-only and, every ``probe_interval`` target-only steps, allows one block-2 probe so a warming bank
+    can re-enable drafting (each probe's overshoot is bounded by one 2-token verify; set
+    ``probe_interval=0`` for the strict bound). With stacked residency (nothing read) it is
+    ``opencode-sampled-v1``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ...errors import ConfigError
+
+
+class FixedPolicy:
+    name = "fixed"
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+    def block_len(self, ctx_len: int = 0) -> int:
+        return self.block_size
+
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+        pass
+
+
+def _window_stats(commits) -> tuple[float, float]:
+    cycles, total = len(commits), sum(commits)
+    if cycles == 0 or total == 0:
+        return 0.0, 0.0
+    return (total - cycles) / total, total / cycles
+
+
+class OpenCodeSampledV1Policy:
+    name = "opencode-sampled-v1"
+
+    def __init__(self, block_size: int, *, min_block: int = 4, window: int = 4, drop_acceptance: float = 0.75,
+                 tpc_threshold: float = 3.5, resume_acceptance: float = 0.80, reduced_burst: int = 64,
+                 probe_cycles: int = 8, early_probe_cycles: int = 4, early_probe_min: int = 16,
+                 early_probe_window: int = 8, early_probe_full: float = 0.75, long_context: int = 32768,
+                 prompt_len: int = 0):
+        self.full = block_size
+        self.min_block = min(min_block, block_size)
+        self.window, self.drop_acceptance, self.tpc_threshold = window, drop_acceptance, tpc_threshold
+        self.resume_acceptance, self.reduced_burst = resume_acceptance, reduced_burst
+        self.probe_cycles, self.early_probe_cycles = probe_cycles, early_probe_cycles
+        self.early_probe_min, self.early_probe_full = early_probe_min, early_probe_full
+        self.mode = "full"
+        self.full_commits: deque = deque(maxlen=window)
+        self.reduced_commits: deque = deque(maxlen=32)
+        self.reduced_full: deque = deque(maxlen=early_probe_window)
+        self.probe_commits: list = []
+        self.reduced_since_probe = 0
+        self.probe_left = 0
+        self.early_lockout = False
+        self.probe_early = False
+        self.transitions: list[str] = []
+        if block_size <= self.min_block:
+            self.mode = "fixed"  # nothing to adapt
+        elif prompt_len >= long_context:
+            self._enter_reduced()
+
+    def block_len(self, ctx_len: int = 0) -> int:
+        return self.min_block if self.mode == "reduced" else self.full
+
+    def _enter_reduced(self) -> None:
+        self.mode = "reduced"
+        self.reduced_since_probe = 0
+        self.reduced_commits.clear()
+        self.reduced_full.clear()
+        self.full_commits.clear()
+        self.transitions.append("reduced")
+
+    def _enter_probe(self, early: bool) -> None:
+        self.mode = "probe"
+        self.probe_early = early
+        self.probe_left = self.early_probe_cycles if early else self.probe_cycles
+        self.probe_commits = []
+        self.transitions.append("probe")
+
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+        if block_len <= 1 or self.mode == "fixed":
+            return
+        commits = accepted + 1
+        if self.mode == "full":
+            self.full_commits.append(commits)
+            if len(self.full_commits) >= self.window:
+                acc, tpc = _window_stats(self.full_commits)
+                if acc < self.drop_acceptance or tpc < self.tpc_threshold:
+                    self._enter_reduced()
+        elif self.mode == "reduced":
+            self.reduced_since_probe += 1
+            self.reduced_commits.append(commits)
+            self.reduced_full.append(accepted >= block_len - 1)
+            if self.reduced_since_probe >= self.reduced_burst:
+                self._enter_probe(early=False)
+                self.early_lockout = False
+            elif (not self.early_lockout and self.reduced_since_probe >= self.early_probe_min
+                  and len(self.reduced_full) == self.reduced_full.maxlen
+                  and sum(self.reduced_full) >= self.early_probe_full * len(self.reduced_full)):
+                self._enter_probe(early=True)
+        else:  # probe
+            self.probe_commits.append(commits)
+            self.probe_left -= 1
+            if self.probe_left <= 0:
+                acc, tpc = _window_stats(self.probe_commits)
+                _, reduced_tpc = _window_stats(self.reduced_commits)
+                if acc >= self.resume_acceptance and tpc >= self.tpc_threshold and tpc >= reduced_tpc:
+                    self.mode = "full"
+                    self.full_commits.clear()
+                    self.transitions.append("full")
+                else:
+                    lock = self.probe_early
+                    self._enter_reduced()
+                    self.early_lockout = lock
+
+
+class ResidencyAwarePolicy:
+    name = "residency-aware"
+
+    def __init__(self, block_size: int, store=None, *, prompt_len: int = 0, alpha_window: int = 32,
+                 ema: float = 0.2, probe_interval: int = 64, warmup_steps: int = 2, explore_every: int = 16):
+        self.base = OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
+        self.block_size = block_size
+        self.store = store
+        self.ema = ema
+        self.probe_interval = probe_interval
+        self.warmup_left = warmup_steps
+        self.cycles: deque = deque(maxlen=alpha_window)  # (drafted, accepted)
+        self.r1: float | None = None  # bytes of a one-token forward
+        self.verify_scale: float | None = None  # measured / modelled bytes of drafting verifies (all b)
+        self.scale_by_block: dict[int, float] = {}  # the same, per block length
+        self.explore_every = explore_every
+        self.drafting_cycles = 0
+        self.credit = 0.0
+        self.since_probe = 0
+        self.last_choice = block_size
+        self.decisions: list[int] = []
+
+    # -- model --------------------------------------------------------------------------------------------
+    @property
+    def streaming(self) -> bool:
+        return self.store is not None and getattr(self.store, "residency", "stacked") == "streaming"
+
+    @property
+    def alpha(self) -> float:
+        drafted = sum(d for d, _ in self.cycles)
+        accepted = sum(a for _, a in self.cycles)
+        rejections = sum(1 for d, a in self.cycles if a < d)
+        return (accepted + 1) / (accepted + rejections + 2)  # MLE of a geometric run, with a uniform prior
+
+    def expected_tokens(self, b: int, alpha: float | None = None) -> float:
+        a = self.alpha if alpha is None else alpha
+        return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
+
+    def _prior_bytes(self, b: int) -> float:
+        s = self.store.stats()
+        layout = self.store.layout
+        E, k = s.num_experts, layout.top_k
+        distinct = E * (1 - (1 - k / E) ** b)
+        return s.layers * distinct * (1 - s.hit_rate) * s.expert_bytes
+
+    def expected_bytes(self, b: int) -> float:
+        r1 = self.r1 if self.r1 is not None else self._prior_bytes(1)
+        if b == 1:
+            return r1
+        scale = self.scale_by_block.get(b, self.verify_scale)
+        if scale is not None:
+            return self._prior_bytes(b) * scale
+        prior1 = self._prior_bytes(1)
+        return self._prior_bytes(b) * (r1 / prior1 if prior1 > 0 else 1.0)
+
+    def candidates(self, b_acc: int) -> list[int]:
+        out, b = [1], 2
+        while b < b_acc:
+            out.append(b)
+            b *= 2
+        if b_acc > 1:
+            out.append(b_acc)
+        return out
+
+    # -- policy -------------------------------------------------------------------------------------------
+    def block_len(self, ctx_len: int = 0) -> int:
+        b_acc = self.base.block_len(ctx_len)
+        if not self.streaming:
+            choice = b_acc
+        elif self.warmup_left > 0:
+            choice = 1  # measure what a target-only token reads first
+        elif self.credit < 0:
+            self.since_probe += 1
+            choice = 2 if self.probe_interval and self.since_probe >= self.probe_interval else 1
+            if choice == 2:
+                self.since_probe = 0
+        elif b_acc > 1 and (not self.cycles or self.verify_scale is None):
+            choice = 2  # explore: the cheapest drafting cycle measures acceptance and a verify's extra bytes
+        else:
+            best, best_cost = 1, self.expected_bytes(1)
+            for b in self.candidates(b_acc):
+                cost = self.expected_bytes(b) / self.expected_tokens(b)
+                if cost <= best_cost * (1 + 1e-9) + 1e-9:
+                    best, best_cost = b, cost
+            if (self.explore_every and self.drafting_cycles and self.drafting_cycles % self.explore_every == 0
+                    and best > 1 and self.credit > 0):
+                bigger = [b for b in self.candidates(b_acc) if b > best and b not in self.scale_by_block]
+                best = bigger[0] if bigger else best  # measure the next larger block once, paid by the ledger
+            choice = best
+        self.last_choice = choice
+        self.decisions.append(choice)
+        return choice
+
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+        if block_len > 1:
+            self.cycles.append((block_len - 1, accepted))
+            self.base.observe(block_len, accepted, bytes_read)
+        if not self.streaming:
+            return
+        if block_len == 1:
+            self.warmup_left = max(0, self.warmup_left - 1)
+            self.r1 = bytes_read if self.r1 is None else (1 - self.ema) * self.r1 + self.ema * bytes_read
+        else:
+            prior = self._prior_bytes(block_len)
+            if prior > 0:
+                r = bytes_read / prior
+                self.verify_scale = r if self.verify_scale is None else (1 - self.ema) * self.verify_scale + self.ema * r
+                old = self.scale_by_block.get(block_len)
+                self.scale_by_block[block_len] = r if old is None else (1 - self.ema) * old + self.ema * r
+            self.drafting_cycles += 1
+        if block_len > 1:  # target-only steps are the baseline itself: they do not move the ledger
+            r1 = self.r1 if self.r1 is not None else self._prior_bytes(1)
+            self.credit += r1 * (accepted + 1) - bytes_read
+
+
+def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0):
+    if name == "fixed":
+        return FixedPolicy(block_size)
+    if name == "opencode-sampled-v1":
+        return OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
+    if name == "residency-aware":
+        return ResidencyAwarePolicy(block_size, store, prompt_len=prompt_len)
+    raise ConfigError(f"policy: unknown block policy {name!r}; use fixed, opencode-sampled-v1 or residency-aware")

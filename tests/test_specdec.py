@@ -1,0 +1,421 @@
+"""BlockSpecDecEngine: greedy losslessness (random and oracle drafts, KV trim and GatedDeltaNet rollback),
+sampled losslessness in distribution, stops inside accepted blocks, block policies, stats."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+from mach_runtime.engine.specdec.acceptance import filtered_logprobs, sampled_accept
+from mach_runtime.engine.specdec.draft import DFlashDrafter, Drafter, save_dflash_draft
+from mach_runtime.engine.specdec.policies import (
+    FixedPolicy,
+    OpenCodeSampledV1Policy,
+    ResidencyAwarePolicy,
+    make_policy,
+)
+from mach_runtime.errors import CheckpointError, ConfigError
+from tests.family_helpers import FAMILIES
+from tests.helpers import greedy
+
+PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41]
+N = 40
+NATIVE = BlockSpecDecEngineMode.NATIVE_V7
+
+
+def random_draft(num_target_layers: int, layer_ids, vocab: int = 512, hidden: int = 64, block: int = 8, seed: int = 1):
+    from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
+
+    mx.random.seed(seed)
+    args = DFlashDraftModelArgs.from_dict(dict(
+        model_type="qwen3", hidden_size=hidden, num_hidden_layers=1, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=vocab,
+        max_position_embeddings=4096, rope_theta=1e4, tie_word_embeddings=False,
+        num_target_layers=num_target_layers, block_size=block,
+        dflash_config={"mask_token_id": vocab - 1, "target_layer_ids": list(layer_ids)},
+    ))
+    model = DFlashDraftModel(args)
+    model.set_dtype(mx.float32)
+    model.eval()
+    return model
+
+
+class OracleDrafter(DFlashDrafter):
+    """Runs the real draft (its context cache stays in sync), then proposes the reference continuation with one
+    token corrupted in most blocks: partial acceptance + rollback at every position of the block."""
+
+    def __init__(self, draft, target, ref, prompt_len, corrupt: float = 0.8, seed: int = 0):
+        super().__init__(draft, target)
+        self.ref, self.prompt_len, self.corrupt = ref, prompt_len, corrupt
+        self.rng = random.Random(seed)
+
+    def propose(self, history, staged, n):
+        super().propose(history, staged, n)
+        j = len(history) - self.prompt_len  # completion index of the first draft
+        out = list(self.ref[j : j + n])
+        if out and self.rng.random() < self.corrupt:
+            i = self.rng.randrange(len(out))
+            out[i] = (out[i] + 1) % 500
+        return out
+
+
+def run(engine, prompt=PROMPT, **kw):
+    chunks = list(engine.generate(prompt, **kw))
+    toks = [t for c in chunks for t in c.token_ids]
+    return toks, chunks
+
+
+def check_stats(s: dict) -> None:
+    assert s["specdec_accepted"] <= s["specdec_drafted"]
+    assert sum(s["acceptance_length_histogram"]) == s["specdec_cycles"]
+    assert sum(i * n for i, n in enumerate(s["acceptance_length_histogram"])) == s["specdec_accepted"]
+    assert s["low_cycles"] <= s["specdec_cycles"]
+
+
+# -- fixtures -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen3(tiny_dir):
+    from mach_runtime import load_moe
+
+    model, tok, store, _ = load_moe(tiny_dir, expert_residency="stacked")
+    return model, tok, greedy(model, PROMPT, N)
+
+
+@pytest.fixture(scope="module")
+def qwen3_draft_dir(tmp_path_factory):
+    return save_dflash_draft(random_draft(2, [0, 1]), tmp_path_factory.mktemp("draft") / "dflash")
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    from mach_runtime import load_moe
+
+    model, tok, _, _ = load_moe(FAMILIES["qwen3_5_moe"], expert_residency="stacked")
+    return model, tok, greedy(model, PROMPT, N)
+
+
+# -- greedy losslessness ---------------------------------------------------------------------------------------
+def test_from_checkpoint_random_draft_is_lossless(tiny_dir, qwen3_draft_dir, qwen3):
+    cfg = json.loads((qwen3_draft_dir / "config.json").read_text())
+    assert cfg["block_size"] == 8 and cfg["dflash_config"]["target_layer_ids"] == [0, 1]
+    engine = BlockSpecDecEngine.from_checkpoint(
+        target_checkpoint=tiny_dir, draft_checkpoint=qwen3_draft_dir,
+        config=BlockSpecDecEngineConfig(mode=NATIVE, block_size=8, policy="fixed"), expert_residency="stacked",
+    )
+    toks, chunks = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == qwen3[2]
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    s = engine.stats()
+    check_stats(s)
+    assert s["specdec_cycles"] > 0 and s["specdec_committed"] == N
+
+
+@pytest.mark.parametrize("family", ["qwen3", "hybrid"])
+def test_oracle_draft_partial_acceptance_is_lossless(family, request):
+    model, tok, ref = request.getfixturevalue(family)
+    layers = [0, 1] if family == "qwen3" else [0, 2]
+    draft = random_draft(len(model.layers), layers)
+    for block in (4, 8):
+        engine = BlockSpecDecEngine(model, tok, draft, config=BlockSpecDecEngineConfig(block_size=block, policy="fixed"))
+        engine = BlockSpecDecEngine(model, tok, draft, config=engine.config,
+                                    drafter=OracleDrafter(draft, engine.target, ref, len(PROMPT)))
+        toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+        assert toks == ref
+        s = engine.stats()
+        check_stats(s)
+        hist = s["acceptance_length_histogram"]
+        assert sum(hist[1 : block - 1]) > 0  # partial acceptances happened
+        assert s["specdec_accepted"] > s["specdec_drafted"] // 3
+        if family == "hybrid":
+            assert s["specdec_rerun_tokens"] > 0  # recurrent state restored + accepted tokens re-run
+        else:
+            assert s["specdec_rerun_tokens"] == 0  # pure attention: trim only
+
+
+def test_hybrid_random_draft_is_lossless(hybrid):
+    model, tok, ref = hybrid
+    engine = BlockSpecDecEngine(model, tok, random_draft(3, [0, 2]), config=BlockSpecDecEngineConfig(block_size=8))
+    toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == ref
+    check_stats(engine.stats())
+
+
+def test_target_only_and_prompt_lookup_equal_greedy(qwen3):
+    model, tok, ref = qwen3
+    engine = BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(mode="target_only"))
+    toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == ref
+    s = engine.stats()
+    assert s["specdec_cycles"] == 0 and s["specdec_target_only_steps"] == N - 1
+    # prompt lookup: a prompt that already holds the continuation gets copies accepted
+    prompt = PROMPT + ref[:20] + PROMPT
+    ref2 = greedy(model, prompt, 24)
+    engine = BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
+    toks, _ = run(engine, prompt, max_tokens=24, ignore_eos=True)
+    assert toks == ref2
+    s = engine.stats()
+    check_stats(s)
+    assert s["specdec_accepted"] > 0
+
+
+def test_target_only_fallback_above_context(qwen3, qwen3_draft_dir):
+    model, tok, ref = qwen3
+    from mach_runtime.engine.specdec.draft import load_dflash_draft
+
+    cfg = BlockSpecDecEngineConfig(block_size=8, policy="fixed", target_only_above_context=len(PROMPT) + 10)
+    engine = BlockSpecDecEngine(model, tok, load_dflash_draft(qwen3_draft_dir), config=cfg)
+    toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == ref
+    s = engine.stats()
+    assert 0 < s["specdec_cycles"] <= 11 and s["specdec_target_only_steps"] > 20
+
+
+# -- sampling --------------------------------------------------------------------------------------------------
+class _P:
+    def __init__(self, temperature=1.0, top_p=1.0, top_k=0, seed=0):
+        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
+
+
+def test_rejection_sampling_is_lossless_unit():
+    """Synthetic verify rows; position 0's emitted token must follow p0 whatever the draft proposes."""
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(size=(3, 6)).astype(np.float32) * 1.5)
+    p0 = np.exp(np.array(filtered_logprobs(logits, 0.8, 1.0, 0))[0])
+    for draft0 in (int(np.argmax(p0)), int(np.argmin(p0))):
+        counts = Counter()
+        n = 2000
+        for seed in range(n):
+            acc, nxt = sampled_accept(logits, [draft0, 1], _P(0.8, seed=seed), 0)
+            counts[draft0 if acc >= 1 else nxt] += 1
+        emp = np.array([counts[i] / n for i in range(6)])
+        assert 0.5 * np.abs(emp - p0).sum() < 0.045, (draft0, emp, p0)
+
+
+def test_filtered_logprobs_match_plain_sampler():
+    from mach_runtime.engine.sampling import _filtered_logits
+
+    rng = np.random.default_rng(1)
+    row = mx.array(rng.normal(size=(50,)).astype(np.float32))
+    for t, p, k in ((0.7, 1.0, 0), (1.0, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.6, 10)):
+        ours = np.array(filtered_logprobs(row[None], t, p, k)[0])
+        plain = np.array(_filtered_logits(row, t, p, k))
+        assert np.array_equal(np.isfinite(ours), np.isfinite(plain))
+        plain = plain - np.logaddexp.reduce(plain[np.isfinite(plain)])
+        assert np.allclose(ours[np.isfinite(ours)], plain[np.isfinite(plain)], atol=1e-5)
+
+
+class _SecondChoice(Drafter):
+    """Proposes the target's 2nd most likely token: accepted sometimes, rejected often."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def propose(self, history, staged, n):
+        logits = self.model(mx.array([history]))[0, -1]
+        return [int(mx.argsort(-logits)[1].item())][:n]
+
+
+def test_sampled_generation_matches_target_distribution(qwen3):
+    """(t0, t1, t2) from the engine (t1 drafted, accepted or resampled; t2 bonus or next cycle) vs the exact
+    target distribution with top-k=3: chi-square over the 27 paths."""
+    model, tok, _ = qwen3
+    prompt = PROMPT[:4]
+    params = dict(temperature=1.5, top_k=3)
+
+    def dist(ids):
+        lp = filtered_logprobs(model(mx.array([ids]))[0, -1:], 1.5, 1.0, 3)[0]
+        p = np.exp(np.array(lp))
+        return {int(i): float(p[i]) for i in np.nonzero(p)[0]}
+
+    exact = {}
+    for a, pa in dist(prompt).items():
+        for b, pb in dist(prompt + [a]).items():
+            for c, pc in dist(prompt + [a, b]).items():
+                exact[(a, b, c)] = pa * pb * pc
+    engine = BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(block_size=2, policy="fixed"),
+                                drafter=_SecondChoice(model))
+    n = 450
+    counts = Counter()
+    for seed in range(n):
+        toks, _ = run(engine, prompt, max_tokens=3, seed=seed, ignore_eos=True, **params)
+        counts[tuple(toks)] += 1
+    assert set(counts) <= set(exact)
+    s = engine.stats()
+    assert 0 < s["specdec_accepted"] < s["specdec_drafted"]  # both branches exercised
+    keys = sorted(exact, key=lambda k: -exact[k])
+    obs, exp, o_rest, e_rest = [], [], 0, 0.0
+    for k in keys:
+        if exact[k] * n >= 5:
+            obs.append(counts[k])
+            exp.append(exact[k] * n)
+        else:
+            o_rest += counts[k]
+            e_rest += exact[k] * n
+    if e_rest > 0:
+        obs.append(o_rest)
+        exp.append(e_rest)
+    exp = np.array(exp) * n / sum(exp)
+    stat = float(((np.array(obs) - exp) ** 2 / exp).sum())
+    assert stat < chi2_quantile_999(len(obs) - 1), (stat, obs, exp.round(1))
+
+
+def chi2_quantile_999(df: int) -> float:
+    """The 0.999 quantile of chi-square(df) (Wilson-Hilferty; no scipy here)."""
+    z = 3.0902
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+# -- stops -----------------------------------------------------------------------------------------------------
+def _perfect_engine(model, tok, ref, block=8):
+    draft = random_draft(len(model.layers), [0, 1])
+    engine = BlockSpecDecEngine(model, tok, draft, config=BlockSpecDecEngineConfig(block_size=block, policy="fixed"))
+    return BlockSpecDecEngine(model, tok, draft, config=engine.config,
+                              drafter=OracleDrafter(draft, engine.target, ref, len(PROMPT), corrupt=0.0))
+
+
+def test_stop_token_inside_accepted_block(qwen3):
+    model, tok, ref = qwen3
+    i = next(i for i in range(4, N) if ref[i] not in ref[:i])
+    engine = _perfect_engine(model, tok, ref)
+    toks, chunks = run(engine, max_tokens=N, stop_token_ids=(ref[i],), ignore_eos=True)
+    assert toks == ref[: i + 1] and chunks[-1].finish_reason == "stop"
+    assert engine.stats()["acceptance_length_histogram"][-1] >= 1  # whole blocks were accepted
+
+
+def test_stop_string_inside_accepted_block(qwen3):
+    model, tok, ref = qwen3
+    def detok(ids):
+        d = tok.detokenizer
+        d.reset()
+        for t in ids:
+            d.add_token(t)
+        d.finalize()
+        return d.text
+
+    full = detok(ref)
+    start = len(detok(ref[:12]))
+    stop = next(full[j : j + 3] for j in range(start, len(full) - 3) if full[j : j + 3].strip() and full.find(full[j : j + 3]) == j)
+    engine = _perfect_engine(model, tok, ref)
+    toks, chunks = run(engine, max_tokens=N, stop=[stop], ignore_eos=True)
+    text = "".join(c.text for c in chunks)
+    assert text == full[: full.find(stop)] and chunks[-1].finish_reason == "stop"
+    assert len(toks) < N and toks == ref[: len(toks)]
+    assert stop in detok(toks) and stop not in detok(toks[:-1])  # nothing past the stop
+
+
+# -- policies --------------------------------------------------------------------------------------------------
+def test_fixed_and_opencode_policy_transitions():
+    assert FixedPolicy(16).block_len() == 16
+    p = OpenCodeSampledV1Policy(16)
+    for _ in range(4):  # good full cycles stay full
+        assert p.block_len() == 16
+        p.observe(16, 10)
+    assert p.mode == "full"
+    for _ in range(4):  # poor acceptance: 2 tokens per cycle → reduced to 4
+        p.observe(16, 1)
+    assert p.mode == "reduced" and p.block_len() == 4
+    for _ in range(63):
+        p.observe(4, 1)
+    assert p.mode == "reduced"
+    p.observe(4, 1)  # the 64th reduced cycle → probe full blocks
+    assert p.mode == "probe" and p.block_len() == 16
+    for _ in range(8):  # probe fails
+        p.observe(16, 2)
+    assert p.mode == "reduced"
+    for _ in range(16):  # fully accepted reduced cycles → early probe after 16
+        p.observe(4, 3)
+    assert p.mode == "probe" and p.probe_left == 4
+    for _ in range(4):  # the probe accepts well → back to full
+        p.observe(16, 14)
+    assert p.mode == "full" and p.block_len() == 16
+    assert p.transitions == ["reduced", "probe", "reduced", "probe", "full"]
+    assert OpenCodeSampledV1Policy(16, prompt_len=40000).block_len() == 4  # long prompts start reduced
+    with pytest.raises(ConfigError):
+        make_policy("nope", 16)
+
+
+class _FakeStats:
+    def __init__(self, hit_rate):
+        self.num_experts, self.layers, self.expert_bytes, self.hit_rate, self.bytes_read = 64, 4, 1000, hit_rate, 0
+
+
+class _FakeStore:
+    residency = "streaming"
+
+    def __init__(self, hit_rate=0.5):
+        self.hit_rate = hit_rate
+        self.layout = type("L", (), {"top_k": 4})()
+
+    def stats(self):
+        return _FakeStats(self.hit_rate)
+
+
+def test_residency_aware_policy_model():
+    p = ResidencyAwarePolicy(16, _FakeStore())
+    assert p.block_len() == 1 and p.block_len() == 1  # warm-up: measure a target-only token first
+    p.observe(1, 0, 8000)
+    p.observe(1, 0, 8000)
+    # good acceptance, verifies that read little extra (experts shared / resident) → drafting pays
+    for _ in range(64):
+        b = p.block_len()
+        p.observe(b, b - 1, 8000 + 200 * (b - 1))
+    assert p.decisions[2] == 2  # explores with the cheapest drafting cycle first
+    assert p.block_len() == 16 and p.credit > 0  # then grows the block as measured verifies stay cheap
+    # acceptance collapses and every extra token misses: verifying b tokens costs b target-only tokens
+    q = ResidencyAwarePolicy(16, _FakeStore(), probe_interval=0)
+    q.observe(1, 0, 8000), q.observe(1, 0, 8000)
+    for _ in range(8):
+        b = q.block_len()
+        q.observe(b, 0, 8000 * b) if b > 1 else q.observe(1, 0, 8000)
+    assert q.block_len() == 1 and all(d == 1 for d in q.decisions[-4:])
+    # the ledger: realized bytes never exceed target-only's by more than one cycle
+    assert q.credit >= -8000 * 16
+    # stacked residency: acceptance-only (opencode-sampled-v1)
+    assert ResidencyAwarePolicy(16, None).block_len() == 16
+
+
+def test_residency_aware_streaming_never_loses_to_target_only(tiny_dir):
+    """Random draft (almost no acceptance) in streaming residency with a small bank: bytes per committed token
+    of residency-aware stay within one verify of target-only's, while fixed blocks read far more."""
+    from mach_runtime import load_moe
+
+    results = {}
+    for name, mode, policy in (("target", "target_only", "fixed"), ("fixed", "native_v7", "fixed"),
+                               ("aware", "native_v7", "residency-aware")):
+        expert_bytes = 3 * 64 * 32 * 4  # gate, up, down of hidden 64 × moe_inter 32, fp32
+        model, tok, store, _ = load_moe(tiny_dir, expert_residency="streaming", expert_cache_gb=6 * 2 * expert_bytes / 2**30)
+        assert store.slots == 6 and store.stats().expert_bytes == expert_bytes
+        engine = BlockSpecDecEngine(model, tok, random_draft(2, [0, 1]), store=store,
+                                    config=BlockSpecDecEngineConfig(mode=mode, block_size=8, policy=policy))
+        toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+        results[name] = (toks, store.stats().bytes_read)
+        store.close()
+    assert results["target"][0] == results["fixed"][0] == results["aware"][0]
+    target, fixed, aware = (results[k][1] for k in ("target", "fixed", "aware"))
+    verify_worst = 2 * 16 * 3 * 64 * 32 * 4  # a verify reads at most every expert of both layers
+    assert fixed > target
+    assert aware <= target + verify_worst
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+def test_config_and_draft_errors(qwen3, tmp_path):
+    model, tok, _ = qwen3
+    with pytest.raises(ConfigError):
+        BlockSpecDecEngineConfig(policy="greedy-ish")
+    with pytest.raises(ConfigError):
+        BlockSpecDecEngineConfig(mode="warp")
+    with pytest.raises(ConfigError):
+        BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(mode=NATIVE))  # no draft
+    with pytest.raises(ConfigError):
+        BlockSpecDecEngine(model, tok, random_draft(2, [0, 5]))  # layer outside the target
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    from mach_runtime.engine.specdec.draft import load_dflash_draft
+
+    with pytest.raises(CheckpointError):
+        load_dflash_draft(tmp_path)
