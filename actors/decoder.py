@@ -40,7 +40,7 @@ class Decoder:
         self.max_batch = max_batch
         self.sink = sink  # callable(OutputMessage), thread-safe
         self.kv_table = kv_table
-        self.cache_inbox = cache_inbox  # callable(msg): deliver to the Cache actor (thread-safe)
+        self.cache_inbox = cache_inbox  # callable(msg, then=None): deliver to the Cache actor, then call then()
         self.expert_inbox = expert_inbox  # callable(msg): deliver to the ExpertStore actor (thread-safe)
         self.fault_hook = fault_hook
         self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
@@ -116,7 +116,10 @@ class Decoder:
         self._submits[sub.request_id] = sub
         self.counters["prefilled"] += seq.prefilled_tokens
         self.counters["cached"] += seq.cached_tokens
-        if len(sub.resume_ids) >= sub.params.max_tokens:  # replayed request that had in fact completed
+        # a replayed request that had in fact completed before the crash
+        if sub.resume_ids and sub.resume_ids[-1] in seq.stop_ids:
+            self._finish(sub.request_id, "stop")
+        elif len(sub.resume_ids) >= sub.params.max_tokens:
             self._finish(sub.request_id, "length")
 
     def _step(self) -> None:
@@ -136,23 +139,26 @@ class Decoder:
 
     def _finish(self, request_id: str, reason: str) -> None:
         sub = self._submits.pop(request_id)
-        seq = None
-        if sub.session_id is not None and self.cache_inbox is not None and reason != "abort":
+        store_kv = sub.session_id is not None and self.cache_inbox is not None and reason != "abort"
+        if store_kv:
             kv, n = self.engine.extract_kv(request_id)
-            seq = self.engine.remove(request_id)
-            tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
-            handle = self.kv_table.put(kv)
-            from .messages import CacheInsert
-
-            self.cache_inbox(CacheInsert(sub.session_id, handle, tokens))
-        else:
-            seq = self.engine.remove(request_id)
+        seq = self.engine.remove(request_id)
         self.counters["aborted" if reason == "abort" else "completed"] += 1
-        self.sink(Finish(
+        finish = Finish(
             request_id=request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
             completion_tokens=len(seq.generated), cached_tokens=seq.cached_tokens,
             prefilled_tokens=seq.prefilled_tokens,
-        ))
+        )
+        if store_kv:
+            from .messages import CacheInsert
+
+            tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
+            # the Cache actor must hold the KV before the caller sees the end of the turn (its next turn's
+            # lookup would otherwise race the insert): the Finish follows the insert on the event loop
+            self.cache_inbox(CacheInsert(sub.session_id, self.kv_table.put(kv), tokens),
+                             then=lambda: self.sink(finish))
+        else:
+            self.sink(finish)
 
     def _abort(self, request_id: str) -> None:
         for i, sub in enumerate(self.pending):

@@ -114,7 +114,7 @@ class Supervisor:
     def _start_decoder(self) -> None:
         d = Decoder(
             self.model, self.tokenizer, max_batch=self.max_batch, sink=self.deliver, kv_table=self.kv_table,
-            cache_inbox=lambda m: call_soon(self._token, self.cache.deliver, m),
+            cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook,
         )
@@ -124,6 +124,12 @@ class Supervisor:
             call_soon(self._token, self._exits_send.send_nowait, (d, error))
 
         self.mlx.submit(d.run, exited)
+
+    def _to_cache(self, msg, then=None) -> None:
+        """On the event loop: hand ``msg`` to the Cache actor, then run ``then`` (ordered after it)."""
+        self.cache.deliver(msg)
+        if then is not None:
+            then()
 
     async def _watch_decoder(self) -> None:
         async for d, error in self._exits_recv:
