@@ -7,6 +7,10 @@ by one prefill, not by the whole queue), runs one batched decode step for every 
 new token to ``sink`` (the Supervisor's ledger, which fills the request's output slot). Finished and aborted
 requests leave the batch before the next step.
 
+Speculative decoding follows mach's hybrid policy: a request that asks for it (``params.specdec``) runs through
+the ``BlockSpecDecEngine`` while it is alone — one draft/verify cycle per loop iteration — and is moved into the
+target-only batch (re-admitted as prompt + delivered tokens) as soon as another request arrives.
+
 A crash (any exception in the loop) ends the loop; ``on_exit`` tells the Supervisor, which re-admits every live
 request on a fresh Decoder. Session KV caches go to the Cache actor's table as opaque handles.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import queue
 from collections import Counter, deque
+from dataclasses import dataclass
 
 from mach_runtime.engine.batch import BatchEngine
 
@@ -30,11 +35,18 @@ from .messages import (
 )
 
 
+@dataclass
+class _Solo:
+    sub: Submit
+    gen: object  # BlockSpecDecEngine.generate(...) generator: one cycle per next()
+    delivered: list  # every token the client has for this request (replayed ones included)
+
+
 class Decoder:
     name = "decoder"
 
     def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, cache_inbox=None, expert_inbox=None,
-                 fault_hook=None, routing_source=None):
+                 fault_hook=None, routing_source=None, spec=None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -44,6 +56,8 @@ class Decoder:
         self.expert_inbox = expert_inbox  # callable(msg): deliver to the ExpertStore actor (thread-safe)
         self.fault_hook = fault_hook
         self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
+        self.spec = spec  # BlockSpecDecEngine sharing the model, or None
+        self.solo: _Solo | None = None  # the lone speculative request, if one is running
         self.mailbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: deque[Submit] = deque()
         self.engine: BatchEngine | None = None
@@ -68,6 +82,9 @@ class Decoder:
             completed=self.counters["completed"],
             aborted=self.counters["aborted"],
             batch_histogram=dict(self.histogram),
+            spec_cycles=self.counters["spec_cycles"],
+            spec_requests=self.counters["spec_requests"],
+            spec_demoted=self.counters["spec_demoted"],
         )
 
     # -- the loop (MLX thread) -----------------------------------------------------------------------------
@@ -79,7 +96,7 @@ class Decoder:
         self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
         while True:
             self.kv_table.collect()
-            idle = not self.engine.active and not self.pending
+            idle = not self.engine.active and not self.pending and self.solo is None
             msgs = [self.mailbox.get()] if idle else []
             while True:
                 try:
@@ -93,10 +110,79 @@ class Decoder:
                     self.pending.append(m)
                 elif isinstance(m, Abort):
                     self._abort(m.request_id)
+            if self.solo is not None and (self.pending or self.engine.active):
+                self._demote_solo()  # company arrived: the lone speculative request joins the batch
             if self.pending and not self.engine.full:
-                self._admit(self.pending.popleft())
-            if self.engine.active:
+                sub = self.pending.popleft()
+                if self._wants_spec(sub) and not self.pending and not self.engine.active:
+                    self._start_solo(sub)
+                else:
+                    self._admit(sub)
+            if self.solo is not None:
+                self._solo_cycle()
+            elif self.engine.active:
                 self._step()
+
+    # -- the lone speculative request ---------------------------------------------------------------------
+    def _wants_spec(self, sub: Submit) -> bool:
+        p, done = sub.params, sub.resume_ids
+        if self.spec is None or p.specdec in (None, "target_only") or len(done) >= p.max_tokens:
+            return False
+        # a replayed request that already ended goes through the batch path, which finishes it at once
+        return not (done and done[-1] in self.engine.eos | frozenset(p.stop_token_ids))
+
+    def _start_solo(self, sub: Submit) -> None:
+        p = sub.params
+        self._fault("admit", request_id=sub.request_id)
+        gen = self.spec.generate(
+            list(sub.prompt_ids) + list(sub.resume_ids), max_tokens=p.max_tokens - len(sub.resume_ids),
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=p.stop or None,
+            stop_token_ids=p.stop_token_ids, mode=p.specdec, policy=p.specdec_policy,
+        )
+        self.solo = _Solo(sub, gen, list(sub.resume_ids))
+        self.counters["spec_requests"] += 1
+
+    def _solo_cycle(self) -> None:
+        solo = self.solo
+        try:
+            chunk = next(solo.gen)
+        except StopIteration:  # pragma: no cover - the generator always ends with a finish chunk
+            chunk = None
+        except Exception as e:
+            from mach_runtime.errors import MachError
+
+            if not isinstance(e, MachError):
+                raise
+            self.solo = None
+            self.sink(RequestFailed(solo.sub.request_id, str(e)))
+            return
+        self.counters["spec_cycles"] += 1
+        self._fault("step", steps=self.counters["steps"] + self.counters["spec_cycles"])
+        if chunk is not None and chunk.token_ids:
+            self.sink(TokenOutput(solo.sub.request_id, len(solo.delivered), tuple(chunk.token_ids), chunk.text))
+            solo.delivered.extend(chunk.token_ids)
+            self.counters["generated"] += len(chunk.token_ids)
+        if chunk is None or chunk.finish_reason is not None:
+            self._finish_solo(chunk.finish_reason if chunk is not None else "length")
+
+    def _finish_solo(self, reason: str) -> None:
+        sub, delivered = self.solo.sub, self.solo.delivered
+        self.solo.gen.close()
+        self.solo = None
+        self.counters["aborted" if reason == "abort" else "completed"] += 1
+        prefilled = len(sub.prompt_ids) + len(sub.resume_ids)  # the engine prefills the whole prompt
+        self.counters["prefilled"] += prefilled
+        self.sink(Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
+                         completion_tokens=len(delivered), cached_tokens=0, prefilled_tokens=prefilled))
+
+    def _demote_solo(self) -> None:
+        """Moves the lone speculative request into the batch: re-admitted as prompt + delivered tokens."""
+        solo, self.solo = self.solo, None
+        solo.gen.close()
+        self.counters["spec_demoted"] += 1
+        s = solo.sub
+        self.pending.appendleft(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
+                                       resume_ids=tuple(solo.delivered), session_id=s.session_id))
 
     def _admit(self, sub: Submit) -> None:
         kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
@@ -161,6 +247,9 @@ class Decoder:
             self.sink(finish)
 
     def _abort(self, request_id: str) -> None:
+        if self.solo is not None and self.solo.sub.request_id == request_id:
+            self._finish_solo("abort")
+            return
         for i, sub in enumerate(self.pending):
             if sub.request_id == request_id:
                 del self.pending[i]

@@ -18,6 +18,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0  # always set: the Runtime draws one when the caller gives none, so replays are exact
     stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos ids
+    specdec: str | None = None  # speculative decoding mode (native_v7 / prompt_lookup); None = batched target-only
+    specdec_policy: str | None = None  # block policy override (fixed / opencode-sampled-v1 / residency-aware)
 
 
 # --- Runtime/Supervisor → Decoder ---------------------------------------------------------------------
@@ -133,6 +135,9 @@ class DecoderStats(msgspec.Struct, frozen=True, kw_only=True):
     completed: int
     aborted: int
     batch_histogram: dict[int, int]  # batch size -> steps
+    spec_cycles: int = 0  # speculative draft/verify cycles run for lone requests
+    spec_requests: int = 0  # requests that ran (at least partly) speculatively
+    spec_demoted: int = 0  # speculative requests moved into the batch when others arrived
 
 
 class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,6 +148,7 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
     decoder_restarts: int
     expert_store_restarts: int
     prefetch: dict[str, int]
+    specdec: dict | None = None  # BlockSpecDecEngine.stats() when the runtime has speculative decoding
 
 
 DecoderMessage = Submit | Abort | Shutdown

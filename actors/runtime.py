@@ -182,23 +182,26 @@ class _Limits:
 
 
 class Runtime:
-    def __init__(self, sup: Supervisor, tokenizer, limits: _Limits):
+    def __init__(self, sup: Supervisor, tokenizer, limits: _Limits, spec=None):
         self._sup = sup
         self.tokenizer = tokenizer
         self._limits = limits
+        self._spec = spec
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, checkpoint=None, *, draft=None, expert_residency=None, expert_cache_gb=None,
+    async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
                    restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, **load_kwargs):
-        """Loads the model on the MLX thread and starts the actors; closes everything on exit."""
+        """Loads the model on the MLX thread and starts the actors; closes everything on exit.
+
+        draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
+        specdec: a ``BlockSpecDecEngineConfig`` (mode, block size, policy); with PROMPT_LOOKUP no draft is needed.
+        """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
         from mach_runtime.io.load import load_moe
 
-        if draft is not None:
-            raise ConfigError("draft models (speculative decoding) are not supported by the Runtime yet")
         if prefix_cache_dir is not None:
             raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -212,17 +215,20 @@ class Runtime:
         try:
             model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            spec = None
+            if draft is not None or specdec is not None:
+                spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
             config = read_config(os.fspath(checkpoint))
             tc = adapter_for_config(config).text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor)
+                             predictor=predictor, spec=spec)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
                     try:
-                        yield cls(sup, tokenizer, limits)
+                        yield cls(sup, tokenizer, limits, spec)
                     finally:
                         with anyio.CancelScope(shield=True):
                             await sup.shutdown()
@@ -255,7 +261,8 @@ class Runtime:
         raise RequestError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
     def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-                    stop_token_ids=(), request_id=None, session_id=None, on_chunk=None) -> RequestStream:
+                    stop_token_ids=(), request_id=None, session_id=None, specdec="default", specdec_policy=None,
+                    on_chunk=None) -> RequestStream:
         self._sup.check_open()
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
@@ -273,14 +280,37 @@ class Runtime:
         if isinstance(stop, str):
             stop = [stop]
         stop = tuple(s for s in (stop or ()) if s)
+        specdec, specdec_policy = self._specdec_choice(specdec, specdec_policy)
         params = SamplingParams(
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
             seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
-            stop_token_ids=tuple(stop_token_ids),
+            stop_token_ids=tuple(stop_token_ids), specdec=specdec, specdec_policy=specdec_policy,
         )
         rid = request_id if request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
         return RequestStream(self, sub, on_chunk)
+
+    def _specdec_choice(self, mode, policy):
+        """(mode value or None, policy or None) for a request; "default" = the runtime's configured mode."""
+        from mach_runtime.engine.specdec import BlockSpecDecEngineMode
+        from mach_runtime.engine.specdec.config import POLICIES
+
+        if mode == "default":
+            mode = self._spec.config.mode.value if self._spec is not None else None
+        if mode is None:
+            return None, None
+        try:
+            mode = BlockSpecDecEngineMode(getattr(mode, "value", mode)).value
+        except ValueError:
+            names = ", ".join(m.value for m in BlockSpecDecEngineMode)
+            raise RequestError(f"specdec: unknown mode {mode!r}; use one of {names}") from None
+        if mode != "target_only" and self._spec is None:
+            raise RequestError(f"specdec={mode!r} needs a runtime opened with draft= or specdec=")
+        if mode == "native_v7" and self._spec.draft is None:
+            raise RequestError("specdec='native_v7' needs a DFlash draft: open the runtime with draft=")
+        if policy is not None and policy not in POLICIES:
+            raise RequestError(f"specdec_policy: unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+        return mode, policy
 
     def stream(self, prompt, **params) -> RequestStream:
         """Streams the completion of ``prompt`` (text, chat messages, or token ids) as ``Chunk``s."""
@@ -313,4 +343,16 @@ class Runtime:
             live_requests=len(sup.ledger), decoder_restarts=sup.restarts["decoder"],
             expert_store_restarts=sup.restarts["expert_store"],
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
+            specdec=self._spec.stats() if self._spec is not None else None,
         )
+
+
+def _spec_engine(model, tokenizer, store, draft, config):
+    """The BlockSpecDecEngine sharing the runtime's model (built on the MLX thread)."""
+    from mach_runtime.engine.specdec import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+    from mach_runtime.engine.specdec.draft import load_dflash_draft
+
+    if config is None:
+        config = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7)
+    draft_model = load_dflash_draft(draft) if draft is not None else None
+    return BlockSpecDecEngine(model, tokenizer, draft_model, config=config, store=store)

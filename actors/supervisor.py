@@ -40,13 +40,14 @@ class LedgerEntry:
 
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
-                 fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None):
+                 fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
         self.fault_hook = fault_hook
         self.intensity, self.period = intensity, period
         self.predictor = predictor
+        self.spec = spec  # BlockSpecDecEngine (MLX-thread object, shared by every Decoder incarnation) or None
         self.kv_table = KVTable()
         self.max_sessions = max_sessions
         self.ledger: dict[str, LedgerEntry] = {}
@@ -116,8 +117,10 @@ class Supervisor:
             self.model, self.tokenizer, max_batch=self.max_batch, sink=self.deliver, kv_table=self.kv_table,
             cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
-            routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook,
+            routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
         )
+        if self.decoder is not None:  # statistics survive a restart
+            d.counters, d.histogram = self.decoder.counters, self.decoder.histogram
         self.decoder = d
 
         def exited(result, error, d=d):

@@ -335,3 +335,60 @@ async def test_open_errors_are_clear_and_leave_no_threads(tmp_path):
             break
         await anyio.sleep(0.02)
     assert not {t.name for t in threading.enumerate() if t.name.startswith("mach-")} - before
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    from mach_runtime.engine.specdec.draft import save_dflash_draft
+    from tests.test_specdec import random_draft
+
+    return save_dflash_draft(random_draft(2, [0, 1]), tmp_path_factory.mktemp("rt_draft") / "dflash")
+
+
+async def test_lone_request_decodes_speculatively_and_losslessly(tiny_dir, reference, draft_dir):
+    from mach_runtime import BlockSpecDecEngineConfig
+
+    async with Runtime.open(tiny_dir, draft=draft_dir, **streaming_kw()) as rt:
+        c = await rt.generate(PROMPTS[5], max_tokens=LENGTHS[5])
+        s = await rt.stats()
+    assert list(c.token_ids) == reference[PROMPTS[5]]
+    assert s.decoder.spec_requests == 1 and s.decoder.spec_cycles > 0 and s.decoder.steps == 0
+    assert s.specdec["specdec_cycles"] > 0 and s.specdec["specdec_drafted"] >= s.specdec["specdec_accepted"]
+    # prompt lookup needs no draft; a request may choose its own mode and policy
+    cfg = BlockSpecDecEngineConfig(mode="prompt_lookup", block_size=4, policy="fixed")
+    async with Runtime.open(tiny_dir, specdec=cfg) as rt:
+        c = await rt.generate(PROMPTS[7], max_tokens=LENGTHS[7])
+        plain = await rt.generate(PROMPTS[7], max_tokens=LENGTHS[7], specdec=None)
+        with pytest.raises(RequestError, match="needs a DFlash draft"):
+            rt.stream("x", specdec="native_v7")
+        with pytest.raises(RequestError, match="unknown policy"):
+            rt.stream("x", specdec_policy="yolo")
+    assert list(c.token_ids) == list(plain.token_ids) == reference[PROMPTS[7]]
+
+
+async def test_speculative_request_joins_the_batch_when_company_arrives(tiny_dir, reference, draft_dir):
+    import time
+
+    crash = CrashAt("decoder", "step", calls={9})
+
+    def hook(actor, point, info):  # slow the decoder down so the lone request is still running when others come
+        if actor == "decoder" and point == "step":
+            time.sleep(0.03)
+        crash(actor, point, info)
+
+    got = {}
+    async with Runtime.open(tiny_dir, draft=draft_dir, max_batch=4, fault_hook=hook) as rt:
+
+        async def client(i, delay):
+            await anyio.sleep(delay)
+            got[i] = list((await rt.generate(PROMPTS[i], max_tokens=LENGTHS[i])).token_ids)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client, 5, 0)
+                tg.start_soon(client, 2, 0.15)
+                tg.start_soon(client, 7, 0.3)
+        s = await rt.stats()
+    for i in (5, 2, 7):
+        assert got[i] == reference[PROMPTS[i]], i
+    assert s.decoder.spec_requests >= 1 and s.decoder.spec_demoted >= 1 and s.decoder_restarts == 1
