@@ -161,11 +161,11 @@ def _crafted_deepseek_v4(dst: Path, layers=4, experts=64, hidden=1024, inter=512
     return dst
 
 
-def test_deepseek_v4_registered_checked_not_loadable(tmp_path):
+def test_deepseek_v4_registered_checked(tmp_path):
     path = _crafted_deepseek_v4(tmp_path / "v4")
     assert detect_arch(path / "config.json") == "deepseek_v4"
     r = check_checkpoint(path, memory_gb=0.75)
-    assert r["arch"] == "deepseek_v4" and not r["loadable"]
+    assert r["arch"] == "deepseek_v4" and r["loadable"]
     assert r["layout"] == "per_expert" and r["scheme"] == "upstream_per_expert"
     assert r["expert_bytes"] == 3 * 1024 * 512 * 2
     assert r["total_expert_bytes"] == 4 * 64 * r["expert_bytes"]  # 768 MiB of experts
@@ -176,14 +176,28 @@ def test_deepseek_v4_registered_checked_not_loadable(tmp_path):
     assert json.loads(out)["stacked"]["verdict"] == "fits"
     from mach_runtime import load_moe
 
-    with pytest.raises(ArchNotImplementedError, match="deepseek_v4.*not implemented"):
-        load_moe(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).write_bytes((HF_QWEN3_MOE / f).read_bytes())
+    with pytest.raises(CheckpointError, match="weights do not match the deepseek_v4 model"):
+        load_moe(path)  # header-only crafted checkpoint: the attention / router tensors are missing
     from mach_runtime import load_v4_flash
 
-    with pytest.raises(ArchNotImplementedError, match="deepseek_v4"):
+    with pytest.raises(CheckpointError, match="weights do not match the deepseek_v4 model"):
         load_v4_flash(path, expert_residency="streaming")
     with pytest.raises(CheckpointError, match="load_v4_flash loads DeepSeek-V4.*qwen3_moe"):
         load_v4_flash(HF_QWEN3_MOE)
+
+
+def test_unimplemented_adapter_raises_arch_not_implemented(monkeypatch):
+    import dataclasses
+
+    from mach_runtime import load_moe
+    from mach_runtime.io import arch_registry
+
+    stub = dataclasses.replace(REGISTRY["qwen3_moe"], implemented=False)
+    monkeypatch.setitem(arch_registry.REGISTRY, "qwen3_moe", stub)
+    with pytest.raises(ArchNotImplementedError, match="qwen3_moe.*not implemented"):
+        load_moe(HF_QWEN3_MOE)
 
 
 def test_unknown_model_type_lists_all_five(tmp_path):

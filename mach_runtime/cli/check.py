@@ -120,6 +120,7 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
     adapter = adapter_for_config(config, source)
     tc = adapter.text_config(config, source)
     index = CheckpointIndex(directory)
+    tc = adapter.resolve_config(tc, index.__contains__)
     layout = find_expert_layout(index, adapter, tc, source)
     if memory_gb is None:
         mem = physical_memory_bytes()

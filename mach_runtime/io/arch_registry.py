@@ -48,6 +48,12 @@ class MoeArchAdapter:
     model_config: Callable[[dict, dict], dict] | None = field(compare=False, default=None)
     # extra keyword arguments of the expert activation, from the text config (e.g. gpt-oss's swiglu limit)
     activation_params: Callable[[dict], dict] | None = field(compare=False, default=None)
+    # the text config adjusted to the checkpoint's tensors: checkpoint_config(tc, has_tensor) (deepseek_v4 drops
+    # MTP layers whose tensors the checkpoint lacks); applied by load_moe and mach check before the layout
+    checkpoint_config: Callable[[dict, Callable[[str], bool]], dict] | None = field(compare=False, default=None)
+    # expert_tensor_alias(tc)(name): the checkpoint's name for a tensor name the schemes build (layers stored
+    # under another prefix, e.g. deepseek_v4's MTP layer n+i under mtp.{i}); None: names as built
+    expert_tensor_alias: Callable[[dict], Callable[[str], str]] | None = field(compare=False, default=None)
     rotating_keep: int = 0  # tokens a rotating KV cache keeps at the front (mlx-lm's RotatingKVCache keep)
     implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
@@ -82,6 +88,9 @@ class MoeArchAdapter:
 
     def hidden_size(self, tc: dict, source: str = "config.json") -> int:
         return self.required_int(tc, "hidden_size", source)
+
+    def resolve_config(self, tc: dict, has_tensor: Callable[[str], bool]) -> dict:
+        return self.checkpoint_config(tc, has_tensor) if self.checkpoint_config else tc
 
     def model_args_dict(self, config: dict, tc: dict) -> dict:
         return self.model_config(config, tc) if self.model_config else tc

@@ -145,11 +145,11 @@ def _part_dims(part: str, H: int, inter: int) -> tuple[int, int, tuple[int, int]
     }[part]
 
 
-def _detect_scheme(index: CheckpointIndex, adapter: MoeArchAdapter, layer: int) -> ExpertScheme:
+def _detect_scheme(index: CheckpointIndex, adapter: MoeArchAdapter, layer: int, alias=str) -> ExpertScheme:
     tried = []
     for scheme in adapter.expert_schemes:
         probe = scheme.probe
-        name = probe.name(layer, "weight", 0 if probe.per_expert else None)
+        name = alias(probe.name(layer, "weight", 0 if probe.per_expert else None))
         if name in index:
             return scheme
         tried.append(f"{name!r} ({scheme.name})")
@@ -171,11 +171,11 @@ def _view(info: TensorInfo, view: str | None) -> TensorInfo:
     return dataclasses.replace(info, dtype="U32", shape=(*info.shape[:-2], info.shape[-2] * info.shape[-1] // 4))
 
 
-def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int):
+def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, alias=str):
     """(infos, sources, tensor_names, stored shape) of one component, or None when absent."""
     view = spec.views.get(comp)
     if not spec.per_expert:
-        tname = spec.name(layer, comp)
+        tname = alias(spec.name(layer, comp))
         if tname not in index:
             return None
         info = _view(index[tname], view)
@@ -186,7 +186,7 @@ def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int):
             )
         stride = info.nbytes // E
         return [info], tuple((info.file, info.offset + e * stride) for e in range(E)), (tname,), tuple(info.shape[1:])
-    tnames = [spec.name(layer, comp, e) for e in range(E)]
+    tnames = [alias(spec.name(layer, comp, e)) for e in range(E)]
     present = [t in index for t in tnames]
     if not any(present):
         return None
@@ -214,7 +214,9 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
     moe_layers = adapter.moe_layers(tc)
     if not moe_layers:
         raise CheckpointError(f"{source}: the config describes no routed-expert (MoE) layers")
-    scheme = _detect_scheme(index, adapter, moe_layers[0])
+    # the adapter may store some layers under other names (deepseek_v4's MTP layers n+i live under mtp.{i})
+    alias = adapter.expert_tensor_alias(tc) if adapter.expert_tensor_alias else str
+    scheme = _detect_scheme(index, adapter, moe_layers[0], alias)
 
     layers, names = [], set()
     for layer in moe_layers:
@@ -225,10 +227,10 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
             for comp in COMPONENTS:
                 if comp not in spec.components:
                     continue
-                found = _component(index, spec, layer, comp, E)
+                found = _component(index, spec, layer, comp, E, alias)
                 if found is None:
                     if comp == "weight":
-                        want = spec.name(layer, comp, 0 if spec.per_expert else None)
+                        want = alias(spec.name(layer, comp, 0 if spec.per_expert else None))
                         raise CheckpointError(f"{index.directory}: missing expert tensor {want!r}")
                     continue
                 infos, sources, tensor_names, shape = found

@@ -54,11 +54,16 @@ class ExpertProjection(nn.Module):
         return y
 
 
-def silu_limited(gate, up, alpha: float = 1.702, limit: float = 7.0):
-    """gpt-oss's clamped SwiGLU: ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+def silu_limited(gate, up, alpha: float = 1.702, limit: float = 7.0, up_offset: float = 1.0):
+    """Clamped SwiGLU: ``(clip(up, -limit, limit) + up_offset) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``.
+
+    gpt-oss: alpha 1.702, up_offset 1; DeepSeek-V4: alpha 1, up_offset 0 (``silu(min(gate, l)) * clip(up, +-l)``).
+    """
     gate = mx.minimum(gate, limit)
     up = mx.clip(up, -limit, limit)
-    return (up + 1.0) * (gate * mx.sigmoid(alpha * gate))
+    if up_offset:
+        up = up + up_offset
+    return up * (gate * mx.sigmoid(alpha * gate))
 
 
 def plain_geglu(gate, up):

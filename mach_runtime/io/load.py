@@ -288,6 +288,7 @@ def load_moe(
             f"{', '.join(sorted(k for k, a in REGISTRY.items() if a.implemented))}"
         )
     index = CheckpointIndex(directory)
+    tc = adapter.resolve_config(tc, index.__contains__)
     layout = find_expert_layout(index, adapter, tc, source)
     tokenizer = _load_tokenizer(directory, config)
 
@@ -359,8 +360,12 @@ def load_v4_flash(path, **kwargs):
     learned-routed ones) and the MTP head as the speculative-decoding draft hook.
 
     Checks that ``path`` is a deepseek_v4 checkpoint, then loads it through ``load_moe`` (same keyword
-    arguments). The deepseek_v4 MLX model is not implemented yet, so this raises ``ArchNotImplementedError``
-    after validating the checkpoint's config.
+    arguments; both residencies). The model (``mach_runtime.models.deepseek_v4``) routes its ``hash_moe`` layers
+    by ``tid2eid[input_ids]`` and the rest by its learned router; ``cache`` is one ``CompressedKVCache`` per
+    layer (not trimmable: roll back with ``snapshot()`` / ``restore()``). The MTP draft hook, when the
+    checkpoint has ``mtp.*`` tensors: ``logits, hidden = model(ids, cache, return_hidden=True)``, then
+    ``model.mtp_draft(hidden[:, -1:], next_token[None], mtp_cache)`` with ``mtp_cache = model.make_mtp_cache()``
+    gives the logits of the token after ``next_token``.
     """
     directory = _local_dir(path)
     config = read_config(directory)

@@ -1,24 +1,59 @@
 """deepseek_v4 (DeepSeek-V4-Flash / Pro): hash-routed MoE layers (``mlp_layer_types == "hash_moe"``: experts
 picked by a frozen ``tid2eid[input_ids]`` table) followed by learned-routed layers (``sqrtsoftplus`` router with
 ``e_score_correction_bias``, hybrid routing), a shared expert, compressed sparse / heavily compressed attention
-with a lightning indexer (compressed KV caches: not trimmable, not batchable), manifold-constrained
-hyper-connections, and an MTP head (the speculative-decoding draft hook).
+with a lightning indexer (compressed KV caches: not trimmable, not batchable; speculative decoding restores
+snapshots), manifold-constrained hyper-connections, and an MTP head (the speculative-decoding draft hook).
+The MLX model is ``mach_runtime.models.deepseek_v4`` (mlx-lm has none: its ``deepseek_v41`` is a different
+architecture); ``load_v4_flash`` is the dedicated loader.
 
-Upstream checkpoints store experts per expert (``layers.L.ffn.experts.{e}.w1/w3/w2``, gate/up/down); their
+Upstream (hub) checkpoints store experts per expert (``layers.L.ffn.experts.{e}.w1/w3/w2``, gate/up/down); their
 axis-0 stacked form (transformers' ``experts.gate_up_proj``) does not load directly and is sliced per expert.
-
-Status: registered (detection, ``mach-archs``, ``mach check``) but not loadable yet: mlx-lm has no deepseek_v4
-model (its ``deepseek_v41`` is a different architecture: no hash routing, engram layers) and ours is not written.
+transformers' ``save_pretrained`` writes the same names under ``model.``. The MTP block (``num_nextn_predict_layers``
+of them, ``mtp.{i}.*`` on disk) is MoE layer ``num_hidden_layers + i``: its experts are swapped and streamed
+like every layer's. Checkpoints without ``mtp.*`` tensors (transformers drops them) load without the block.
 """
 
 from __future__ import annotations
+
+import re
 
 from ..arch_registry import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme
 
 
+def _n_mtp(tc: dict) -> int:
+    return int(tc.get("num_nextn_predict_layers") or 0)
+
+
 def _moe_layers(tc: dict) -> list[int]:
-    return list(range(int(tc["num_hidden_layers"])))
+    return list(range(int(tc["num_hidden_layers"]) + _n_mtp(tc)))
+
+
+def _checkpoint_config(tc: dict, has_tensor) -> dict:
+    """Keeps the MTP blocks the checkpoint has tensors for (``mtp.{i}.*``)."""
+    n_mtp = 0
+    while n_mtp < _n_mtp(tc) and (has_tensor(f"mtp.{n_mtp}.e_proj.weight")
+                                  or has_tensor(f"mtp.{n_mtp}.e_proj.scales")):
+        n_mtp += 1
+    return tc if n_mtp == _n_mtp(tc) else {**tc, "num_nextn_predict_layers": n_mtp}
+
+
+def _expert_tensor_alias(tc: dict):
+    """Scheme names of MoE layer ``n + i`` (MTP block i) -> ``mtp.{i}.*``."""
+    n = int(tc["num_hidden_layers"])
+
+    def alias(name: str) -> str:
+        m = re.match(r"^(?:model\.)?layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= n:
+            return f"mtp.{int(m.group(1)) - n}.{m.group(2)}"
+        return name
+
+    return alias
+
+
+def _activation_params(tc: dict) -> dict:
+    """``silu(min(gate, limit)) * clip(up, -limit, limit)``: silu_limited with alpha 1 and no ``+1`` on up."""
+    return {"alpha": 1.0, "limit": float(tc.get("swiglu_limit", 10.0)), "up_offset": 0.0}
 
 
 ADAPTER = MoeArchAdapter(
@@ -35,13 +70,16 @@ ADAPTER = MoeArchAdapter(
     default_group=32,
     expert_schemes=(
         per_expert_scheme("layers.{layer}.ffn.experts", gate="w1", up="w3", down="w2", name="upstream_per_expert"),
+        per_expert_scheme("model.layers.{layer}.ffn.experts", gate="w1", up="w3", down="w2", name="hf_saved_per_expert"),
         per_expert_scheme("model.layers.{layer}.mlp.experts"),
         fused_scheme("model.layers.{layer}.mlp.experts"),
     ),
-    switch_module_template="model.layers.{layer}.mlp.experts.switch_mlp",
+    switch_module_template="model.layers.{layer}.mlp.experts",
     num_experts_field="n_routed_experts",
     top_k_field="num_experts_per_tok",
     moe_intermediate_field="moe_intermediate_size",
     moe_layers=_moe_layers,
-    implemented=False,
+    activation_params=_activation_params,
+    checkpoint_config=_checkpoint_config,
+    expert_tensor_alias=_expert_tensor_alias,
 )
