@@ -1,4 +1,4 @@
-"""``mach``: the command-line entry point (subcommands: generate, make-tiny).
+"""``mach``: the command-line entry point (subcommands: generate, demo, trace, make-tiny, check).
 
 Import-light: MLX is imported only inside the subcommands that run a model.
 """
@@ -14,18 +14,14 @@ from ..config import mach_home
 from ..errors import MachError
 
 DEFAULT_TINY = "tiny-qwen3-moe"
-DEFAULT_PROMPT = "def fibonacci(n):\n"
+DEFAULT_PROMPT = "def fibonacci(n):"  # ends on a token boundary the demo model saw in training
 
 
 def default_checkpoint() -> str:
-    """The bundled default: a small random qwen3_moe checkpoint, built locally (offline) on first use."""
-    path = os.path.join(mach_home(), DEFAULT_TINY)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from ..io.tiny import make_tiny_checkpoint
+    """The bundled default: the project's own trained demo model, shipped inside the package (offline)."""
+    from ..assets import demo_model_path
 
-        print(f"[mach] building the default tiny checkpoint at {path} (offline, once)", file=sys.stderr)
-        make_tiny_checkpoint(path, hidden=128, layers=4, experts=16, top_k=4, moe_inter=64, heads=4, head_dim=32)
-    return path
+    return str(demo_model_path())
 
 
 def _cmd_generate(a) -> int:
@@ -85,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: a tiny checkpoint built locally)")
+    g.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled demo model)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -119,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = _check.build_parser(sub.add_parser("check", help="preflight a checkpoint: arch, layout, fit verdicts (no MLX)"))
     c.set_defaults(func=_check.run)
+
+    from . import demo as _demo, trace as _trace  # import-light: MLX only when they run
+
+    _demo.build_parser(sub.add_parser("demo", help="the bundled demo model writing Python, experts streaming from disk")
+                       ).set_defaults(func=_demo.run)
+    _trace.build_parser(sub.add_parser("trace", help="record a routing trace on held-out text; replay it through "
+                                       "the bank (LRU, LRFU, Belady)")).set_defaults(func=_trace.run)
     return p
 
 
