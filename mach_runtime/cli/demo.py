@@ -1,14 +1,12 @@
-"""``mach demo``: the bundled demo model writing Python, with its experts streaming from disk.
+"""``mach demo``: the bundled demo model writing Python, its experts streaming from disk, several requests at once.
 
-    mach demo [CKPT] [--slots 8] [--max-tokens 64] [--temp 0.7] [--seed 0] [--prompt P ...]
+    mach demo [CKPT] [--slots 8] [--max-tokens 64] [--temp 0.6] [--seed 0] [--prompt P ...]
 
-Loads the checkpoint (default: the bundled demo model) in streaming residency with a bank smaller than its
-experts (``--slots`` per layer, default a quarter of them), runs several generations, streams their text, and
-prints live stats after each one (tok/s, bank hit rate, misses, bytes read) and a summary at the end.
-
-The generations run one after another through ``stream_generate`` (``sequential_streams``). The rest of the
-command only consumes ``DemoEvent``s, so running the requests concurrently through the async Runtime means
-replacing that one producer.
+Opens the async ``Runtime`` on the checkpoint (default: the bundled demo model) in streaming residency with a
+bank smaller than its experts (``--slots`` per layer, default a quarter of them) and sends every prompt at once:
+the Decoder decodes them together in one continuous batch. The first request's text streams live; each other
+request is printed when it finishes, with a stats line (its tok/s, and the bank's hit rate and bytes read so
+far); a summary closes (aggregate tok/s, batch sizes, hit rate, experts streamed).
 
 Import-light: MLX is imported only when the command runs.
 """
@@ -19,7 +17,6 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 # each prompt ends where a token naturally ends (not on a newline or indentation the model would merge)
 DEMO_PROMPTS = (
@@ -39,113 +36,124 @@ class DemoRequest:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class DemoEvent:
-    request: int  # index into the request list
-    text: str  # new text ("" is allowed)
-    finish_reason: str | None = None  # set on the request's last event
-    tokens: int = 0  # tokens generated so far by this request
-    prompt_tokens: int = 0
-    seconds: float = 0.0  # since the request started
-
-
-def sequential_streams(model, tokenizer, requests: list[DemoRequest]) -> Iterator[DemoEvent]:
-    """Runs the requests one after another with ``stream_generate``; yields their text as it is produced."""
-    from ..engine.generate import GenerationStats, stream_generate
-
-    for i, r in enumerate(requests):
-        stats = GenerationStats()
-        t0 = time.perf_counter()
-        for chunk in stream_generate(model, tokenizer, r.prompt, max_tokens=r.max_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, seed=r.seed, stats=stats):
-            yield DemoEvent(i, chunk.text, chunk.finish_reason, stats.generated_tokens, stats.prompt_tokens,
-                            time.perf_counter() - t0)
-
-
 class _Printer:
-    """Streams request text to ``out`` and prints a stats line when a request finishes."""
+    """Request 0 streams live; the others print whole when they finish (after request 0), each with stats."""
 
-    def __init__(self, out, requests, store):
-        self.out, self.requests, self.store = out, requests, store
-        self.current: int | None = None
-        self.prev = store.stats()
-        self.done: list[DemoEvent] = []
+    def __init__(self, out, requests):
+        self.out, self.requests = out, requests
+        self.live_open = False
+        self.waiting: list[tuple[int, str, int, float, object]] = []
+        self.done: list[tuple[int, int, float]] = []
 
-    def __call__(self, ev: DemoEvent) -> None:
-        w = self.out.write
-        if ev.request != self.current:
-            self.current = ev.request
-            w(f"\n\033[1m── request {ev.request + 1}/{len(self.requests)} ──\033[0m\n" if self.out.isatty()
-              else f"\n── request {ev.request + 1}/{len(self.requests)} ──\n")
-            w(self.requests[ev.request].prompt)
-        w(ev.text)
+    def _head(self, i: int) -> None:
+        bold = self.out.isatty()
+        title = f"── request {i + 1}/{len(self.requests)} ──"
+        self.out.write(f"\n\033[1m{title}\033[0m\n" if bold else f"\n{title}\n")
+        self.out.write(self.requests[i].prompt)
+
+    def live(self, text: str) -> None:
+        if not self.live_open:
+            self._head(0)
+            self.live_open = True
+        self.out.write(text)
         self.out.flush()
-        if ev.finish_reason is not None:
-            s = self.store.stats()
-            hits, misses = s.hits - self.prev.hits, s.misses - self.prev.misses
-            rate = hits / (hits + misses) if hits + misses else 1.0
-            tps = ev.tokens / ev.seconds if ev.seconds else 0.0
-            w(f"\n[stats] {ev.tokens} tok in {ev.seconds:.2f}s ({tps:.1f} tok/s) | bank hit rate {rate:.1%} "
-              f"({hits} hits, {misses} misses) | read {(s.bytes_read - self.prev.bytes_read) / 2**20:.1f} MiB | "
-              f"cumulative hit rate {s.hit_rate:.1%}, {s.bytes_read / 2**20:.1f} MiB read\n")
-            self.out.flush()
-            self.prev = s
-            self.done.append(ev)
+
+    def finished(self, i: int, text: str, tokens: int, seconds: float, bank) -> None:
+        if i == 0:
+            self._stats(0, tokens, seconds, bank)
+            for item in self.waiting:
+                self._block(*item)
+            self.waiting.clear()
+        elif any(d[0] == 0 for d in self.done):
+            self._block(i, text, tokens, seconds, bank)
+        else:
+            self.waiting.append((i, text, tokens, seconds, bank))
+
+    def _block(self, i, text, tokens, seconds, bank) -> None:
+        self._head(i)
+        self.out.write(text)
+        self._stats(i, tokens, seconds, bank)
+
+    def _stats(self, i, tokens, seconds, bank) -> None:
+        self.done.append((i, tokens, seconds))
+        tps = tokens / seconds if seconds else 0.0
+        self.out.write(
+            f"\n[stats] {tokens} tok in {seconds:.2f}s ({tps:.1f} tok/s for this request) | bank hit rate so far "
+            f"{bank.hit_rate:.1%} ({bank.hits} hits, {bank.misses} misses) | {bank.bytes_read / 2**20:.1f} MiB read\n"
+        )
+        self.out.flush()
+
+
+async def _run(ckpt, slots, requests, policy, out) -> dict:
+    import anyio
+
+    from ..io.trace_replay import budget_for_slots
+    from actors.runtime import Runtime
+
+    t0 = time.perf_counter()
+    async with Runtime.open(ckpt, expert_residency="streaming", expert_cache_gb=budget_for_slots(ckpt, slots),
+                            eviction_policy=policy, max_batch=len(requests)) as rt:
+        load_s = time.perf_counter() - t0
+        s0 = (await rt.stats()).experts
+        per_layer = s0.capacity_experts // s0.layers
+        total = s0.layers * s0.num_experts * s0.expert_bytes
+        out.write(
+            f"mach demo: {ckpt.name} — qwen3_moe, {s0.layers} MoE layers x {s0.num_experts} experts\n"
+            f"experts stream from disk into a bank of {per_layer}/{s0.num_experts} slots per layer "
+            f"({per_layer / s0.num_experts:.0%} of {total / 2**20:.1f} MiB of experts), {s0.eviction_policy} "
+            f"eviction; loaded in {load_s:.2f}s; {len(requests)} requests decode together in one batch\n"
+        )
+        printer = _Printer(out, requests)
+
+        async def client(i: int, r: DemoRequest) -> None:
+            start, parts, n = time.perf_counter(), [], 0
+            async for c in rt.stream(r.prompt, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                     seed=r.seed):
+                n += len(c.token_ids)
+                if i == 0:
+                    printer.live(c.text)
+                else:
+                    parts.append(c.text)
+            printer.finished(i, "".join(parts), n, time.perf_counter() - start, rt._sup.store.stats())
+
+        t1 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i, r in enumerate(requests):
+                tg.start_soon(client, i, r)
+        secs = time.perf_counter() - t1
+        st = await rt.stats()
+    s, n = st.experts, sum(d[1] for d in printer.done)
+    summary = {"requests": len(printer.done), "tokens": n, "seconds": secs, "tok_per_s": n / secs if secs else 0.0,
+               "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses, "bytes_read": s.bytes_read,
+               "slots_per_layer": per_layer, "num_experts": s.num_experts, "expert_bytes_total": total,
+               "load_seconds": load_s, "batch_histogram": st.decoder.batch_histogram}
+    out.write(
+        f"\n[demo] {summary['requests']} generations, {n} tokens in {secs:.1f}s ({summary['tok_per_s']:.1f} tok/s "
+        f"aggregate; batch sizes {dict(sorted(st.decoder.batch_histogram.items()))}) | expert bank hit rate "
+        f"{s.hit_rate:.1%} with {per_layer}/{s.num_experts} experts resident per layer | {s.misses} experts "
+        f"streamed from disk, {s.bytes_read / 2**20:.1f} MiB read ({s.bytes_read / total:.1f}x the model's "
+        f"expert bytes)\n"
+    )
+    out.flush()
+    return summary
 
 
 def run_demo(checkpoint=None, *, slots: int | None = None, requests: list[DemoRequest] | None = None,
-             policy: str | None = None, out=None,
-             streams: Callable[..., Iterator[DemoEvent]] = sequential_streams) -> dict:
+             policy: str | None = None, out=None, backend: str = "asyncio") -> dict:
     """Runs the demo and returns its summary (tokens, seconds, tok/s, hit rate, bytes read, bank size)."""
     import json
     from pathlib import Path
 
+    import anyio
+
     from ..assets import demo_model_path
-    from ..io.load import load_moe
-    from ..io.trace_replay import budget_for_slots
 
     out = out or sys.stdout
     ckpt = Path(checkpoint) if checkpoint else demo_model_path()
     requests = list(requests) if requests is not None else [DemoRequest(p, seed=i) for i, p in enumerate(DEMO_PROMPTS)]
     cfg = json.loads((ckpt / "config.json").read_text())
     E, k = int(cfg["num_experts"]), int(cfg["num_experts_per_tok"])
-    slots = slots or max(k, E // 4)
-    t0 = time.perf_counter()
-    model, tok, store, _ = load_moe(ckpt, expert_residency="streaming", expert_cache_gb=budget_for_slots(ckpt, slots),
-                                    eviction_policy=policy)
-    load_s = time.perf_counter() - t0
-    try:
-        s0 = store.stats()
-        per_layer = s0.capacity_experts // s0.layers
-        total = s0.layers * s0.num_experts * s0.expert_bytes
-        name = "the bundled demo model" if checkpoint is None else str(ckpt)
-        out.write(
-            f"mach demo: {name} — qwen3_moe, {s0.layers} MoE layers x {s0.num_experts} experts, top-{k}\n"
-            f"experts stream from disk into a bank of {per_layer}/{s0.num_experts} slots per layer "
-            f"({per_layer / s0.num_experts:.0%} of {total / 2**20:.1f} MiB of experts), {s0.eviction_policy} "
-            f"eviction; loaded in {load_s:.2f}s\n"
-        )
-        printer = _Printer(out, requests, store)
-        t1 = time.perf_counter()
-        for ev in streams(model, tok, requests):
-            printer(ev)
-        secs = time.perf_counter() - t1
-        s = store.stats()
-    finally:
-        store.close()
-    n = sum(ev.tokens for ev in printer.done)
-    summary = {"requests": len(printer.done), "tokens": n, "seconds": secs, "tok_per_s": n / secs if secs else 0.0,
-               "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses, "bytes_read": s.bytes_read,
-               "slots_per_layer": per_layer, "num_experts": s.num_experts, "expert_bytes_total": total,
-               "load_seconds": load_s}
-    out.write(
-        f"\n[demo] {summary['requests']} generations, {n} tokens in {secs:.1f}s ({summary['tok_per_s']:.1f} tok/s) | "
-        f"expert bank hit rate {s.hit_rate:.1%} with {per_layer}/{s.num_experts} experts resident per layer | "
-        f"{s.misses} experts streamed from disk, {s.bytes_read / 2**20:.1f} MiB read "
-        f"({s.bytes_read / total:.1f}x the model's expert bytes)\n"
-    )
-    out.flush()
-    return summary
+    return anyio.run(_run, ckpt, slots or max(k, E // 4), requests, policy, out, backend=backend)
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
