@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's mach_runtime
+
 # Elements generated and written per step (64 MiB of uint32, 32 MiB of bf16).
 CHUNK_ELEMS = 1 << 24
 # Range of the random quantization scales (bf16 after truncation).
@@ -60,14 +62,6 @@ VERIFY_FORWARD_MAX_BYTES = 2 << 30
 # bf16 is handled as its raw uint16 bit pattern.
 ST_DTYPE = {"U32": np.uint32, "BF16": np.uint16}
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOS_TOKEN = "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def model_config(a):
@@ -289,35 +283,11 @@ def write_shard(path, specs, seed, progress):
 
 
 def write_tokenizer(out, vocab_size):
-    """Train a tiny byte-level BPE on a few stdlib sources and save it in the
-    Hugging Face layout (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """The project's tiny byte-level BPE (trained on a few stdlib sources), in the Hugging Face layout."""
+    from mach_runtime.io.tiny import make_tokenizer
 
-    stdlib = Path(os.__file__).parent
-    corpus = [str(p) for p in sorted(stdlib.glob("*.py"))[:8]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train(corpus, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": EOS_TOKEN,
-        "pad_token": "<|endoftext|>",
-        "add_bos_token": False,
-        "model_max_length": 40960,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return tok.token_to_id(EOS_TOKEN), tok.get_vocab_size()
+    vocab, eos = make_tokenizer(Path(out), vocab_size)
+    return eos, vocab
 
 
 def verify(out, specs):
