@@ -50,7 +50,7 @@ class Decoder:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.sink = sink  # callable(OutputMessage), thread-safe
+        self.sink = sink  # callable(OutputMessage or list of them), thread-safe
         self.kv_table = kv_table
         self.cache_inbox = cache_inbox  # callable(msg, then=None): deliver to the Cache actor, then call then()
         self.expert_inbox = expert_inbox  # callable(msg): deliver to the ExpertStore actor (thread-safe)
@@ -218,8 +218,8 @@ class Decoder:
             if routing is not None:
                 self.expert_inbox(StepRouting(routing))
         self._fault("step", steps=self.counters["steps"])
+        self.sink([TokenOutput(o.request_id, o.index, (o.token,), o.text) for o in outs])  # one wake-up per step
         for o in outs:
-            self.sink(TokenOutput(o.request_id, o.index, (o.token,), o.text))
             if o.finish_reason is not None:
                 self._finish(o.request_id, o.finish_reason)
 

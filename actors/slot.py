@@ -2,7 +2,9 @@
 
 Modelled on vLLM's output collector: one slot per request holds everything produced since the consumer last
 looked. A slow consumer receives several tokens merged into one chunk; the producer (the MLX thread) only
-appends under a lock and schedules a wake-up on the consumer's event loop.
+appends under a lock. ``push`` / ``finish`` / ``fail`` return the consumer's wake-up event (or None when it is
+not waiting); the producer hands all the events of one decode step to ``wake`` — one cross-thread call per
+step, not one per request (each costs a syscall on the event loop's self-pipe).
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     usage: dict | None = None  # on the last chunk: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
 
 
+def _set_all(events) -> None:
+    for e in events:
+        e.set()
+
+
+def wake(token, events) -> None:
+    """Sets the given consumer events (None entries skipped) with one call onto the event loop of ``token``."""
+    events = [e for e in events if e is not None]
+    if events:
+        call_soon(token, _set_all, events)
+
+
 class OutputSlot:
-    def __init__(self, request_id: str, token):
+    def __init__(self, request_id: str):
         self.request_id = request_id
-        self._token = token
         self._lock = threading.Lock()
         self._ids: list[int] = []
         self._text: list[str] = []
@@ -37,29 +50,28 @@ class OutputSlot:
         self._event: anyio.Event | None = None
         self._done = False  # the consumer received the last chunk
 
-    # -- producer side (any thread) ----------------------------------------------------------------------
-    def _wake(self) -> None:
+    # -- producer side (any thread); each returns the event to set, for ``wake`` -------------------------
+    def _take_event(self):
         event, self._event = self._event, None
-        if event is not None:
-            call_soon(self._token, event.set)
+        return event
 
-    def push(self, token_ids, text: str) -> None:
+    def push(self, token_ids, text: str):
         with self._lock:
             self._ids.extend(token_ids)
             self._text.append(text)
-            self._wake()
+            return self._take_event()
 
-    def finish(self, reason: str, usage: dict) -> None:
+    def finish(self, reason: str, usage: dict):
         with self._lock:
             if self._finish is None and self._error is None:
                 self._finish = (reason, usage)
-            self._wake()
+            return self._take_event()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException):
         with self._lock:
             if self._finish is None and self._error is None:
                 self._error = error
-            self._wake()
+            return self._take_event()
 
     @property
     def closed(self) -> bool:

@@ -28,7 +28,7 @@ from .decoder import Decoder
 from .expert_store import ExpertStoreActor
 from .messages import Abort, Finish, RequestFailed, Shutdown, Submit, TokenOutput
 from .mlx_thread import MLXThread, call_soon, loop_token
-from .slot import OutputSlot
+from .slot import OutputSlot, wake
 
 
 @dataclass
@@ -166,8 +166,7 @@ class Supervisor:
         with self._lock:
             entries = list(self.ledger.values())
             self.ledger.clear()
-        for e in entries:
-            e.slot.fail(error)
+        wake(self._token, [e.slot.fail(error) for e in entries])
 
     # -- requests ------------------------------------------------------------------------------------------
     def check_open(self) -> None:
@@ -178,7 +177,7 @@ class Supervisor:
 
     def submit(self, sub: Submit) -> OutputSlot:
         self.check_open()
-        slot = OutputSlot(sub.request_id, self._token)
+        slot = OutputSlot(sub.request_id)
         with self._lock:
             if sub.request_id in self.ledger:
                 raise RequestError(f"request_id {sub.request_id!r} is already in use by a live request")
@@ -195,28 +194,32 @@ class Supervisor:
             raise UnknownRequestError(f"no live request with id {request_id!r} (finished, aborted or never submitted)")
         self.decoder.send(Abort(request_id))
 
-    def deliver(self, msg) -> None:
-        """Output from the Decoder (MLX thread): into the ledger and the request's slot, never blocking."""
+    def deliver(self, msgs) -> None:
+        """Output from the Decoder (MLX thread; one message or a step's list): into the ledger and the
+        requests' slots, never blocking; one wake-up call onto the event loop for all of them."""
+        if not isinstance(msgs, list):
+            msgs = [msgs]
+        wake(self._token, [self._apply(m) for m in msgs])
+
+    def _apply(self, msg):
         with self._lock:
             e = self.ledger.get(msg.request_id)
             if e is None:
-                return  # already finished or failed
+                return None  # already finished or failed
             if isinstance(msg, TokenOutput):
                 if msg.index < len(e.delivered):
-                    return  # replayed position: the client has it already
+                    return None  # replayed position: the client has it already
                 if msg.index != len(e.delivered):
                     raise RuntimeError(f"token for {msg.request_id} at {msg.index}, expected {len(e.delivered)}")
                 e.delivered.extend(msg.token_ids)
-                e.slot.push(msg.token_ids, msg.text)
-                return
+                return e.slot.push(msg.token_ids, msg.text)
             del self.ledger[msg.request_id]
         if isinstance(msg, Finish):
-            e.slot.finish(msg.reason, {
+            return e.slot.finish(msg.reason, {
                 "prompt_tokens": msg.prompt_tokens, "completion_tokens": msg.completion_tokens,
                 "cached_tokens": msg.cached_tokens, "prefilled_tokens": msg.prefilled_tokens,
             })
-        elif isinstance(msg, RequestFailed):
-            e.slot.fail(RequestError(msg.message))
+        return e.slot.fail(RequestError(msg.message))  # RequestFailed
 
     # -- shutdown ------------------------------------------------------------------------------------------
     async def shutdown(self) -> None:

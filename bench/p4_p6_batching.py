@@ -26,6 +26,7 @@ import time
 import _common as C
 
 MODELS = {
+    "tiny": dict(hidden=64, layers=2, heads=4, head_dim=16, experts=8, top_k=2, moe_inter=32),
     "small": dict(hidden=512, layers=8, heads=8, head_dim=64, experts=32, top_k=4, moe_inter=256),
     "mid": dict(hidden=1024, layers=8, heads=16, head_dim=64, experts=64, top_k=8, moe_inter=512),
 }
