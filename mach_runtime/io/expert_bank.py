@@ -186,12 +186,15 @@ class StreamingExpertStore:
             bank.lut[e] = slot
             bank.slot_expert[slot] = e
         self.misses += len(missing)
-        idx = mx.array(slots)
         for i, (key, comp) in enumerate(bank.source.components.items()):
             t = bank.targets[key]
             arr = getattr(t.proj, t.comp)
             values = mx.stack([to_mx(b[i], comp.dtype, comp.shape, arr.dtype) for b in bufs])
-            arr[idx, t.rows] = apply_transform(values, t.transform)
+            values = apply_transform(values, t.transform)
+            # one slice update per slot: a scatter over the slot list is ~3x slower on MLX's CPU backend
+            # (measured 367 vs 119 ms per token at a 12.5 % bank) and no faster on CUDA
+            for j, slot in enumerate(slots):
+                arr[slot, t.rows] = values[j]
 
     def _read(self, bank: LayerBank, experts: list[int]) -> list[list[np.ndarray]]:
         """Bytes of each expert: from prefetch staging when it is there, else read now."""
