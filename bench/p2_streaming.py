@@ -33,8 +33,20 @@ Checkpoints (``--ckpt``):
   ~2.5 MB per expert, ~5 GB of routed experts.
 * any directory path.
 
-NOTE: random routers route near-uniformly, so the hit rates here are a FLOOR (~ capacity / experts); trained
-routers have strong locality, so real streaming reads far fewer bytes per token.
+Routing (``--routing``): ``model`` uses the checkpoint's own random routers; ``uniform`` replaces every router
+by N(0, 1) logits per token (uniform, memoryless routing). The script traces the decode routing and prints its
+locality (repeat@1: share of a step's experts the previous step used; cover@8: share found in the previous 8
+steps) next to uniform's and Qwen3-30B-A3B's published values (0.45 / 0.80).
+
+NOTE: uniform random routing caps the hit rate at ~ slots / experts, so with ``--routing uniform`` hit rates are
+a FLOOR; trained routers have strong locality, so real streaming reads far fewer bytes per token. Random WEIGHTS
+do not guarantee uniform routing: measured repeat@1 was 0.62 for mid_bf16_pe (make_tiny_checkpoint scales its
+routers up 8x) and 0.93 for a3b_l16 (make_large_checkpoint's router collapses onto a few experts), both MORE
+local than trained Qwen3 (0.45): with ``--routing model`` these hit rates are optimistic, not a floor.
+
+    python bench/p2_streaming.py                        # CPU: mid_bf16_pe, model routing
+    python bench/p2_streaming.py --routing uniform      # the floor -> bench/results/p2_streaming_uniform.json
+    python bench/p2_streaming.py --ckpt a3b_l16 --routing uniform --new-tokens 40   # GPU default checkpoint
 """
 
 from __future__ import annotations
@@ -83,6 +95,36 @@ def bank_bytes_per_expert(ckpt: Path, expert_bytes: int) -> int:
     return expert_bytes * 2 if (not quantized and half and not C.is_gpu()) else expert_bytes
 
 
+class UniformGate:
+    """Stands in for a MoE block's router (``mlp.gate``): logits drawn from N(0, 1) per token, ignoring the
+    hidden state, so routing is uniform and independent from token to token — the true floor for the hit
+    rate (~ slots / experts). Draws come from MLX's global PRNG in graph-construction order, so the same seed
+    gives the same routing (and tokens) in stacked and streaming residency."""
+
+    def __init__(self, experts: int):
+        self.experts = experts
+
+    def __call__(self, x):
+        import mlx.core as mx
+
+        return mx.random.normal((*x.shape[:-1], self.experts))
+
+
+def apply_routing(model, routing: str, experts: int) -> None:
+    if routing == "model":
+        return
+    n = 0
+    for layer in model.layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "switch_mlp"):
+            if "gate" in mlp:
+                del mlp["gate"]  # drop the router's weights from the module tree
+            object.__setattr__(mlp, "gate", UniformGate(experts))  # plain attribute: not a parameter
+            n += 1
+    if not n:
+        raise SystemExit("--routing uniform: found no MoE block with a gate to replace")
+
+
 def window(snaps, times, a, b, k, layers):
     """Metrics between token a and token b (indices into the per-token snapshots/times)."""
     s0, s1 = snaps[a], snaps[b]
@@ -115,6 +157,7 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     load_s = time.perf_counter() - t0
     st = store.stats()
     k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
+    apply_routing(model, a.routing, st.num_experts)
     snaps = []
     gstats = GenerationStats()
     t0 = time.perf_counter()
@@ -154,6 +197,7 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     from mach_runtime.engine.generate import generate_tokens, make_sampler
 
     model, _, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=1e6, direct_io=True)
+    apply_routing(model, a.routing, E)
     store.start_trace()
     mx.random.seed(a.seed)
     list(generate_tokens(model, ids, cache, make_sampler(a.temperature), n_new))
@@ -189,6 +233,7 @@ def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
     t0 = time.perf_counter()
     model, _, store, _ = load_moe(str(ckpt), expert_residency="stacked")
     load_s = time.perf_counter() - t0
+    apply_routing(model, a.routing, store.stats().num_experts)
     for _ in range(warmup):
         list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), min(n_new, 8)))
     tps = []
@@ -230,15 +275,19 @@ def main():
                         "model falls into repetition loops (the same token over and over), which repeats the routing "
                         "and inflates hit rates; sampling keeps the token stream, hence the routing, near-uniform")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing", choices=["model", "uniform"], default="model",
+                   help="model: the checkpoint's own (random) routers; uniform: replace every router by N(0,1) "
+                        "logits per token (uniform, memoryless routing: the true hit-rate floor)")
     p.add_argument("--warmup", choices=["first", "each", "none"], default=None,
                    help="untimed short runs before timing: first bank size only (CPU default) or each (GPU "
                         "default: the first forward of a new shape JIT-compiles)")
     p.add_argument("--time-budget-s", type=float, default=None, help="start no new timed run after this")
     p.add_argument("--ckpt-root", type=Path, default=C.default_ckpt_root())
-    p.add_argument("--out", default=C.default_out("p2_streaming"))
+    p.add_argument("--out", default=None, help="default bench/results/p2_streaming[_uniform].json")
     a = p.parse_args()
 
     t_start = time.perf_counter()
+    a.out = a.out or C.default_out("p2_streaming" + ("_uniform" if a.routing == "uniform" else ""))
     info = C.machine_info()
     gpu = C.is_gpu()
     spec = a.ckpt or ("a3b_l16" if gpu else "mid_bf16_pe")
@@ -268,7 +317,7 @@ def main():
                    checkpoint_bytes=C.checkpoint_bytes(ckpt), layers=layers, experts=E, top_k=k,
                    expert_bytes=expert_bytes, bank_bytes_per_expert=bank_bytes, routed_bytes=routed,
                    prompt_tokens=len(ids), new_tokens=a.new_tokens, io_threads=a.io_threads, policy=a.policy,
-                   temperature=a.temperature, seed=a.seed,
+                   temperature=a.temperature, seed=a.seed, routing=a.routing,
                    note=C.RANDOM_ROUTING_NOTE)
 
     bw_before = disk_bw(files)
@@ -336,16 +385,17 @@ def main():
     print(f"\nP2 streaming decode, cold ({info['backend']}: {where}; mlx {info['mlx']}); {spec}: {layers} layers x "
           f"{E} experts top-{k}, {expert_bytes / 1e6:.2f} MB/expert on disk ({bank_bytes / 1e6:.2f} MB in bank); "
           f"prompt {len(ids)}, {a.new_tokens} new tokens (temperature {a.temperature:g}, seed {a.seed}); "
-          f"direct_io, {a.io_threads} io threads, {a.policy}; "
-          f"median of {a.repeats} cold runs")
-    rows = [["stacked (100% resident)", E, "-", f"{stacked['tps']:.2f}", f"{stacked['tps']:.2f}", "1.000", "1.000",
-             "0.0", "0.0", "-", "-", "1.00"]]
+          f"routing: {a.routing}; direct_io, {a.io_threads} io threads, {a.policy}; "
+          f"median of the cold runs ('runs' column; {a.repeats} planned)")
+    rows = [["stacked (100% resident)", E, "-", len(stacked["tps_runs"]), f"{stacked['tps']:.2f}",
+             f"{stacked['tps']:.2f}", "1.000", "1.000", "0.0", "0.0", "-", "-", "1.00"]]
     for s in summary:
-        rows.append([f"streaming {s['fraction']:.1%}", s["slots_per_layer"], f"{s['bank_gib']:.2f}", f"{s['tps']:.2f}",
+        rows.append([f"streaming {s['fraction']:.1%}", s["slots_per_layer"], f"{s['bank_gib']:.2f}", s["runs"],
+                     f"{s['tps']:.2f}",
                      f"{s['steady_tps']:.2f}", f"{s['hit_rate']:.3f}", f"{s['steady_hit_rate']:.3f}",
                      f"{s['bytes_per_token'] / 1e6:.1f}", f"{s['steady_bytes_per_token'] / 1e6:.1f}",
                      f"{s['read_mb_per_s']:.0f}", f"{s['read_share']:.0%}", f"{s['vs_stacked']:.2f}"])
-    print(C.fmt_table(["residency / bank", "slots/layer", "GiB", "tok/s", "steady tok/s", "hit", "steady hit",
+    print(C.fmt_table(["residency / bank", "slots/layer", "GiB", "runs", "tok/s", "steady tok/s", "hit", "steady hit",
                        "MB/tok", "steady MB/tok", "read MB/s", "read share", "vs stacked"], rows))
     print(f"disk O_DIRECT 2 MiB random, 4 threads: {bw_before['mb_per_s']:.0f} MB/s before, "
           f"{bw_after['mb_per_s']:.0f} MB/s after ({bw_before['mode']}, {Path(bw_before['file']).name})")

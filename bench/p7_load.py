@@ -7,17 +7,25 @@ load is cold and every peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` i
 alone. Children, alternated over ``--repeats``:
 
 * ``streaming``: ``load_moe(LARGE, expert_residency="streaming", expert_cache_gb=--cache-gb, direct_io=True)``,
-  then ``--decode-tokens`` (8) greedy tokens to prove the model works (tok/s, hit rate, bytes read);
-* ``mlx_lm``: ``mlx_lm.load(LARGE)`` — the full, eager load (every weight read into memory), then the same
-  decode. The machine must have the checkpoint's size + ``--headroom-gib`` of MemAvailable; otherwise
-  (``--mlx-lm auto``) it falls back to ``mlx_lm.load(LARGE, lazy=True)`` — which only builds the graph and
-  reads no weights, so its time/RSS are NOT comparable and the output says so — and skips its decode.
+  then (first repeat only) ``--decode-tokens`` (8) greedy tokens to prove the model works (tok/s, hit rate);
+* ``mlx_lm``: ``mlx_lm.load(LARGE)`` — the full, eager load (every weight read into memory); its decode only
+  with ``--baseline-decode`` (on CPU the 30B-A3B shape decodes at ~0.04 tok/s). The full load needs the
+  checkpoint's size + ``--headroom-gib`` of MemAvailable (17.2 GB + 3 GiB fits the 24 GiB dev machine when
+  nothing else big runs); otherwise (``--mlx-lm auto``) it falls back to ``mlx_lm.load(LARGE, lazy=True)`` —
+  which only builds the graph and reads no weights, so its time/RSS are NOT comparable and the output says
+  so. ``--mlx-lm skip`` measures streaming only.
 
-Reported: load seconds (the load call alone, in the child), process wall seconds (interpreter start, imports,
-load; from the parent), peak RSS after load and after decode. Goal for streaming: load < 3 s, RSS < 3 GB.
+The bank is allocated and zero-filled at load, so load time and RSS grow with ``--cache-gb`` (measured here:
+~1.3 s and 1.02 GB per GiB of bank on the CPU dev machine).
+
+Reported: load seconds (the load call alone, in the child, with mlx_lm / transformers / mach_runtime imported
+before the clock for both engines), start->loaded seconds (from the parent's spawn: interpreter start, imports,
+load), peak RSS after load and after decode, and the bank's share of it. Goal for streaming: load < 3 s,
+RSS < 3 GB.
 
     python bench/p7_load.py                                   # /work/large_ckpt/qwen3-30b-a3b-shaped-4bit
     python bench/p7_load.py --ckpt DIR --cache-gb 2 --repeats 2
+    python bench/p7_load.py --cache-gb 1 --mlx-lm skip --decode-tokens 0 --out bench/results/p7_load_1gib.json
 """
 
 from __future__ import annotations
@@ -54,30 +62,35 @@ def current_rss_bytes() -> int:
 
 def child(a) -> dict:
     t_import = time.perf_counter()
+    # The same imports for both engines, before the clock starts: load_moe would otherwise pay for importing
+    # mlx_lm (and transformers, ~1-3 s cold) inside the timed call while mlx_lm.load would not.
     import mlx.core as mx
+    import mlx_lm
+    import mlx_lm.models.qwen3_moe  # noqa: F401
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mach_runtime.io.disk_switch_glu  # noqa: F401
+    import mach_runtime.io.gather_switch_glu  # noqa: F401
+    from mach_runtime import load_moe
 
     out = dict(engine=a.child)
     if a.child == "streaming":
-        from mach_runtime import load_moe
-
         t0 = time.perf_counter()
         model, tok, store, cache = load_moe(a.ckpt, expert_residency="streaming", expert_cache_gb=a.cache_gb,
                                             direct_io=True)
         out["load_seconds"] = time.perf_counter() - t0
         st = store.stats()
         out.update(capacity_experts=st.capacity_experts, experts_total=st.layers * st.num_experts,
-                   expert_bytes=st.expert_bytes, expert_cache_gb=a.cache_gb)
+                   expert_bytes=st.expert_bytes, expert_cache_gb=a.cache_gb,
+                   bank_bytes=st.capacity_experts * st.expert_bytes)
     else:
-        import mlx_lm
-
         t0 = time.perf_counter()
         model, tok = mlx_lm.load(a.ckpt, lazy=(a.child == "mlx_lm_lazy"))
         out["load_seconds"] = time.perf_counter() - t0
         store = None
-        from mlx_lm.models.cache import make_prompt_cache
-
         cache = make_prompt_cache(model)
     out["import_seconds"] = t0 - t_import
+    out["spawn_to_loaded_seconds"] = time.time() - a.spawn_time  # interpreter start + imports + load
     out["peak_rss_after_load"] = peak_rss_bytes()
     out["rss_after_load"] = current_rss_bytes()
     try:
@@ -85,7 +98,7 @@ def child(a) -> dict:
     except AttributeError:  # pragma: no cover
         pass
 
-    if a.decode_tokens and a.child != "mlx_lm_lazy":
+    if a.decode_tokens and (a.child == "streaming" or (a.child == "mlx_lm" and a.baseline_decode)):
         from mach_runtime.engine.generate import GenerationStats, generate_tokens, make_sampler
 
         ids = C.make_prompt(tok, a.prompt_tokens)
@@ -104,10 +117,11 @@ def child(a) -> dict:
     return out
 
 
-def spawn(engine, a) -> dict:
+def spawn(engine, a, decode=True) -> dict:
     drop = C.drop_caches(C.safetensors_files(a.ckpt))
     cmd = [sys.executable, __file__, "--child", engine, "--ckpt", a.ckpt, "--cache-gb", str(a.cache_gb),
-           "--decode-tokens", str(a.decode_tokens), "--prompt-tokens", str(a.prompt_tokens)]
+           "--decode-tokens", str(a.decode_tokens if decode else 0), "--prompt-tokens", str(a.prompt_tokens),
+           "--spawn-time", repr(time.time())] + (["--baseline-decode"] if a.baseline_decode else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -125,8 +139,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default=DEFAULT_CKPT)
     p.add_argument("--cache-gb", type=float, default=2.0, help="streaming bank budget (GiB, all layers)")
-    p.add_argument("--decode-tokens", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--decode-tokens", type=int, default=8, help="decoded in the first repeat only")
+    p.add_argument("--prompt-tokens", type=int, default=2,
+                   help="short: on CPU a 30B-A3B-shaped 4-bit forward takes seconds per token")
+    p.add_argument("--baseline-decode", action="store_true",
+                   help="also decode after mlx_lm.load (slow on CPU: ~26 s/token seen for the 30B-A3B shape)")
+    p.add_argument("--spawn-time", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--mlx-lm", choices=["auto", "full", "lazy", "skip"], default="auto")
     p.add_argument("--headroom-gib", type=float, default=3.0)
@@ -154,7 +172,7 @@ def main():
                    cache_gb=a.cache_gb, mlx_lm_mode=mode, mlx_lm_mode_reason=reason, runs=runs)
     for r in range(a.repeats):
         for e in (engines if r % 2 == 0 else engines[::-1]):
-            res = spawn(e, a)
+            res = spawn(e, a, decode=(r == 0))  # decode once per engine: it proves the model works
             runs[e].append(res)
             if "error" in res:
                 print(f"[p7] rep {r} {e}: ERROR {res['error']}", flush=True)
@@ -176,6 +194,8 @@ def main():
             summary.append(dict(engine=e, error=runs[e][0]["error"] if runs[e] else "not run"))
             continue
         summary.append(dict(engine=e, load_seconds=med(e, "load_seconds"), wall_seconds=med(e, "process_wall_seconds"),
+                            spawn_to_loaded_seconds=med(e, "spawn_to_loaded_seconds"),
+                            import_seconds=med(e, "import_seconds"),
                             peak_rss_after_load=med(e, "peak_rss_after_load"),
                             peak_rss_after_decode=med(e, "peak_rss_after_decode"),
                             decode_tps=med(e, "decode_tps"), ttft=med(e, "ttft"), hit_rate=med(e, "hit_rate"),
@@ -191,18 +211,22 @@ def main():
     rows = []
     for s in summary:
         if "error" in s:
-            rows.append([label[s["engine"]], "ERROR", s["error"], "", "", "", "", ""])
+            rows.append([label[s["engine"]], "ERROR", s["error"]] + [""] * 7)
             continue
         f = lambda v, fmt: "-" if v != v else fmt.format(v)  # NaN -> "-"
-        rows.append([label[s["engine"]], f(s["load_seconds"], "{:.2f}"), f(s["wall_seconds"], "{:.2f}"),
-                     f(s["peak_rss_after_load"] / 1e9, "{:.2f}"), f(s["peak_rss_after_decode"] / 1e9, "{:.2f}"),
-                     f(s["ttft"], "{:.2f}"), f(s["decode_tps"], "{:.2f}"), f(s["hit_rate"], "{:.3f}")])
+        bank = [x.get("bank_bytes", float("nan")) for x in runs[s["engine"]] if "error" not in x][0]
+        rows.append([label[s["engine"]], f(s["load_seconds"], "{:.2f}"), f(s["spawn_to_loaded_seconds"], "{:.2f}"),
+                     f(s["peak_rss_after_load"] / 1e9, "{:.2f}"), f(bank / 1e9, "{:.2f}"),
+                     f(s["peak_rss_after_decode"] / 1e9, "{:.2f}"),
+                     f(s["ttft"], "{:.1f}"), f(s["decode_tps"], "{:.3f}"), f(s["hit_rate"], "{:.3f}")])
     where = info.get("gpu") or info["cpu_model"]
     print(f"\nP7 cold load of {a.ckpt} ({ckpt_bytes / 1e9:.1f} GB) ({info['backend']}: {where}; mlx {info['mlx']}); "
-          f"fresh process each, page cache dropped before each; median of {a.repeats}; "
-          f"then {a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt")
-    print(C.fmt_table(["engine", "load s", "process s", "peak RSS GB (load)", "peak RSS GB (+decode)", "TTFT s",
-                       "decode tok/s", "hit rate"], rows))
+          f"fresh process each, page cache dropped before each; median of {a.repeats}; streaming then decodes "
+          f"{a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt")
+    print(C.fmt_table(["engine", "load s", "start->loaded s", "peak RSS GB", "of which bank GB",
+                       "peak RSS GB +decode", "TTFT s", "decode tok/s", "hit rate"], rows))
+    print("load s: the load call alone (mlx_lm/transformers/mach_runtime imported before the clock, for both); "
+          "start->loaded s: from the parent's spawn to the loaded model (interpreter start, imports, load)")
     print(f"goals (streaming): load < 3 s: {payload['goals']['streaming_load_lt_3s']}, "
           f"RSS < 3 GB: {payload['goals']['streaming_rss_lt_3gb']}   [{reason}]")
     print(f"json: {a.out}")
