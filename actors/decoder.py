@@ -58,6 +58,7 @@ class Decoder:
         self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
         self.spec = spec  # BlockSpecDecEngine sharing the model, or None
         self.solo: _Solo | None = None  # the lone speculative request, if one is running
+        self._outbox: list = []  # outputs not yet handed to the sink (messages, or callables run in order)
         self.mailbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: deque[Submit] = deque()
         self.engine: BatchEngine | None = None
@@ -88,6 +89,27 @@ class Decoder:
         )
 
     # -- the loop (MLX thread) -----------------------------------------------------------------------------
+    def _post(self, item) -> None:
+        """Queues an output message (or a callable that must run in order with them) for ``_flush``."""
+        self._outbox.append(item)
+
+    def _flush(self) -> None:
+        """Hands queued outputs to the sink in order: one delivery (one wake-up) per run of messages."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        batch = []
+        for item in items:
+            if callable(item):
+                if batch:
+                    self.sink(batch)
+                    batch = []
+                item()
+            else:
+                batch.append(item)
+        if batch:
+            self.sink(batch)
+
     def _fault(self, point: str, **info) -> None:
         if self.fault_hook is not None:
             self.fault_hook(self.name, point, info)
@@ -96,6 +118,8 @@ class Decoder:
         self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
         while True:
             self.kv_table.collect()
+            if not self.engine.active:
+                self._flush()  # nothing will be stepped this iteration: deliver now
             idle = not self.engine.active and not self.pending and self.solo is None
             msgs = [self.mailbox.get()] if idle else []
             while True:
@@ -105,6 +129,7 @@ class Decoder:
                     break
             for m in msgs:
                 if isinstance(m, Shutdown):
+                    self._flush()
                     return
                 if isinstance(m, Submit):
                     self.pending.append(m)
@@ -114,12 +139,14 @@ class Decoder:
                 self._demote_solo()  # company arrived: the lone speculative request joins the batch
             if self.pending and not self.engine.full:
                 sub = self.pending.popleft()
+                self._flush()  # a prefill may take a while: deliver what the last step produced first
                 if self._wants_spec(sub) and not self.pending and not self.engine.active:
                     self._start_solo(sub)
                 else:
                     self._admit(sub)
             if self.solo is not None:
                 self._solo_cycle()
+                self._flush()
             elif self.engine.active:
                 self._step()
 
@@ -154,12 +181,12 @@ class Decoder:
             if not isinstance(e, MachError):
                 raise
             self.solo = None
-            self.sink(RequestFailed(solo.sub.request_id, str(e)))
+            self._post(RequestFailed(solo.sub.request_id, str(e)))
             return
         self.counters["spec_cycles"] += 1
         self._fault("step", steps=self.counters["steps"] + self.counters["spec_cycles"])
         if chunk is not None and chunk.token_ids:
-            self.sink(TokenOutput(solo.sub.request_id, len(solo.delivered), tuple(chunk.token_ids), chunk.text))
+            self._post(TokenOutput(solo.sub.request_id, len(solo.delivered), tuple(chunk.token_ids), chunk.text))
             solo.delivered.extend(chunk.token_ids)
             self.counters["generated"] += len(chunk.token_ids)
         if chunk is None or chunk.finish_reason is not None:
@@ -172,8 +199,8 @@ class Decoder:
         self.counters["aborted" if reason == "abort" else "completed"] += 1
         prefilled = len(sub.prompt_ids) + len(sub.resume_ids)  # the engine prefills the whole prompt
         self.counters["prefilled"] += prefilled
-        self.sink(Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
-                         completion_tokens=len(delivered), cached_tokens=0, prefilled_tokens=prefilled))
+        self._post(Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
+                          completion_tokens=len(delivered), cached_tokens=0, prefilled_tokens=prefilled))
 
     def _demote_solo(self) -> None:
         """Moves the lone speculative request into the batch: re-admitted as prompt + delivered tokens."""
@@ -197,7 +224,7 @@ class Decoder:
 
             if not isinstance(e, MachError):
                 raise
-            self.sink(RequestFailed(sub.request_id, str(e)))
+            self._post(RequestFailed(sub.request_id, str(e)))
             return
         self._submits[sub.request_id] = sub
         self.counters["prefilled"] += seq.prefilled_tokens
@@ -209,7 +236,9 @@ class Decoder:
             self._finish(sub.request_id, "length")
 
     def _step(self) -> None:
-        outs = self.engine.step()
+        # the previous step's outputs go out once the next step is queued: the consumers' Python then runs
+        # while the device computes, not while this thread builds the next graph
+        outs = self.engine.step(on_launched=self._flush)
         self.counters["steps"] += 1
         self.histogram[len(outs)] += 1
         self.counters["generated"] += len(outs)
@@ -218,7 +247,7 @@ class Decoder:
             if routing is not None:
                 self.expert_inbox(StepRouting(routing))
         self._fault("step", steps=self.counters["steps"])
-        self.sink([TokenOutput(o.request_id, o.index, (o.token,), o.text) for o in outs])  # one wake-up per step
+        self._outbox.extend(TokenOutput(o.request_id, o.index, (o.token,), o.text) for o in outs)
         for o in outs:
             if o.finish_reason is not None:
                 self._finish(o.request_id, o.finish_reason)
@@ -241,10 +270,11 @@ class Decoder:
             tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
             # the Cache actor must hold the KV before the caller sees the end of the turn (its next turn's
             # lookup would otherwise race the insert): the Finish follows the insert on the event loop
-            self.cache_inbox(CacheInsert(sub.session_id, self.kv_table.put(kv), tokens),
-                             then=lambda: self.sink(finish))
+            handle = self.kv_table.put(kv)
+            self._post(lambda: self.cache_inbox(CacheInsert(sub.session_id, handle, tokens),
+                                                then=lambda: self.sink(finish)))
         else:
-            self.sink(finish)
+            self._post(finish)
 
     def _abort(self, request_id: str) -> None:
         if self.solo is not None and self.solo.sub.request_id == request_id:
@@ -254,8 +284,8 @@ class Decoder:
             if sub.request_id == request_id:
                 del self.pending[i]
                 self.counters["aborted"] += 1
-                self.sink(Finish(request_id=request_id, reason="abort", prompt_tokens=len(sub.prompt_ids),
-                                 completion_tokens=len(sub.resume_ids), cached_tokens=0, prefilled_tokens=0))
+                self._post(Finish(request_id=request_id, reason="abort", prompt_tokens=len(sub.prompt_ids),
+                                  completion_tokens=len(sub.resume_ids), cached_tokens=0, prefilled_tokens=0))
                 return
         if self.engine.has(request_id):
             self._finish(request_id, "abort")

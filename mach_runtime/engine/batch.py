@@ -178,7 +178,7 @@ class BatchEngine:
         self._inflight_rows = list(self.seqs)
         mx.async_eval(self._inflight)
 
-    def step(self) -> list[StepOutput]:
+    def step(self, on_launched=None) -> list[StepOutput]:
         """One batched decode step: the tokens of every row of the step in flight.
 
         With ``pipeline`` on, the next step is queued before this one's tokens are read back, so building the
@@ -193,6 +193,8 @@ class BatchEngine:
         self._inflight, self._inflight_rows = None, []
         if self.pipeline:
             self._launch(cur, rows)
+        if on_launched is not None:  # the caller's host work overlaps the device's (e.g. delivering outputs)
+            on_launched()
         tokens = cur.tolist()
         self.steps += 1
         out = []
