@@ -419,3 +419,26 @@ def test_config_and_draft_errors(qwen3, tmp_path):
 
     with pytest.raises(CheckpointError):
         load_dflash_draft(tmp_path)
+
+
+def test_bucketed_kv_cache_equals_plain_cache(qwen3):
+    """Multi-token forwards over KV lengths rounded up to 64 (masked) give the plain cache's logits."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    from mach_runtime.engine.specdec.target import KV_BUCKET, bucket_kv_caches
+
+    model = qwen3[0]
+    plain, bucketed = make_prompt_cache(model), make_prompt_cache(model)
+    bucket_kv_caches(bucketed)
+    assert type(bucketed[0]).__name__ == "BucketedKVCache"
+    ids = list(range(5, 400))
+    pos = 0
+    for n, keep in [(37, 37), (16, 9), (16, 16), (1, 1), (16, 3), (200, 200), (16, 16)]:  # crosses 256-steps
+        blk = mx.array([ids[pos : pos + n]])
+        a, b = model(blk, cache=plain), model(blk, cache=bucketed)
+        assert float(mx.abs(a - b).max()) <= 1e-4 * float(mx.abs(a).max())
+        trim_prompt_cache(plain, n - keep)
+        trim_prompt_cache(bucketed, n - keep)
+        pos += keep
+    assert bucketed[0].offset == plain[0].offset == pos and pos % KV_BUCKET != 0

@@ -30,6 +30,7 @@ class BlockSpecDecEngineConfig:
     lookup_min_ngram: int = 2  # ... and the shortest
     recent_window: int = 32  # cycles behind ``recent_alpha``
     low_alpha: float = 0.25  # a drafting cycle accepting less than this fraction of its drafts is a "low" cycle
+    bucket_kv: bool = True  # multi-token forwards attend over KV lengths rounded up to 64 (static shapes; target.py)
 
     def __post_init__(self):
         try:

@@ -34,7 +34,7 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, load_dflash_draf
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats
-from .target import Checkpoint, TargetOps, rollback
+from .target import Checkpoint, TargetOps, bucket_kv_caches, rollback
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,8 @@ class BlockSpecDecEngine:
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
         emitter = TokenEmitter(self.tokenizer, eos | set(stop_token_ids), stop, max_tokens)
         cache = make_prompt_cache(self.model)
+        if self.config.bucket_kv:
+            bucket_kv_caches(cache)
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
             drafter.start(ids)
