@@ -129,16 +129,8 @@ def main() -> int:
     import json
 
     cfg = json.loads((Path(a.target) / "config.json").read_text())
-    n_experts, layers = cfg["num_experts"], cfg["num_hidden_layers"]
-    from mach_runtime.io.arch_registry import REGISTRY
-    from mach_runtime.io.expert_layout import find_expert_layout
-    from mach_runtime.io.safetensors_index import CheckpointIndex
-
-    layout = find_expert_layout(CheckpointIndex(a.target), REGISTRY["qwen3_moe"], cfg, "config.json")
-    from mach_runtime.io.load import _bank_expert_bytes, _float_cast
-
-    bank_bytes = _bank_expert_bytes(layout, _float_cast(layout, None))
-    gb = (a.bank_fraction * n_experts + 0.5) * len(layout.layers) * bank_bytes / 2**30
+    n_experts = cfg["num_experts"]
+    slots = int(a.bank_fraction * n_experts + 0.5)
     rows_b = []
     base_b = None
     for name, kw in [("target_only", dict(mode="target_only")), ("fixed", dict(policy="fixed")),
@@ -147,7 +139,7 @@ def main() -> int:
         eng = BlockSpecDecEngine.from_checkpoint(
             target_checkpoint=a.target, draft_checkpoint=a.draft,
             config=BlockSpecDecEngineConfig(mode="native_v7", block_size=16), expert_residency="streaming",
-            expert_cache_gb=gb, eviction_policy="lrfu",
+            expert_slots=slots, eviction_policy="lrfu",
         )
         run_spec(eng, prompts[:1], 8, **kw)  # warm-up
         before = eng.store.stats().bytes_read

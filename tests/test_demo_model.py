@@ -14,7 +14,6 @@ from mach_runtime import load_moe
 from mach_runtime.assets import demo_model_path
 from mach_runtime.io.trace_replay import (
     RoutingTrace,
-    budget_for_slots,
     default_slot_sizes,
     replay,
     routing_stats,
@@ -65,7 +64,7 @@ def test_transformers_reads_config_and_tokenizer():
 def test_assets_match_transformers(demo_ref, residency, slots):
     kw = {"expert_residency": residency}
     if slots:
-        kw["expert_cache_gb"] = budget_for_slots(DEMO, slots)
+        kw["expert_slots"] = slots
     model, tok, store, _ = load_moe(DEMO, **kw)
     try:
         assert tok.encode(demo_ref["prompt"]) == demo_ref["prompt_ids"]
@@ -171,7 +170,7 @@ def test_trace_replay_reconciles_with_live_stats(tmp_path, policy, slots):
     from mach_runtime.cli.trace import heldout_segments, reconcile, record
     from mach_runtime.engine.generate import stream_generate
 
-    model, tok, store, _ = load_moe(DEMO, expert_residency="streaming", expert_cache_gb=budget_for_slots(DEMO, slots),
+    model, tok, store, _ = load_moe(DEMO, expert_residency="streaming", expert_slots=slots,
                                     eviction_policy=policy)
     try:
         assert store.stats().capacity_experts == slots * store.stats().layers

@@ -180,6 +180,13 @@ def test_expert_cache_too_small():
         load_moe(HF_QWEN3_MOE, expert_residency="streaming", expert_cache_gb=1.5 * 2 * 24576 / GIB)
 
 
+def test_expert_slots_too_small_or_conflicting():
+    with pytest.raises(ExpertCacheTooSmallError, match="expert_slots=1: .*at least 2 slots"):
+        load_moe(HF_QWEN3_MOE, expert_residency="streaming", expert_slots=1)
+    with pytest.raises(ConfigError, match="either expert_cache_gb or expert_slots"):
+        load_moe(HF_QWEN3_MOE, expert_residency="streaming", expert_slots=4, expert_cache_gb=1.0)
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [

@@ -179,3 +179,12 @@ def test_default_bank_is_a_quarter(tiny_dir):
         assert store.slots == 4  # 25 % of 16 experts (and never below top-k)
     finally:
         store.close()
+
+
+def test_expert_slots_sets_the_bank_exactly(tiny_dir):
+    for slots, want in ((4, 4), (7, 7), (99, 16)):  # more than the experts is capped at the experts
+        model, tok, store, cache = load_moe(tiny_dir, expert_residency="streaming", expert_slots=slots)
+        try:
+            assert store.slots == want and store.stats().capacity_experts == 2 * want
+        finally:
+            store.close()

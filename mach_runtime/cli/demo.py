@@ -87,11 +87,10 @@ class _Printer:
 async def _run(ckpt, slots, requests, policy, out) -> dict:
     import anyio
 
-    from ..io.trace_replay import budget_for_slots
     from actors.runtime import Runtime
 
     t0 = time.perf_counter()
-    async with Runtime.open(ckpt, expert_residency="streaming", expert_cache_gb=budget_for_slots(ckpt, slots),
+    async with Runtime.open(ckpt, expert_residency="streaming", expert_slots=slots,
                             eviction_policy=policy, max_batch=len(requests)) as rt:
         load_s = time.perf_counter() - t0
         s0 = (await rt.stats()).experts

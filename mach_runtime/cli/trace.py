@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..io.trace_replay import POLICIES, RoutingTrace, budget_for_slots, default_slot_sizes, replay, routing_stats, sweep
+from ..io.trace_replay import POLICIES, RoutingTrace, default_slot_sizes, replay, routing_stats, sweep
 
 
 def heldout_stream(tokenizer, checkpoint=None) -> list[int]:
@@ -175,7 +175,7 @@ def run(a) -> int:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     E = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"))
     slots = a.slots or max(int(cfg.get("num_experts_per_tok", 1)), E // 4)
-    model, tok, store, _ = load_moe(ckpt, expert_residency="streaming", expert_cache_gb=budget_for_slots(ckpt, slots),
+    model, tok, store, _ = load_moe(ckpt, expert_residency="streaming", expert_slots=slots,
                                     eviction_policy=a.policy)
     try:
         live_slots = store.stats().capacity_experts // store.stats().layers

@@ -140,6 +140,16 @@ class StreamingExpertStore:
             )
         return min(slots, layout.num_experts)
 
+    @staticmethod
+    def check_slots(layout: ExpertLayout, slots) -> int:
+        """An explicit bank size in slots per layer: at least top-k, capped at the experts."""
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < layout.top_k:
+            raise ExpertCacheTooSmallError(
+                f"expert_slots={slots!r}: one token needs top-k={layout.top_k} experts per MoE layer, so the bank "
+                f"needs at least {layout.top_k} slots per layer"
+            )
+        return min(slots, layout.num_experts)
+
     def add_layer(self, source: ExpertLayerSource, targets: dict) -> LayerBank:
         bank = LayerBank(len(self.banks), source, self.slots, self.policy_name, targets)
         self.banks.append(bank)

@@ -247,6 +247,7 @@ def load_moe(
     *,
     expert_residency: str | None = None,
     expert_cache_gb: float | None = None,
+    expert_slots: int | None = None,
     eviction_policy: str | None = None,
     io_threads: int | None = None,
     direct_io: bool | None = None,
@@ -259,6 +260,8 @@ def load_moe(
         from disk); None → env MACH_EXPERT_RESIDENCY → "stacked".
     expert_cache_gb: streaming bank budget in GiB over all MoE layers; None → env MACH_EXPERT_CACHE_GB →
         a quarter of the routed-expert bytes.
+    expert_slots: streaming bank size as slots per MoE layer instead of a byte budget (at least top-k; more
+        than the experts is capped at the experts); exclusive with an ``expert_cache_gb`` argument.
     eviction_policy: "lru" or "lrfu" (frequency-aware LRU, default); io_threads: reader threads;
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
     """
@@ -266,6 +269,8 @@ def load_moe(
     from mlx_lm.models.cache import make_prompt_cache
 
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
+    if expert_slots is not None and expert_cache_gb is not None:
+        raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
     directory = _local_dir(path)
     source = str(directory / "config.json")
     config = read_config(directory)
@@ -311,12 +316,15 @@ def load_moe(
         if streaming:
             from .expert_bank import StreamingExpertStore
 
-            bank_bytes = _bank_expert_bytes(layout, target)
-            budget = settings.expert_cache_gb
-            if budget is None:
-                budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
-                budget = max(budget, layout.top_k * len(layout.layers) * bank_bytes / (1 << 30))
-            slots = StreamingExpertStore.slots_for_budget(layout, budget, bank_bytes)
+            if expert_slots is not None:
+                slots = StreamingExpertStore.check_slots(layout, expert_slots)
+            else:
+                bank_bytes = _bank_expert_bytes(layout, target)
+                budget = settings.expert_cache_gb
+                if budget is None:
+                    budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
+                    budget = max(budget, layout.top_k * len(layout.layers) * bank_bytes / (1 << 30))
+                slots = StreamingExpertStore.slots_for_budget(layout, budget, bank_bytes)
             store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads, settings.direct_io)
             if layout.layout == "stacked":
                 print(

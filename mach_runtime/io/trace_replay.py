@@ -267,20 +267,3 @@ def routing_stats(trace: RoutingTrace, window: int = 8, block: int = 16) -> dict
             "block_union": E * (1 - (1 - p) ** block),
         },
     }
-
-
-def budget_for_slots(path, slots: int) -> float:
-    """``expert_cache_gb`` that buys exactly ``slots`` bank slots per MoE layer of the checkpoint at ``path``
-    (with the same in-memory expert size ``load_moe`` will use on this backend)."""
-    from .arch_registry import adapter_for_config, read_config
-    from .expert_layout import find_expert_layout
-    from .load import _bank_expert_bytes, _float_cast  # the loader's own sizing rules
-    from .safetensors_index import CheckpointIndex
-
-    path = Path(path)
-    config = read_config(path)
-    source = str(path / "config.json")
-    adapter = adapter_for_config(config, source)
-    layout = find_expert_layout(CheckpointIndex(path), adapter, adapter.text_config(config, source), source)
-    per_expert = _bank_expert_bytes(layout, _float_cast(layout, None))
-    return (slots + 0.5) * len(layout.layers) * per_expert / (1 << 30)
