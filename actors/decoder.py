@@ -22,9 +22,11 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from mach_runtime.engine.batch import BatchEngine
+from mach_runtime.errors import MachError
 
 from .messages import (
     Abort,
+    CacheInsert,
     DecoderStats,
     Finish,
     RequestFailed,
@@ -176,8 +178,6 @@ class Decoder:
         except StopIteration:  # pragma: no cover - the generator always ends with a finish chunk
             chunk = None
         except Exception as e:
-            from mach_runtime.errors import MachError
-
             if not isinstance(e, MachError):
                 raise
             self.solo = None
@@ -220,8 +220,6 @@ class Decoder:
         try:
             seq = self.engine.add(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv, cached)
         except Exception as e:  # a bad request fails alone; the batch goes on
-            from mach_runtime.errors import MachError
-
             if not isinstance(e, MachError):
                 raise
             self._post(RequestFailed(sub.request_id, str(e)))
@@ -265,8 +263,6 @@ class Decoder:
             prefilled_tokens=seq.prefilled_tokens,
         )
         if store_kv:
-            from .messages import CacheInsert
-
             tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
             # the Cache actor must hold the KV before the caller sees the end of the turn (its next turn's
             # lookup would otherwise race the insert): the Finish follows the insert on the event loop

@@ -14,6 +14,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import ConfigError
+from .sampling import validate
 
 PREFILL_STEP = 512
 
@@ -48,12 +49,7 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
     """logprobs[1, V] → token[1]; greedy when temperature is 0."""
     from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0, got {top_k}")
+    validate(temperature, top_p, top_k)
     return mlx_lm_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
 
 
