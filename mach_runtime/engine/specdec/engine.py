@@ -144,7 +144,6 @@ class BlockSpecDecEngine:
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
             drafter.start(ids)
-        hybrid = any(not c.is_trimmable() for c in cache)
 
         logits = self.target.prefill(ids, cache, cfg.prefill_step, capture, drafter.observe if capture else None)
         staged = first_token(logits, params, 0)
@@ -163,7 +162,8 @@ class BlockSpecDecEngine:
             drafts = [int(t) for t in drafter.propose(history, staged, b - 1)][: b - 1] if b > 1 else []
             b = 1 + len(drafts)
             before = self.store.stats().bytes_read if self.store is not None else 0
-            ckpt = Checkpoint(cache) if hybrid and drafts else None
+            # a snapshot where some cache cannot be trimmed now (GatedDeltaNet state; a wrapped rotating window)
+            ckpt = Checkpoint(cache) if drafts and not all(c.is_trimmable() for c in cache) else None
             block = mx.array([staged] + drafts, dtype=mx.uint32)
             vlogits, vhidden = self.target.forward(block, cache, capture)
             mx.eval(vlogits, vhidden)
