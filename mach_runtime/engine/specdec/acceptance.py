@@ -38,13 +38,13 @@ def filtered_logprobs(logits: mx.array, temperature: float, top_p: float, top_k:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def greedy_accept(logits: mx.array, drafts: list[int]) -> tuple[int, int]:
-    """(accepted drafts, next token) for verify logits [b, V] of the block [staged, *drafts]."""
-    target = mx.argmax(logits, axis=-1).tolist()
+def greedy_accept(choice: list[int], drafts: list[int]) -> tuple[int, int]:
+    """(accepted drafts, next token) given the target's argmax ``choice`` at each row of the block
+    [staged, *drafts]: the longest prefix of drafts equal to it, then the target's own token."""
     acc = 0
-    while acc < len(drafts) and drafts[acc] == target[acc]:
+    while acc < len(drafts) and drafts[acc] == choice[acc]:
         acc += 1
-    return acc, target[acc]
+    return acc, choice[acc]
 
 
 def _keys(seed: int, position: int) -> tuple[mx.array, mx.array]:

@@ -89,8 +89,9 @@ class Drafter:
     def observe(self, hidden) -> None:
         pass
 
-    def propose(self, history: list[int], staged: int, n: int) -> list[int]:
-        """Up to ``n`` draft tokens following ``staged``; ``history`` = prompt + completion (ends with staged)."""
+    def propose(self, history: list[int], staged: int, n: int) -> "list[int] | mx.array":
+        """Up to ``n`` draft tokens following ``staged``; ``history`` = prompt + completion (ends with staged).
+        A list, or an unevaluated ``mx.array`` of exactly ``n`` tokens (the engine then needs no sync for it)."""
         raise NotImplementedError
 
 
@@ -138,7 +139,8 @@ class DFlashDrafter(Drafter):
         return self.target.head(h[0, 1:])
 
     def propose(self, history, staged, n):
-        return mx.argmax(self.draft_logits(staged, n), axis=-1).tolist()
+        """Lazy: the engine appends these to the verify block without waiting for the draft pass."""
+        return mx.argmax(self.draft_logits(staged, n), axis=-1)
 
 
 class PromptLookupDrafter(Drafter):

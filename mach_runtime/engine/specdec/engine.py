@@ -109,6 +109,24 @@ class BlockSpecDecEngine:
     def reset_stats(self) -> None:
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
 
+    def warmup(self) -> float:
+        """Runs a cycle of every block length the policies use (2, 4, 8, full) with each drafter, so the kernels
+        a GPU backend compiles on first use (a minute for the demo pair on MLX's CUDA build) are built before
+        the first request. Stats are left untouched. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        saved = self._stats
+        self.reset_stats()
+        try:
+            for mode in self._drafters:
+                for b in sorted({min(n, self.config.block_size) for n in (2, 4, 8, self.config.block_size)}):
+                    # max_tokens = b + 1: the first cycle (after the prefill's token) verifies exactly b tokens
+                    for _ in self.generate(list(range(1, 9)), max_tokens=b + 1, mode=mode, policy="fixed",
+                                           ignore_eos=True):
+                        pass
+        finally:
+            self._stats = saved
+        return time.perf_counter() - t0
+
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), mode=None,
@@ -159,17 +177,30 @@ class BlockSpecDecEngine:
             b = 1
             if drafter is not None and not (cfg.target_only_above_context and ctx_len > cfg.target_only_above_context):
                 b = max(1, min(pol.block_len(ctx_len), cfg.block_size, max_tokens - n_out))
-            drafts = [int(t) for t in drafter.propose(history, staged, b - 1)][: b - 1] if b > 1 else []
-            b = 1 + len(drafts)
+            drafts, block = [], mx.array([staged], dtype=mx.uint32)
+            if b > 1:
+                proposed = drafter.propose(history, staged, b - 1)
+                if isinstance(proposed, mx.array):  # lazy drafts: the verify is queued behind the draft pass
+                    block = mx.concatenate([block, proposed[: b - 1].astype(mx.uint32)])
+                    mx.async_eval(block)  # the device drafts while this thread builds the verify graph
+                    drafts = None
+                elif proposed:
+                    drafts = [int(t) for t in proposed][: b - 1]
+                    block = mx.array([staged] + drafts, dtype=mx.uint32)
+            b = block.shape[0]
             before = self.store.stats().bytes_read if self.store is not None else 0
             # a snapshot where some cache cannot be trimmed now (GatedDeltaNet state; a wrapped rotating window)
-            ckpt = Checkpoint(cache) if drafts and not all(c.is_trimmable() for c in cache) else None
-            block = mx.array([staged] + drafts, dtype=mx.uint32)
+            ckpt = Checkpoint(cache) if b > 1 and not all(c.is_trimmable() for c in cache) else None
             vlogits, vhidden = self.target.forward(block, cache, capture)
-            mx.eval(vlogits, vhidden)
+            # one host sync per cycle: drafts, the target's choices and the captured hidden states together
             if temperature == 0:
-                acc, nxt = greedy_accept(vlogits, drafts)
+                choice = mx.argmax(vlogits, axis=-1)
+                mx.eval(block, choice, vhidden)
+                drafts = block.tolist()[1:] if drafts is None else drafts
+                acc, nxt = greedy_accept(choice.tolist(), drafts)
             else:
+                mx.eval(block, vlogits, vhidden)
+                drafts = block.tolist()[1:] if drafts is None else drafts
                 acc, nxt = sampled_accept(vlogits, drafts, params, n_out)
             rerun = 0
             if rollback(cache, ckpt, b, acc + 1):
