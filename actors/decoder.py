@@ -21,7 +21,7 @@ import queue
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from mach_runtime.engine.batch import BatchEngine
+from mach_runtime.engine.batch import Admission, BatchEngine
 from mach_runtime.errors import MachError
 
 from .messages import (
@@ -140,12 +140,12 @@ class Decoder:
             if self.solo is not None and (self.pending or self.engine.active):
                 self._demote_solo()  # company arrived: the lone speculative request joins the batch
             if self.pending and not self.engine.full:
-                sub = self.pending.popleft()
                 self._flush()  # a prefill may take a while: deliver what the last step produced first
-                if self._wants_spec(sub) and not self.pending and not self.engine.active:
-                    self._start_solo(sub)
-                else:
-                    self._admit(sub)
+                if len(self.pending) == 1 and not self.engine.active and self._wants_spec(self.pending[0]):
+                    self._start_solo(self.pending.popleft())
+                else:  # everything waiting that fits joins at once: one batched prefill
+                    free = self.engine.max_batch - self.engine.active
+                    self._admit([self.pending.popleft() for _ in range(min(free, len(self.pending)))])
             if self.solo is not None:
                 self._solo_cycle()
                 self._flush()
@@ -211,27 +211,37 @@ class Decoder:
         self.pending.appendleft(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
                                        resume_ids=tuple(solo.delivered), session_id=s.session_id))
 
-    def _admit(self, sub: Submit) -> None:
-        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
-        cached = sub.cached_tokens if kv is not None else 0
-        if kv is not None:
-            kv, cached = _fit_prefix(kv, cached)
-        self._fault("admit", request_id=sub.request_id)
-        try:
-            seq = self.engine.add(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv, cached)
-        except Exception as e:  # a bad request fails alone; the batch goes on
-            if not isinstance(e, MachError):
-                raise
-            self._post(RequestFailed(sub.request_id, str(e)))
+    def _admit(self, subs: list[Submit]) -> None:
+        admissions = []
+        for sub in subs:
+            kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+            cached = sub.cached_tokens if kv is not None else 0
+            if kv is not None:
+                kv, cached = _fit_prefix(kv, cached)
+            self._fault("admit", request_id=sub.request_id)
+            admissions.append(Admission(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv, cached))
+        if len(subs) > 1 and self._join(subs, admissions, report=False):
             return
-        self._submits[sub.request_id] = sub
-        self.counters["prefilled"] += seq.prefilled_tokens
-        self.counters["cached"] += seq.cached_tokens
-        # a replayed request that had in fact completed before the crash
-        if sub.resume_ids and sub.resume_ids[-1] in seq.stop_ids:
-            self._finish(sub.request_id, "stop")
-        elif len(sub.resume_ids) >= sub.params.max_tokens:
-            self._finish(sub.request_id, "length")
+        for sub, a in zip(subs, admissions):  # one by one: a bad request fails alone, the others join
+            self._join([sub], [a])
+
+    def _join(self, subs: list[Submit], admissions: list[Admission], report: bool = True) -> bool:
+        try:
+            seqs = self.engine.add_many(admissions)
+        except MachError as e:  # raised before any work: nothing was admitted
+            if report:
+                self._post(RequestFailed(subs[0].request_id, str(e)))
+            return False
+        for sub, seq in zip(subs, seqs):
+            self._submits[sub.request_id] = sub
+            self.counters["prefilled"] += seq.prefilled_tokens
+            self.counters["cached"] += seq.cached_tokens
+            # a replayed request that had in fact completed before the crash
+            if sub.resume_ids and sub.resume_ids[-1] in seq.stop_ids:
+                self._finish(sub.request_id, "stop")
+            elif len(sub.resume_ids) >= sub.params.max_tokens:
+                self._finish(sub.request_id, "length")
+        return True
 
     def _step(self) -> None:
         # the previous step's outputs go out once the next step is queued: the consumers' Python then runs

@@ -1,5 +1,6 @@
 """BatchEngine directly: joins and leaves mid-batch, pipelined or not, equal to sequential generation."""
 
+import mlx.core as mx
 import pytest
 
 from actors.messages import SamplingParams
@@ -73,3 +74,63 @@ def test_abort_mid_flight_keeps_others(tiny_dir):
     assert got[0] == greedy(ref_model, tok.encode(PROMPTS[0]), 8)
     assert got[2] == greedy(ref_model, tok.encode(PROMPTS[2]), 8)
     assert len(got[1]) == 3
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gemma4", "gpt_oss"])
+def test_batched_admission_equals_sequential(tiny_dir, family):
+    """Several requests prefilled together (right-padded: lengths 1..many, a replay with resume tokens, one with
+    a reused prefix KV) join a running batch; each stream equals plain greedy decoding of its own tokens."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mach_runtime.engine.batch import Admission
+    from tests.family_helpers import FAMILIES
+
+    model, tok, store, _ = load_moe(tiny_dir if family == "qwen3_moe" else FAMILIES[family],
+                                    expert_residency="stacked")
+    enc = [tok.encode(p) for p in PROMPTS] + [[7], tok.encode("x" * 40)]
+    n = 6
+    eng = BatchEngine(model, tok, max_batch=8)
+    eng.eos = frozenset()
+    ref = {i: greedy(model, ids, n) for i, ids in enumerate(enc)}
+    # a reused prefix: the KV of enc[2]'s first 5 tokens, built separately
+    kv = make_prompt_cache(model)
+    model(mx.array([enc[2][:5]]), cache=kv)
+    got = {i: [] for i in range(len(enc))}
+
+    def collect():
+        for o in eng.step():
+            got[int(o.request_id[1:])].append(o.token)
+            if o.finish_reason:
+                eng.remove(o.request_id)
+
+    eng.add("r0", enc[0], SamplingParams(max_tokens=n))
+    collect()
+    seqs = eng.add_many([
+        Admission("r1", tuple(enc[1]), SamplingParams(max_tokens=n)),
+        Admission("r2", tuple(enc[2]), SamplingParams(max_tokens=n), kv=kv, cached_tokens=5),
+        Admission("r6", tuple(enc[6]), SamplingParams(max_tokens=n)),  # a 1-token prompt: nothing to prefill
+        Admission("r7", tuple(enc[7]), SamplingParams(max_tokens=n)),
+        Admission("r3", tuple(enc[3]), SamplingParams(max_tokens=n), resume_ids=tuple(ref[3][:2])),
+    ])
+    got[3] = list(ref[3][:2])  # delivered before the "restart"
+    assert [s.cached_tokens for s in seqs] == [0, 5, 0, 0, 0]
+    assert [s.prefilled_tokens for s in seqs] == [len(enc[1]) - 1, len(enc[2]) - 6, 0, len(enc[7]) - 1,
+                                                  len(enc[3]) + 1]
+    while eng.active:
+        collect()
+    for i in (0, 1, 2, 3, 6, 7):
+        assert got[i] == ref[i], (family, i)
+    store.close() if store is not None else None
+
+
+def test_add_many_checks_every_request_first(tiny_dir):
+    from mach_runtime.engine.batch import Admission
+    from mach_runtime.errors import ConfigError
+
+    model, tok, _, _ = load_moe(tiny_dir)
+    eng = BatchEngine(model, tok, max_batch=4)
+    with pytest.raises(ConfigError, match="top_p"):
+        eng.add_many([Admission("a", (1, 2, 3), SamplingParams()), Admission("b", (4, 5), SamplingParams(top_p=0))])
+    assert eng.active == 0 and eng.cache is None  # nothing was admitted
+    with pytest.raises(RuntimeError, match="full"):
+        eng.add_many([Admission(f"r{i}", (1, 2), SamplingParams()) for i in range(5)])

@@ -31,6 +31,19 @@ class StepOutput:
 
 
 @dataclass
+class Admission:
+    """A request joining the batch: ``kv`` (single-request caches) covers ``prompt_ids[:cached_tokens]``;
+    ``resume_ids`` are completion tokens already delivered (a replay after a Decoder restart)."""
+
+    request_id: str
+    prompt_ids: tuple
+    params: object  # SamplingParams
+    resume_ids: tuple = ()
+    kv: object = None
+    cached_tokens: int = 0
+
+
+@dataclass
 class _Seq:
     request_id: str
     prompt_len: int
@@ -90,41 +103,73 @@ class BatchEngine:
 
     def add(self, request_id: str, prompt_ids, params, resume_ids=(), kv=None, cached_tokens: int = 0) -> _Seq:
         """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
+        return self.add_many([Admission(request_id, prompt_ids, params, tuple(resume_ids), kv, cached_tokens)])[0]
+
+    def add_many(self, admissions: list["Admission"]) -> list[_Seq]:
+        """Prefills several requests in one batched forward per chunk and joins them to the batch.
+
+        Prompts of different lengths are right-padded and the caches told so (mlx-lm's ``prepare`` /
+        ``finalize``, as its BatchGenerator does), so k new requests cost one prefill, not k. Checks every
+        request before any work: a bad one raises and nothing is admitted.
+        """
         from mlx_lm.models.cache import make_prompt_cache
 
-        if self.full:
+        if len(self.seqs) + len(admissions) > self.max_batch:
             raise RuntimeError("batch is full")
-        validate(params.temperature, params.top_p, params.top_k)
-        tokens = list(prompt_ids) + list(resume_ids)
-        if not tokens:
-            raise ConfigError("the prompt is empty: give at least one token")
-        if kv is None or cached_tokens <= 0:
-            kv, cached_tokens = make_prompt_cache(self.model), 0
-        cached_tokens = min(cached_tokens, len(tokens) - 1)  # the last token is always fed by a step
-        todo = mx.array(tokens[cached_tokens:-1], dtype=mx.uint32)
-        for start in range(0, todo.size, self.prefill_step):
-            self.model(todo[start : start + self.prefill_step][None], cache=kv)
-            mx.eval([c.state for c in kv])
-        detok = self.tokenizer.detokenizer
-        detok.reset()
-        seq = _Seq(
-            request_id, len(prompt_ids), params, self.eos | frozenset(params.stop_token_ids), detok,
-            cached_tokens=cached_tokens, prefilled_tokens=int(todo.size),
-        )
-        for t in resume_ids:  # a replayed request continues its text exactly where it left off
-            seq.generated.append(t)
-            if t not in seq.stop_ids:
-                detok.add_token(t)
-        seq.sent_chars = len(detok.text)
-        seq.next_token = tokens[-1]
-        merged = [type(c).merge([c]) for c in kv]
+        todos, caches, seqs = [], [], []
+        for a in admissions:
+            validate(a.params.temperature, a.params.top_p, a.params.top_k)
+            tokens = list(a.prompt_ids) + list(a.resume_ids)
+            if not tokens:
+                raise ConfigError("the prompt is empty: give at least one token")
+            kv, cached = a.kv, a.cached_tokens
+            if kv is None or cached <= 0:
+                kv, cached = make_prompt_cache(self.model), 0
+            cached = min(cached, len(tokens) - 1)  # the last token is always fed by a step
+            todos.append(tokens[cached:-1])
+            caches.append(kv)
+            seqs.append(self._new_seq(a, tokens, cached))
+        merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+        self._prefill(merged, todos)
         if self.cache is None:
             self.cache = merged
         else:
             for a, b in zip(self.cache, merged):
                 a.extend(b)
-        self.seqs.append(seq)
+        self.seqs.extend(seqs)
+        return seqs
+
+    def _new_seq(self, a: "Admission", tokens: list[int], cached: int) -> _Seq:
+        detok = self.tokenizer.detokenizer  # a fresh streaming detokenizer per access
+        detok.reset()
+        seq = _Seq(a.request_id, len(a.prompt_ids), a.params, self.eos | frozenset(a.params.stop_token_ids), detok,
+                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached)
+        for t in a.resume_ids:  # a replayed request continues its text exactly where it left off
+            seq.generated.append(t)
+            if t not in seq.stop_ids:
+                detok.add_token(t)
+        seq.sent_chars = len(detok.text)
+        seq.next_token = tokens[-1]
         return seq
+
+    def _prefill(self, cache, todos: list[list[int]]) -> None:
+        """Feeds each row's ``todos[i]`` into the batch caches ``cache`` (right-padded, in chunks)."""
+        lengths = [len(t) for t in todos]
+        width = max(lengths)
+        if width == 0:
+            return
+        padding = [width - n for n in lengths]
+        if any(padding):
+            for c in cache:
+                c.prepare(lengths=lengths, right_padding=padding)
+        rows = mx.array([t + [0] * p for t, p in zip(todos, padding)], dtype=mx.uint32)
+        for start in range(0, width, self.prefill_step):
+            self.model(rows[:, start : start + self.prefill_step], cache=cache)
+            mx.eval([c.state for c in cache])
+        if any(padding):
+            for c in cache:
+                c.finalize()
+            mx.eval([c.state for c in cache])
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):
