@@ -193,11 +193,14 @@ class Runtime:
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
-                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, **load_kwargs):
+                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
+                   **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
         specdec: a ``BlockSpecDecEngineConfig`` (mode, block size, policy); with PROMPT_LOOKUP no draft is needed.
+        warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
+            the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
         from mach_runtime.io.load import load_moe
@@ -218,6 +221,8 @@ class Runtime:
             spec = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
+                if warmup or (warmup is None and await mlx.call(_on_gpu)):
+                    await mlx.call(spec.warmup)
             config = read_config(os.fspath(checkpoint))
             tc = adapter_for_config(config).text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
@@ -345,6 +350,12 @@ class Runtime:
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
         )
+
+
+def _on_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
 
 
 def _spec_engine(model, tokenizer, store, draft, config):

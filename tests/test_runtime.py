@@ -348,7 +348,7 @@ def draft_dir(tmp_path_factory):
 async def test_lone_request_decodes_speculatively_and_losslessly(tiny_dir, reference, draft_dir):
     from mach_runtime import BlockSpecDecEngineConfig
 
-    async with Runtime.open(tiny_dir, draft=draft_dir, **streaming_kw()) as rt:
+    async with Runtime.open(tiny_dir, draft=draft_dir, warmup=True, **streaming_kw()) as rt:
         c = await rt.generate(PROMPTS[5], max_tokens=LENGTHS[5])
         s = await rt.stats()
     assert list(c.token_ids) == reference[PROMPTS[5]]

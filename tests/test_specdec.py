@@ -442,3 +442,17 @@ def test_bucketed_kv_cache_equals_plain_cache(qwen3):
         trim_prompt_cache(bucketed, n - keep)
         pos += keep
     assert bucketed[0].offset == plain[0].offset == pos and pos % KV_BUCKET != 0
+
+
+def test_warmup_runs_every_block_length_and_leaves_no_trace(qwen3):
+    model, tok, ref = qwen3
+    engine = BlockSpecDecEngine(model, tok, random_draft(2, [0, 1]), config=BlockSpecDecEngineConfig(block_size=8))
+    seen = []
+    forward = engine.target.forward
+    engine.target.forward = lambda block, *a, **k: (seen.append(block.shape[0]), forward(block, *a, **k))[1]
+    assert engine.warmup() > 0
+    assert {2, 4, 8} <= set(seen)  # each policy block length was verified once
+    assert engine.stats()["specdec_cycles"] == 0 and engine.stats()["specdec_committed"] == 0
+    del engine.target.forward
+    toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == ref
