@@ -9,11 +9,13 @@ Part B (streaming residency, bank = ``--bank-fraction`` of the experts, default 
 (fixed, opencode-sampled-v1, residency-aware) and TARGET_ONLY: tok/s and expert bytes read per committed token
 (the residency-aware policy must never read more per token than target-only).
 
+Prompts: tokens 256..383 of ``--prompts`` evenly spaced held-out stdlib files (``demo_corpus.heldout_prompts``,
+the distribution docs/model_card.md reports the draft's acceptance on); ``--prompt-tokens`` / ``--skip`` change it.
 Every run decodes ``--new-tokens`` tokens past eos (``ignore_eos``) so all engines produce the same count; greedy
 outputs of all speculative runs are checked against TARGET_ONLY token for token.
 
     python bench/p3_specdec.py                          # CPU here
-    python bench/p3_specdec.py --prompts 4 --new-tokens 256
+    python bench/p3_specdec.py --prompts 2 --new-tokens 64   # a quick look
 """
 
 from __future__ import annotations
@@ -28,18 +30,6 @@ import _common as C
 ASSETS = C.REPO / "mach_runtime" / "assets"
 TARGET = ASSETS / "demo-qwen3-moe"
 DRAFT = ASSETS / "demo-qwen3-moe-dflash"
-
-
-def heldout_prompts(tok, n: int, length: int) -> list[list[int]]:
-    """Prompts cut from the held-out slice of the demo corpus (never seen in training)."""
-    from mach_runtime import demo_corpus
-
-    text = demo_corpus.heldout_text() if hasattr(demo_corpus, "heldout_text") else None
-    if not text:
-        text = Path(__file__).read_text()
-    ids = tok.encode(text)
-    step = max(length, len(ids) // (n + 1))
-    return [ids[i * step : i * step + length] for i in range(n)]
 
 
 def run_spec(engine, prompts, n, **kw):
@@ -76,15 +66,18 @@ def run_mlx_lm(model, prompts, n):
 def main() -> int:
     import mlx_lm
 
-    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, load_moe
+    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig
+    from mach_runtime.demo_corpus import heldout_prompts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=str(TARGET))
     p.add_argument("--draft", default=str(DRAFT))
-    p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--skip", type=int, default=256, help="prompt = tokens [skip, skip + prompt-tokens) of each file")
+    p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--bank-fraction", type=float, default=0.25)
+    p.add_argument("--stream-prompts", type=int, default=None, help="prompts of part B (default: --prompts)")
     p.add_argument("--out", default=C.default_out("p3_specdec"))
     a = p.parse_args()
 
@@ -94,7 +87,7 @@ def main() -> int:
         target_checkpoint=a.target, draft_checkpoint=a.draft,
         config=BlockSpecDecEngineConfig(mode="native_v7", block_size=16, policy="fixed"), expert_residency="stacked",
     )
-    prompts = heldout_prompts(eng.tokenizer, a.prompts, a.prompt_tokens)
+    prompts = [ids for _, ids in heldout_prompts(eng.tokenizer, a.prompts, a.prompt_tokens, a.skip, a.new_tokens)]
     ref_model, _ = mlx_lm.load(a.target)
     if not C.is_gpu():  # MLX's CPU gather_mm is fp32-only; load_moe does the same cast automatically
         import mlx.core as mx
@@ -143,7 +136,7 @@ def main() -> int:
         )
         run_spec(eng, prompts[:1], 8, **kw)  # warm-up
         before = eng.store.stats().bytes_read
-        toks, tps = run_spec(eng, prompts, a.new_tokens, **kw)
+        toks, tps = run_spec(eng, prompts[: a.stream_prompts], a.new_tokens, **kw)
         s = eng.store.stats()
         per_tok = (s.bytes_read - before) / sum(len(x) for x in toks)
         base_b = base_b if base_b is not None else (toks, per_tok)
@@ -159,7 +152,8 @@ def main() -> int:
     print(f"\nP3 speculative decoding, demo pair, {a.prompts} held-out prompts x {a.new_tokens} tokens, {dev}")
     print("A. stacked residency (decode tok/s; acceptance = accepted drafts per cycle)")
     print(C.fmt_table(["engine", "tok/s", "vs mlx-lm", "accepted/cycle", "tokens/target pass", "lossless"], rows_a))
-    print(f"\nB. streaming residency, bank {a.bank_fraction:.0%} of {n_experts} experts per layer (cold start)")
+    print(f"\nB. streaming residency, bank {a.bank_fraction:.0%} of {n_experts} experts per layer (cold start), "
+          f"{len(prompts[: a.stream_prompts])} prompts")
     print(C.fmt_table(["policy", "tok/s", "MiB read/token", "vs target-only", "hit rate", "lossless"], rows_b))
     print(f"JSON: {a.out}")
     return 0

@@ -280,20 +280,10 @@ def check_parity(model, draft, tokens: np.ndarray, p: int) -> float:
 
 
 # -- measurement with the real engine (CPU here) -----------------------------------------------------------------
-def heldout_prompts(tok, n: int, prompt_tokens: int, skip: int = 256) -> list[tuple[str, list[int]]]:
-    """``n`` held-out prompts: tokens [skip, skip + prompt_tokens) of evenly spaced held-out stdlib files (those
-    long enough), as (relpath, ids). Depends only on this Python's stdlib (``mach_runtime.demo_corpus``)."""
-    from mach_runtime.demo_corpus import corpus_files
-
-    files = [(f.relpath, tok.encode(f.read())) for f in corpus_files("heldout")]
-    files = [(r, ids) for r, ids in files if len(ids) >= skip + prompt_tokens + 256]
-    pick = np.linspace(0, len(files) - 1, n).round().astype(int)
-    return [(files[i][0], files[i][1][skip : skip + prompt_tokens]) for i in pick]
-
-
 def measure(target: str, draft_dir: str, n: int, prompt_tokens: int, max_tokens: int) -> dict:
     """Greedy BlockSpecDecEngine NATIVE_V7 (block 16, policy fixed) vs TARGET_ONLY on held-out prompts."""
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+    from mach_runtime.demo_corpus import heldout_prompts
 
     cfg = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7, block_size=BLOCK, policy="fixed")
     eng = BlockSpecDecEngine.from_checkpoint(target_checkpoint=target, draft_checkpoint=draft_dir, config=cfg,

@@ -70,3 +70,16 @@ def heldout_text(max_chars: int | None = None, root: Path | None = None) -> str:
             break
     text = DOC_SEPARATOR.join(parts)
     return text if max_chars is None else text[:max_chars]
+
+
+def heldout_prompts(tokenizer, n: int, prompt_tokens: int, skip: int = 256, min_after: int = 256) -> list[tuple[str, list[int]]]:
+    """``n`` held-out prompts as (relpath, token ids): tokens [skip, skip + prompt_tokens) of ``n`` evenly spaced
+    held-out files among those with at least ``min_after`` tokens after the prompt. The distribution the demo
+    draft's acceptance is reported on (docs/model_card.md) and the P3 benchmark decodes from."""
+    files = [(f.relpath, tokenizer.encode(f.read())) for f in corpus_files("heldout")]
+    files = [(r, ids) for r, ids in files if len(ids) >= skip + prompt_tokens + min_after]
+    if not files:
+        raise ValueError(f"no held-out file has {skip + prompt_tokens + min_after} tokens")
+    last = len(files) - 1
+    pick = [round(i * (last / (n - 1))) if n > 1 else 0 for i in range(n)]  # = numpy.linspace(...).round()
+    return [(files[i][0], files[i][1][skip : skip + prompt_tokens]) for i in pick]
