@@ -2,18 +2,28 @@
 embedding and LM head the draft borrows, and exact cache rollback.
 
 Capture without re-implementing any forward: each tapped decoder layer's class is swapped, per instance, for a
-subclass whose ``__call__`` calls the original and, while a capture is armed, records its output. The model's
-own ``__call__`` (its own mask creation: causal for attention, SSM masks for GatedDeltaNet layers, caches, MoE
+subclass whose ``__call__`` calls the original and, while a capture is armed, records its output (the first
+element when a layer returns a tuple: gemma4's ``(h, shared_kv, offset)``). The model's own ``__call__`` (its
+own mask creation: causal / sliding-window for attention, SSM masks for GatedDeltaNet layers, caches, MoE
 blocks, streamed experts) runs unchanged, so this works for any family whose decoder layers return the hidden
 state. Parameter names do not change (same instance, same children) and an unarmed tap is a pass-through.
 
-Rollback per cache type (mlx-lm caches):
-* trimmable caches (``KVCache``, ``RotatingKVCache`` inside its window): ``trim`` the rejected tokens;
-* everything else (GatedDeltaNet ``ArraysCache`` conv + recurrent state): snapshot before verify; after a
-  partial acceptance restore the snapshot, trim the attention caches back to the cycle start and re-run the
-  accepted tokens (one extra target forward over <= block tokens, counted in ``specdec_rerun_tokens``). Exact
-  by construction: the state is the one a forward over exactly the committed tokens produces. A tape replay of
-  the recurrence (dflash-mlx's ``RecurrentRollbackCache``) would save that forward; not done yet.
+Families (``_FAMILIES``): qwen3_moe, qwen3_5_moe, gpt_oss (sliding-window layers, attention sinks), gemma4
+(sliding-window layers; ``embed`` includes the ``sqrt(hidden)`` embedding scale, ``head`` the tied projection and
+the final logit softcapping: exactly what the model applies) and deepseek_v4 (hc residual streams collapsed by
+its ``hc_head`` + final norm before the head; no hidden-state taps, so PROMPT_LOOKUP / TARGET_ONLY / custom
+drafters only). Anything else is a ``ConfigError``.
+
+Rollback per cache type:
+* trimmable caches (``KVCache``; sliding-window ``RotatingKVCache``, whose trim ``make_cache`` makes exact
+  whether or not the window has wrapped, see ``_exact_rotating_class``): ``trim`` the rejected tokens;
+* everything else (GatedDeltaNet ``ArraysCache`` conv + recurrent state; deepseek_v4's ``CompressedKVCache``
+  through its own ``snapshot``/``restore``): snapshot before verify; after a partial acceptance restore the
+  snapshot, trim the attention caches back to the cycle start and re-run the accepted tokens (one extra target
+  forward over <= block tokens, counted in ``specdec_rerun_tokens``). Exact by construction: the state is the one
+  a forward over exactly the committed tokens produces.
+* GatedDeltaNet layers recorded by a ``gdn_tape.GDNTape`` during the verify skip that re-run: their state after
+  the accepted tokens is recomputed from the snapshot by the recurrence alone (``rollback(..., tape=)``).
 """
 
 from __future__ import annotations
@@ -35,11 +45,26 @@ def _tapped_class(cls: type) -> type:
             out = cls.__call__(self, *args, **kwargs)
             slot = _ARMED.get(id(self))
             if slot is not None:
-                slot["out"] = out
+                slot["out"] = out[0] if isinstance(out, tuple) else out  # gemma4: (h, shared_kv, offset)
             return out
 
         _TAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mach_tap_base": cls, "__module__": cls.__module__})
     return _TAPPED[cls]
+
+
+_FAMILIES = ("qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4")  # embed / head / caches checked
+_NO_TAPS = {  # families whose decoder layers do not output a [T, H] hidden state a DFlash draft could read
+    "deepseek_v4": "its decoder layers output hc_mult residual streams [T, hc, H] (collapsed only by the final "
+                   "hc_head), and no DFlash draft defines which [T, H] features to read from them",
+}
+
+
+def _family(model) -> str:
+    for m in (model, getattr(model, "language_model", None)):
+        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
+            if isinstance(t, str):
+                return t
+    return type(model).__module__
 
 
 class TargetOps:
@@ -47,23 +72,40 @@ class TargetOps:
 
     def __init__(self, model):
         self.model = model
+        self.family = _family(model)
         self.owner = getattr(model, "language_model", model)  # holds lm_head and the text args
         self.inner = getattr(self.owner, "model", None)
-        if self.inner is None or not hasattr(self.inner, "embed_tokens") or not hasattr(self.inner, "layers"):
+        if (self.family not in _FAMILIES or self.inner is None or not hasattr(self.inner, "embed_tokens")
+                or not hasattr(self.inner, "layers")):
             raise ConfigError(
-                f"{type(model).__module__}: speculative decoding needs a text model with .model.embed_tokens and "
-                ".model.layers (qwen3_moe, qwen3_5_moe); this family is not supported yet"
+                f"{self.family}: speculative decoding supports {', '.join(_FAMILIES)} (deepseek_v4 without "
+                "DFlash drafts); this family is not supported yet"
             )
         self.layers = list(self.inner.layers)
         args = getattr(self.owner, "args", None)
+        n_main = getattr(args, "num_hidden_layers", None)
+        if self.family == "deepseek_v4" and n_main is not None:
+            self.layers = self.layers[: int(n_main)]  # its MTP blocks follow the main layers
         self.tied = bool(getattr(args, "tie_word_embeddings", False)) or not hasattr(self.owner, "lm_head")
         self.hidden_size = int(self.inner.embed_tokens.weight.shape[-1])
+        # gemma4: the model multiplies the embedding by sqrt(hidden) (HF's scaled embedding; what a DFlash draft
+        # trained on it sees) and soft-caps the final logits
+        self.embed_scale = getattr(self.inner, "embed_scale", None) if self.family == "gemma4" else None
+        self.softcap = getattr(self.owner, "final_logit_softcapping", None) if self.family == "gemma4" else None
+        self._final = None  # applied to the text model's output before the head
+        if self.family == "deepseek_v4":
+            self._final = lambda h: self.inner.norm(self.inner.hc_head(h))
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def tap(self, layer_ids) -> None:
+        if self.family in _NO_TAPS:
+            raise ConfigError(
+                f"{self.family}: hidden-state drafts (NATIVE_V7 / DFlash) are not supported: {_NO_TAPS[self.family]}; "
+                "use PROMPT_LOOKUP or TARGET_ONLY"
+            )
         for i in layer_ids:
             if not 0 <= i < len(self.layers):
                 raise ConfigError(f"target_layer_ids: layer {i} is outside the target's {len(self.layers)} layers")
@@ -72,14 +114,31 @@ class TargetOps:
 
     # -- the pieces the draft borrows -----------------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:
-        return self.inner.embed_tokens(tokens)
+        e = self.inner.embed_tokens(tokens)
+        return e if self.embed_scale is None else e * self.embed_scale
 
     def head(self, hidden: mx.array) -> mx.array:
+        """Logits from final-normed hidden states: exactly what the model applies after its text model."""
         if self.tied:
-            return self.inner.embed_tokens.as_linear(hidden)
-        return self.owner.lm_head(hidden)
+            out = self.inner.embed_tokens.as_linear(hidden)
+        else:
+            out = self.owner.lm_head(hidden)
+        if self.softcap:
+            out = mx.tanh(out / self.softcap) * self.softcap
+        return out
 
     # -- forwards -------------------------------------------------------------------------------------------
+    def make_cache(self, bucket_kv: bool = True) -> list:
+        """The model's prompt cache, made for verify + rollback: sliding-window caches trim exactly
+        (``exact_rotating_caches``) and, with ``bucket_kv``, full-attention caches attend over bucketed lengths."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        exact_rotating_caches(cache)
+        if bucket_kv:
+            bucket_kv_caches(cache)
+        return cache
+
     def forward(self, tokens: mx.array, cache, capture=(), logits: str = "all"):
         """tokens [T] → (logits [T, V] or [1, V] for ``logits="last"`` or None for "none", hidden [T, n*H] or None).
 
@@ -102,6 +161,8 @@ class TargetOps:
             hidden = mx.concatenate(outs, axis=-1)[0]
         if logits == "none":
             return None, hidden
+        if self._final is not None:
+            h = self._final(h[:, -1:] if logits == "last" else h)
         out = h[0, -1:] if logits == "last" else h[0]
         return self.head(out), hidden
 
@@ -131,39 +192,141 @@ def _copy_state(state):
     return state  # mx.array (immutable) or scalars
 
 
+class _ObjectSnapshot:
+    """A cache's own ``snapshot()`` (deepseek_v4's ``CompressedKVCache``), put back with ``restore``."""
+
+    __slots__ = ("snap",)
+
+    def __init__(self, snap):
+        self.snap = snap
+
+
 class Checkpoint:
-    """What a partial acceptance needs to undo one verify forward on ``cache``."""
+    """What a partial acceptance needs to undo one verify forward on ``cache``.
+
+    Caches that cannot trim are kept as ``(state, meta_state)`` or, where the cache has ``snapshot``/``restore``
+    (deepseek_v4), as its own snapshot (its state has no setter). The state keeps references, not copies: a
+    multi-token verify replaces a cache's arrays (concatenation) rather than writing into them. (mlx-lm's
+    single-token updates do write in place, into the very array objects a snapshot holds; a verify always has
+    two tokens or more.)"""
 
     def __init__(self, cache):
         self.snapshots = {}
         for i, c in enumerate(cache):
             if not c.is_trimmable():
-                meta = getattr(c, "meta_state", None)
-                self.snapshots[i] = (_copy_state(c.state), meta)
+                if callable(getattr(c, "snapshot", None)) and callable(getattr(c, "restore", None)):
+                    self.snapshots[i] = _ObjectSnapshot(c.snapshot())
+                else:
+                    meta = getattr(c, "meta_state", None)
+                    self.snapshots[i] = (_copy_state(c.state), meta)
 
     @property
     def needs_rerun(self) -> bool:
         return bool(self.snapshots)
 
 
-def rollback(cache, checkpoint: Checkpoint | None, verified: int, keep: int) -> bool:
+def rollback(cache, checkpoint: Checkpoint | None, verified: int, keep: int, tape=None) -> bool:
     """Undoes the last ``verified - keep`` tokens of a verify. Returns True if the caller must re-run the
-    ``keep`` accepted tokens (recurrent state restored to the cycle start, attention trimmed to it too)."""
+    ``keep`` accepted tokens (recurrent state restored to the cycle start, attention trimmed to it too).
+
+    ``tape``: a ``gdn_tape.GDNTape`` that recorded the verify forward. When it can replay every cache the
+    checkpoint snapshotted (GatedDeltaNet layers), those are set to their state after ``keep`` tokens by
+    replaying the recurrence alone, the others are trimmed, and nothing needs re-running (returns False)."""
     if keep >= verified:
         return False
     if checkpoint is None or not checkpoint.needs_rerun:
         for c in cache:
             c.trim(verified - keep)
         return False
+    if tape is not None and all(tape.can_replay(cache[i], verified) for i in checkpoint.snapshots):
+        for i, c in enumerate(cache):
+            if i in checkpoint.snapshots:
+                tape.replay(c, keep)
+            else:
+                c.trim(verified - keep)
+        return False
     for i, c in enumerate(cache):
         if i in checkpoint.snapshots:
-            state, meta = checkpoint.snapshots[i]
+            snap = checkpoint.snapshots[i]
+            if isinstance(snap, _ObjectSnapshot):
+                c.restore(snap.snap)
+                continue
+            state, meta = snap
             c.state = _copy_state(state)
             if meta:
                 c.meta_state = meta
         else:
             c.trim(verified)
     return True
+
+
+# -- sliding windows: an exact trim for mlx-lm's RotatingKVCache --------------------------------------------------
+
+
+def _exact_rotating_class():
+    from mlx_lm.models.cache import RotatingKVCache
+
+    class ExactRotatingKVCache(RotatingKVCache):
+        """mlx-lm's ``RotatingKVCache`` with a ``trim`` that is exact after any multi-token update.
+
+        mlx-lm's ``trim`` only moves ``offset`` and ``_idx`` back and leaves the rejected rows in the buffer,
+        and its ``is_trimmable`` is ``offset < max_size``, checked *before* the verify. A verify that starts
+        inside the window and ends past it (offset 2, window 4, 8 tokens: the concatenated buffer holds 10
+        rows) then trims into a state the next single-token update mishandles: it keeps the *last* ``max_size``
+        rows of the buffer, the rejected ones. Once wrapped, trimming is refused altogether, so every partial
+        acceptance would cost a re-run.
+
+        Here ``trim(n)`` puts the rows in temporal order and drops the last n, leaving a buffer whose length
+        equals its write index (the layout ``_update_concat`` itself leaves), which both update paths handle.
+        A multi-token update keeps the ``max_size - 1`` previous rows plus the new ones, so trimming any part
+        of it still leaves every row the next token's window needs: trimming is exact whether or not the window
+        has wrapped, and the engine never needs a snapshot for these caches. A trim that would cut into the
+        window (more than one token after a single-token update of a wrapped buffer) raises.
+        """
+
+        def is_trimmable(self):
+            return True
+
+        def update_and_fetch(self, keys, values):
+            if keys.shape[2] == 1 and self.keys is not None and self.keys.shape[2] < self.max_size <= self.offset:
+                # a whole multi-token update trimmed from a wrapped window leaves max_size - 1 rows past the
+                # window; mlx-lm's single-token path would try to grow the buffer by max_size - offset (< 0) rows.
+                # Appending (the multi-token path) gives the max_size rows this token attends to.
+                return self._update_concat(keys, values)
+            return super().update_and_fetch(keys, values)
+
+        def trim(self, n):
+            n = min(self.offset, n)
+            if n <= 0 or self.keys is None:
+                return 0
+            keys, values = self._temporal_order(self.keys), self._temporal_order(self.values)
+            rows = keys.shape[2] - n
+            offset = self.offset - n
+            if rows < min(offset, self.max_size - 1):
+                raise RuntimeError(
+                    f"RotatingKVCache: trimming {n} tokens would cut into the window (only {keys.shape[2]} rows "
+                    f"held at offset {self.offset}, window {self.max_size})"
+                )
+            self.keys, self.values = keys[..., :rows, :], values[..., :rows, :]
+            self.offset, self._idx = offset, rows
+            return n
+
+    return ExactRotatingKVCache
+
+
+_EXACT_ROTATING = None
+
+
+def exact_rotating_caches(cache) -> None:
+    """Switches the plain ``RotatingKVCache`` layers of a prompt cache to the exact trim (in place; idempotent)."""
+    global _EXACT_ROTATING
+    from mlx_lm.models.cache import RotatingKVCache
+
+    for c in cache:
+        if type(c) is RotatingKVCache:
+            if _EXACT_ROTATING is None:
+                _EXACT_ROTATING = _exact_rotating_class()
+            c.__class__ = _EXACT_ROTATING
 
 
 # -- static shapes for multi-token forwards ----------------------------------------------------------------
