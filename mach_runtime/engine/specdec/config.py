@@ -31,6 +31,7 @@ class BlockSpecDecEngineConfig:
     recent_window: int = 32  # cycles behind ``recent_alpha``
     low_alpha: float = 0.25  # a drafting cycle accepting less than this fraction of its drafts is a "low" cycle
     bucket_kv: bool = True  # multi-token forwards attend over KV lengths rounded up to 64 (static shapes; target.py)
+    gdn_tape: bool = True  # GatedDeltaNet rollback replays the recorded recurrence (gdn_tape.py) instead of a re-run
 
     def __post_init__(self):
         try:

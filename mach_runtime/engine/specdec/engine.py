@@ -8,8 +8,10 @@ The cycle (per request, after a prefill that also captures the draft's target-la
 3. ONE target forward verifies ``[staged, d1 … d(b−1)]`` (capturing the tapped layers);
 4. acceptance: greedy = longest prefix equal to the target's argmax + the bonus token; sampled = speculative
    rejection sampling (``acceptance.py``), lossless in distribution;
-5. rollback of the rejected tail: attention KV trimmed; GatedDeltaNet state restored from a snapshot and the
-   accepted tokens re-run (``target.py``);
+5. rollback of the rejected tail: attention KV trimmed (sliding windows exactly, wrapped or not); GatedDeltaNet
+   state recomputed for the accepted tokens by replaying the recurrence recorded during the verify
+   (``gdn_tape.py``), or, where a tape cannot replay, restored from a snapshot and the accepted tokens re-run
+   (``target.py``);
 6. the accepted tokens + bonus are committed (truncated at a stop token / stop string / max_tokens), their
    hidden states queued as draft context, the bonus becomes the next staged token.
 
@@ -18,6 +20,7 @@ Greedy output is token-identical to plain greedy decoding of the target (tests/t
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -34,7 +37,8 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, load_dflash_draf
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats
-from .target import Checkpoint, TargetOps, bucket_kv_caches, rollback
+from .gdn_tape import GDNTape
+from .target import Checkpoint, TargetOps, rollback
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class BlockSpecDecEngine:
         self.tokenizer = tokenizer
         self.store = store
         self.target = TargetOps(model)
+        tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
+        self.tape = tape if tape is not None and len(tape) else None
         self.draft = draft
         self._drafters: dict[BlockSpecDecEngineMode, Drafter] = {
             BlockSpecDecEngineMode.PROMPT_LOOKUP: PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram),
@@ -136,8 +142,6 @@ class BlockSpecDecEngine:
         ``mode`` / ``policy`` override the engine's config for this request; ``ignore_eos`` decodes past the
         tokenizer's eos ids (benchmarks); ``seed`` None draws one.
         """
-        from mlx_lm.models.cache import make_prompt_cache
-
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
@@ -156,9 +160,7 @@ class BlockSpecDecEngine:
         cfg = self.config
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
         emitter = TokenEmitter(self.tokenizer, eos | set(stop_token_ids), stop, max_tokens)
-        cache = make_prompt_cache(self.model)
-        if self.config.bucket_kv:
-            bucket_kv_caches(cache)
+        cache = self.target.make_cache(self.config.bucket_kv)
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
             drafter.start(ids)
@@ -189,9 +191,10 @@ class BlockSpecDecEngine:
                     block = mx.array([staged] + drafts, dtype=mx.uint32)
             b = block.shape[0]
             before = self.store.stats().bytes_read if self.store is not None else 0
-            # a snapshot where some cache cannot be trimmed now (GatedDeltaNet state; a wrapped rotating window)
+            # a snapshot where some cache cannot trim (GatedDeltaNet state; deepseek_v4's compressed caches)
             ckpt = Checkpoint(cache) if b > 1 and not all(c.is_trimmable() for c in cache) else None
-            vlogits, vhidden = self.target.forward(block, cache, capture)
+            with self.tape.recording() if ckpt is not None and self.tape is not None else contextlib.nullcontext():
+                vlogits, vhidden = self.target.forward(block, cache, capture)
             # one host sync per cycle: drafts, the target's choices and the captured hidden states together
             if temperature == 0:
                 choice = mx.argmax(vlogits, axis=-1)
@@ -203,7 +206,7 @@ class BlockSpecDecEngine:
                 drafts = block.tolist()[1:] if drafts is None else drafts
                 acc, nxt = sampled_accept(vlogits, drafts, params, n_out)
             rerun = 0
-            if rollback(cache, ckpt, b, acc + 1):
+            if rollback(cache, ckpt, b, acc + 1, tape=self.tape):
                 rerun = acc + 1
                 self.target.forward(block[:rerun], cache, (), logits="none")
                 mx.eval([c.state for c in cache])
