@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import anyio
 import msgspec
 
-from mach_runtime.config import mach_home
 from mach_runtime.errors import ConfigError, RequestError
 from mach_runtime.engine.sampling import validate
 

@@ -26,7 +26,7 @@ from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequest
 from .cache import CacheActor, KVTable
 from .decoder import Decoder
 from .expert_store import ExpertStoreActor
-from .messages import Abort, Finish, RequestFailed, Shutdown, Submit, TokenOutput
+from .messages import Abort, Finish, Shutdown, Submit, TokenOutput
 from .mlx_thread import MLXThread, call_soon, loop_token
 from .slot import OutputSlot, wake
 

@@ -1,7 +1,6 @@
 """load_moe against independent references: transformers (HF fixture) and mlx-lm's own forward."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mach_runtime import load_moe

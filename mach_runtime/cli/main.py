@@ -6,11 +6,9 @@ Import-light: MLX is imported only inside the subcommands that run a model.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from ..config import mach_home
 from ..errors import MachError
 
 DEFAULT_TINY = "tiny-qwen3-moe"

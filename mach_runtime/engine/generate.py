@@ -8,7 +8,7 @@ router's choices back to the host (one sync per MoE layer), so the overlap shrin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
-from .arch_registry import REGISTRY, MoeArchAdapter, adapter_for_config, read_config
+from .arch_registry import REGISTRY, adapter_for_config, read_config
 from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
 from .safetensors_index import CheckpointIndex
 

@@ -183,7 +183,6 @@ class ResidencyAwarePolicy:
 
     @property
     def alpha(self) -> float:
-        drafted = sum(d for d, _ in self.cycles)
         accepted = sum(a for _, a in self.cycles)
         rejections = sum(1 for d, a in self.cycles if a < d)
         return (accepted + 1) / (accepted + rejections + 2)  # MLE of a geometric run, with a uniform prior
