@@ -443,7 +443,7 @@ def test_bucketed_kv_cache_equals_plain_cache(qwen3):
     bucket_kv_caches(bucketed)
     assert type(bucketed[0]).__name__ == "BucketedKVCache"
     ids = list(range(5, 400))
-    pos = 0
+    pos, caps = 0, []
     for n, keep in [(37, 37), (16, 9), (16, 16), (1, 1), (16, 3), (200, 200), (16, 16)]:  # crosses 256-steps
         blk = mx.array([ids[pos : pos + n]])
         a, b = model(blk, cache=plain), model(blk, cache=bucketed)
@@ -451,7 +451,10 @@ def test_bucketed_kv_cache_equals_plain_cache(qwen3):
         trim_prompt_cache(plain, n - keep)
         trim_prompt_cache(bucketed, n - keep)
         pos += keep
+        caps.append(bucketed[0].keys.shape[2])
     assert bucketed[0].offset == plain[0].offset == pos and pos % KV_BUCKET != 0
+    # the buffer grows in whole steps and never shrinks: a bucket's K/V view keeps its strides
+    assert all(c % bucketed[0].step == 0 for c in caps) and caps == sorted(caps) and caps[-1] > caps[0]
 
 
 def test_warmup_runs_every_block_length_and_leaves_no_trace(qwen3):

@@ -124,10 +124,11 @@ class BlockSpecDecEngine:
         self.reset_stats()
         try:
             for mode in self._drafters:
-                for b in sorted({min(n, self.config.block_size) for n in (2, 4, 8, self.config.block_size)}):
-                    # max_tokens = b + 1: the first cycle (after the prefill's token) verifies exactly b tokens
-                    for _ in self.generate(list(range(1, 9)), max_tokens=b + 1, mode=mode, policy="fixed",
-                                           ignore_eos=True):
+                for i, b in enumerate(sorted({min(n, self.config.block_size) for n in (2, 4, 8, self.config.block_size)})):
+                    # max_tokens = b + 1: the first cycle (after the prefill's token) verifies exactly b tokens;
+                    # one prompt of two KV buckets also builds the kernels of prompt-sized draft context updates
+                    prompt = list(range(1, 130 if i == 0 else 9))
+                    for _ in self.generate(prompt, max_tokens=b + 1, mode=mode, policy="fixed", ignore_eos=True):
                         pass
         finally:
             self._stats = saved

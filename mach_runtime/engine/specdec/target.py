@@ -331,7 +331,16 @@ def exact_rotating_caches(cache) -> None:
 
 # -- static shapes for multi-token forwards ----------------------------------------------------------------
 
-KV_BUCKET = 64  # multi-token forwards attend over the KV length rounded up to a multiple of this
+KV_BUCKET = 64  # multi-token forwards attend over the KV length rounded up to a multiple of this (or coarser)
+
+
+def kv_bucket(length: int) -> int:
+    """The KV length a multi-token forward over ``length`` cached + new tokens attends over: a multiple of
+    ``KV_BUCKET`` up to 512, then of a quarter of the power of two below (640, 768, 896, 1024, 1280, …), so a
+    context of n tokens meets O(log n) distinct shapes (each one compiled once on a GPU backend) and the
+    masked padding stays under 25 % of the length."""
+    granule = KV_BUCKET if length <= 512 else 1 << (length.bit_length() - 3)
+    return -(-length // granule) * granule
 
 
 def _bucketed_kv_class():
@@ -342,13 +351,15 @@ def _bucketed_kv_class():
         rounded up to ``KV_BUCKET``, with the padding masked out.
 
         Every verify lands at a new KV length (the cache grows by the accepted count). On MLX's CUDA backend a
-        multi-row attention at a KV length not seen before cost ~47 ms against 3.6 ms at a repeated one
-        (H100, demo target), so exact lengths made every cycle pay that. Rounding up keeps the shapes to a few
-        buckets. Single-token decode is unchanged (its kernel has no per-length cost).
+        multi-row attention at a KV length (or K/V strides) not seen before costs 50-100 ms against ~3 ms at a
+        repeated one (H100, demo target), so exact lengths made every cycle pay that. Rounding up keeps the
+        shapes to a few buckets (``kv_bucket``), and a buffer that only grows, geometrically and in whole steps,
+        keeps each bucket's strides fixed.
+        Single-token decode attends over the exact length (its kernel has no per-length cost).
         """
 
         def _bucket(self, n: int) -> int:
-            return -(-(self.offset + n) // KV_BUCKET) * KV_BUCKET
+            return kv_bucket(self.offset + n)
 
         def make_mask(self, N, return_array=False, window_size=None):
             if N == 1 or window_size is not None:
@@ -357,16 +368,27 @@ def _bucketed_kv_class():
             return mx.arange(self._bucket(N))[None] <= q  # causal, and nothing past the last new token
 
         def update_and_fetch(self, keys, values):
-            n = keys.shape[2]
-            if n == 1:
-                return super().update_and_fetch(keys, values)
-            length = self._bucket(n)
-            super().update_and_fetch(keys, values)
-            short = length - self.keys.shape[2]
-            if short > 0:  # the buffer grows in steps of 256 and may end short of the bucket
-                pad = lambda a: mx.concatenate([a, mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype)], axis=2)
-                self.keys, self.values = pad(self.keys), pad(self.values)
-            return self.keys[..., :length, :], self.values[..., :length, :]
+            prev, n = self.offset, keys.shape[2]
+            end = prev + n
+            span = end if n == 1 else self._bucket(n)  # the rows this forward attends over
+            cap = 0 if self.keys is None else self.keys.shape[2]
+            if span > cap:
+                # capacity grows in whole steps and never shrinks (mlx-lm's KVCache cuts its buffer back to
+                # the offset after a trim, then regrows it to odd lengths), so a bucket's K/V view has the same
+                # strides every time: the attention kernels compiled for it are reused
+                new_cap = -(-max(span, cap + cap // 2) // self.step) * self.step  # geometric: few capacities
+                B, H, _, dk = keys.shape
+                grow_k = mx.zeros((B, H, new_cap - cap, dk), keys.dtype)
+                grow_v = mx.zeros((B, H, new_cap - cap, values.shape[3]), values.dtype)
+                if self.keys is None:
+                    self.keys, self.values = grow_k, grow_v
+                else:
+                    self.keys = mx.concatenate([self.keys, grow_k], axis=2)
+                    self.values = mx.concatenate([self.values, grow_v], axis=2)
+            self.keys[..., prev:end, :] = keys
+            self.values[..., prev:end, :] = values
+            self.offset = end
+            return self.keys[..., :span, :], self.values[..., :span, :]
 
     return BucketedKVCache
 
