@@ -9,7 +9,9 @@ requests leave the batch before the next step.
 
 Speculative decoding follows mach's hybrid policy: a request that asks for it (``params.specdec``) runs through
 the ``BlockSpecDecEngine`` while it is alone — one draft/verify cycle per loop iteration — and is moved into the
-target-only batch (re-admitted as prompt + delivered tokens) as soon as another request arrives.
+target-only batch as soon as another request arrives, with the KV the engine built for its prompt + delivered
+tokens (nothing is prefilled twice). A speculative session turn starts from the session's cached KV and, when it
+ends, stores its KV (and the draft's context) for the next turn, as a batched turn does.
 
 A crash (any exception in the loop) ends the loop; ``on_exit`` tells the Supervisor, which re-admits every live
 request on a fresh Decoder. Session KV caches go to the Cache actor's table as opaque handles.
@@ -40,7 +42,7 @@ from .messages import (
 @dataclass
 class _Solo:
     sub: Submit
-    gen: object  # BlockSpecDecEngine.generate(...) generator: one cycle per next()
+    gen: object  # BlockSpecDecEngine.generate(...) → SpecDecRun: one cycle per next(), handover() at the end
     delivered: list  # every token the client has for this request (replayed ones included)
 
 
@@ -162,13 +164,16 @@ class Decoder:
 
     def _start_solo(self, sub: Submit) -> None:
         p = sub.params
+        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        # a session's earlier turns (with the draft's context, if stored): only the rest is prefilled
+        prefix = (kv, sub.cached_tokens, getattr(kv, "draft_state", None)) if kv is not None else None
         self._fault("admit", request_id=sub.request_id)
-        gen = self.spec.generate(
+        run = self.spec.generate(
             list(sub.prompt_ids) + list(sub.resume_ids), max_tokens=p.max_tokens - len(sub.resume_ids),
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=p.stop or None,
-            stop_token_ids=p.stop_token_ids, mode=p.specdec, policy=p.specdec_policy,
+            stop_token_ids=p.stop_token_ids, mode=p.specdec, policy=p.specdec_policy, prefix=prefix,
         )
-        self.solo = _Solo(sub, gen, list(sub.resume_ids))
+        self.solo = _Solo(sub, run, list(sub.resume_ids))
         self.counters["spec_requests"] += 1
 
     def _solo_cycle(self) -> None:
@@ -193,33 +198,55 @@ class Decoder:
             self._finish_solo(chunk.finish_reason if chunk is not None else "length")
 
     def _finish_solo(self, reason: str) -> None:
-        sub, delivered = self.solo.sub, self.solo.delivered
-        self.solo.gen.close()
-        self.solo = None
+        solo, self.solo = self.solo, None
+        sub, run = solo.sub, solo.gen
+        store_kv = sub.session_id is not None and self.cache_inbox is not None and reason != "abort"
+        kv = run.handover() if store_kv else None  # handover closes the run
+        run.close()
         self.counters["aborted" if reason == "abort" else "completed"] += 1
-        prefilled = len(sub.prompt_ids) + len(sub.resume_ids)  # the engine prefills the whole prompt
-        self.counters["prefilled"] += prefilled
-        self._post(Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
-                          completion_tokens=len(delivered), cached_tokens=0, prefilled_tokens=prefilled))
+        self.counters["prefilled"] += run.prefilled_tokens
+        self.counters["cached"] += run.cached_tokens
+        finish = Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
+                        completion_tokens=len(solo.delivered), cached_tokens=run.cached_tokens,
+                        prefilled_tokens=run.prefilled_tokens)
+        if kv is not None:
+            tokens = (tuple(sub.prompt_ids) + tuple(solo.delivered))[: kv.n_tokens]  # the tokens the KV covers
+            handle = self.kv_table.put(kv)  # with the drafter's context: a speculative next turn continues it
+            # as in ``_finish``: the Cache actor holds the KV before the caller sees the end of the turn
+            self._post(lambda: self.cache_inbox(CacheInsert(sub.session_id, handle, tokens),
+                                                then=lambda: self.sink(finish)))
+        else:
+            self._post(finish)
 
     def _demote_solo(self) -> None:
-        """Moves the lone speculative request into the batch: re-admitted as prompt + delivered tokens."""
+        """Moves the lone speculative request into the batch, with the KV the speculative engine built for its
+        prompt + delivered tokens: the batch prefills nothing again (the last delivered token is fed by the next
+        step). Joins at once (nothing to prefill), ahead of whatever waits."""
         solo, self.solo = self.solo, None
-        solo.gen.close()
+        run = solo.gen
+        kv = run.handover()  # None if the run never got as far as a consistent cache: then a full re-prefill
         self.counters["spec_demoted"] += 1
+        self.counters["prefilled"] += run.prefilled_tokens
+        self.counters["cached"] += run.cached_tokens
         s = solo.sub
-        self.pending.appendleft(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
-                                       resume_ids=tuple(solo.delivered), session_id=s.session_id))
+        handle = self.kv_table.put(kv) if kv is not None else None
+        self._admit([Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
+                            resume_ids=tuple(solo.delivered), session_id=s.session_id, cache_handle=handle,
+                            cached_tokens=kv.n_tokens if kv is not None else 0)])
+        seq = next((q for q in self.engine.seqs if q.request_id == s.request_id), None)
+        if seq is not None:  # the request's own counts: what the speculative run reused and prefilled, plus
+            # whatever the batch had to prefill; the handed-over KV is this request's own work, not a reuse
+            self.counters["cached"] -= seq.cached_tokens  # ``_join`` counted it
+            seq.cached_tokens = run.cached_tokens
+            seq.prefilled_tokens += run.prefilled_tokens
 
     def _admit(self, subs: list[Submit]) -> None:
         admissions = []
         for sub in subs:
             kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
-            cached = sub.cached_tokens if kv is not None else 0
-            if kv is not None:
-                kv, cached = _fit_prefix(kv, cached)
             self._fault("admit", request_id=sub.request_id)
-            admissions.append(Admission(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv, cached))
+            admissions.append(Admission(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv,
+                                        sub.cached_tokens if kv is not None else 0))
         if len(subs) > 1 and self._join(subs, admissions, report=False):
             return
         for sub, a in zip(subs, admissions):  # one by one: a bad request fails alone, the others join
@@ -296,14 +323,3 @@ class Decoder:
         if self.engine.has(request_id):
             self._finish(request_id, "abort")
 
-
-def _fit_prefix(kv, cached: int):
-    """Trims a reused KV to ``cached`` tokens; (None, 0) if it is longer and cannot be trimmed."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    have = kv[0].offset if hasattr(kv[0], "offset") and isinstance(kv[0].offset, int) else cached
-    if have > cached:
-        if not can_trim_prompt_cache(kv):
-            return None, 0
-        trim_prompt_cache(kv, have - cached)
-    return kv, cached

@@ -5,7 +5,8 @@
   (bidirectionally) to K/V projected from the target's captured hidden states of every committed token, and its
   outputs at positions 1..b−1 go through the target's LM head; argmax gives the b−1 drafts, in one draft pass.
   Committed context reaches the draft lazily: hidden rows are queued by ``observe`` and appended to the draft's
-  context cache (sink + window) on the next ``propose``.
+  context cache (sink + window) on the next ``propose``. ``snapshot`` / ``resume`` carry that context (a
+  ``DraftState``) from one request to a later one that reuses the same KV prefix (sessions).
 * ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
   ``max_ngram`` down to ``min_ngram``) occurred earlier in prompt + completion, propose what followed them.
 
@@ -15,6 +16,7 @@ Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``accepta
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -86,6 +88,17 @@ class Drafter:
     def start(self, prompt_ids: list[int]) -> None:
         pass
 
+    def resume(self, state, n_tokens: int) -> bool:
+        """Called after ``start`` when the target's KV already covers the first ``n_tokens`` tokens (a reused
+        prefix; only the rest is prefilled and observed). ``state``: a ``snapshot`` of an earlier request that
+        covers at least those tokens, or None. Returns True if the drafter continues from ``state``."""
+        return False
+
+    def snapshot(self, n_tokens: int):
+        """The drafter's context for the first ``n_tokens`` committed tokens of the request just run (for a later
+        request's ``resume``), or None; the drafter lets go of it (call once, after the request)."""
+        return None
+
     def observe(self, hidden) -> None:
         pass
 
@@ -93,6 +106,43 @@ class Drafter:
         """Up to ``n`` draft tokens following ``staged``; ``history`` = prompt + completion (ends with staged).
         A list, or an unevaluated ``mx.array`` of exactly ``n`` tokens (the engine then needs no sync for it)."""
         raise NotImplementedError
+
+
+@dataclass
+class DraftState:
+    """A ``DFlashDrafter``'s context after a request: its draft context caches (one ``ContextOnlyDraftKVCache``
+    per draft layer, positions = token positions) and the captured hidden rows not yet appended to them; together
+    they cover the first ``n_tokens`` tokens. Owned by whoever holds it: a ``resume`` extends it in place."""
+
+    draft: object  # the draft model it belongs to
+    cache: list
+    pending: list
+    n_tokens: int
+
+    def trim(self, n_tokens: int) -> None:
+        """Drops the context of every token at position >= ``n_tokens`` (pending rows first, then cached rows)."""
+        drop = self.n_tokens - n_tokens
+        if drop <= 0:
+            return
+        while drop and self.pending:
+            rows = self.pending[-1].shape[0]
+            if rows <= drop:
+                self.pending.pop()
+                drop -= rows
+            else:
+                self.pending[-1] = self.pending[-1][: rows - drop]
+                drop = 0
+        if drop:
+            for c in self.cache:
+                if c.positions is not None:
+                    keep = int(mx.sum(c.positions < n_tokens).item())  # positions ascend
+                    if keep:
+                        c.keys, c.values = c.keys[:, :, :keep], c.values[:, :, :keep]
+                        c.positions = c.positions[:keep]
+                    else:
+                        c.keys = c.values = c.positions = None
+                c.offset = n_tokens
+        self.n_tokens = n_tokens
 
 
 class DFlashDrafter(Drafter):
@@ -114,6 +164,32 @@ class DFlashDrafter(Drafter):
 
         self.cache = [ContextOnlyDraftKVCache(self.sink, self.window) for _ in self.draft.layers]
         self.pending = []
+
+    def resume(self, state, n_tokens):
+        """Continues from ``state`` (trimmed to ``n_tokens``) when it belongs to this draft and covers them.
+        Otherwise the context starts at position ``n_tokens`` with no rows before it: the draft then sees only
+        the tokens prefilled from here on (drafts stay verified, so output is unchanged; acceptance may be lower
+        until the window fills)."""
+        ok = (isinstance(state, DraftState) and state.draft is self.draft and state.n_tokens >= n_tokens
+              and len(state.cache) == len(self.draft.layers))
+        if ok:
+            state.trim(n_tokens)
+            self.cache, self.pending = state.cache, list(state.pending)
+            return True
+        for c in self.cache:
+            c.offset = n_tokens
+        return False
+
+    def snapshot(self, n_tokens):
+        if self.cache is None:
+            return None
+        covered = self.cache[0].offset + sum(h.shape[0] for h in self.pending)
+        if covered < n_tokens:
+            return None
+        state = DraftState(self.draft, self.cache, self.pending, covered)
+        state.trim(n_tokens)
+        self.cache, self.pending = None, []
+        return state
 
     FLUSH_ROWS = 256  # pending context rows beyond this are appended to the draft cache at once (long prompts)
 

@@ -16,6 +16,12 @@ The cycle (per request, after a prefill that also captures the draft's target-la
    hidden states queued as draft context, the bonus becomes the next staged token.
 
 Greedy output is token-identical to plain greedy decoding of the target (tests/test_specdec.py).
+
+KV reuse (tests/test_spec_sessions.py): ``generate(prefix=)`` continues from a KV that covers the first tokens of
+the prompt (a session's earlier turns, from this engine or the batch) and prefills only the rest; the run's
+``handover()`` returns its KV as plain mlx-lm caches covering the committed tokens plus the drafter's context,
+for the session store, a later ``generate`` or ``BatchEngine`` (a demoted request joins the batch without
+re-prefilling anything).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, load_dflash_draf
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats
+from ..kv_prefix import fit_prefix
 from .gdn_tape import GDNTape
-from .target import Checkpoint, TargetOps, rollback
+from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class BlockSpecDecEngine:
             raise ConfigError("mode NATIVE_V7 needs a DFlash draft: pass draft_checkpoint (or use PROMPT_LOOKUP / TARGET_ONLY)")
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
         self.last_policy = None
+        self._runs = 0  # requests started: the drafter's context belongs to the latest one only
 
     @classmethod
     def from_checkpoint(cls, target_checkpoint, draft_checkpoint=None, config: BlockSpecDecEngineConfig | None = None,
@@ -137,12 +145,33 @@ class BlockSpecDecEngine:
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), mode=None,
-                 policy: str | None = None, ignore_eos: bool = False) -> Iterator[SpecDecChunk]:
+                 policy: str | None = None, ignore_eos: bool = False, prefix=None) -> "SpecDecRun":
         """Chunks of one request (one per cycle); the last has ``finish_reason`` "stop" or "length".
 
         ``mode`` / ``policy`` override the engine's config for this request; ``ignore_eos`` decodes past the
         tokenizer's eos ids (benchmarks); ``seed`` None draws one.
+
+        ``prefix``: a KV the request continues from instead of prefilling it: a ``SpecDecKV`` (what an earlier
+        run's ``handover`` returned) or ``(caches, n_cached_tokens[, draft_state])`` with caches of the target's
+        ``make_prompt_cache`` layout (plain mlx-lm classes: ``BatchEngine.extract_kv``; converted in place to the
+        engine's verify-ready classes) covering ``prompt[:n_cached_tokens]``. Only the rest of the prompt is
+        prefilled. The draft's context for the cached tokens is ``draft_state`` (a drafter ``snapshot``, trimmed
+        to the prefix) when given; without it the draft sees only the prefilled tokens (still lossless: every
+        draft is verified; acceptance may be lower at first). A prefix longer than ``len(prompt) - 1`` tokens is
+        trimmed; one that cannot be trimmed (GatedDeltaNet state covers an exact token count) is not used.
+        The caches are the run's from then on.
+
+        Returns a ``SpecDecRun``: iterate it for the chunks (nothing runs before the first ``next``); once it
+        has ended or been closed, ``handover()`` gives its KV for a later request or the batch.
         """
+        run = SpecDecRun(self)
+        run._gen = self._generate(run, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, mode=mode,
+                                  policy=policy, ignore_eos=ignore_eos, prefix=prefix)
+        return run
+
+    def _generate(self, run: "SpecDecRun", prompt, *, max_tokens, temperature, top_p, top_k, seed, stop,
+                  stop_token_ids, mode, policy, ignore_eos, prefix) -> Iterator[SpecDecChunk]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
@@ -161,12 +190,17 @@ class BlockSpecDecEngine:
         cfg = self.config
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
         emitter = TokenEmitter(self.tokenizer, eos | set(stop_token_ids), stop, max_tokens)
-        cache = self.target.make_cache(self.config.bucket_kv)
+        cache, cached, draft_state = self._prefix_cache(prefix, len(ids))
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
             drafter.start(ids)
+            if cached:
+                drafter.resume(draft_state, cached)
+        run._begin(ids, cache, emitter, drafter, cached)
 
-        logits = self.target.prefill(ids, cache, cfg.prefill_step, capture, drafter.observe if capture else None)
+        logits = self.target.prefill(ids[cached:], cache, cfg.prefill_step, capture,
+                                     drafter.observe if capture else None)
+        run._extent = len(ids)  # tokens in the cache
         staged = first_token(logits, params, 0)
         self._stats.add_prompt_commit()
         chunk = emitter.push([staged])
@@ -216,6 +250,7 @@ class BlockSpecDecEngine:
             bytes_read = (self.store.stats().bytes_read - before) if self.store is not None else 0
             pol.observe(b, acc, bytes_read)
             new = drafts[:acc] + [nxt]
+            run._verified(ckpt, block, acc)
             self._stats.record(b, b - 1, acc, len(new), rerun)
             chunk = emitter.push(new)
             yield chunk
@@ -223,3 +258,131 @@ class BlockSpecDecEngine:
                 return
             history.extend(new)
             staged = nxt
+
+    def _prefix_cache(self, prefix, n_prompt: int):
+        """(verify-ready cache, tokens it covers, draft state) for a request; a fresh cache when ``prefix`` is
+        None or unusable."""
+        if prefix is not None:
+            if isinstance(prefix, SpecDecKV):
+                caches, n, draft_state = list(prefix), prefix.n_tokens, prefix.draft_state
+            else:
+                caches, n, *rest = prefix
+                caches, draft_state = list(caches), (rest[0] if rest else None)
+            from mlx_lm.models.cache import make_prompt_cache
+
+            # the prompt's last token is always fed: its logits start decoding
+            if len(caches) == len(make_prompt_cache(self.model)):
+                caches, want = fit_prefix(caches, min(int(n), n_prompt - 1))
+                if caches is not None and want > 0:
+                    exact_rotating_caches(caches)
+                    if self.config.bucket_kv:
+                        bucket_kv_caches(caches)
+                    return caches, want, draft_state
+        return self.target.make_cache(self.config.bucket_kv), 0, None
+
+
+class SpecDecKV(list):
+    """A target prompt cache handed out of a run (``SpecDecRun.handover``) or into one (``generate(prefix=)``):
+    the per-layer caches as plain mlx-lm classes (``KVCache``, ``RotatingKVCache``, ``ArraysCache`` ...), so
+    ``BatchEngine`` merges them and a session store keeps them like any prompt cache, covering the first
+    ``n_tokens`` tokens of the request's prompt + completion; ``draft_state``: the drafter's context for those
+    tokens (``DFlashDrafter.snapshot``), or None. A list: code that knows nothing of the draft state sees an
+    ordinary prompt cache."""
+
+    def __init__(self, caches, n_tokens: int, draft_state=None):
+        super().__init__(caches)
+        self.n_tokens = int(n_tokens)
+        self.draft_state = draft_state
+
+
+class SpecDecRun:
+    """One request of ``BlockSpecDecEngine.generate``: an iterator of ``SpecDecChunk``s (one per cycle; nothing
+    runs before the first ``next``) that hands its KV over once it has ended or been closed.
+
+    ``cached_tokens`` / ``prefilled_tokens``: prompt tokens taken from the prefix / run through the prefill
+    (set by the first ``next``)."""
+
+    def __init__(self, engine: BlockSpecDecEngine):
+        self._engine = engine
+        self._gen = None
+        self._state = None  # (ids, cache, emitter, drafter, run number) once the prefill starts
+        self._extent = None  # tokens the cache covers (after the prefill, at each yield)
+        self._last = None  # the last cycle's (checkpoint, block, accepted): undoes accepted tokens past a stop
+        self._failed = False
+        self.cached_tokens = 0
+        self.prefilled_tokens = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> SpecDecChunk:
+        try:
+            return next(self._gen)
+        except StopIteration:
+            raise
+        except BaseException:  # the caches may be mid-update: nothing to hand over
+            self._failed = True
+            raise
+
+    def close(self) -> None:
+        self._gen.close()
+
+    # -- bookkeeping from the generator ---------------------------------------------------------------------
+    def _begin(self, ids, cache, emitter, drafter, cached: int) -> None:
+        self._engine._runs += 1
+        self._state = (ids, cache, emitter, drafter, self._engine._runs)
+        self.cached_tokens, self.prefilled_tokens = cached, len(ids) - cached
+
+    def _verified(self, ckpt, block, acc: int) -> None:
+        self._extent += acc + 1  # the staged token and the accepted drafts stay in the cache
+        self._last = (ckpt, block, acc)
+
+    # -- handover -------------------------------------------------------------------------------------------
+    def handover(self) -> SpecDecKV | None:
+        """Closes the run and returns its KV: the target cache (plain mlx-lm classes) covering the committed
+        tokens (prompt + completion; the last completion token is included only where the final cycle had
+        already fed it) and the drafter's context for them. None if the run never prefilled, failed mid-cycle,
+        or was handed over already. Call on the MLX thread; the caller owns the result."""
+        self._gen.close()  # at a yield point (or finished): the caches are consistent
+        state, self._state = self._state, None
+        if state is None or self._failed or self._extent is None:
+            return None
+        ids, cache, emitter, drafter, number = state
+        n = self._extent
+        committed = len(ids) + len(emitter.tokens)
+        if n > committed:  # the final cycle fed accepted tokens past the stop: keep only the committed ones
+            ckpt, block, acc = self._last
+            keep = acc + 1 - (n - committed)
+            if rollback(cache, ckpt, acc + 1, keep):  # recurrent state: cycle start restored, re-run the kept
+                self._engine.target.forward(block[:keep], cache, (), logits="none")
+            n = committed
+        mx.eval([c.state for c in cache])
+        draft_state = None
+        if drafter is not None and self._engine._runs == number:  # no later request has restarted the drafter
+            draft_state = drafter.snapshot(n)
+        return SpecDecKV(_plain_caches(cache), n, draft_state)
+
+
+def _plain_caches(cache) -> list:
+    """The engine's verify-ready cache classes switched back to mlx-lm's own (in place)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from . import target
+
+    for c in cache:
+        if target._BUCKETED is not None and type(c) is target._BUCKETED:
+            c.__class__ = KVCache  # same state; the buffer may run past ``offset`` (never read)
+        elif target._EXACT_ROTATING is not None and type(c) is target._EXACT_ROTATING:
+            rows = c.keys.shape[2] if c.keys is not None else 0
+            short = min(c.offset, c.max_size) - rows
+            if short > 0 and c._idx == rows:
+                # a wrapped window trimmed after a multi-token update holds max_size - 1 rows in temporal order;
+                # mlx-lm's class (and BatchRotatingKVCache.merge) expects max_size once wrapped. A zero row in the
+                # oldest slot is never read: the next token overwrites it before attending.
+                pad = lambda a: mx.concatenate(
+                    [a[..., : c.keep, :], mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype), a[..., c.keep :, :]],
+                    axis=2)
+                c.keys, c.values = pad(c.keys), pad(c.values)
+                c._idx = c.keys.shape[2]
+            c.__class__ = RotatingKVCache
+    return list(cache)
