@@ -134,3 +134,26 @@ def test_add_many_checks_every_request_first(tiny_dir):
     assert eng.active == 0 and eng.cache is None  # nothing was admitted
     with pytest.raises(RuntimeError, match="full"):
         eng.add_many([Admission(f"r{i}", (1, 2), SamplingParams()) for i in range(5)])
+
+
+def test_whole_prompt_cached_is_cut_to_all_but_the_last_token(tiny_dir):
+    """A reused KV covering the entire prompt (a repeated turn): the last token is fed once, by the first step."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mach_runtime.engine.batch import Admission
+
+    model, tok, _, _ = load_moe(tiny_dir)
+    ids = tok.encode(PROMPTS[2])
+    kv = make_prompt_cache(model)
+    model(mx.array([ids]), cache=kv)
+    eng = BatchEngine(model, tok, max_batch=2)
+    eng.eos = frozenset()
+    (seq,) = eng.add_many([Admission("r0", tuple(ids), SamplingParams(max_tokens=6), kv=kv, cached_tokens=len(ids))])
+    assert seq.cached_tokens == len(ids) - 1 and seq.prefilled_tokens == 0
+    got = []
+    while eng.active:
+        for o in eng.step():
+            got.append(o.token)
+            if o.finish_reason:
+                eng.remove(o.request_id)
+    assert got == greedy(model, ids, 6)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..errors import ConfigError
+from .kv_prefix import fit_prefix
 from .sampling import sample_batch, validate
 
 PREFILL_STEP = 512
@@ -122,10 +123,10 @@ class BatchEngine:
             tokens = list(a.prompt_ids) + list(a.resume_ids)
             if not tokens:
                 raise ConfigError("the prompt is empty: give at least one token")
-            kv, cached = a.kv, a.cached_tokens
-            if kv is None or cached <= 0:
+            # a reused KV is cut to what the request shares, but the last token is always fed by a step
+            kv, cached = fit_prefix(a.kv, min(a.cached_tokens, len(tokens) - 1)) if a.kv is not None else (None, 0)
+            if kv is None:
                 kv, cached = make_prompt_cache(self.model), 0
-            cached = min(cached, len(tokens) - 1)  # the last token is always fed by a step
             todos.append(tokens[cached:-1])
             caches.append(kv)
             seqs.append(self._new_seq(a, tokens, cached))
