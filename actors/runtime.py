@@ -17,6 +17,7 @@ before the next decode step. Errors arrive as exceptions from the iterator.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import secrets
@@ -222,6 +223,10 @@ class Runtime:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
                 if warmup or (warmup is None and await mlx.call(_on_gpu)):
                     await mlx.call(spec.warmup)
+            # the model's many long-lived objects leave the collector's reach, so the collections that decoding's
+            # short-lived arrays trigger stay short (on the H100 the spec decode ran ~10 % faster with gc off)
+            gc.collect()
+            gc.freeze()
             config = read_config(os.fspath(checkpoint))
             tc = adapter_for_config(config).text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))

@@ -118,6 +118,13 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def freeze_gc() -> None:
+    """Collects, then moves every object alive now (model parameters, tokenizer, ...) out of the collector's
+    reach, as ``Runtime.open`` does: long-lived objects no longer lengthen the collections decode triggers."""
+    gc.collect()
+    gc.freeze()
+
+
 def free_mlx():
     import mlx.core as mx
 
