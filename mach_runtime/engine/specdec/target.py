@@ -144,12 +144,19 @@ class TargetOps:
 
         ``capture``: layer ids whose outputs are concatenated (in order) into the returned hidden states.
         """
+        out, hidden = self.forward_batch(tokens[None], cache, capture, logits)
+        return (None if out is None else out[0]), (None if hidden is None else hidden[0])
+
+    def forward_batch(self, tokens: mx.array, cache, capture=(), logits: str = "all"):
+        """The batched ``forward``: tokens [B, T] over batch caches (mlx-lm's ``BatchKVCache`` / batched
+        ``ArraysCache``) → (logits [B, T, V], [B, 1, V] for ``logits="last"`` or None for "none",
+        hidden [B, T, n*H] or None). Used by ``batched.BatchedSpecDecoder`` to verify every row's block at once."""
         slots = {}
         for i in capture:
             slots[id(self.layers[i])] = {"index": i, "out": None}
         _ARMED.update(slots)
         try:
-            h = self.inner(tokens[None], cache)
+            h = self.inner(tokens, cache)
         finally:
             for k in slots:
                 _ARMED.pop(k, None)
@@ -158,13 +165,14 @@ class TargetOps:
             outs = [slots[id(self.layers[i])]["out"] for i in capture]
             if any(o is None for o in outs):
                 raise RuntimeError("a tapped layer produced no output; call TargetOps.tap(layer_ids) first")
-            hidden = mx.concatenate(outs, axis=-1)[0]
+            hidden = mx.concatenate(outs, axis=-1)
         if logits == "none":
             return None, hidden
+        if logits == "last":
+            h = h[:, -1:]
         if self._final is not None:
-            h = self._final(h[:, -1:] if logits == "last" else h)
-        out = h[0, -1:] if logits == "last" else h[0]
-        return self.head(out), hidden
+            h = self._final(h)
+        return self.head(h), hidden
 
     def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
         """All prompt tokens through the target, in chunks; returns the logits [V] of the last one.
