@@ -137,7 +137,10 @@ class DecoderStats(msgspec.Struct, frozen=True, kw_only=True):
     batch_histogram: dict[int, int]  # batch size -> steps
     spec_cycles: int = 0  # speculative draft/verify cycles run for lone requests
     spec_requests: int = 0  # requests that ran (at least partly) speculatively
-    spec_demoted: int = 0  # speculative requests moved into the batch when others arrived
+    spec_demoted: int = 0  # speculative requests moved out of the solo lane when others arrived
+    spec_batch_cycles: int = 0  # draft/verify cycles of the spec batch (Runtime.open(spec_batch=N))
+    spec_batch_moves: int = 0  # requests moved out of the spec batch or the target-only batch into the other
+    spec_batch_histogram: dict[int, int] = msgspec.field(default_factory=dict)  # spec batch rows -> cycles
 
 
 class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +152,7 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
     expert_store_restarts: int
     prefetch: dict[str, int]
     specdec: dict | None = None  # BlockSpecDecEngine.stats() when the runtime has speculative decoding
+    specdec_batch: dict | None = None  # BatchedSpecDecoder.stats() when the runtime has a spec batch
 
 
 DecoderMessage = Submit | Abort | Shutdown

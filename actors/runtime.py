@@ -182,11 +182,12 @@ class _Limits:
 
 
 class Runtime:
-    def __init__(self, sup: Supervisor, tokenizer, limits: _Limits, spec=None):
+    def __init__(self, sup: Supervisor, tokenizer, limits: _Limits, spec=None, spec_batch=None):
         self._sup = sup
         self.tokenizer = tokenizer
         self._limits = limits
         self._spec = spec
+        self._spec_batch = spec_batch
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @classmethod
@@ -194,11 +195,15 @@ class Runtime:
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
                    restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   **load_kwargs):
+                   spec_batch: int = 0, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
         specdec: a ``BlockSpecDecEngineConfig`` (mode, block size, policy); with PROMPT_LOOKUP no draft is needed.
+        spec_batch: with ``draft``/``specdec``, N >= 2 runs 2..N concurrent requests (at least one speculative)
+            together in a ``BatchedSpecDecoder`` (batched verification) instead of the target-only batch; more
+            than N use the target-only batch, a lone request the single-request engine. 0 (default): off.
+            Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         """
@@ -209,6 +214,9 @@ class Runtime:
             raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not isinstance(spec_batch, int) or spec_batch < 0 or spec_batch == 1 or spec_batch > max_batch:
+            raise ConfigError(f"spec_batch must be 0 (off) or an integer in 2..max_batch ({max_batch}), "
+                              f"got {spec_batch!r}")
         if checkpoint is None:
             from mach_runtime.cli.main import default_checkpoint
 
@@ -218,11 +226,15 @@ class Runtime:
         try:
             model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
-            spec = None
+            spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
+                if spec_batch >= 2:
+                    batched = await mlx.call(lambda: _spec_batch(model, tokenizer, store, spec, spec_batch))
                 if warmup or (warmup is None and await mlx.call(_on_gpu)):
                     await mlx.call(spec.warmup)
+                    if batched is not None:
+                        await mlx.call(batched.warmup)
             # the model's many long-lived objects leave the collector's reach, so the collections that decoding's
             # short-lived arrays trigger stay short (on the H100 the spec decode ran ~10 % faster with gc off)
             gc.collect()
@@ -232,12 +244,12 @@ class Runtime:
             limits = _Limits(tc.get("max_position_embeddings"))
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor, spec=spec)
+                             predictor=predictor, spec=spec, spec_batch=batched)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
                     try:
-                        yield cls(sup, tokenizer, limits, spec)
+                        yield cls(sup, tokenizer, limits, spec, batched)
                     finally:
                         with anyio.CancelScope(shield=True):
                             await sup.shutdown()
@@ -353,6 +365,7 @@ class Runtime:
             expert_store_restarts=sup.restarts["expert_store"],
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
+            specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
         )
 
 
@@ -371,3 +384,15 @@ def _spec_engine(model, tokenizer, store, draft, config):
         config = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7)
     draft_model = load_dflash_draft(draft) if draft is not None else None
     return BlockSpecDecEngine(model, tokenizer, draft_model, config=config, store=store)
+
+
+def _spec_batch(model, tokenizer, store, spec, n: int):
+    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config, or None where the
+    family's caches cannot be rolled back per row (then the runtime batches target-only, as without it)."""
+    from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
+
+    try:
+        return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
+                                  target=spec.target)
+    except ConfigError:
+        return None

@@ -40,7 +40,8 @@ class LedgerEntry:
 
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
-                 fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None):
+                 fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None,
+                 spec_batch=None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
@@ -48,6 +49,7 @@ class Supervisor:
         self.intensity, self.period = intensity, period
         self.predictor = predictor
         self.spec = spec  # BlockSpecDecEngine (MLX-thread object, shared by every Decoder incarnation) or None
+        self.spec_batch = spec_batch  # BatchedSpecDecoder, likewise shared (each Decoder clears it first), or None
         self.kv_table = KVTable()
         self.max_sessions = max_sessions
         self.ledger: dict[str, LedgerEntry] = {}
@@ -118,9 +120,11 @@ class Supervisor:
             cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
+            spec_batch=self.spec_batch,
         )
         if self.decoder is not None:  # statistics survive a restart
             d.counters, d.histogram = self.decoder.counters, self.decoder.histogram
+            d.spec_histogram = self.decoder.spec_histogram
         self.decoder = d
 
         def exited(result, error, d=d):

@@ -73,11 +73,11 @@ def test_oracle_partial_acceptance_per_row_is_lossless(family, bucket, request, 
     different counts every step (per-row KV roll, growing left padding, per-row RoPE offsets). ``bucket``: the
     KV length multi-token forwards attend over is rounded up to it (4: the common left padding is also sliced
     off often, and the batched prefill runs in chunks of 5); None: plain BatchKVCache."""
-    from mach_runtime.engine.specdec import batched
+    from mach_runtime.engine.specdec import target
 
     model, tok, refs = request.getfixturevalue(family)
     if bucket is not None:
-        monkeypatch.setattr(batched, "KV_BUCKET", bucket)
+        monkeypatch.setattr(target, "KV_BUCKET", bucket)
     tapes = (True, False) if family == "hybrid" else (True,)  # hybrid: tape replay per row, or snapshot + re-run
     for tape in tapes:
         dec, draft = _decoder(model, tok, layers=(0, 1) if family == "qwen3" else (0, 2), gdn_tape=tape,
@@ -223,8 +223,7 @@ def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
 def test_batched_draft_pass_equals_per_row_draft_passes(qwen3):
     """One draft pass over rows with contexts of different lengths (sink + window caches that have dropped
     rows) gives each row's own ``draft_logits``, round after round."""
-    from mach_runtime.engine.specdec.batched import _batchable_dflash, batched_dflash_logits
-    from mach_runtime.engine.specdec.draft import DFlashDrafter
+    from mach_runtime.engine.specdec.draft import DFlashDrafter, batchable_dflash, batched_dflash_logits
     from mach_runtime.engine.specdec.target import TargetOps
 
     model, _, _ = qwen3
@@ -242,7 +241,7 @@ def test_batched_draft_pass_equals_per_row_draft_passes(qwen3):
         staged = [int(t) for t in rng.integers(3, 500, size=len(pairs))]
         ref = mx.stack([a.draft_logits(t, n) for (a, _), t in zip(pairs, staged)])
         got = batched_dflash_logits([b for _, b in pairs], staged, n)
-        assert _batchable_dflash(pairs[0][1])
+        assert batchable_dflash(pairs[0][1])
         assert np.allclose(np.array(ref), np.array(got), atol=1e-4), rnd
         assert [b.cache[0].offset for _, b in pairs] == [a.cache[0].offset for a, _ in pairs]
 

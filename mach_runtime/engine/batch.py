@@ -74,7 +74,71 @@ def _hold_back(text: str, stops) -> int:
     return best
 
 
-class BatchEngine:
+def prefill_rows(cache, todos: list[list[int]], step: int, forward) -> None:
+    """Feeds each row's ``todos[i]`` into the batch caches ``cache`` in one forward per chunk of ``step`` tokens:
+    rows of different lengths are right-padded and the caches told so (mlx-lm's ``prepare`` / ``finalize``, as its
+    BatchGenerator does: the padding ends up as masked left padding), so k new requests cost one prefill, not k.
+    ``forward(tokens [B, T], start)`` runs one chunk over ``cache`` and returns an array to evaluate with it, or
+    None."""
+    lengths = [len(t) for t in todos]
+    width = max(lengths)
+    if width == 0:
+        return
+    padding = [width - n for n in lengths]
+    if any(padding):
+        for c in cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    rows = mx.array([t + [0] * p for t, p in zip(todos, padding)], dtype=mx.uint32)
+    for start in range(0, width, step):
+        out = forward(rows[:, start : start + step], start)
+        mx.eval([c.state for c in cache] + ([out] if out is not None else []))
+    if any(padding):
+        for c in cache:
+            c.finalize()
+        mx.eval([c.state for c in cache])
+
+
+class BatchMembership:
+    """Who is in a continuous batch: ``_members()`` lists the requests in the row order of the batch caches
+    ``self.cache`` (``request_id`` each); ``_filter(keep)`` drops every other row. Shared with
+    ``specdec.batched.BatchedSpecDecoder``."""
+
+    max_batch: int
+    cache = None
+
+    def _members(self) -> list:
+        raise NotImplementedError
+
+    def _filter(self, keep: list[int]) -> None:
+        raise NotImplementedError
+
+    @property
+    def active(self) -> int:
+        return len(self._members())
+
+    @property
+    def full(self) -> bool:
+        return len(self._members()) >= self.max_batch
+
+    def has(self, request_id: str) -> bool:
+        return any(m.request_id == request_id for m in self._members())
+
+    def remove(self, request_id: str):
+        """Drops the request's row (its cache rows too); returns its record, or None if it is not here."""
+        members = self._members()
+        for i, m in enumerate(members):
+            if m.request_id == request_id:
+                self._filter([j for j in range(len(members)) if j != i])
+                return m
+        return None
+
+    def _extract(self, request_id: str):
+        """(row index, the request's cache as single-request caches)."""
+        i = next(i for i, m in enumerate(self._members()) if m.request_id == request_id)
+        return i, [c.extract(i) for c in self.cache]
+
+
+class BatchEngine(BatchMembership):
     def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True):
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -91,16 +155,8 @@ class BatchEngine:
         self._inflight_rows: list[_Seq] = []
 
     # -- membership ---------------------------------------------------------------------------------------
-    @property
-    def active(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def full(self) -> bool:
-        return len(self.seqs) >= self.max_batch
-
-    def has(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in self.seqs)
+    def _members(self) -> list:
+        return self.seqs
 
     def add(self, request_id: str, prompt_ids, params, resume_ids=(), kv=None, cached_tokens: int = 0) -> _Seq:
         """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
@@ -155,22 +211,11 @@ class BatchEngine:
 
     def _prefill(self, cache, todos: list[list[int]]) -> None:
         """Feeds each row's ``todos[i]`` into the batch caches ``cache`` (right-padded, in chunks)."""
-        lengths = [len(t) for t in todos]
-        width = max(lengths)
-        if width == 0:
-            return
-        padding = [width - n for n in lengths]
-        if any(padding):
-            for c in cache:
-                c.prepare(lengths=lengths, right_padding=padding)
-        rows = mx.array([t + [0] * p for t, p in zip(todos, padding)], dtype=mx.uint32)
-        for start in range(0, width, self.prefill_step):
-            self.model(rows[:, start : start + self.prefill_step], cache=cache)
-            mx.eval([c.state for c in cache])
-        if any(padding):
-            for c in cache:
-                c.finalize()
-            mx.eval([c.state for c in cache])
+
+        def forward(tokens, start):
+            self.model(tokens, cache=cache)  # the logits are never evaluated
+
+        prefill_rows(cache, todos, self.prefill_step, forward)
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):
@@ -187,18 +232,10 @@ class BatchEngine:
             self._inflight = self._inflight[mx.array(rows)] if rows else None
             self._inflight_rows = [self._inflight_rows[i] for i in rows]
 
-    def remove(self, request_id: str) -> _Seq | None:
-        for i, s in enumerate(self.seqs):
-            if s.request_id == request_id:
-                self._filter([j for j in range(len(self.seqs)) if j != i])
-                return s
-        return None
-
     def extract_kv(self, request_id: str):
         """(caches, n): the request's cache as single-request caches, covering its first ``n`` tokens
         (prompt + generated; the newest token is covered only if a step in flight already fed it)."""
-        i = next(i for i, s in enumerate(self.seqs) if s.request_id == request_id)
-        kv = [c.extract(i) for c in self.cache]
+        i, kv = self._extract(request_id)
         n = next((c.offset for c in kv if isinstance(getattr(c, "offset", None), int)), None)
         s = self.seqs[i]
         return kv, (n if n is not None else s.prompt_len + len(s.generated) - 1)
@@ -224,12 +261,20 @@ class BatchEngine:
         self._inflight_rows = list(self.seqs)
         mx.async_eval(self._inflight)
 
-    def step(self, on_launched=None) -> list[StepOutput]:
+    @property
+    def in_flight(self) -> bool:
+        """A step is queued whose tokens no ``step`` has read back yet (its rows' caches already hold their
+        newest token)."""
+        return self._inflight is not None
+
+    def step(self, on_launched=None, launch_next: bool = True) -> list[StepOutput]:
         """One batched decode step: the tokens of every row of the step in flight.
 
         With ``pipeline`` on, the next step is queued before this one's tokens are read back, so building the
         next graph on the host overlaps the device's work (as mlx-lm's generators do). A row that finishes
         here was already part of the queued step; that wasted row is dropped when it leaves the batch.
+        ``launch_next=False`` queues none (a batch about to hand its rows' KV over: each cache then covers all
+        but the row's newest token, which the next engine feeds).
         """
         if not self.seqs:
             return []
@@ -237,7 +282,7 @@ class BatchEngine:
             self._launch()
         cur, rows = self._inflight, self._inflight_rows
         self._inflight, self._inflight_rows = None, []
-        if self.pipeline:
+        if self.pipeline and launch_next:
             self._launch(cur, rows)
         if on_launched is not None:  # the caller's host work overlaps the device's (e.g. delivering outputs)
             on_launched()

@@ -14,9 +14,21 @@ request replays exactly whatever it is batched or interleaved with.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from ..sampling import sample_key
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A request's sampling parameters as acceptance uses them (``seed`` resolved: never None)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
 
 
 def filtered_logprobs(logits: mx.array, temperature: float, top_p: float, top_k: int) -> mx.array:

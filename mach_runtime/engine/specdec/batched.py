@@ -12,40 +12,37 @@ block policy, sampling parameters, stop handling (``output.TokenEmitter``) and s
 2. the blocks are stacked into tokens [B, b], b = max b_i; a row with fewer drafts is padded at its end with any
    token (causal attention / recurrence: padding after a row's real tokens cannot change them; it is rejected);
 3. ONE target forward verifies [B, b] on the batch caches, capturing the drafters' tapped hidden states (with
-   ``config.bucket_kv`` the attention runs over the KV length rounded up to ``KV_BUCKET``, padding masked, as the
-   single-request engine does: static shapes for MLX's CUDA backend);
+   ``config.bucket_kv`` over bucketed KV lengths, ``target.bucket_batch_caches``: static shapes for MLX's CUDA);
 4. each row accepts its own prefix (greedy: longest prefix equal to the target's argmax + bonus; sampled: the
    rejection rule of ``acceptance.py`` with per-request keys (seed, completion position), so a row's randomness
    does not depend on its batch mates);
 5. per-row rollback of the b − keep_i rejected positions (keep_i = accepted_i + 1):
-   * attention (``BatchKVCache``): every row is trimmed by m = min_i(b − keep_i) (shared write index), then the
-     remaining per-row excess r_i is rolled to the left end of the row, where it becomes masked left padding —
-     mlx-lm's own right-padding mechanism (``prepare(right_padding=r)`` + ``finalize()``), as its batched prefill
-     uses it. ``offset`` (RoPE positions) drops by r_i per row and ``left_padding`` grows by r_i, so the next
-     block of each row lands at its own true positions and never sees the rejected keys; the common left padding
-     is then sliced off (as ``filter`` does);
-   * GatedDeltaNet (batched ``ArraysCache``): replayed per row from the ``GDNTape`` record of the verify — the
-     recurrence re-run on the block with the mask ``t < keep_i`` (masked steps leave the state unchanged), and
-     each row's conv window gathered at its own ``keep_i``; no target forward. Without a tape (or where it cannot
-     replay) the recurrent state is restored from a snapshot, attention trimmed back to the cycle start, and
-     every row's kept tokens re-run in one right-padded forward with ``lengths`` (``specdec_rerun_tokens``);
+   * attention (``BatchKVCache``): every row is trimmed by m = min_i(b − keep_i) (one write index), the rest r_i
+     of row i's rejected tail rolled to its left end as masked left padding (mlx-lm's right-padding mechanism:
+     ``prepare(right_padding=r)`` + ``finalize()``): ``offset`` (RoPE positions) drops by r_i, ``left_padding``
+     grows by r_i, so each row's next block lands at its own positions and never sees a rejected key; padding
+     every row has is sliced off now and then (``_compact``);
+   * GatedDeltaNet (batched ``ArraysCache``): replayed per row from the ``GDNTape`` record of the verify
+     (``GDNTape.replay_rows``: the recurrence alone, row i's steps past keep_i masked); no target forward. Without
+     a tape (or where it cannot replay) the recurrent state is restored from a snapshot, attention trimmed back to
+     the cycle start, and every row's kept tokens re-run in one right-padded forward with ``lengths``
+     (``specdec_rerun_tokens``);
 6. each row commits its accepted tokens + bonus (truncated at a stop / stop string / max_tokens), its drafter
    observes the kept hidden rows, the bonus becomes its next staged token.
 
 Greedy rows are token-identical to plain greedy decoding of the target alone (tests/test_specdec_batched.py).
 
-Rows join between steps (``add_many``: the newcomers' caches — empty, or a reused prefix KV for rows whose
-drafter needs no hidden states — are merged and prefilled together in one right-padded forward per chunk, up to
-but not including each prompt's last token, which is the row's first staged token; each DFlash row's drafter gets
-its own rows of the captured hidden states; then they join the running batch caches) and leave between steps
-(``remove``; rows that finished and were not removed are dropped at the start of the next ``step``). The API mirrors
+Rows join between steps (``add_many``: the newcomers' caches — empty, or a reused prefix KV with the draft's
+context where it brings one — merged and prefilled together by ``batch.prefill_rows`` up to their last token, the
+first staged one, each DFlash drafter observing its own rows; then merged into the running caches) and leave
+between steps (``remove``; finished rows nobody removed leave at the next ``step``). The API mirrors
 ``engine.batch.BatchEngine`` (``Admission``, ``add_many``, ``step``, ``remove``, ``extract_kv``, ``has``,
-``active``, ``full``), except that a step reports a chunk of tokens per row (``SpecStepOutput``).
+``active``, ``full``), except that a step reports a chunk of tokens per row (``SpecStepOutput``); ``handover``
+removes a row with its KV and draft context (for a session, or to continue in another engine).
 
-Families: any whose prompt cache holds only ``KVCache`` (full attention) and GatedDeltaNet ``ArraysCache``
-layers: qwen3_moe, qwen3_5_moe. Sliding-window (``RotatingKVCache``: gpt_oss, gemma4) and compressed
-(deepseek_v4) caches cannot be rolled back per row here: the constructor raises ``ConfigError`` (fall back to
-``BatchEngine``).
+Families whose prompt cache holds only ``KVCache`` and GatedDeltaNet ``ArraysCache`` layers: qwen3_moe,
+qwen3_5_moe. Sliding-window (gpt_oss, gemma4) and compressed (deepseek_v4) caches cannot be rolled back per row
+here: the constructor raises ``ConfigError`` (fall back to ``BatchEngine``).
 """
 
 from __future__ import annotations
@@ -57,133 +54,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ...errors import ConfigError, RequestError
-from ..batch import Admission
+from ..batch import Admission, BatchMembership, prefill_rows
+from ..kv_prefix import fit_prefix
 from ..sampling import validate
-from .acceptance import greedy_accept, sampled_accept
+from . import target as _target
+from .acceptance import Sampling, greedy_accept, sampled_accept
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
-from .draft import DFlashDrafter, Drafter, PromptLookupDrafter
+from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, batchable_dflash, batched_dflash_logits, check_draft
+from .engine import SpecDecKV
 from .gdn_tape import GDNTape
 from .output import TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats
-from .target import KV_BUCKET, Checkpoint, TargetOps, rollback
+from .target import Checkpoint, TargetOps, bucket_batch_caches, drop_front, rollback
 
 __all__ = ["BatchedSpecDecoder", "SpecParams", "SpecStepOutput", "Admission"]
-
-
-def _bucketed_batch_kv_class():
-    from mlx_lm.models.cache import BatchKVCache
-
-    class BucketedBatchKVCache(BatchKVCache):
-        """mlx-lm's ``BatchKVCache`` whose multi-token forwards attend over the KV length rounded up to
-        ``KV_BUCKET`` with the columns past the last new token masked (as ``target.BucketedKVCache`` does for one
-        request): every verify lands at a new KV length, and on MLX's CUDA backend a multi-row attention at a
-        length not seen before costs tens of ms. Single-token steps are unchanged."""
-
-        def _bucket(self, n: int) -> int:
-            return -(-(self._idx + n) // KV_BUCKET) * KV_BUCKET
-
-        def make_mask(self, N: int, return_array: bool = False, **kwargs):
-            if N == 1 or kwargs.get("window_size") is not None:
-                return super().make_mask(N, return_array=return_array, **kwargs)
-            q = mx.arange(self._idx, self._idx + N)[:, None]
-            k = mx.arange(self._bucket(N))[None]
-            mask = (k <= q)[None, None] & (self.left_padding[:, None, None, None] <= k)
-            return mask  # [B, 1, N, bucket]
-
-        def update_and_fetch(self, keys, values):
-            n = keys.shape[2]
-            if n == 1:
-                return super().update_and_fetch(keys, values)
-            length = self._bucket(n)  # before the write moves _idx
-            super().update_and_fetch(keys, values)
-            short = length - self.keys.shape[2]
-            if short > 0:
-                pad = lambda a: mx.concatenate([a, mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype)], axis=2)
-                self.keys, self.values = pad(self.keys), pad(self.values)
-            return self.keys[..., :length, :], self.values[..., :length, :]
-
-    return BucketedBatchKVCache
-
-
-_BUCKETED_BATCH = None
-
-
-def _bucket_batch_caches(cache) -> None:
-    global _BUCKETED_BATCH
-    from mlx_lm.models.cache import BatchKVCache
-
-    if _BUCKETED_BATCH is None:
-        _BUCKETED_BATCH = _bucketed_batch_kv_class()
-    for c in cache:
-        if type(c) is BatchKVCache:
-            c.__class__ = _BUCKETED_BATCH
-
-
-def _batchable_dflash(d) -> bool:
-    """A plain ``DFlashDrafter`` (not a subclass with its own ``propose``) over a full-attention draft whose
-    context caches are dflash-mlx's sink + window ``ContextOnlyDraftKVCache``: one batched draft pass can
-    stand in for its ``propose``."""
-    from dflash_mlx.model import ContextOnlyDraftKVCache, FullContextDraftKVCache
-
-    if type(d) is not DFlashDrafter or d.cache is None:
-        return False
-    if any(type(c) is not ContextOnlyDraftKVCache or isinstance(c, FullContextDraftKVCache) for c in d.cache):
-        return False
-    return all(layer.self_attn.sliding_window is None and type(layer.self_attn.rope) is nn.RoPE
-               for layer in d.draft.layers)
-
-
-def batched_dflash_logits(drafters: list, staged: list[int], n: int) -> mx.array:
-    """Draft logits [B, n, V] of several ``DFlashDrafter`` rows (same draft model) in one draft pass: what each
-    row's ``draft_logits(staged[i], n)`` gives, with the rows' contexts (different lengths) left-padded and
-    masked. Each row's pending context rows are first appended to its own context cache (the draft's
-    ``advance_projected_context_cache``: projections only), then every draft layer runs once over [B, 1 + n]:
-    queries and block keys at each row's own position (its cache offset), keys = [row context ; block], no
-    causal mask inside the block (DFlash attends bidirectionally), padding masked out."""
-    d0 = drafters[0]
-    draft, target = d0.draft, d0.target
-    for d in drafters:
-        if d.pending:
-            draft.advance_projected_context_cache(draft_context=d._take_context(), cache=d.cache)
-    B, T = len(drafters), n + 1
-    block = mx.array([[int(s)] + [d0.mask_token_id] * n for s in staged], dtype=mx.uint32)
-    h = target.embed(block).astype(d0.dtype) * getattr(draft, "embed_scale", 1.0)
-    offsets = mx.array([int(d.cache[0].offset) for d in drafters], dtype=mx.int32)
-    lengths = [d.cache[0].cache_length() for d in drafters]
-    width = max(lengths)
-    mask = None
-    if min(lengths) < width:
-        key_pos = mx.arange(width + T)[None]
-        mask = (key_pos >= mx.array([width - L for L in lengths])[:, None])[:, None, None, :]  # [B, 1, 1, W + T]
-    for li, layer in enumerate(draft.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = attn.q_norm(attn.q_proj(x).reshape(B, T, attn.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = attn.k_norm(attn.k_proj(x).reshape(B, T, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = attn.rope(q, offset=offsets)
-        k = attn.rope(k, offset=offsets)
-        ctx_k, ctx_v = [], []
-        for d, L in zip(drafters, lengths):
-            ck, cv = d.cache[li].fetch()
-            if L == 0:
-                ck = mx.zeros((1, k.shape[1], 0, k.shape[3]), k.dtype)
-                cv = mx.zeros((1, v.shape[1], 0, v.shape[3]), v.dtype)
-            if L < width:
-                pad = [(0, 0), (0, 0), (width - L, 0), (0, 0)]
-                ck, cv = mx.pad(ck, pad), mx.pad(cv, pad)
-            ctx_k.append(ck)
-            ctx_v.append(cv)
-        keys = mx.concatenate([mx.concatenate(ctx_k, axis=0), k], axis=2) if width else k
-        values = mx.concatenate([mx.concatenate(ctx_v, axis=0), v], axis=2) if width else v
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
-        h = h + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return target.head(draft.norm(h)[:, 1:])
 
 
 @dataclass(frozen=True)
@@ -214,20 +101,12 @@ class SpecStepOutput:
     finish_reason: str | None
 
 
-@dataclass(frozen=True)
-class _Sampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-
-
 @dataclass
 class _Row:
     request_id: str
     prompt_len: int
     params: object
-    sampling: _Sampling
+    sampling: Sampling
     stop_ids: frozenset
     emitter: TokenEmitter
     drafter: Drafter | None
@@ -238,6 +117,7 @@ class _Row:
     cached_tokens: int = 0
     prefilled_tokens: int = 0
     finish: str | None = None
+    context: bool = False  # its drafter has hidden states to draft from (prefilled, resumed or verified ones)
     b: int = 1  # this step's block length
     drafts: object = None  # this step's drafts (list or lazy mx.array)
 
@@ -257,7 +137,7 @@ def _mode(params, custom: Drafter | None) -> BlockSpecDecEngineMode:
         raise RequestError(f"specdec: unknown speculative decoding mode {m!r}; use one of {names}") from None
 
 
-class BatchedSpecDecoder:
+class BatchedSpecDecoder(BatchMembership):
     """Batched speculative decoding over a loaded MoE target (``load_moe``) and an optional DFlash draft."""
 
     def __init__(self, model, tokenizer, draft=None, *, config: BlockSpecDecEngineConfig | None = None,
@@ -277,7 +157,7 @@ class BatchedSpecDecoder:
         self.draft = draft
         self.capture: tuple = ()
         if draft is not None:
-            self._check_draft(draft)
+            check_draft(self.target, draft)
             self.capture = tuple(int(i) for i in draft.target_layer_ids)
             self.target.tap(self.capture)
         self.lookup = PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram)
@@ -298,34 +178,15 @@ class BatchedSpecDecoder:
             elif type(c) is ArraysCache:
                 recurrent.append(i)
             else:
-                raise ConfigError(
-                    f"{self.target.family}: batched speculative decoding cannot roll back {type(c).__name__} "
-                    "caches per row (only full-attention KVCache and GatedDeltaNet ArraysCache layers: qwen3_moe, "
-                    "qwen3_5_moe); use target-only batching (BatchEngine) or BlockSpecDecEngine for one request"
-                )
+                raise ConfigError(f"{self.target.family}: batched speculative decoding cannot roll back "
+                                  f"{type(c).__name__} caches per row (only full-attention KVCache and GatedDeltaNet "
+                                  "ArraysCache layers: qwen3_moe, qwen3_5_moe); use target-only batching "
+                                  "(BatchEngine) or BlockSpecDecEngine for one request")
         return attn, recurrent
 
-    def _check_draft(self, draft) -> None:
-        H = self.target.hidden_size
-        if int(draft.args.hidden_size) != H:
-            raise ConfigError(f"draft hidden_size {draft.args.hidden_size} does not match the target's {H}")
-        ids = list(draft.target_layer_ids)
-        if any(not 0 <= i < self.target.num_layers for i in ids):
-            raise ConfigError(f"draft target_layer_ids {ids} outside the target's {self.target.num_layers} layers")
-        if int(draft.fc.weight.shape[-1]) != len(ids) * H:
-            raise ConfigError(f"draft fc expects {draft.fc.weight.shape[-1]} inputs, {len(ids)} layers × {H} given")
-
-    # -- membership ---------------------------------------------------------------------------------------
-    @property
-    def active(self) -> int:
-        return len(self.rows)
-
-    @property
-    def full(self) -> bool:
-        return len(self.rows) >= self.max_batch
-
-    def has(self, request_id: str) -> bool:
-        return any(r.request_id == request_id for r in self.rows)
+    # -- membership (``active``, ``full``, ``has``, ``remove``: ``BatchMembership``) -----------------------------
+    def _members(self) -> list:
+        return self.rows
 
     def row(self, request_id: str) -> _Row:
         return next(r for r in self.rows if r.request_id == request_id)
@@ -342,9 +203,11 @@ class BatchedSpecDecoder:
 
         ``params`` of an admission: ``SpecParams`` or the Decoder's ``SamplingParams`` (``specdec`` picks the
         row's drafter; None = target-only). ``drafters[i]``: a custom drafter for admission i (tests: oracle
-        drafts), used in the NATIVE_V7 slot. A prefix ``kv`` is used only by rows whose drafter needs no hidden
-        states (a DFlash draft needs every prompt token's). Checks every request before any work: a bad one
-        raises and nothing is admitted."""
+        drafts), used in the NATIVE_V7 slot. A prefix ``kv`` (``Admission.kv``, covering ``cached_tokens``) spares
+        its tokens' prefill; a DFlash row then resumes the draft's context from the KV's ``draft_state`` (a
+        ``SpecDecKV`` handed over by ``handover`` or ``SpecDecRun.handover``) or, without one, drafts from the
+        tokens after it only (lossless; acceptance may be lower at first). Checks every request before any work:
+        a bad one raises and nothing is admitted."""
         if not admissions:
             return []
         drafters = list(drafters) if drafters is not None else [None] * len(admissions)
@@ -389,7 +252,7 @@ class BatchedSpecDecoder:
             todos.append(todo)
         merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
         if self.config.bucket_kv:
-            _bucket_batch_caches(merged)
+            bucket_batch_caches(merged)
         self._prefill(merged, todos, rows)
         if self.cache is None:
             self.cache = merged
@@ -400,68 +263,49 @@ class BatchedSpecDecoder:
         return rows
 
     def _prefill(self, cache, todos: list[list[int]], rows: list[_Row]) -> None:
-        """Feeds each new row's ``todos[i]`` into the merged caches of the newcomers in one right-padded forward
-        per chunk (as ``BatchEngine`` admits), handing each hidden-state drafter its rows' captured states."""
-        lengths = [len(t) for t in todos]
-        width = max(lengths)
-        if width > 0:
-            padding = [width - n for n in lengths]
-            if any(padding):
-                for c in cache:
-                    c.prepare(lengths=lengths, right_padding=padding)
-            hidden = [r.drafter is not None and r.drafter.needs_hidden for r in rows]
-            capture = self.capture if any(hidden) else ()
-            tokens = mx.array([t + [0] * p for t, p in zip(todos, padding)], dtype=mx.uint32)
-            step = self.config.prefill_step
-            for start in range(0, width, step):
-                _, h = self.target.forward_batch(tokens[:, start : start + step], cache, capture, logits="none")
-                mx.eval([c.state for c in cache] + ([h] if h is not None else []))
-                for i, r in enumerate(rows):
-                    valid = min(lengths[i] - start, step)
-                    if hidden[i] and valid > 0:
-                        r.drafter.observe(h[i, :valid])
-            if any(padding):
-                for c in cache:
-                    c.finalize()
-        mx.eval([c.state for c in cache])
+        """The newcomers' ``todos`` through their merged caches (``prefill_rows``: right-padded, in chunks), each
+        hidden-state drafter handed its own row of the captured hidden states."""
+        hidden = [r.drafter is not None and r.drafter.needs_hidden for r in rows]
+        capture = self.capture if any(hidden) else ()
+
+        def forward(tokens, start):
+            _, h = self.target.forward_batch(tokens, cache, capture, logits="none")
+            for i, r in enumerate(rows):
+                valid = min(len(todos[i]) - start, tokens.shape[1])
+                if hidden[i] and valid > 0:
+                    r.drafter.observe(h[i, :valid])
+            return h
+
+        prefill_rows(cache, todos, self.config.prefill_step, forward)
 
     def _new_row(self, a: Admission, tokens: list[int], drafter: Drafter | None):
         """The row of admission ``a``, its single-request cache (empty, or the prefix ``kv`` fitted to the tokens
         it covers) and the tokens still to prefill (all but the last: the first staged token)."""
         p = a.params
-        hidden = drafter is not None and drafter.needs_hidden
-        kv, cached = (a.kv, a.cached_tokens) if not hidden else (None, 0)
-        cached = min(cached, len(tokens) - 1)  # the last token is the first staged one
-        if kv is not None and cached > 0:
-            have = next((c.offset for c in kv if isinstance(getattr(c, "offset", None), int)), cached)
-            if have > cached:
-                if all(c.is_trimmable() for c in kv):
-                    for c in kv:
-                        c.trim(have - cached)
-                else:
-                    kv = None
-        if kv is None or cached <= 0:
+        # a reused KV is cut to what the request shares; the last token is the first staged one
+        kv, cached = (None, 0) if a.kv is None else fit_prefix(a.kv, min(a.cached_tokens, len(tokens) - 1))
+        if kv is None:
             kv, cached = self.target.make_cache(bucket_kv=False), 0
+        todo = tokens[cached:-1]
+        context = bool(todo)
         if drafter is not None:
             drafter.start(tokens)
-        todo = tokens[cached:-1]
+            if cached:  # the draft's context for the cached tokens, where the KV brings one (a ``SpecDecKV``)
+                context |= bool(drafter.resume(getattr(a.kv, "draft_state", None), cached))
         resume = [int(t) for t in a.resume_ids]
         ignore_eos = bool(getattr(p, "ignore_eos", False))
         stop_ids = (frozenset() if ignore_eos else self.eos) | frozenset(p.stop_token_ids)
         stops = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
         emitter = TokenEmitter(self.tokenizer, stop_ids, stops, max(1, p.max_tokens - len(resume)))
-        for t in resume:  # a replayed request continues its text exactly where it left off
-            if t not in stop_ids:
-                emitter.detok.add_token(t)
-        emitter.sent = len(emitter.detok.text)
+        emitter.replay(resume)  # a replayed request continues its text exactly where it left off
         seed = p.seed if p.seed is not None else random.getrandbits(62)
         policy = None
         if drafter is not None:
             policy = make_policy(getattr(p, "specdec_policy", None) or self.config.policy, self.config.block_size,
                                  store=self.store, prompt_len=len(tokens))
-        row = _Row(a.request_id, len(a.prompt_ids), p, _Sampling(p.temperature, p.top_p, p.top_k, int(seed)),
+        row = _Row(a.request_id, len(a.prompt_ids), p, Sampling(p.temperature, p.top_p, p.top_k, int(seed)),
                    stop_ids, emitter, drafter, policy, list(tokens), list(resume), self._new_stats(),
-                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached)
+                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached, context=context)
         if resume and (resume[-1] in stop_ids or len(resume) >= p.max_tokens):
             row.finish = "stop" if resume[-1] in stop_ids else "length"  # already over: leaves at the next step
         return row, kv, todo
@@ -476,28 +320,28 @@ class BatchedSpecDecoder:
         for c in self.cache:
             c.filter(keep)
 
-    def remove(self, request_id: str) -> _Row | None:
-        for i, r in enumerate(self.rows):
-            if r.request_id == request_id:
-                self._filter([j for j in range(len(self.rows)) if j != i])
-                return r
-        return None
-
     def extract_kv(self, request_id: str):
         """(caches, n): the request's cache as single-request caches covering its first ``n`` tokens of
-        prompt + delivered completion; (None, 0) where the cache holds tokens past a stop (accepted in the same
-        block) that a recurrent state cannot give back."""
-        i = next(i for i, r in enumerate(self.rows) if r.request_id == request_id)
+        prompt + delivered completion (all but the staged token, less any accepted past a stop); (None, 0) where
+        that is none, or where a recurrent state cannot give back tokens past a stop."""
+        i, kv = self._extract(request_id)
         r = self.rows[i]
-        kv = [c.extract(i) for c in self.cache]
-        covered = len(r.history) - 1
-        n = min(covered, r.prompt_len + len(r.generated))
-        if n < covered:
-            if not all(c.is_trimmable() for c in kv):
-                return None, 0
-            for c in kv:
-                c.trim(covered - n)
-        return kv, n
+        return fit_prefix(kv, min(len(r.history) - 1, r.prompt_len + len(r.generated)))
+
+    def handover(self, request_id: str):
+        """Removes the request; returns (its KV as a ``SpecDecKV``: ``extract_kv``'s caches with the DFlash
+        drafter's context for the same tokens, or None where ``extract_kv`` gives none; its row)."""
+        kv, n = self.extract_kv(request_id)
+        row = self.remove(request_id)
+        if kv is None:
+            return None, row
+        return SpecDecKV(kv, n, row.drafter.snapshot(n) if row.drafter is not None else None), row
+
+    def clear(self) -> None:
+        """Drops every row (a crashed caller's batch)."""
+        self.rows, self.cache = [], None
+        if self.tape is not None:
+            self.tape.clear()
 
     # -- stats --------------------------------------------------------------------------------------------
     def _new_stats(self) -> SpecDecStats:
@@ -520,9 +364,6 @@ class BatchedSpecDecoder:
             out["expert_hit_rate"] = s.hit_rate
         return out
 
-    def row_stats(self, request_id: str) -> dict:
-        return self.row(request_id).stats.as_dict()
-
     def reset_stats(self) -> None:
         self._stats = self._new_stats()
         self.counters = Counter()
@@ -536,8 +377,8 @@ class BatchedSpecDecoder:
         ctx = len(r.history) - 1  # tokens in the cache
         if cfg.target_only_above_context and ctx > cfg.target_only_above_context:
             return 1
-        if ctx == 0 and r.drafter.needs_hidden:  # a one-token prompt: no hidden context to draft from yet
-            return 1
+        if r.drafter.needs_hidden and not r.context:  # a one-token prompt, a KV without the draft's context:
+            return 1  # nothing to draft from before one target-only step
         remaining = r.emitter.max_tokens - len(r.emitter.tokens)
         return max(1, min(r.policy.block_len(ctx), cfg.block_size, remaining))
 
@@ -550,7 +391,7 @@ class BatchedSpecDecoder:
             want = self._want(r)
             if want <= 1:
                 continue
-            if self.batched_draft and _batchable_dflash(r.drafter):
+            if self.batched_draft and batchable_dflash(r.drafter):
                 groups.setdefault((id(r.drafter.draft), want), []).append(r)
                 continue
             self._propose(r, want)
@@ -579,13 +420,10 @@ class BatchedSpecDecoder:
             return mx.array([[r.next_token] + r.drafts + [0] * (b - r.b) for r in rows], dtype=mx.uint32)
         parts = []
         for r in rows:
-            head = [r.next_token] + ([] if isinstance(r.drafts, mx.array) else r.drafts)
-            row = [mx.array(head, dtype=mx.uint32)]
-            if isinstance(r.drafts, mx.array):
-                row.append(r.drafts)
-            if b > r.b:
-                row.append(mx.zeros((b - r.b,), dtype=mx.uint32))
-            parts.append(mx.concatenate(row) if len(row) > 1 else row[0])
+            lazy = isinstance(r.drafts, mx.array)
+            head = mx.array([r.next_token] + ([] if lazy else r.drafts), dtype=mx.uint32)
+            tail = mx.zeros((b - r.b,), dtype=mx.uint32)
+            parts.append(mx.concatenate([head, r.drafts, tail] if lazy else [head, tail]))
         return mx.stack(parts)
 
     def step(self, on_launched=None) -> list[SpecStepOutput]:
@@ -618,16 +456,14 @@ class BatchedSpecDecoder:
             on_launched()
         mx.eval(*wait)
         tok_rows, choice_rows = tokens.tolist(), choice.tolist()
-        accs, nexts = [], []
+        accepted = []  # (accepted drafts, next token) per row
         for i, r in enumerate(rows):
             drafts = tok_rows[i][1 : r.b]
             if r.sampling.temperature == 0:
-                acc, nxt = greedy_accept(choice_rows[i][: r.b], drafts)
+                accepted.append(greedy_accept(choice_rows[i][: r.b], drafts))
             else:
-                acc, nxt = sampled_accept(logits[i, : r.b], drafts, r.sampling, len(r.generated))
-            accs.append(acc)
-            nexts.append(nxt)
-        keeps = [a + 1 for a in accs]
+                accepted.append(sampled_accept(logits[i, : r.b], drafts, r.sampling, len(r.generated)))
+        keeps = [a + 1 for a, _ in accepted]
         rerun = self._rollback(tokens, b, keeps, ckpt)
         bytes_read = (self.store.stats().bytes_read - before) if self.store is not None else 0
         self.counters["steps"] += 1
@@ -637,12 +473,13 @@ class BatchedSpecDecoder:
         self.counters["rerun_tokens"] += sum(keeps) if rerun else 0
         out = []
         for i, r in enumerate(rows):
-            acc, keep = accs[i], keeps[i]
+            (acc, nxt), keep = accepted[i], keeps[i]
             if hidden_rows[i] and hidden is not None:
                 r.drafter.observe(hidden[i, :keep])
+                r.context = True
             if r.policy is not None:
                 r.policy.observe(r.b, acc, bytes_read)
-            new = tok_rows[i][1 : 1 + acc] + [nexts[i]]
+            new = tok_rows[i][1 : 1 + acc] + [nxt]
             for s in (r.stats, self._stats):
                 s.record(r.b, r.b - 1, acc, len(new), keep if rerun else 0)
             chunk = r.emitter.push(new)
@@ -666,10 +503,11 @@ class BatchedSpecDecoder:
             return False
         rerun = False
         if self._recurrent:
-            if self.tape is not None and all(self._can_replay(self.cache[i], b) for i in self._recurrent):
+            tape = self.tape
+            if tape is not None and all(tape.can_replay(self.cache[i], b, rows=True) for i in self._recurrent):
                 keep_arr = mx.array(keeps, dtype=mx.int32)
                 for i in self._recurrent:
-                    self._replay_rows(self.cache[i], keep_arr, max(keeps))
+                    self.tape.replay_rows(self.cache[i], keep_arr, max(keeps))
             else:
                 rerun = True
             if self.tape is not None:
@@ -694,44 +532,19 @@ class BatchedSpecDecoder:
                 c.finalize()
 
     def _compact(self) -> None:
-        """Slices off the left padding every row has (as ``BatchKVCache.filter`` does), in whole KV buckets (the
-        buffer keeps its alignment). Row i's padding is ``_idx`` minus its cached tokens, known on the host."""
+        """Slices off the left padding every row has (as ``BatchKVCache.filter`` does; ``target.drop_front``), in
+        whole ``KV_BUCKET``s (rarely: a bucketed buffer is copied to keep its capacity). Row i's padding is ``_idx``
+        minus its cached tokens, known on the host."""
         if not self._attn or not self.rows:
             return
         first = self.cache[self._attn[0]]
-        lp = min(first._idx - (len(r.history) - 1) for r in self.rows)
-        lp -= lp % KV_BUCKET
+        lp = min(first.size() - (len(r.history) - 1) for r in self.rows)
+        lp -= lp % _target.KV_BUCKET
         if lp <= 0:
             return
         self.counters["compactions"] += 1
         for j in self._attn:
-            c = self.cache[j]
-            c.keys = c.keys[..., lp:, :]
-            c.values = c.values[..., lp:, :]
-            c._idx -= lp
-            c.left_padding = c.left_padding - lp
-
-    def _can_replay(self, c, steps: int) -> bool:
-        e = self.tape._entries.get(id(c))
-        return e is not None and e.cache is c and c[1] is e.state_out and e.steps == steps
-
-    def _replay_rows(self, c, keeps: mx.array, kmax: int) -> None:
-        """GatedDeltaNet cache ``c`` → its state after each row's first ``keeps[i]`` tokens of the recorded verify:
-        conv window gathered per row; recurrence re-run (the layer's own ``gated_delta_update``) from the cycle
-        start over the first ``kmax`` steps with the rows' later steps masked (a masked step keeps the state)."""
-        e = self.tape._entries.pop(id(c))
-        positions = (keeps[:, None] + mx.arange(e.n_keep)[None])[..., None]
-        conv = mx.take_along_axis(e.conv_input, positions, axis=1)
-        a = dict(e.arguments)
-        for name in ("k", "v", "a", "b", "mask"):
-            if a.get(name) is not None:
-                a[name] = a[name][:, :kmax]
-        mask = mx.arange(kmax)[None] < keeps[:, None]
-        a["mask"] = mask if a.get("mask") is None else (a["mask"] & mask)
-        a["q"] = a["k"]  # the state does not depend on q
-        _, state = e.fn(**a)
-        c[0] = conv
-        c[1] = state
+            drop_front(self.cache[j], lp)
 
     def _rerun(self, tokens: mx.array, b: int, keeps: list[int], ckpt) -> None:
         """Recurrent state back to the cycle start (snapshot), attention trimmed to it, then each row's kept

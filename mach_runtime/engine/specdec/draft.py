@@ -7,6 +7,7 @@
   Committed context reaches the draft lazily: hidden rows are queued by ``observe`` and appended to the draft's
   context cache (sink + window) on the next ``propose``. ``snapshot`` / ``resume`` carry that context (a
   ``DraftState``) from one request to a later one that reuses the same KV prefix (sessions).
+  ``batched_dflash_logits``: the draft pass of several such drafters (one per request of a batch) at once.
 * ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
   ``max_ngram`` down to ``min_ngram``) occurred earlier in prompt + completion, propose what followed them.
 
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from ...errors import CheckpointError, CheckpointNotFoundError
+from ...errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 
 def read_draft_config(path) -> dict:
@@ -44,8 +46,6 @@ def read_draft_config(path) -> dict:
 def load_dflash_draft(path):
     """Loads a DFlash draft checkpoint (config with ``block_size`` and ``dflash_config``) → DFlashDraftModel."""
     from mlx_lm.utils import load_model
-
-    from ...errors import ConfigError
 
     try:
         from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
@@ -217,6 +217,82 @@ class DFlashDrafter(Drafter):
     def propose(self, history, staged, n):
         """Lazy: the engine appends these to the verify block without waiting for the draft pass."""
         return mx.argmax(self.draft_logits(staged, n), axis=-1)
+
+
+def check_draft(target, draft) -> None:
+    """Raises ``ConfigError`` unless the DFlash ``draft`` fits the target (``TargetOps``): hidden size, tapped
+    layers, and the input width of its ``fc``."""
+    H = target.hidden_size
+    if int(draft.args.hidden_size) != H:
+        raise ConfigError(f"draft hidden_size {draft.args.hidden_size} does not match the target's {H}")
+    ids = list(draft.target_layer_ids)
+    if any(not 0 <= i < target.num_layers for i in ids):
+        raise ConfigError(f"draft target_layer_ids {ids} outside the target's {target.num_layers} layers")
+    if int(draft.fc.weight.shape[-1]) != len(ids) * H:
+        raise ConfigError(f"draft fc expects {draft.fc.weight.shape[-1]} inputs, {len(ids)} layers × {H} given")
+
+
+def batchable_dflash(d) -> bool:
+    """A plain ``DFlashDrafter`` (not a subclass with its own ``propose``) over a full-attention draft whose
+    context caches are dflash-mlx's sink + window ``ContextOnlyDraftKVCache``: one batched draft pass can
+    stand in for its ``propose``."""
+    from dflash_mlx.model import ContextOnlyDraftKVCache, FullContextDraftKVCache
+
+    if type(d) is not DFlashDrafter or d.cache is None:
+        return False
+    if any(type(c) is not ContextOnlyDraftKVCache or isinstance(c, FullContextDraftKVCache) for c in d.cache):
+        return False
+    return all(layer.self_attn.sliding_window is None and type(layer.self_attn.rope) is nn.RoPE
+               for layer in d.draft.layers)
+
+
+def batched_dflash_logits(drafters: list, staged: list[int], n: int) -> mx.array:
+    """Draft logits [B, n, V] of several ``DFlashDrafter`` rows (same draft model) in one draft pass: what each
+    row's ``draft_logits(staged[i], n)`` gives, with the rows' contexts (different lengths) left-padded and
+    masked. Each row's pending context rows are first appended to its own context cache (the draft's
+    ``advance_projected_context_cache``: projections only), then every draft layer runs once over [B, 1 + n]:
+    queries and block keys at each row's own position (its cache offset), keys = [row context ; block], no
+    causal mask inside the block (DFlash attends bidirectionally), padding masked out."""
+    d0 = drafters[0]
+    draft, target = d0.draft, d0.target
+    for d in drafters:
+        if d.pending:
+            draft.advance_projected_context_cache(draft_context=d._take_context(), cache=d.cache)
+    B, T = len(drafters), n + 1
+    block = mx.array([[int(s)] + [d0.mask_token_id] * n for s in staged], dtype=mx.uint32)
+    h = target.embed(block).astype(d0.dtype) * getattr(draft, "embed_scale", 1.0)
+    offsets = mx.array([int(d.cache[0].offset) for d in drafters], dtype=mx.int32)
+    lengths = [d.cache[0].cache_length() for d in drafters]
+    width = max(lengths)
+    mask = None
+    if min(lengths) < width:
+        key_pos = mx.arange(width + T)[None]
+        mask = (key_pos >= mx.array([width - L for L in lengths])[:, None])[:, None, None, :]  # [B, 1, 1, W + T]
+    for li, layer in enumerate(draft.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_norm(attn.q_proj(x).reshape(B, T, attn.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = attn.k_norm(attn.k_proj(x).reshape(B, T, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = attn.rope(q, offset=offsets)
+        k = attn.rope(k, offset=offsets)
+        ctx_k, ctx_v = [], []
+        for d, L in zip(drafters, lengths):
+            ck, cv = d.cache[li].fetch()
+            if L == 0:
+                ck = mx.zeros((1, k.shape[1], 0, k.shape[3]), k.dtype)
+                cv = mx.zeros((1, v.shape[1], 0, v.shape[3]), v.dtype)
+            if L < width:
+                pad = [(0, 0), (0, 0), (width - L, 0), (0, 0)]
+                ck, cv = mx.pad(ck, pad), mx.pad(cv, pad)
+            ctx_k.append(ck)
+            ctx_v.append(cv)
+        keys = mx.concatenate([mx.concatenate(ctx_k, axis=0), k], axis=2) if width else k
+        values = mx.concatenate([mx.concatenate(ctx_v, axis=0), v], axis=2) if width else v
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+        h = h + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return target.head(draft.norm(h)[:, 1:])
 
 
 class PromptLookupDrafter(Drafter):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -37,23 +36,15 @@ import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
 from ..sampling import validate
-from .acceptance import first_token, greedy_accept, sampled_accept
+from .acceptance import Sampling, first_token, greedy_accept, sampled_accept
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
-from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, load_dflash_draft
+from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, load_dflash_draft
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats
 from ..kv_prefix import fit_prefix
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
-
-
-@dataclass(frozen=True)
-class _Params:
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
 
 
 class BlockSpecDecEngine:
@@ -73,7 +64,7 @@ class BlockSpecDecEngine:
             BlockSpecDecEngineMode.PROMPT_LOOKUP: PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram),
         }
         if draft is not None:
-            self._check_draft(draft)
+            check_draft(self.target, draft)
             self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = DFlashDrafter(
                 draft, self.target, self.config.draft_sink, self.config.draft_window
             )
@@ -97,16 +88,6 @@ class BlockSpecDecEngine:
         model, tokenizer, store, _ = load_moe(target_checkpoint, **load_moe_kwargs)
         draft = load_dflash_draft(Path(draft_checkpoint)) if draft_checkpoint is not None else None
         return cls(model, tokenizer, draft, config=config, store=store)
-
-    def _check_draft(self, draft) -> None:
-        H = self.target.hidden_size
-        if int(draft.args.hidden_size) != H:
-            raise ConfigError(f"draft hidden_size {draft.args.hidden_size} does not match the target's {H}")
-        ids = list(draft.target_layer_ids)
-        if any(not 0 <= i < self.target.num_layers for i in ids):
-            raise ConfigError(f"draft target_layer_ids {ids} outside the target's {self.target.num_layers} layers")
-        if int(draft.fc.weight.shape[-1]) != len(ids) * H:
-            raise ConfigError(f"draft fc expects {draft.fc.weight.shape[-1]} inputs, {len(ids)} layers × {H} given")
 
     # -- stats --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -184,7 +165,7 @@ class BlockSpecDecEngine:
             raise ConfigError(f"mode {mode.name} needs a draft model; this engine has none")
         if isinstance(stop, str):
             stop = (stop,)
-        params = _Params(temperature, top_p, top_k, random.getrandbits(62) if seed is None else int(seed))
+        params = Sampling(temperature, top_p, top_k, random.getrandbits(62) if seed is None else int(seed))
         pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids))
         self.last_policy = pol
         cfg = self.config

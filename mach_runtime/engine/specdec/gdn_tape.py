@@ -233,15 +233,22 @@ class GDNTape:
         """Bytes the current record keeps alive (array references into the recorded forward)."""
         return sum(e.nbytes for e in self._entries.values())
 
-    def can_replay(self, cache_entry, steps: int | None = None) -> bool:
-        """True if ``cache_entry`` (one layer's cache) was advanced by the last recorded forward (over ``steps``
-        tokens, when given) and has not changed since."""
+    def _entry(self, cache_entry, steps: int | None):
         e = self._entries.get(id(cache_entry))
         if e is None or e.cache is not cache_entry or cache_entry[1] is not e.state_out:
+            return None
+        return e if steps is None or e.steps == steps else None
+
+    def can_replay(self, cache_entry, steps: int | None = None, *, rows: bool = False) -> bool:
+        """True if ``cache_entry`` (one layer's cache) was advanced by the last recorded forward (over ``steps``
+        tokens, when given) and has not changed since. ``rows``: a batched cache, to be replayed per row
+        (``replay_rows``); otherwise batched / left-padded caches are refused (``replay`` is for one request)."""
+        if self._entry(cache_entry, steps) is None:
             return False
-        if getattr(cache_entry, "lengths", None) is not None or getattr(cache_entry, "left_padding", None) is not None:
-            return False  # batched / left-padded caches: not replayed
-        return steps is None or e.steps == steps
+        if not rows and (getattr(cache_entry, "lengths", None) is not None
+                         or getattr(cache_entry, "left_padding", None) is not None):
+            return False
+        return True
 
     def replay(self, cache_entry, keep: int) -> None:
         """Sets ``cache_entry`` to its state after the first ``keep`` tokens of the recorded forward (lazy)."""
@@ -260,6 +267,28 @@ class GDNTape:
                     a[name] = a[name][:, :keep]
             a["q"] = a["k"]
             _, state = e.fn(**a)
+        cache_entry[0] = conv
+        cache_entry[1] = state
+
+    def replay_rows(self, cache_entry, keeps: mx.array, kmax: int | None = None) -> None:
+        """A batched cache (rows of several requests verified together) → each row's state after its own first
+        ``keeps[i]`` tokens of the recorded forward (lazy): the conv window gathered per row, the recurrence
+        re-run from the recorded start over the first ``kmax`` (default max(keeps)) steps with each row's later
+        steps masked (a masked step keeps the state; any mask the forward had still applies)."""
+        if self._entry(cache_entry, None) is None:
+            raise RuntimeError("GDNTape.replay_rows: this cache was not advanced by the last recorded forward")
+        e = self._entries.pop(id(cache_entry))
+        kmax = int(mx.max(keeps).item()) if kmax is None else kmax
+        positions = (keeps[:, None] + mx.arange(e.n_keep)[None])[..., None]
+        conv = mx.take_along_axis(e.conv_input, positions, axis=1)
+        a = dict(e.arguments)
+        for name in _PER_TOKEN:
+            if a.get(name) is not None:
+                a[name] = a[name][:, :kmax]
+        mask = mx.arange(kmax)[None] < keeps[:, None]
+        a["mask"] = mask if a.get("mask") is None else (a["mask"] & mask)
+        a["q"] = a["k"]  # the state does not depend on q
+        _, state = e.fn(**a)
         cache_entry[0] = conv
         cache_entry[1] = state
 

@@ -26,6 +26,14 @@ class TokenEmitter:
         self.sent = 0
         self.finish: str | None = None
 
+    def replay(self, tokens) -> None:
+        """Completion tokens delivered before this emitter took over (a replay after a restart, a request moved
+        between engines): the text continues exactly where they left off. Not counted against ``max_tokens``."""
+        for t in tokens:
+            if t not in self.stop_ids:
+                self.detok.add_token(t)
+        self.sent = len(self.detok.text)
+
     def push(self, new_tokens: list[int]) -> SpecDecChunk:
         """Commits ``new_tokens`` in order until one finishes the request; the rest are dropped."""
         kept, text = [], ""

@@ -351,6 +351,12 @@ def kv_bucket(length: int) -> int:
     return -(-length // granule) * granule
 
 
+def _grown(cap: int, span: int, step: int) -> int:
+    """The capacity a KV buffer of ``cap`` rows grows to for ``span`` rows: geometric (x1.5 at least), in whole
+    ``step``s, so a growing context meets few capacities (each a set of K/V strides compiled for once)."""
+    return -(-max(span, cap + cap // 2) // step) * step
+
+
 def _bucketed_kv_class():
     from mlx_lm.models.cache import KVCache
 
@@ -384,7 +390,7 @@ def _bucketed_kv_class():
                 # capacity grows in whole steps and never shrinks (mlx-lm's KVCache cuts its buffer back to
                 # the offset after a trim, then regrows it to odd lengths), so a bucket's K/V view has the same
                 # strides every time: the attention kernels compiled for it are reused
-                new_cap = -(-max(span, cap + cap // 2) // self.step) * self.step  # geometric: few capacities
+                new_cap = _grown(cap, span, self.step)  # geometric: few capacities
                 B, H, _, dk = keys.shape
                 grow_k = mx.zeros((B, H, new_cap - cap, dk), keys.dtype)
                 grow_v = mx.zeros((B, H, new_cap - cap, values.shape[3]), values.dtype)
@@ -414,3 +420,90 @@ def bucket_kv_caches(cache) -> None:
     for c in cache:
         if type(c) is KVCache:
             c.__class__ = _BUCKETED
+
+
+def _bucketed_batch_kv_class():
+    from mlx_lm.models.cache import BatchKVCache
+
+    class BucketedBatchKVCache(BatchKVCache):
+        """``BucketedKVCache`` for a batch (mlx-lm's ``BatchKVCache``: left-padded rows, one write index ``_idx``):
+        multi-token forwards attend over ``kv_bucket(_idx + n)`` columns with the columns past the last new token
+        and each row's left padding masked; single-token steps attend over the exact length. The buffer only
+        grows, geometrically and in whole steps, and keeps its capacity through ``filter``, ``extend`` and
+        ``drop_front``, so a bucket's K/V view keeps its strides (``batched.BatchedSpecDecoder``)."""
+
+        @property
+        def capacity(self) -> int:
+            return 0 if self.keys is None else self.keys.shape[2]
+
+        def _span(self, n: int) -> int:
+            return self._idx + n if n == 1 else kv_bucket(self._idx + n)
+
+        def reserve(self, cap: int) -> None:
+            """Pads the buffer at its end to ``cap`` rows (never cuts)."""
+            short = cap - self.capacity
+            if short > 0 and self.keys is not None:
+                pad = lambda a: mx.concatenate([a, mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype)], axis=2)
+                self.keys, self.values = pad(self.keys), pad(self.values)
+
+        def make_mask(self, N: int, return_array: bool = False, **kwargs):
+            if N == 1 or kwargs.get("window_size") is not None:
+                return super().make_mask(N, return_array=return_array, **kwargs)
+            q = mx.arange(self._idx, self._idx + N)[:, None]
+            k = mx.arange(self._span(N))[None]
+            return (k <= q)[None, None] & (self.left_padding[:, None, None, None] <= k)  # [B, 1, N, span]
+
+        def update_and_fetch(self, keys, values):
+            prev, n = self._idx, keys.shape[2]
+            span = self._span(n)
+            if self.keys is None:
+                B, H = keys.shape[:2]
+                self.keys = mx.zeros((B, H, 0, keys.shape[3]), keys.dtype)
+                self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
+            if span > self.capacity:
+                self.reserve(_grown(self.capacity, span, self.step))
+            self.keys[..., prev : prev + n, :] = keys
+            self.values[..., prev : prev + n, :] = values
+            self._idx += n
+            self.offset = self.offset + n
+            return self.keys[..., :span, :], self.values[..., :span, :]
+
+        def filter(self, batch_indices):
+            cap = self.capacity
+            super().filter(batch_indices)  # slices the rows' common left padding off the front
+            self.reserve(cap)
+
+        def extend(self, other):
+            cap = max(self.capacity, other.keys.shape[2] if other.keys is not None else 0)
+            super().extend(other)
+            self.reserve(-(-cap // self.step) * self.step)
+
+    return BucketedBatchKVCache
+
+
+_BUCKETED_BATCH = None
+
+
+def bucket_batch_caches(cache) -> None:
+    """Switches the plain ``BatchKVCache`` layers of batch caches to bucketed multi-token attention (in place;
+    a buffer already there is padded to whole steps)."""
+    global _BUCKETED_BATCH
+    from mlx_lm.models.cache import BatchKVCache
+
+    if _BUCKETED_BATCH is None:
+        _BUCKETED_BATCH = _bucketed_batch_kv_class()
+    for c in cache:
+        if type(c) is BatchKVCache:
+            c.__class__ = _BUCKETED_BATCH
+            c.reserve(-(-c.capacity // c.step) * c.step)
+
+
+def drop_front(c, n: int) -> None:
+    """Removes the first ``n`` columns of a batch KV cache (``BatchKVCache`` or bucketed), which every row holds
+    as left padding (``filter`` does this for the rows it keeps); a bucketed buffer keeps its capacity."""
+    cap = c.keys.shape[2]
+    c.keys, c.values = c.keys[..., n:, :], c.values[..., n:, :]
+    c._idx -= n
+    c.left_padding = c.left_padding - n
+    if _BUCKETED_BATCH is not None and type(c) is _BUCKETED_BATCH:
+        c.reserve(cap)
