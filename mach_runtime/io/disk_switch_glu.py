@@ -60,6 +60,8 @@ class DiskSwitchGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         inds = np.array(indices).reshape(-1, k)  # the host readback (one sync per layer)
+        for observe in self._store.routing_observers:
+            observe(self._bank, inds)
         xf = x.reshape(-1, D)
         outs = []
         groups = token_groups(inds, self._bank.slots)

@@ -125,6 +125,9 @@ class StreamingExpertStore:
         self._staged_lock = threading.Lock()
         self.max_staged = 0  # per store; 0 disables prefetch
         self.prefetched = self.prefetch_used = 0
+        # told every MoE call's per-token routing (bank, host int array [tokens, top_k]) on the MLX thread before
+        # the bank is touched; the store's stats do not see them (e.g. draft-informed prefetch learns from them)
+        self.routing_observers: list = []
 
     @staticmethod
     def slots_for_budget(layout: ExpertLayout, budget_gb: float, bank_expert_bytes: int) -> int:

@@ -32,6 +32,7 @@ class BlockSpecDecEngineConfig:
     low_alpha: float = 0.25  # a drafting cycle accepting less than this fraction of its drafts is a "low" cycle
     bucket_kv: bool = True  # multi-token forwards attend over KV lengths rounded up to 64 (static shapes; target.py)
     gdn_tape: bool = True  # GatedDeltaNet rollback replays the recorded recurrence (gdn_tape.py) instead of a re-run
+    draft_prefetch: bool = False  # streaming: prefetch the experts a verify's tokens are predicted to route to
 
     def __post_init__(self):
         try:

@@ -78,6 +78,11 @@ class BlockSpecDecEngine:
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
         self.last_policy = None
         self._runs = 0  # requests started: the drafter's context belongs to the latest one only
+        self.prefetcher = None  # draft-informed expert prefetch (prefetch.py): streaming residency, opt-in
+        if self.config.draft_prefetch and getattr(store, "residency", "") == "streaming":
+            from .prefetch import DraftPrefetcher
+
+            self.prefetcher = DraftPrefetcher(store)
 
     @classmethod
     def from_checkpoint(cls, target_checkpoint, draft_checkpoint=None, config: BlockSpecDecEngineConfig | None = None,
@@ -207,6 +212,8 @@ class BlockSpecDecEngine:
                     block = mx.array([staged] + drafts, dtype=mx.uint32)
             b = block.shape[0]
             before = self.store.stats().bytes_read if self.store is not None else 0
+            if self.prefetcher is not None:  # after ``before``: the cycle's bytes include its prefetch
+                self.prefetcher.prefetch(block.tolist())  # drafts on the host (the verify syncs per layer anyway)
             # a snapshot where some cache cannot trim (GatedDeltaNet state; deepseek_v4's compressed caches)
             ckpt = Checkpoint(cache) if b > 1 and not all(c.is_trimmable() for c in cache) else None
             with self.tape.recording() if ckpt is not None and self.tape is not None else contextlib.nullcontext():
