@@ -66,6 +66,13 @@ def run_mlx_lm(model, prompts, n):
     return toks, sum(len(x) - 1 for x in toks) / t
 
 
+def same(a: list, b: list) -> str:
+    """Prompts whose greedy outputs agree, e.g. "8/8". On a GPU in fp16 an exact tie between the two top
+    logits can break either way in different kernels (seen once on the H100: margin 0.0 at token 217 of one
+    prompt, TARGET_ONLY's one-row step against mlx-lm and the verify); on the CPU (fp32) every row must agree."""
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
 def main() -> int:
     import mlx_lm
 
@@ -125,12 +132,13 @@ def main() -> int:
         acc = s["specdec_accepted"] / max(1, s["specdec_cycles"])
         rows_a.append([f"native_v7 {policy}", f"{tps:.1f}", f"{tps / mlx_tps:.2f}x", f"{first:.1f}", f"{acc:.2f}",
                        f"{s['specdec_committed'] / max(1, s['specdec_cycles'] + s['specdec_target_only_steps']):.2f}",
-                       "yes" if toks == base_toks else "NO"])
-        results[f"stacked_{policy}"] = dict(tps=tps, first_pass_tps=first, stats=s, lossless=toks == base_toks)
+                       same(toks, mlx_toks), same(toks, base_toks)])
+        results[f"stacked_{policy}"] = dict(tps=tps, first_pass_tps=first, stats=s, same_as_mlx_lm=same(toks, mlx_toks),
+                                            same_as_target_only=same(toks, base_toks))
     rows_a.append(["target_only (same engine)", f"{base_tps:.1f}", f"{base_tps / mlx_tps:.2f}x", f"{base_first:.1f}",
-                   "-", "1.00", "-"])
+                   "-", "1.00", same(base_toks, mlx_toks), "-"])
     rows_a.append(["mlx-lm generate_step", f"{mlx_tps:.1f}", "1.00x", f"{mlx_first:.1f}", "-", "1.00",
-                   "yes" if mlx_toks == base_toks else "NO"])
+                   "-", same(mlx_toks, base_toks)])
     results["stacked_target_only_tps"], results["mlx_lm_tps"] = base_tps, mlx_tps
     del eng
     C.free_mlx()
@@ -169,7 +177,7 @@ def main() -> int:
     print(f"\nP3 speculative decoding, demo pair, {a.prompts} held-out prompts x {a.new_tokens} tokens, {dev}")
     print("A. stacked residency (decode tok/s; acceptance = accepted drafts per cycle)")
     print(C.fmt_table(["engine", "tok/s", "vs mlx-lm", "first pass tok/s", "accepted/cycle", "tokens/target pass",
-                       "lossless"], rows_a))
+                       "= mlx-lm", "= target_only"], rows_a))
     print(f"\nB. streaming residency, bank {a.bank_fraction:.0%} of {n_experts} experts per layer (cold start), "
           f"{len(prompts[: a.stream_prompts])} prompts")
     print(C.fmt_table(["policy", "tok/s", "MiB read/token", "vs target-only", "hit rate", "lossless"], rows_b))
