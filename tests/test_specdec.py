@@ -237,17 +237,7 @@ def test_sampled_generation_matches_target_distribution(qwen3):
     model, tok, _ = qwen3
     prompt = PROMPT[:4]
     params = dict(temperature=1.5, top_k=3)
-
-    def dist(ids):
-        lp = filtered_logprobs(model(mx.array([ids]))[0, -1:], 1.5, 1.0, 3)[0]
-        p = np.exp(np.array(lp))
-        return {int(i): float(p[i]) for i in np.nonzero(p)[0]}
-
-    exact = {}
-    for a, pa in dist(prompt).items():
-        for b, pb in dist(prompt + [a]).items():
-            for c, pc in dist(prompt + [a, b]).items():
-                exact[(a, b, c)] = pa * pb * pc
+    exact = exact_paths(model, prompt, 1.5, 3)
     engine = BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(block_size=2, policy="fixed"),
                                 drafter=_SecondChoice(model))
     n = 450
@@ -258,9 +248,29 @@ def test_sampled_generation_matches_target_distribution(qwen3):
     assert set(counts) <= set(exact)
     s = engine.stats()
     assert 0 < s["specdec_accepted"] < s["specdec_drafted"]  # both branches exercised
-    keys = sorted(exact, key=lambda k: -exact[k])
+    assert_matches(counts, exact, n)
+
+
+def exact_paths(model, prompt, temperature: float, top_k: int) -> dict:
+    """The exact probability of every 3-token continuation under plain sampling (temperature, top-k)."""
+
+    def dist(ids):
+        p = np.exp(np.array(filtered_logprobs(model(mx.array([ids]))[0, -1:], temperature, 1.0, top_k)[0]))
+        return {int(i): float(p[i]) for i in np.nonzero(p)[0]}
+
+    exact = {}
+    for a, pa in dist(prompt).items():
+        for b, pb in dist(prompt + [a]).items():
+            for c, pc in dist(prompt + [a, b]).items():
+                exact[(a, b, c)] = pa * pb * pc
+    return exact
+
+
+def assert_matches(counts: Counter, exact: dict, n: int) -> None:
+    """Chi-square test (p = 0.001) of ``n`` sampled paths against their exact distribution (rare paths pooled)."""
+    assert set(counts) <= set(exact)
     obs, exp, o_rest, e_rest = [], [], 0, 0.0
-    for k in keys:
+    for k in sorted(exact, key=lambda k: -exact[k]):
         if exact[k] * n >= 5:
             obs.append(counts[k])
             exp.append(exact[k] * n)

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from mach_runtime.engine.batch import Admission
-from mach_runtime.engine.specdec.acceptance import filtered_logprobs
 from mach_runtime.engine.specdec.batched import BatchedSpecDecoder, SpecParams
 from mach_runtime.engine.specdec.config import BlockSpecDecEngineConfig
 from mach_runtime.errors import ConfigError
 from tests.family_helpers import FAMILIES
 from tests.helpers import greedy
-from tests.test_specdec import OracleDrafter, _SecondChoice, check_stats, chi2_quantile_999, random_draft
+from tests.test_specdec import OracleDrafter, _SecondChoice, assert_matches, check_stats, exact_paths, random_draft
 
 PROMPTS = [
     [5, 17, 99, 3, 250, 77, 12, 40, 41],
@@ -286,15 +285,7 @@ def test_sampled_rows_are_lossless_in_distribution(qwen3):
     prompt = PROMPTS[0][:4]
     temp, top_k = 1.5, 3
 
-    def dist(ids):
-        p = np.exp(np.array(filtered_logprobs(model(mx.array([ids]))[0, -1:], temp, 1.0, top_k)[0]))
-        return {int(i): float(p[i]) for i in np.nonzero(p)[0]}
-
-    exact = {}
-    for a, pa in dist(prompt).items():
-        for b, pb in dist(prompt + [a]).items():
-            for c, pc in dist(prompt + [a, b]).items():
-                exact[(a, b, c)] = pa * pb * pc
+    exact = exact_paths(model, prompt, temp, top_k)
     dec = BatchedSpecDecoder(model, tok, config=BlockSpecDecEngineConfig(block_size=2, policy="fixed"), max_batch=8)
     n, counts = 400, Counter()
     for start in range(0, n, 8):
@@ -305,21 +296,7 @@ def test_sampled_rows_are_lossless_in_distribution(qwen3):
             counts[tuple(toks)] += 1
     s = dec.stats()
     assert 0 < s["specdec_accepted"] < s["specdec_drafted"]
-    assert set(counts) <= set(exact)
-    obs, exp, o_rest, e_rest = [], [], 0, 0.0
-    for k in sorted(exact, key=lambda k: -exact[k]):
-        if exact[k] * n >= 5:
-            obs.append(counts[k])
-            exp.append(exact[k] * n)
-        else:
-            o_rest += counts[k]
-            e_rest += exact[k] * n
-    if e_rest > 0:
-        obs.append(o_rest)
-        exp.append(e_rest)
-    exp = np.array(exp) * n / sum(exp)
-    stat = float(((np.array(obs) - exp) ** 2 / exp).sum())
-    assert stat < chi2_quantile_999(len(obs) - 1), (stat, obs, exp.round(1))
+    assert_matches(counts, exact, n)
 
 
 # -- families ---------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from .engine import SpecDecKV
 from .gdn_tape import GDNTape
 from .output import TokenEmitter
 from .policies import make_policy
-from .stats import SpecDecStats
+from .stats import SpecDecStats, engine_stats
 from .target import Checkpoint, TargetOps, bucket_batch_caches, drop_front, rollback
 
 __all__ = ["BatchedSpecDecoder", "SpecParams", "SpecStepOutput", "Admission"]
@@ -351,17 +351,11 @@ class BatchedSpecDecoder(BatchMembership):
         """Aggregate over every row ever decoded (``SpecDecStats``: a row's verify is one of its cycles) plus
         the batch counters: ``batch_steps`` (target forwards), ``batch_verify_tokens`` (B·b per step, padding
         included), ``batch_padded_tokens`` (positions padding a row's shorter block)."""
-        out = self._stats.as_dict()
-        out["policy"] = self.config.policy
-        out["block_size"] = self.config.block_size
+        out = engine_stats(self._stats, self.config, self.store)
         out["batch_steps"] = self.counters["steps"]
         out["batch_verify_tokens"] = self.counters["verify_tokens"]
         out["batch_padded_tokens"] = self.counters["padded_tokens"]
         out["batch_rows_histogram"] = {k[5:]: v for k, v in sorted(self.counters.items()) if k.startswith("rows:")}
-        if self.store is not None:
-            s = self.store.stats()
-            out["expert_bytes_read"] = s.bytes_read
-            out["expert_hit_rate"] = s.hit_rate
         return out
 
     def reset_stats(self) -> None:

@@ -41,7 +41,7 @@ from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, load_dflash_draft
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
-from .stats import SpecDecStats
+from .stats import SpecDecStats, engine_stats
 from ..kv_prefix import fit_prefix
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
@@ -96,15 +96,7 @@ class BlockSpecDecEngine:
 
     # -- stats --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        out = self._stats.as_dict()
-        out["mode"] = self.config.mode.value
-        out["policy"] = self.config.policy
-        out["block_size"] = self.config.block_size
-        if self.store is not None:
-            s = self.store.stats()
-            out["expert_bytes_read"] = s.bytes_read
-            out["expert_hit_rate"] = s.hit_rate
-        return out
+        return engine_stats(self._stats, self.config, self.store)
 
     def reset_stats(self) -> None:
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)

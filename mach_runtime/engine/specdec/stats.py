@@ -65,3 +65,16 @@ class SpecDecStats:
                 self.committed / (self.cycles + self.target_only_steps) if self.cycles + self.target_only_steps else 0.0
             ),
         }
+
+
+def engine_stats(stats: SpecDecStats, config, store) -> dict:
+    """An engine's stats: the cycle counters, its mode / policy / block size and, streaming, the expert bank's."""
+    out = stats.as_dict()
+    out["mode"] = config.mode.value
+    out["policy"] = config.policy
+    out["block_size"] = config.block_size
+    if store is not None:
+        s = store.stats()
+        out["expert_bytes_read"] = s.bytes_read
+        out["expert_hit_rate"] = s.hit_rate
+    return out
