@@ -206,6 +206,9 @@ class Runtime:
             Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
+
+        After loading, the process's garbage collector is collected once and frozen (``gc.freeze()``): objects
+        alive then (the model's) are never scanned again, which keeps decode-time collections short.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
         from mach_runtime.io.load import load_moe
