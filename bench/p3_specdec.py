@@ -123,7 +123,7 @@ def main() -> int:
     rows_a = []
     base_toks, base_tps, base_first = measure(lambda: run_spec(eng, prompts, a.new_tokens, mode="target_only"))
     mlx_toks, mlx_tps, mlx_first = measure(lambda: run_mlx_lm(ref_model, prompts, a.new_tokens))
-    for policy in ("fixed", "opencode-sampled-v1"):
+    for policy in ("fixed", "opencode-sampled-v1", "throughput"):
         def one(policy=policy):
             eng.reset_stats()
             return run_spec(eng, prompts, a.new_tokens, policy=policy)

@@ -479,3 +479,57 @@ def test_warmup_runs_every_block_length_and_leaves_no_trace(qwen3):
     del engine.target.forward
     toks, _ = run(engine, max_tokens=N, ignore_eos=True)
     assert toks == ref
+
+
+def _feed(policy, b: int, seconds: float, accepted: int) -> None:
+    assert policy.block_len() == b
+    policy.observe(b, accepted, 0, seconds)
+
+
+def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
+    from mach_runtime.engine.specdec.policies import ThroughputPolicy
+
+    def explore(policy, cost):
+        for b in (16, 1, 2, 4, 8):  # full block first, then a target-only step, then the others, each once
+            _feed(policy, b, cost(b), 0)
+
+    def acceptance(policy, accepted_of_15: int) -> None:  # set alpha through 30 cycles of 15 drafts
+        policy.cycles.clear()
+        policy.cycles.extend([(15, accepted_of_15)] * 30)
+
+    gpu = ThroughputPolicy(16, remeasure_every=1000)
+    assert gpu.candidates == [1, 2, 4, 8, 16]
+    explore(gpu, lambda b: 0.0017 if b == 1 else 0.0033)  # launch-bound: a verify costs ~the same at any length
+    acceptance(gpu, 4)  # alpha 0.8
+    assert gpu.best() == 16 and gpu.block_len() == 16
+    cpu = ThroughputPolicy(16, remeasure_every=1000)
+    explore(cpu, lambda b: 0.010 * (1 + 0.4 * (b - 1)))  # compute-bound: ~0.4 steps per extra token
+    acceptance(cpu, 1)  # alpha 0.5: 2-token blocks pay, longer ones do not
+    assert abs(cpu.alpha - 0.5) < 1e-9 and cpu.best() == 2
+    acceptance(cpu, 0)  # almost nothing accepted: decode target-only
+    assert cpu.best() == 1 and cpu.block_len() == 1
+    # re-measurement: every remeasure_every cycles one other candidate, in turn
+    p = ThroughputPolicy(4, remeasure_every=3)
+    for b in (4, 1, 2):
+        _feed(p, b, 0.001 if b > 1 else 0.002, b - 1)
+    picks = [p.block_len() for _ in range(9)]
+    assert picks.count(4) >= 6 and {1, 2} & set(picks)
+    # timings are medians: one compile-time outlier does not flip the choice
+    q = ThroughputPolicy(4, remeasure_every=1000)
+    for b in (4, 1, 2):
+        _feed(q, b, 0.003, b - 1)
+    for t in (0.003, 0.003, 5.0):
+        q.observe(4, 3, 0, t)
+    assert q.best() == 4
+
+
+def test_throughput_policy_is_lossless_and_selectable(qwen3):
+    model, tok, ref = qwen3
+    cfg = BlockSpecDecEngineConfig(block_size=8, policy="throughput")
+    draft = random_draft(2, [0, 1])
+    engine = BlockSpecDecEngine(model, tok, draft, config=cfg,
+                                drafter=OracleDrafter(draft, BlockSpecDecEngine(model, tok, draft).target, ref, len(PROMPT)))
+    toks, _ = run(engine, max_tokens=N, ignore_eos=True)
+    assert toks == ref
+    assert engine.last_policy.name == "throughput" and all(engine.last_policy.times[b] for b in (1, 8))
+    assert isinstance(make_policy("throughput", 8), type(engine.last_policy))

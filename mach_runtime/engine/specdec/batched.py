@@ -425,6 +425,7 @@ class BatchedSpecDecoder(BatchMembership):
 
         ``on_launched``: called once the cycle's drafts and verify are queued on the device, before this thread
         waits for them (the caller's host work, e.g. delivering the last step's outputs, overlaps the device's)."""
+        t_step = time.perf_counter()
         done = [i for i, r in enumerate(self.rows) if r.finish is None]
         self._filter(done)  # finished rows nobody removed leave now
         if not self.rows:
@@ -465,14 +466,14 @@ class BatchedSpecDecoder(BatchMembership):
         self.counters["verify_tokens"] += len(rows) * b
         self.counters["padded_tokens"] += sum(b - r.b for r in rows)
         self.counters["rerun_tokens"] += sum(keeps) if rerun else 0
-        out = []
+        out, seconds = [], time.perf_counter() - t_step  # every row's cycle took the whole step
         for i, r in enumerate(rows):
             (acc, nxt), keep = accepted[i], keeps[i]
             if hidden_rows[i] and hidden is not None:
                 r.drafter.observe(hidden[i, :keep])
                 r.context = True
             if r.policy is not None:
-                r.policy.observe(r.b, acc, bytes_read)
+                r.policy.observe(r.b, acc, bytes_read, seconds)
             new = tok_rows[i][1 : 1 + acc] + [nxt]
             for s in (r.stats, self._stats):
                 s.record(r.b, r.b - 1, acc, len(new), keep if rerun else 0)

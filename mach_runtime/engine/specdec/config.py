@@ -14,7 +14,7 @@ class BlockSpecDecEngineMode(str, enum.Enum):
     TARGET_ONLY = "target_only"  # plain decoding through the same engine (the ablation baseline)
 
 
-POLICIES = ("fixed", "opencode-sampled-v1", "residency-aware")
+POLICIES = ("fixed", "opencode-sampled-v1", "residency-aware", "throughput")
 
 
 @dataclass(frozen=True)

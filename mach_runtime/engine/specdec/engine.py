@@ -187,6 +187,7 @@ class BlockSpecDecEngine:
             return
         history = ids + [staged]
         while True:
+            t_cycle = time.perf_counter()
             n_out = len(emitter.tokens)
             ctx_len = len(ids) + n_out - 1  # tokens in the cache
             b = 1
@@ -228,7 +229,7 @@ class BlockSpecDecEngine:
             if drafter is not None and vhidden is not None:
                 drafter.observe(vhidden[: acc + 1])
             bytes_read = (self.store.stats().bytes_read - before) if self.store is not None else 0
-            pol.observe(b, acc, bytes_read)
+            pol.observe(b, acc, bytes_read, time.perf_counter() - t_cycle)
             new = drafts[:acc] + [nxt]
             run._verified(ckpt, block, acc)
             self._stats.record(b, b - 1, acc, len(new), rerun)

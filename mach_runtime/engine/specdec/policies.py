@@ -41,6 +41,11 @@ gave. Selectable by name (``make_policy``):
     can re-enable drafting (each probe's overshoot is bounded by one 2-token verify; set
     ``probe_interval=0`` for the strict bound). With stacked residency (nothing read) it is
     ``opencode-sampled-v1``.
+
+``throughput``
+    The block length that commits the most tokens per second as measured on this machine
+    (``ThroughputPolicy``): full blocks where a verify costs about the same at any length (launch-bound GPUs),
+    short blocks or target-only steps where it costs ~b single steps (CPUs).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class FixedPolicy:
     def block_len(self, ctx_len: int = 0) -> int:
         return self.block_size
 
-    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0, seconds: float = 0.0) -> None:
         pass
 
 
@@ -117,7 +122,7 @@ class OpenCodeSampledV1Policy:
         self.probe_commits = []
         self.transitions.append("probe")
 
-    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0, seconds: float = 0.0) -> None:
         if block_len <= 1 or self.mode == "fixed":
             return
         commits = accepted + 1
@@ -154,6 +159,13 @@ class OpenCodeSampledV1Policy:
                     self.early_lockout = lock
 
 
+def _geometric_alpha(cycles) -> float:
+    """Per-draft acceptance from (drafted, accepted) cycles: the MLE of a geometric run, uniform prior."""
+    accepted = sum(a for _, a in cycles)
+    rejections = sum(1 for d, a in cycles if a < d)
+    return (accepted + 1) / (accepted + rejections + 2)
+
+
 class ResidencyAwarePolicy:
     name = "residency-aware"
 
@@ -183,9 +195,7 @@ class ResidencyAwarePolicy:
 
     @property
     def alpha(self) -> float:
-        accepted = sum(a for _, a in self.cycles)
-        rejections = sum(1 for d, a in self.cycles if a < d)
-        return (accepted + 1) / (accepted + rejections + 2)  # MLE of a geometric run, with a uniform prior
+        return _geometric_alpha(self.cycles)
 
     def expected_tokens(self, b: int, alpha: float | None = None) -> float:
         a = self.alpha if alpha is None else alpha
@@ -246,7 +256,7 @@ class ResidencyAwarePolicy:
         self.decisions.append(choice)
         return choice
 
-    def observe(self, block_len: int, accepted: int, bytes_read: int = 0) -> None:
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0, seconds: float = 0.0) -> None:
         if block_len > 1:
             self.cycles.append((block_len - 1, accepted))
             self.base.observe(block_len, accepted, bytes_read)
@@ -268,6 +278,71 @@ class ResidencyAwarePolicy:
             self.credit += r1 * (accepted + 1) - bytes_read
 
 
+class ThroughputPolicy:
+    """``throughput``: the block length that commits the most tokens per second, measured on this machine.
+
+    A cycle of block b commits T(b) = (1 − α^b) / (1 − α) tokens (α: per-draft acceptance, as in
+    ``residency-aware``) and takes t(b) seconds: the median of the last ``samples`` cycles of that length, as
+    the engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
+    b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured once at the start
+    (full block first, then a target-only step, then the others) and one not chosen is re-measured every
+    ``remeasure_every`` cycles, since costs move with the context length. Where a verify costs about the same at
+    any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a compute-bound CPU)
+    it shrinks the block or decodes target-only, so drafting never runs much slower than plain decoding.
+    Nondeterministic in its block lengths (wall clock), never in its output.
+    """
+
+    name = "throughput"
+
+    def __init__(self, block_size: int, *, alpha_window: int = 32, samples: int = 5, remeasure_every: int = 32):
+        self.block_size = block_size
+        self.candidates = sorted({1, block_size} | {b for b in (2, 4, 8, 16, 32, 64) if b < block_size})
+        self.cycles: deque = deque(maxlen=alpha_window)  # (drafted, accepted) of drafting cycles
+        self.times: dict[int, deque] = {b: deque(maxlen=samples) for b in self.candidates}
+        self.remeasure_every = remeasure_every
+        self.steps = 0
+        self._next_remeasure = 0
+        self._turn = 0
+        self._explore = [block_size, 1] + [b for b in self.candidates if b not in (1, block_size)]
+
+    @property
+    def alpha(self) -> float:
+        return _geometric_alpha(self.cycles)
+
+    def expected_tokens(self, b: int) -> float:
+        a = self.alpha
+        return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
+
+    def seconds(self, b: int) -> float | None:
+        t = self.times.get(b)
+        return sorted(t)[len(t) // 2] if t else None
+
+    def best(self) -> int:
+        rates = {b: self.expected_tokens(b) / self.seconds(b) for b in self.candidates if self.seconds(b)}
+        return max(rates, key=lambda b: (rates[b], b)) if rates else self.block_size
+
+    def block_len(self, ctx_len: int = 0) -> int:
+        self.steps += 1
+        unmeasured = [b for b in self._explore if not self.times[b]]
+        if unmeasured:
+            self._next_remeasure = self.steps + self.remeasure_every
+            return unmeasured[0]
+        best = self.best()
+        if self.steps >= self._next_remeasure:  # another candidate, in turn, once
+            self._next_remeasure = self.steps + self.remeasure_every
+            others = [b for b in self.candidates if b != best]
+            if others:
+                self._turn += 1
+                return others[self._turn % len(others)]
+        return best
+
+    def observe(self, block_len: int, accepted: int, bytes_read: int = 0, seconds: float = 0.0) -> None:
+        if block_len > 1:
+            self.cycles.append((block_len - 1, accepted))
+        if seconds > 0 and block_len in self.times:
+            self.times[block_len].append(seconds)
+
+
 def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0):
     if name == "fixed":
         return FixedPolicy(block_size)
@@ -275,4 +350,7 @@ def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0):
         return OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
     if name == "residency-aware":
         return ResidencyAwarePolicy(block_size, store, prompt_len=prompt_len)
-    raise ConfigError(f"policy: unknown block policy {name!r}; use fixed, opencode-sampled-v1 or residency-aware")
+    if name == "throughput":
+        return ThroughputPolicy(block_size)
+    raise ConfigError(f"policy: unknown block policy {name!r}; use fixed, opencode-sampled-v1, residency-aware or "
+                      "throughput")
