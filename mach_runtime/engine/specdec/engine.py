@@ -78,6 +78,7 @@ class BlockSpecDecEngine:
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
         self.last_policy = None
         self._runs = 0  # requests started: the drafter's context belongs to the latest one only
+        self._cycle_times: dict = {}  # block length -> recent cycle seconds (the ``throughput`` policy's costs)
         self.prefetcher = None  # draft-informed expert prefetch (prefetch.py): streaming residency, opt-in
         if self.config.draft_prefetch and getattr(store, "residency", "") == "streaming":
             from .prefetch import DraftPrefetcher
@@ -163,7 +164,8 @@ class BlockSpecDecEngine:
         if isinstance(stop, str):
             stop = (stop,)
         params = Sampling(temperature, top_p, top_k, random.getrandbits(62) if seed is None else int(seed))
-        pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids))
+        pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids),
+                          times=self._cycle_times)
         self.last_policy = pol
         cfg = self.config
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)

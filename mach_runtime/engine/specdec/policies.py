@@ -284,9 +284,10 @@ class ThroughputPolicy:
     A cycle of block b commits T(b) = (1 − α^b) / (1 − α) tokens (α: per-draft acceptance, as in
     ``residency-aware``) and takes t(b) seconds: the median of the last ``samples`` cycles of that length, as
     the engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
-    b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured once at the start
-    (full block first, then a target-only step, then the others) and one not chosen is re-measured every
-    ``remeasure_every`` cycles, since costs move with the context length. Where a verify costs about the same at
+    b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured once (full block first,
+    then a target-only step, then the others; the timings are shared by the engine's requests) and a neighbour
+    of the best length (half or double) is re-measured every ``remeasure_every`` cycles, since costs move with
+    the context length: exploring stays cheap where lengths differ much in cost. Where a verify costs about the same at
     any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a compute-bound CPU)
     it shrinks the block or decodes target-only, so drafting never runs much slower than plain decoding.
     Nondeterministic in its block lengths (wall clock), never in its output.
@@ -294,11 +295,16 @@ class ThroughputPolicy:
 
     name = "throughput"
 
-    def __init__(self, block_size: int, *, alpha_window: int = 32, samples: int = 5, remeasure_every: int = 32):
+    def __init__(self, block_size: int, *, times: dict | None = None, alpha_window: int = 32, samples: int = 5,
+                 remeasure_every: int = 32):
+        """``times``: block length -> recent cycle seconds, shared by an engine's requests (a machine's costs
+        outlive a request; its acceptance does not), so a request does not explore what earlier ones measured."""
         self.block_size = block_size
         self.candidates = sorted({1, block_size} | {b for b in (2, 4, 8, 16, 32, 64) if b < block_size})
         self.cycles: deque = deque(maxlen=alpha_window)  # (drafted, accepted) of drafting cycles
-        self.times: dict[int, deque] = {b: deque(maxlen=samples) for b in self.candidates}
+        self.times: dict[int, deque] = times if times is not None else {}
+        for b in self.candidates:
+            self.times.setdefault(b, deque(maxlen=samples))
         self.remeasure_every = remeasure_every
         self.steps = 0
         self._next_remeasure = 0
@@ -328,9 +334,10 @@ class ThroughputPolicy:
             self._next_remeasure = self.steps + self.remeasure_every
             return unmeasured[0]
         best = self.best()
-        if self.steps >= self._next_remeasure:  # another candidate, in turn, once
+        if self.steps >= self._next_remeasure:  # a neighbour of the best length, in turn, once
             self._next_remeasure = self.steps + self.remeasure_every
-            others = [b for b in self.candidates if b != best]
+            i = self.candidates.index(best)
+            others = self.candidates[max(0, i - 1) : i] + self.candidates[i + 1 : i + 2]
             if others:
                 self._turn += 1
                 return others[self._turn % len(others)]
@@ -343,7 +350,8 @@ class ThroughputPolicy:
             self.times[block_len].append(seconds)
 
 
-def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0):
+def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0, times: dict | None = None):
+    """A policy by name; ``times``: the engine's shared cycle timings (``throughput``)."""
     if name == "fixed":
         return FixedPolicy(block_size)
     if name == "opencode-sampled-v1":
@@ -351,6 +359,6 @@ def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0):
     if name == "residency-aware":
         return ResidencyAwarePolicy(block_size, store, prompt_len=prompt_len)
     if name == "throughput":
-        return ThroughputPolicy(block_size)
+        return ThroughputPolicy(block_size, times=times)
     raise ConfigError(f"policy: unknown block policy {name!r}; use fixed, opencode-sampled-v1, residency-aware or "
                       "throughput")
