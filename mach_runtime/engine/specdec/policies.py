@@ -282,12 +282,13 @@ class ThroughputPolicy:
     """``throughput``: the block length that commits the most tokens per second, measured on this machine.
 
     A cycle of block b commits T(b) = (1 − α^b) / (1 − α) tokens (α: per-draft acceptance, as in
-    ``residency-aware``) and takes t(b) seconds: the median of the last ``samples`` cycles of that length, as
+    ``residency-aware``) and takes t(b) seconds: a low quantile of the last ``samples`` cycles of that length, as
     the engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
     b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured once (full block first,
     then a target-only step, then the others; the timings are shared by the engine's requests) and a neighbour
-    of the best length (half or double) is re-measured every ``remeasure_every`` cycles, since costs move with
-    the context length: exploring stays cheap where lengths differ much in cost. Where a verify costs about the same at
+    of the best length (half or double) is re-measured every ``remeasure_every`` cycles, the full block every
+    fourth time, since costs move with the context length: exploring stays cheap where lengths differ much in
+    cost, and a choice made while kernels were still being built (GPU) is revisited. Where a verify costs about the same at
     any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a compute-bound CPU)
     it shrinks the block or decodes target-only, so drafting never runs much slower than plain decoding.
     Nondeterministic in its block lengths (wall clock), never in its output.
@@ -320,8 +321,10 @@ class ThroughputPolicy:
         return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
 
     def seconds(self, b: int) -> float | None:
-        t = self.times.get(b)
-        return sorted(t)[len(t) // 2] if t else None
+        """A low quantile of the recent timings (the second smallest of up to 5): a cycle that built kernels
+        (on a GPU, the first time a shape is met) is only ever slower, never faster, than the steady state."""
+        t = sorted(self.times.get(b) or ())
+        return t[min(1, len(t) - 1)] if t else None
 
     def best(self) -> int:
         rates = {b: self.expected_tokens(b) / self.seconds(b) for b in self.candidates if self.seconds(b)}
@@ -334,12 +337,14 @@ class ThroughputPolicy:
             self._next_remeasure = self.steps + self.remeasure_every
             return unmeasured[0]
         best = self.best()
-        if self.steps >= self._next_remeasure:  # a neighbour of the best length, in turn, once
-            self._next_remeasure = self.steps + self.remeasure_every
+        if self.steps >= self._next_remeasure:  # a neighbour of the best length, in turn; every 4th time the
+            self._next_remeasure = self.steps + self.remeasure_every  # full block (no local optimum sticks)
+            self._turn += 1
             i = self.candidates.index(best)
             others = self.candidates[max(0, i - 1) : i] + self.candidates[i + 1 : i + 2]
+            if self._turn % 4 == 0 and best != self.block_size:
+                return self.block_size
             if others:
-                self._turn += 1
                 return others[self._turn % len(others)]
         return best
 
