@@ -288,9 +288,10 @@ class ThroughputPolicy:
     then a target-only step, then the others; the timings are shared by the engine's requests) and a neighbour
     of the best length (half or double) is re-measured every ``remeasure_every`` cycles, the full block every
     fourth time, since costs move with the context length: exploring stays cheap where lengths differ much in
-    cost, and a choice made while kernels were still being built (GPU) is revisited. Where a verify costs about the same at
-    any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a compute-bound CPU)
-    it shrinks the block or decodes target-only, so drafting never runs much slower than plain decoding.
+    cost, and a choice made while kernels were still being built (GPU) is revisited. Where a verify costs about
+    the same at any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a
+    compute-bound CPU) it shrinks the block or decodes target-only, so drafting never runs much slower than
+    plain decoding.
     Nondeterministic in its block lengths (wall clock), never in its output.
     """
 
