@@ -97,3 +97,13 @@ def greedy(model, ids, n: int) -> list[int]:
         out.append(t)
         logits = model(mx.array([[t]]), cache=cache)
     return out
+
+
+def detokenize(tok, ids) -> str:
+    """The text of ``ids`` through the tokenizer's streaming detokenizer (what the engines emit)."""
+    d = tok.detokenizer
+    d.reset()
+    for t in ids:
+        d.add_token(t)
+    d.finalize()
+    return d.text

@@ -22,7 +22,7 @@ from mach_runtime.engine.specdec.policies import (
 )
 from mach_runtime.errors import CheckpointError, ConfigError
 from tests.family_helpers import FAMILIES
-from tests.helpers import greedy
+from tests.helpers import detokenize, greedy
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41]
 N = 40
@@ -310,23 +310,15 @@ def test_stop_token_inside_accepted_block(qwen3):
 
 def test_stop_string_inside_accepted_block(qwen3):
     model, tok, ref = qwen3
-    def detok(ids):
-        d = tok.detokenizer
-        d.reset()
-        for t in ids:
-            d.add_token(t)
-        d.finalize()
-        return d.text
-
-    full = detok(ref)
-    start = len(detok(ref[:12]))
+    full = detokenize(tok, ref)
+    start = len(detokenize(tok, ref[:12]))
     stop = next(full[j : j + 3] for j in range(start, len(full) - 3) if full[j : j + 3].strip() and full.find(full[j : j + 3]) == j)
     engine = _perfect_engine(model, tok, ref)
     toks, chunks = run(engine, max_tokens=N, stop=[stop], ignore_eos=True)
     text = "".join(c.text for c in chunks)
     assert text == full[: full.find(stop)] and chunks[-1].finish_reason == "stop"
     assert len(toks) < N and toks == ref[: len(toks)]
-    assert stop in detok(toks) and stop not in detok(toks[:-1])  # nothing past the stop
+    assert stop in detokenize(tok, toks) and stop not in detokenize(tok, toks[:-1])  # nothing past the stop
 
 
 # -- policies --------------------------------------------------------------------------------------------------

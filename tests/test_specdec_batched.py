@@ -15,7 +15,7 @@ from mach_runtime.engine.specdec.batched import BatchedSpecDecoder, SpecParams
 from mach_runtime.engine.specdec.config import BlockSpecDecEngineConfig
 from mach_runtime.errors import ConfigError
 from tests.family_helpers import FAMILIES
-from tests.helpers import greedy
+from tests.helpers import detokenize, greedy
 from tests.test_specdec import OracleDrafter, _SecondChoice, assert_matches, check_stats, exact_paths, random_draft
 
 PROMPTS = [
@@ -182,16 +182,8 @@ def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
         dec.add(f"r{i}", PROMPTS[i], SpecParams(max_tokens=N, ignore_eos=True, stop_token_ids=(ref[j],)),
                 drafter=_oracle(dec, draft, ref, i, corrupt=0.0))
 
-    def detok(ids):
-        d = tok.detokenizer
-        d.reset()
-        for t in ids:
-            d.add_token(t)
-        d.finalize()
-        return d.text
-
-    full = detok(refs[4])
-    start = len(detok(refs[4][:10]))
+    full = detokenize(tok, refs[4])
+    start = len(detokenize(tok, refs[4][:10]))
     stop = next(full[j : j + 3] for j in range(start, len(full) - 3)
                 if full[j : j + 3].strip() and full.find(full[j : j + 3]) == j)
     dec.add("r4", PROMPTS[4], SpecParams(max_tokens=N, ignore_eos=True, stop=(stop,)),
@@ -213,7 +205,7 @@ def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
     for i, j in stops.items():
         assert toks[f"r{i}"] == refs[i][: j + 1] and reasons[f"r{i}"] == "stop"
     assert texts["r4"] == full[: full.find(stop)] and reasons["r4"] == "stop"
-    assert stop in detok(toks["r4"]) and stop not in detok(toks["r4"][:-1])
+    assert stop in detokenize(tok, toks["r4"]) and stop not in detokenize(tok, toks["r4"][:-1])
     assert dec.stats()["acceptance_length_histogram"][-1] >= 3  # whole blocks were accepted
     assert trimmed >= 1  # a stop inside an accepted block: the cache held tokens past it
 
