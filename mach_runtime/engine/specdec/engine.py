@@ -79,6 +79,7 @@ class BlockSpecDecEngine:
         self.last_policy = None
         self._runs = 0  # requests started: the drafter's context belongs to the latest one only
         self._cycle_times: dict = {}  # block length -> recent cycle seconds (the ``throughput`` policy's costs)
+        self._cache_layers = len(self.target.make_cache(False))  # a prefix KV must have one cache per layer
         self.prefetcher = None  # draft-informed expert prefetch (prefetch.py): streaming residency, opt-in
         if self.config.draft_prefetch and getattr(store, "residency", "") == "streaming":
             from .prefetch import DraftPrefetcher
@@ -251,10 +252,8 @@ class BlockSpecDecEngine:
             else:
                 caches, n, *rest = prefix
                 caches, draft_state = list(caches), (rest[0] if rest else None)
-            from mlx_lm.models.cache import make_prompt_cache
-
             # the prompt's last token is always fed: its logits start decoding
-            if len(caches) == len(make_prompt_cache(self.model)):
+            if len(caches) == self._cache_layers:
                 caches, want = fit_prefix(caches, min(int(n), n_prompt - 1))
                 if caches is not None and want > 0:
                     exact_rotating_caches(caches)
