@@ -21,8 +21,19 @@ def ref(tiny_dir):
     return greedy(model, PROMPT, N)
 
 
+_STORES: list = []  # streaming stores ``_engine`` opened: closed after each test (their I/O threads with them)
+
+
+@pytest.fixture(autouse=True)
+def _close_stores():
+    yield
+    while _STORES:
+        _STORES.pop().close()
+
+
 def _engine(path, ref, prefetch: bool, block: int = 8, slots: int = SLOTS, layers=(0, 1), **config):
     model, tok, store, _ = load_moe(path, expert_residency="streaming", expert_slots=slots)
+    _STORES.append(store)
     draft = random_draft(len(model.layers), list(layers))
     cfg = BlockSpecDecEngineConfig(block_size=block, policy=config.pop("policy", "fixed"), draft_prefetch=prefetch,
                                    **config)

@@ -23,9 +23,9 @@ N = 40
 def _load(**kw):
     from mach_runtime import load_moe
 
-    model, _, _, _ = load_moe(FAMILIES["qwen3_5_moe"], **kw)
+    model, _, store, _ = load_moe(FAMILIES["qwen3_5_moe"], **kw)
     ops = TargetOps(model)
-    return model, ops, GDNTape(ops)
+    return model, ops, GDNTape(ops), store
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +75,25 @@ def _assert_same(c_tape, c_rerun):
 
 @pytest.mark.parametrize("residency,block", [("stacked", 8), ("stacked", 16), ("streaming", 8)])
 def test_replay_equals_rerun_for_every_keep(residency, block, stacked):
-    model, ops, tape = stacked if residency == "stacked" else _load(expert_residency="streaming", expert_slots=2)
-    assert len(tape) == 2 and all(is_gdn_layer(m) for m in tape.layers)
-    toks = [int(t) for t in np.random.default_rng(block).integers(0, 500, block)]
-    for keep in range(1, block + 1):
-        c_tape, l_tape = _cycle(model, ops, tape, toks, keep, use_tape=True)
-        c_rerun, l_rerun = _cycle(model, ops, tape, toks, keep, use_tape=False)
-        _assert_same(c_tape, c_rerun)
-        np.testing.assert_allclose(np.array(l_tape), np.array(l_rerun), rtol=1e-6, atol=1e-6)
+    model, ops, tape, store = stacked if residency == "stacked" else _load(expert_residency="streaming",
+                                                                             expert_slots=2)
+    try:
+        assert len(tape) == 2 and all(is_gdn_layer(m) for m in tape.layers)
+        toks = [int(t) for t in np.random.default_rng(block).integers(0, 500, block)]
+        for keep in range(1, block + 1):
+            c_tape, l_tape = _cycle(model, ops, tape, toks, keep, use_tape=True)
+            c_rerun, l_rerun = _cycle(model, ops, tape, toks, keep, use_tape=False)
+            _assert_same(c_tape, c_rerun)
+            np.testing.assert_allclose(np.array(l_tape), np.array(l_rerun), rtol=1e-6, atol=1e-6)
+    finally:
+        if residency == "streaming":
+            store.close()
 
 
 def test_stale_tape_falls_back_to_rerun(stacked):
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, ops, tape = stacked
+    model, ops, tape, _ = stacked
     cache = make_prompt_cache(model)
     ops.prefill(PROMPT, cache, 512)
     blk = mx.array([1, 2, 3, 4], dtype=mx.uint32)
@@ -110,7 +115,7 @@ def test_recording_does_not_change_the_layer(stacked):
 
     from mach_runtime import load_moe
 
-    model, ops, tape = stacked
+    model, ops, tape, _ = stacked
     fresh, _, _, _ = load_moe(FAMILIES["qwen3_5_moe"], expert_residency="stacked")
     assert [k for k, _ in tree_flatten(model.parameters())] == [k for k, _ in tree_flatten(fresh.parameters())]
     layer = tape.layers[0]
@@ -148,7 +153,7 @@ def test_greedy_loop_with_tape_matches_plain_greedy(stacked):
     that rolls the GatedDeltaNet state back with the tape only: token-identical to plain greedy decoding."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, ops, tape = stacked
+    model, ops, tape, _ = stacked
     ref = greedy(model, PROMPT, N)
     rng = random.Random(0)
     cache = make_prompt_cache(model)
