@@ -42,6 +42,7 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, loa
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats, engine_stats
+from ..compiled_moe import compile_moe_blocks
 from ..kv_prefix import fit_prefix
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
@@ -57,6 +58,8 @@ class BlockSpecDecEngine:
         self.tokenizer = tokenizer
         self.store = store
         self.target = TargetOps(model)
+        if self.config.compile_moe:
+            compile_moe_blocks(model)  # stacked residency only; a no-op when streaming
         tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
         self.tape = tape if tape is not None and len(tape) else None
         self.draft = draft
