@@ -34,6 +34,7 @@ class BlockSpecDecEngineConfig:
     gdn_tape: bool = True  # GatedDeltaNet rollback replays the recorded recurrence (gdn_tape.py) instead of a re-run
     draft_prefetch: bool = False  # streaming: prefetch the experts a verify's tokens are predicted to route to
     compile_moe: bool = True  # stacked: mx.compile the MoE blocks for forwards of <= 64 rows (compiled_moe.py)
+    compile_verify: bool = True  # qwen3_moe, stacked, bucket_kv: the verify forward as one compiled graph
 
     def __post_init__(self):
         try:

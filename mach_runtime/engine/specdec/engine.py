@@ -43,6 +43,7 @@ from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats, engine_stats
 from ..compiled_moe import compile_moe_blocks
+from .compiled_verify import CompiledVerify
 from ..kv_prefix import fit_prefix
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
@@ -60,6 +61,8 @@ class BlockSpecDecEngine:
         self.target = TargetOps(model)
         if self.config.compile_moe:
             compile_moe_blocks(model)  # stacked residency only; a no-op when streaming
+        if self.config.compile_verify:
+            self.target.compiled = CompiledVerify(self.target)  # qwen3_moe only; see compiled_verify.py
         tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
         self.tape = tape if tape is not None and len(tape) else None
         self.draft = draft

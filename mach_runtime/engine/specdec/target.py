@@ -93,6 +93,7 @@ class TargetOps:
         self.embed_scale = getattr(self.inner, "embed_scale", None) if self.family == "gemma4" else None
         self.softcap = getattr(self.owner, "final_logit_softcapping", None) if self.family == "gemma4" else None
         self._final = None  # applied to the text model's output before the head
+        self.compiled = None  # a ``compiled_verify.CompiledVerify`` for the verify forwards it covers
         if self.family == "deepseek_v4":
             self._final = lambda h: self.inner.norm(self.inner.hc_head(h))
 
@@ -143,7 +144,10 @@ class TargetOps:
         """tokens [T] → (logits [T, V] or [1, V] for ``logits="last"`` or None for "none", hidden [T, n*H] or None).
 
         ``capture``: layer ids whose outputs are concatenated (in order) into the returned hidden states.
+        Verify-shaped forwards go through ``self.compiled`` where it applies (same results, one compiled graph).
         """
+        if self.compiled is not None and self.compiled.applies(tokens, cache, logits):
+            return self.compiled.forward(tokens, cache, capture)
         out, hidden = self.forward_batch(tokens[None], cache, capture, logits)
         return (None if out is None else out[0]), (None if hidden is None else hidden[0])
 
@@ -381,15 +385,13 @@ def _bucketed_kv_class():
             q = mx.arange(self.offset, self.offset + N)[:, None]
             return mx.arange(self._bucket(N))[None] <= q  # causal, and nothing past the last new token
 
-        def update_and_fetch(self, keys, values):
-            prev, n = self.offset, keys.shape[2]
-            end = prev + n
-            span = end if n == 1 else self._bucket(n)  # the rows this forward attends over
+        def reserve(self, span: int, keys, values) -> None:
+            """Makes the buffer hold at least ``span`` rows (``keys``/``values``: an update, for shapes and dtypes).
+            Capacity grows in whole steps and never shrinks (mlx-lm's KVCache cuts its buffer back to the offset
+            after a trim, then regrows it to odd lengths), so a bucket's K/V view has the same strides every
+            time: the attention kernels compiled for it are reused."""
             cap = 0 if self.keys is None else self.keys.shape[2]
             if span > cap:
-                # capacity grows in whole steps and never shrinks (mlx-lm's KVCache cuts its buffer back to
-                # the offset after a trim, then regrows it to odd lengths), so a bucket's K/V view has the same
-                # strides every time: the attention kernels compiled for it are reused
                 new_cap = _grown(cap, span, self.step)  # geometric: few capacities
                 B, H, _, dk = keys.shape
                 grow_k = mx.zeros((B, H, new_cap - cap, dk), keys.dtype)
@@ -399,6 +401,12 @@ def _bucketed_kv_class():
                 else:
                     self.keys = mx.concatenate([self.keys, grow_k], axis=2)
                     self.values = mx.concatenate([self.values, grow_v], axis=2)
+
+        def update_and_fetch(self, keys, values):
+            prev, n = self.offset, keys.shape[2]
+            end = prev + n
+            span = end if n == 1 else self._bucket(n)  # the rows this forward attends over
+            self.reserve(span, keys, values)
             self.keys[..., prev:end, :] = keys
             self.values[..., prev:end, :] = values
             self.offset = end
