@@ -242,19 +242,21 @@ class Decoder:
             else:  # settled: the cache holds all but the newest token
                 kv, n = self.engine.extract_kv(rid)
                 m = self.engine.remove(rid)
+            sent = m.emitter.sent if lane == "spec" else m.sent_chars
             out.append(self._moved_submit(self._submits.pop(rid), m.generated, kv, n,
-                                          (m.cached_tokens, m.prefilled_tokens)))
+                                          (m.cached_tokens, m.prefilled_tokens), sent))
         self.counters["spec_batch_moves"] += len(out)
         return out
 
-    def _moved_submit(self, sub: Submit, delivered, kv, n: int, usage: tuple[int, int]) -> Submit:
+    def _moved_submit(self, sub: Submit, delivered, kv, n: int, usage: tuple[int, int], sent_chars) -> Submit:
         """The Submit re-admitting a request that leaves a lane: its KV under a handle, ``usage`` kept for
-        ``_join``."""
+        ``_join``, ``sent_chars`` of its text delivered (text held back for a partial stop-string match moves
+        with it)."""
         self._moved[sub.request_id] = usage
         handle = self.kv_table.put(kv) if kv is not None else None
         return Submit(request_id=sub.request_id, prompt_ids=sub.prompt_ids, params=sub.params,
-                      resume_ids=tuple(delivered), session_id=sub.session_id, cache_handle=handle,
-                      cached_tokens=n if kv is not None else 0)
+                      resume_ids=tuple(delivered), resume_chars=sent_chars, session_id=sub.session_id,
+                      cache_handle=handle, cached_tokens=n if kv is not None else 0)
 
     def _spec_step(self) -> None:
         """One draft/verify cycle of every spec batch row; the previous cycle's outputs go out while it runs."""
@@ -285,7 +287,8 @@ class Decoder:
         prefix = (kv, sub.cached_tokens, getattr(kv, "draft_state", None)) if kv is not None else None
         self._fault("admit", request_id=sub.request_id)
         run = self.spec.generate(
-            list(sub.prompt_ids) + list(sub.resume_ids), max_tokens=p.max_tokens - len(sub.resume_ids),
+            list(sub.prompt_ids), resume_ids=sub.resume_ids, resume_chars=sub.resume_chars,
+            max_tokens=p.max_tokens - len(sub.resume_ids),
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=p.stop or None,
             stop_token_ids=p.stop_token_ids, mode=p.specdec, policy=p.specdec_policy, prefix=prefix,
         )
@@ -345,12 +348,14 @@ class Decoder:
     def _evict_solo(self) -> Submit:
         solo, self.solo = self.solo, None
         run = solo.gen
+        sent = run.sent_chars  # before the handover ends the run
         kv = run.handover()  # None if the run never got as far as a consistent cache: then a full re-prefill
         self.counters["spec_demoted"] += 1
         self.counters["prefilled"] += run.prefilled_tokens
         self.counters["cached"] += run.cached_tokens
         return self._moved_submit(solo.sub, solo.delivered, kv, kv.n_tokens if kv is not None else 0,
-                                  (run.cached_tokens, run.prefilled_tokens))
+                                  (run.cached_tokens, run.prefilled_tokens),
+                                  solo.sub.resume_chars if sent is None else sent)
 
     def _count_spec(self, sub: Submit) -> None:
         if sub.request_id not in self._spec_counted and self._wants_spec(sub):
@@ -365,7 +370,7 @@ class Decoder:
         for sub, kv in zip(subs, kvs):
             self._fault("admit", request_id=sub.request_id)
             admissions.append(Admission(sub.request_id, sub.prompt_ids, sub.params, sub.resume_ids, kv,
-                                        sub.cached_tokens if kv is not None else 0))
+                                        sub.cached_tokens if kv is not None else 0, sub.resume_chars))
         if len(subs) > 1 and self._join(subs, admissions, engine, report=False):
             return
         for sub, a in zip(subs, admissions):  # one by one: a bad request fails alone, the others join

@@ -30,6 +30,7 @@ class Submit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     resume_ids: tuple[int, ...] = ()  # tokens already delivered (re-admission after a Decoder restart)
+    resume_chars: int | None = None  # how much of their text was delivered (None: all; less: a held-back stop prefix)
     session_id: str | None = None
     cache_handle: int | None = None  # KV handed over by the Cache actor (reused prefix)
     cached_tokens: int = 0  # how many leading prompt tokens that KV covers

@@ -36,6 +36,7 @@ class LedgerEntry:
     submit: Submit
     slot: OutputSlot
     delivered: list[int] = field(default_factory=list)
+    delivered_chars: int = 0  # text delivered with them (a partial stop-string match may still be held back)
 
 
 class Supervisor:
@@ -154,7 +155,8 @@ class Supervisor:
             for e in live:  # re-admit: prompt + what the client already has; fresh KV (no session reuse)
                 s = e.submit
                 self.decoder.send(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
-                                         resume_ids=tuple(e.delivered), session_id=s.session_id))
+                                         resume_ids=tuple(e.delivered), resume_chars=e.delivered_chars,
+                                         session_id=s.session_id))
 
     def _give_up(self, name: str, error: BaseException) -> None:
         self.failed = RuntimeFailedError(
@@ -216,6 +218,7 @@ class Supervisor:
                 if msg.index != len(e.delivered):
                     raise RuntimeError(f"token for {msg.request_id} at {msg.index}, expected {len(e.delivered)}")
                 e.delivered.extend(msg.token_ids)
+                e.delivered_chars += len(msg.text)
                 return e.slot.push(msg.token_ids, msg.text)
             del self.ledger[msg.request_id]
         if isinstance(msg, Finish):

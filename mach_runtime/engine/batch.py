@@ -34,7 +34,9 @@ class StepOutput:
 @dataclass
 class Admission:
     """A request joining the batch: ``kv`` (single-request caches) covers ``prompt_ids[:cached_tokens]``;
-    ``resume_ids`` are completion tokens already delivered (a replay after a Decoder restart)."""
+    ``resume_ids`` are completion tokens already delivered (a replay after a Decoder restart, a move between
+    lanes); ``resume_chars`` how much of their text the client has (None: all; less where a partial stop-string
+    match was held back)."""
 
     request_id: str
     prompt_ids: tuple
@@ -42,6 +44,7 @@ class Admission:
     resume_ids: tuple = ()
     kv: object = None
     cached_tokens: int = 0
+    resume_chars: int | None = None
 
 
 @dataclass
@@ -205,7 +208,8 @@ class BatchEngine(BatchMembership):
             seq.generated.append(t)
             if t not in seq.stop_ids:
                 detok.add_token(t)
-        seq.sent_chars = len(detok.text)
+        full = len(detok.text)
+        seq.sent_chars = full if a.resume_chars is None else max(0, min(a.resume_chars, full))
         seq.next_token = tokens[-1]
         return seq
 

@@ -298,7 +298,7 @@ class BatchedSpecDecoder(BatchMembership):
         stop_ids = (frozenset() if ignore_eos else self.eos) | frozenset(p.stop_token_ids)
         stops = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
         emitter = TokenEmitter(self.tokenizer, stop_ids, stops, max(1, p.max_tokens - len(resume)))
-        emitter.replay(resume)  # a replayed request continues its text exactly where it left off
+        emitter.replay(resume, a.resume_chars)  # a replayed request continues its text exactly where it left off
         seed = p.seed if p.seed is not None else random.getrandbits(62)
         policy = None
         if drafter is not None:

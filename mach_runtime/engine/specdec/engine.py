@@ -131,7 +131,8 @@ class BlockSpecDecEngine:
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), mode=None,
-                 policy: str | None = None, ignore_eos: bool = False, prefix=None) -> "SpecDecRun":
+                 policy: str | None = None, ignore_eos: bool = False, prefix=None, resume_ids=(),
+                 resume_chars: int | None = None) -> "SpecDecRun":
         """Chunks of one request (one per cycle); the last has ``finish_reason`` "stop" or "length".
 
         ``mode`` / ``policy`` override the engine's config for this request; ``ignore_eos`` decodes past the
@@ -147,18 +148,25 @@ class BlockSpecDecEngine:
         trimmed; one that cannot be trimmed (GatedDeltaNet state covers an exact token count) is not used.
         The caches are the run's from then on.
 
+        ``resume_ids``: completion tokens the caller already has (a request moved here from another engine, or
+        replayed): they follow the prompt (the prefix may cover them), are not counted in ``max_tokens``, and the
+        text continues from them; ``resume_chars`` is how much of their text the caller has (None: all of it),
+        so text held back for a partial stop-string match is released, or cut at a stop, as if nothing had moved.
+
         Returns a ``SpecDecRun``: iterate it for the chunks (nothing runs before the first ``next``); once it
         has ended or been closed, ``handover()`` gives its KV for a later request or the batch.
         """
         run = SpecDecRun(self)
         run._gen = self._generate(run, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, mode=mode,
-                                  policy=policy, ignore_eos=ignore_eos, prefix=prefix)
+                                  policy=policy, ignore_eos=ignore_eos, prefix=prefix,
+                                  resume=([int(t) for t in resume_ids], resume_chars))
         return run
 
     def _generate(self, run: "SpecDecRun", prompt, *, max_tokens, temperature, top_p, top_k, seed, stop,
-                  stop_token_ids, mode, policy, ignore_eos, prefix) -> Iterator[SpecDecChunk]:
+                  stop_token_ids, mode, policy, ignore_eos, prefix, resume) -> Iterator[SpecDecChunk]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids += resume[0]
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         if max_tokens <= 0:
@@ -177,6 +185,8 @@ class BlockSpecDecEngine:
         cfg = self.config
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
         emitter = TokenEmitter(self.tokenizer, eos | set(stop_token_ids), stop, max_tokens)
+        if resume[0]:
+            emitter.replay(resume[0], resume[1])
         cache, cached, draft_state = self._prefix_cache(prefix, len(ids))
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
@@ -314,6 +324,12 @@ class SpecDecRun:
 
     def close(self) -> None:
         self._gen.close()
+
+    @property
+    def sent_chars(self) -> int | None:
+        """Characters of the completion text (``resume_ids``' included) released to the caller so far; None
+        before the prefill or after ``handover``."""
+        return None if self._state is None else self._state[2].sent
 
     # -- bookkeeping from the generator ---------------------------------------------------------------------
     def _begin(self, ids, cache, emitter, drafter, cached: int) -> None:

@@ -26,13 +26,16 @@ class TokenEmitter:
         self.sent = 0
         self.finish: str | None = None
 
-    def replay(self, tokens) -> None:
+    def replay(self, tokens, sent_chars: int | None = None) -> None:
         """Completion tokens delivered before this emitter took over (a replay after a restart, a request moved
-        between engines): the text continues exactly where they left off. Not counted against ``max_tokens``."""
+        between engines): the text continues exactly where they left off. Not counted against ``max_tokens``.
+        ``sent_chars``: how much of their text the caller has received (None: all of it); the rest (a partial
+        stop-string match held back) is released or cut here, as if nothing had moved."""
         for t in tokens:
             if t not in self.stop_ids:
                 self.detok.add_token(t)
-        self.sent = len(self.detok.text)
+        full = len(self.detok.text)
+        self.sent = full if sent_chars is None else max(0, min(int(sent_chars), full))
 
     def push(self, new_tokens: list[int]) -> SpecDecChunk:
         """Commits ``new_tokens`` in order until one finishes the request; the rest are dropped."""
