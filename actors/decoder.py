@@ -263,6 +263,7 @@ class Decoder:
         outs = self.spec_batch.step(on_launched=self._flush)
         self.counters["spec_batch_cycles"] += 1
         self.spec_histogram[len(outs)] += 1
+        self._report_routing()
         self._fault("step", steps=self.counters["steps"] + self.counters["spec_batch_cycles"])
         for o in outs:
             if o.token_ids:
@@ -309,6 +310,7 @@ class Decoder:
             self._post(RequestFailed(solo.sub.request_id, str(e)))
             return
         self.counters["spec_cycles"] += 1
+        self._report_routing()
         self._fault("step", steps=self.counters["steps"] + self.counters["spec_cycles"])
         if chunk is not None and chunk.token_ids:
             self._post(TokenOutput(solo.sub.request_id, len(solo.delivered), tuple(chunk.token_ids), chunk.text))
@@ -412,15 +414,21 @@ class Decoder:
         self.counters["steps"] += 1
         self.histogram[len(outs)] += 1
         self.counters["generated"] += len(outs)
-        if self.expert_inbox is not None and self.routing_source is not None:
-            routing = self.routing_source()
-            if routing is not None:
-                self.expert_inbox(StepRouting(routing))
+        self._report_routing()
         self._fault("step", steps=self.counters["steps"])
         self._outbox.extend(TokenOutput(o.request_id, o.index, (o.token,), o.text) for o in outs)
         for o in outs:
             if o.finish_reason is not None:
                 self._finish(o.request_id, o.finish_reason)
+
+    def _report_routing(self) -> None:
+        """Tells the ExpertStore actor which experts the last forward used (streaming residency): its predictor
+        prefetches for the next one. After a speculative cycle that is the union over the verified block, which
+        is what the next verify will largely need again."""
+        if self.expert_inbox is not None and self.routing_source is not None:
+            routing = self.routing_source()
+            if routing is not None:
+                self.expert_inbox(StepRouting(routing))
 
     def _finish(self, request_id: str, reason: str) -> None:
         sub = self._submits.pop(request_id)

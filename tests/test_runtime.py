@@ -366,6 +366,20 @@ async def test_lone_request_decodes_speculatively_and_losslessly(tiny_dir, refer
     assert list(c.token_ids) == list(plain.token_ids) == reference[PROMPTS[7]]
 
 
+async def test_speculative_cycles_feed_the_expert_predictor(tiny_dir, reference, draft_dir):
+    from actors.expert_store import RecentExpertsPredictor
+
+    kw = {"expert_residency": "streaming", "expert_cache_gb": 4.5 * 2 * 24576 / 2**30}  # bank = top-k
+    async with Runtime.open(tiny_dir, draft=draft_dir, predictor=RecentExpertsPredictor(window=8), **kw) as rt:
+        c = await rt.generate(PROMPTS[9], max_tokens=LENGTHS[9])
+        s = await rt.stats()
+    assert list(c.token_ids) == reference[PROMPTS[9]]
+    assert s.decoder.spec_cycles > 0 and s.decoder.steps == 0  # the lone request ran speculatively only
+    e = s.experts
+    assert e.prefetched > 0  # from the routing its cycles reported
+    assert e.bytes_read == (e.misses - e.prefetch_used + e.prefetched) * e.expert_bytes
+
+
 async def test_speculative_request_joins_the_batch_when_company_arrives(tiny_dir, reference, draft_dir):
     import time
 
