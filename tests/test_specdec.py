@@ -174,6 +174,33 @@ def test_target_only_and_prompt_lookup_equal_greedy(qwen3):
     assert s["specdec_accepted"] > 0
 
 
+@pytest.mark.parametrize("stop_after", [None, 7])
+def test_pipelined_target_only_equals_unpipelined(qwen3, stop_after):
+    """TARGET_ONLY queues the next step before reading a token back; greedy and sampled outputs, stats and the
+    handed-over KV (a prefix for a later request) equal the one-sync-per-token loop's."""
+    model, tok, ref = qwen3
+    stop_ids = [ref[stop_after]] if stop_after is not None else []
+    runs = {}
+    for pipelined in (True, False):
+        engine = BlockSpecDecEngine(model, tok, config=BlockSpecDecEngineConfig(mode="target_only"))
+        engine.pipeline_target_only = pipelined
+        greedy_run = engine.generate(PROMPT, max_tokens=N, ignore_eos=True, stop_token_ids=stop_ids)
+        toks = [t for c in greedy_run for t in c.token_ids]
+        kv = greedy_run.handover()
+        follow = [t for c in engine.generate(PROMPT + toks + [5, 6], max_tokens=6, ignore_eos=True, prefix=kv)
+                  for t in c.token_ids]
+        sampled = [t for c in engine.generate(PROMPT, max_tokens=N, temperature=0.9, top_p=0.95, seed=3,
+                                              ignore_eos=True) for t in c.token_ids]
+        runs[pipelined] = (toks, kv.n_tokens, follow, sampled, engine.stats()["specdec_target_only_steps"])
+    (toks, n_kv, follow, sampled, steps), (toks2, n_kv2, follow2, sampled2, steps2) = runs[True], runs[False]
+    assert (toks, follow, sampled, steps) == (toks2, follow2, sampled2, steps2)
+    want = ref[: stop_after + 1] if stop_after is not None else ref
+    assert toks == want
+    # the KV covers every committed token but (at most) the last: the pipelined run has fed it already
+    assert n_kv2 == len(PROMPT) + len(toks) - 1 and n_kv in (n_kv2, n_kv2 + 1)
+    assert follow == greedy(model, PROMPT + toks + [5, 6], 6)
+
+
 def test_target_only_fallback_above_context(qwen3, qwen3_draft_dir):
     model, tok, ref = qwen3
     from mach_runtime.engine.specdec.draft import load_dflash_draft

@@ -100,9 +100,16 @@ def sampled_accept(logits: mx.array, drafts: list[int], params, first_position: 
     return acc, tok
 
 
+def device_token(logits: mx.array, params, position: int = 0) -> mx.array:
+    """The token [1] (uint32, unevaluated) plain decoding picks from logits [1, V] at completion ``position``:
+    argmax, or a draw keyed by (seed, position) from the filtered distribution (what ``sampled_accept`` draws
+    for a block without drafts)."""
+    if params.temperature == 0:
+        return mx.argmax(logits, axis=-1).astype(mx.uint32)
+    logp = filtered_logprobs(logits, params.temperature, params.top_p, params.top_k)[0]  # [V]: the draw's shape
+    return mx.random.categorical(logp, key=_keys(params.seed, position)[1]).reshape(1).astype(mx.uint32)
+
+
 def first_token(logits: mx.array, params, position: int = 0) -> int:
     """The token plain decoding picks from one row of logits [V] (the first token, out of prefill)."""
-    if params.temperature == 0:
-        return int(mx.argmax(logits).item())
-    logp = filtered_logprobs(logits[None], params.temperature, params.top_p, params.top_k)[0]
-    return int(mx.random.categorical(logp, key=_keys(params.seed, position)[1]).item())
+    return int(device_token(logits[None], params, position).item())

@@ -36,15 +36,15 @@ import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
 from ..sampling import validate
-from .acceptance import Sampling, first_token, greedy_accept, sampled_accept
+from .acceptance import Sampling, device_token, first_token, greedy_accept, sampled_accept
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, load_dflash_draft
 from .output import SpecDecChunk, TokenEmitter
 from .policies import make_policy
 from .stats import SpecDecStats, engine_stats
 from ..compiled_moe import compile_moe_blocks
-from .compiled_verify import CompiledVerify
 from ..kv_prefix import fit_prefix
+from .compiled_verify import CompiledVerify
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
 
@@ -86,6 +86,7 @@ class BlockSpecDecEngine:
         self._runs = 0  # requests started: the drafter's context belongs to the latest one only
         self._cycle_times: dict = {}  # block length -> recent cycle seconds (the ``throughput`` policy's costs)
         self._cache_layers = len(self.target.make_cache(False))  # a prefix KV must have one cache per layer
+        self.pipeline_target_only = True  # target-only runs queue the next step before reading a token back
         self.prefetcher = None  # draft-informed expert prefetch (prefetch.py): streaming residency, opt-in
         if self.config.draft_prefetch and getattr(store, "residency", "") == "streaming":
             from .prefetch import DraftPrefetcher
@@ -198,11 +199,16 @@ class BlockSpecDecEngine:
         logits = self.target.prefill(ids[cached:], cache, cfg.prefill_step, capture,
                                      drafter.observe if capture else None)
         run._extent = len(ids)  # tokens in the cache
-        staged = first_token(logits, params, 0)
+        pos0 = len(resume[0])  # completion positions (sampling keys) continue after the resumed tokens
+        staged = first_token(logits, params, pos0)
         self._stats.add_prompt_commit()
         chunk = emitter.push([staged])
         yield chunk
         if chunk.finish_reason:
+            return
+        if self.pipeline_target_only and drafter is None and self.prefetcher is None and all(
+                c.is_trimmable() for c in cache):
+            yield from self._pipelined_steps(run, cache, emitter, staged, params, pos0)
             return
         history = ids + [staged]
         while True:
@@ -239,7 +245,7 @@ class BlockSpecDecEngine:
             else:
                 mx.eval(block, vlogits, vhidden)
                 drafts = block.tolist()[1:] if drafts is None else drafts
-                acc, nxt = sampled_accept(vlogits, drafts, params, n_out)
+                acc, nxt = sampled_accept(vlogits, drafts, params, pos0 + n_out)
             rerun = 0
             if rollback(cache, ckpt, b, acc + 1, tape=self.tape):
                 rerun = acc + 1
@@ -258,6 +264,32 @@ class BlockSpecDecEngine:
                 return
             history.extend(new)
             staged = nxt
+
+    def _pipelined_steps(self, run, cache, emitter, staged: int, params, pos0: int) -> Iterator[SpecDecChunk]:
+        """Target-only decoding (no drafter), one token per step with the next step queued on the device before
+        this step's token is read back, as mlx-lm's ``generate_step`` does: the host builds step n+1 while the
+        device computes step n. The token is chosen on the device (argmax, or the same keyed draw as
+        ``first_token``), so the output is the unpipelined one. Each step feeds one token ahead of what has been
+        emitted; ``handover`` trims it (every cache here is trimmable)."""
+
+        def launch(token: mx.array, position: int) -> mx.array:
+            logits, _ = self.target.forward(token, cache, (), logits="last")
+            y = device_token(logits, params, position)
+            mx.async_eval(y)
+            run._verified(None, None, 0)  # one more token fed into the cache
+            return y
+
+        y = launch(mx.array([staged], dtype=mx.uint32), pos0 + len(emitter.tokens))
+        while True:
+            n_out = len(emitter.tokens)  # ``y`` is the token at completion position pos0 + n_out
+            nxt = launch(y, pos0 + n_out + 1) if n_out + 1 < emitter.max_tokens else None
+            t = int(y.item())
+            self._stats.record(1, 0, 0, 1, 0)
+            chunk = emitter.push([t])
+            yield chunk
+            if chunk.finish_reason or nxt is None:
+                return
+            y = nxt
 
     def _prefix_cache(self, prefix, n_prompt: int):
         """(verify-ready cache, tokens it covers, draft state) for a request; a fresh cache when ``prefix`` is
