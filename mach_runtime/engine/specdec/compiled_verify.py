@@ -26,6 +26,7 @@ from collections import OrderedDict
 import mlx.core as mx
 
 from ...io.disk_switch_glu import DiskSwitchGLU
+from . import target as _target
 
 MAX_GRAPHS = 64
 
@@ -57,19 +58,15 @@ class CompiledVerify:
                         and all(_attention_ok(layer) for layer in target_ops.layers))
 
     def applies(self, tokens: mx.array, cache, logits: str) -> bool:
-        from . import target
-
         if not self.enabled or logits != "all" or tokens.size < 2 or len(cache) != len(self.ops.layers):
             return False
-        bucketed = target._BUCKETED
+        bucketed = _target._BUCKETED
         return bucketed is not None and all(type(c) is bucketed and c.keys is not None for c in cache)
 
     def forward(self, tokens: mx.array, cache, capture=()):
-        from .target import kv_bucket
-
         T = int(tokens.size)
         offset = cache[0].offset
-        span = kv_bucket(offset + T)
+        span = _target.kv_bucket(offset + T)
         capture = tuple(capture)
         for c in cache:
             c.reserve(span, c.keys, c.values)
