@@ -22,25 +22,18 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..io.gather_switch_glu import GatherSwitchGLU
+from .call_override import base_of, override_call
 
-_COMPILED: dict[type, type] = {}
 
+def _compiled_call(cls: type):
+    def __call__(self, *args, **kwargs):
+        fn = self.__dict__.get("_mach_compiled_fn")
+        if (fn is not None and not kwargs and args and all(isinstance(a, mx.array) for a in args)
+                and args[0].size // max(1, args[0].shape[-1]) <= self._mach_max_rows):
+            return fn(*args)
+        return cls.__call__(self, *args, **kwargs)
 
-def _compiled_class(cls: type) -> type:
-    if getattr(cls, "_mach_compiled_base", None) is not None:
-        return cls
-    if cls not in _COMPILED:
-
-        def __call__(self, *args, **kwargs):
-            fn = self.__dict__.get("_mach_compiled_fn")
-            if (fn is not None and not kwargs and args and all(isinstance(a, mx.array) for a in args)
-                    and args[0].size // max(1, args[0].shape[-1]) <= self._mach_max_rows):
-                return fn(*args)
-            return cls.__call__(self, *args, **kwargs)
-
-        _COMPILED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mach_compiled_base": cls,
-                                                     "__module__": cls.__module__})
-    return _COMPILED[cls]
+    return __call__
 
 
 def moe_blocks(model) -> list:
@@ -56,10 +49,10 @@ def compile_moe_blocks(model, max_rows: int = 64) -> int:
     """Wraps ``model``'s stacked MoE blocks as described above (idempotent); returns how many it wrapped."""
     blocks = moe_blocks(model)
     for m in blocks:
-        if getattr(type(m), "_mach_compiled_base", None) is not None:
+        if base_of(type(m), "compiled") is not None:
             continue
         base = type(m)
-        m.__class__ = _compiled_class(base)
+        m.__class__ = override_call(base, "compiled", _compiled_call)
         # plain attributes (not module state): the compiled function is not a parameter
         object.__setattr__(m, "_mach_max_rows", int(max_rows))
         object.__setattr__(m, "_mach_compiled_fn",

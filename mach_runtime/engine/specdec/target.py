@@ -31,25 +31,20 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ...errors import ConfigError
+from ..call_override import override_call
 
 _ARMED: dict[int, dict] = {}  # id(layer) -> {"index": i, "out": recorded output} while a capture is armed
-_TAPPED: dict[type, type] = {}
 
 
-def _tapped_class(cls: type) -> type:
-    if getattr(cls, "_mach_tap_base", None) is not None:
-        return cls
-    if cls not in _TAPPED:
+def _tap_call(cls: type):
+    def __call__(self, *args, **kwargs):
+        out = cls.__call__(self, *args, **kwargs)
+        slot = _ARMED.get(id(self))
+        if slot is not None:
+            slot["out"] = out[0] if isinstance(out, tuple) else out  # gemma4: (h, shared_kv, offset)
+        return out
 
-        def __call__(self, *args, **kwargs):
-            out = cls.__call__(self, *args, **kwargs)
-            slot = _ARMED.get(id(self))
-            if slot is not None:
-                slot["out"] = out[0] if isinstance(out, tuple) else out  # gemma4: (h, shared_kv, offset)
-            return out
-
-        _TAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mach_tap_base": cls, "__module__": cls.__module__})
-    return _TAPPED[cls]
+    return __call__
 
 
 _FAMILIES = ("qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4")  # embed / head / caches checked
@@ -111,7 +106,7 @@ class TargetOps:
             if not 0 <= i < len(self.layers):
                 raise ConfigError(f"target_layer_ids: layer {i} is outside the target's {len(self.layers)} layers")
             layer = self.layers[i]
-            layer.__class__ = _tapped_class(type(layer))
+            layer.__class__ = override_call(type(layer), "tap", _tap_call)
 
     # -- the pieces the draft borrows -----------------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:
