@@ -126,6 +126,14 @@ class BatchMembership:
     def has(self, request_id: str) -> bool:
         return any(m.request_id == request_id for m in self._members())
 
+    def _join_caches(self, merged: list) -> None:
+        """Appends the batch caches of newly prefilled rows (one per layer) below the current rows."""
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for c, m in zip(self.cache, merged):
+                c.extend(m)
+
     def remove(self, request_id: str):
         """Drops the request's row (its cache rows too); returns its record, or None if it is not here."""
         members = self._members()
@@ -191,11 +199,7 @@ class BatchEngine(BatchMembership):
             seqs.append(self._new_seq(a, tokens, cached))
         merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
         self._prefill(merged, todos)
-        if self.cache is None:
-            self.cache = merged
-        else:
-            for a, b in zip(self.cache, merged):
-                a.extend(b)
+        self._join_caches(merged)
         self.seqs.extend(seqs)
         return seqs
 

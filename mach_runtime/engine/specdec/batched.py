@@ -255,11 +255,7 @@ class BatchedSpecDecoder(BatchMembership):
         if self.config.bucket_kv:
             bucket_batch_caches(merged)
         self._prefill(merged, todos, rows)
-        if self.cache is None:
-            self.cache = merged
-        else:
-            for c, m in zip(self.cache, merged):
-                c.extend(m)
+        self._join_caches(merged)
         self.rows.extend(rows)
         return rows
 
