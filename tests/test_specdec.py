@@ -201,6 +201,54 @@ def test_pipelined_target_only_equals_unpipelined(qwen3, stop_after):
     assert follow == greedy(model, PROMPT + toks + [5, 6], 6)
 
 
+class ScriptedPolicy(FixedPolicy):
+    """Block lengths from a script (cycled); records what it is told."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        super().__init__(8)
+        self.script, self.i, self.seen = script, 0, []
+
+    def block_len(self, ctx_len=0):
+        b = self.script[self.i % len(self.script)]
+        self.i += 1
+        return b
+
+    def observe(self, block_len, accepted, bytes_read=0, seconds=0.0):
+        self.seen.append((block_len, seconds))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_policy_target_only_stretches_run_pipelined_and_lossless(qwen3, monkeypatch, temperature):
+    """A policy's b = 1 choices run as pipelined target-only stretches inside a speculative request (the drafter
+    still sees every committed token): output equals the unpipelined engine's (greedy: plain greedy), every block
+    length the policy asked for is the one run, and each step reports its seconds."""
+    import mach_runtime.engine.specdec.engine as E
+
+    model, tok, ref = qwen3
+    script = [1, 1, 1, 4, 1, 8, 8, 1, 1, 2, 1]
+    outs = {}
+    for pipelined in (True, False):
+        pols = []
+        monkeypatch.setattr(E, "make_policy", lambda *a, **k: pols.append(ScriptedPolicy(script)) or pols[-1])
+        engine = BlockSpecDecEngine(model, tok, random_draft(len(model.layers), [0, 1]),
+                                    config=BlockSpecDecEngineConfig(block_size=8))
+        engine.pipeline_target_only = pipelined
+        outs[pipelined], _ = run(engine, max_tokens=N, ignore_eos=True, temperature=temperature, seed=5)
+        pol = pols[-1]
+        asked = [min(script[i % len(script)], 8) for i in range(pol.i)]
+        seen = [b for b, _ in pol.seen]
+        assert len(seen) >= pol.i - 1 and all(b <= a for b, a in zip(seen, asked))  # clamped near max_tokens
+        assert seen[:24] == asked[:24]
+        assert all(sec > 0 for _, sec in pol.seen)
+        s = engine.stats()
+        assert s["specdec_cycles"] > 0 and s["specdec_target_only_steps"] > 10
+    assert outs[True] == outs[False]
+    if temperature == 0:
+        assert outs[True] == ref
+
+
 def test_target_only_fallback_above_context(qwen3, qwen3_draft_dir):
     model, tok, ref = qwen3
     from mach_runtime.engine.specdec.draft import load_dflash_draft
@@ -417,6 +465,39 @@ def test_residency_aware_policy_model():
     assert q.credit >= -8000 * 16
     # stacked residency: acceptance-only (opencode-sampled-v1)
     assert ResidencyAwarePolicy(16, None).block_len() == 16
+
+
+def test_residency_aware_time_term():
+    """Bytes say drafting pays (verifies read little extra) but a drafting cycle takes longer than target-only
+    for the tokens it commits (a CPU): the measured cycle times turn drafting off after the first cycles; a later
+    request on the same engine (shared timings) does not even explore; while the time ledger is negative,
+    probes are spaced so their measured loss stays under 2 % of the time between them."""
+    times, t1 = {}, 0.01
+    p = ResidencyAwarePolicy(16, _FakeStore(), times=times)
+    for _ in range(2):
+        assert p.block_len() == 1
+        p.observe(1, 0, 8000, t1)
+    blocks = []
+    for _ in range(200):
+        b = p.block_len()
+        blocks.append(b)
+        # half the drafts accepted; a cycle of b takes 1.5 b target-only steps
+        p.observe(b, b // 2, 8000 + 100 * (b - 1), 1.5 * t1 * b if b > 1 else t1)
+    assert 1 <= sum(b > 1 for b in blocks) <= 3 and set(blocks[3:]) == {1}
+    assert p.credit > 0 and p.time_credit >= -1.5 * t1 * 16  # within one cycle of target-only's time
+    q = ResidencyAwarePolicy(16, _FakeStore(), times=times)  # the next request: the timings are known
+    q.observe(1, 0, 8000, t1), q.observe(1, 0, 8000, t1)
+    assert [q.block_len() for _ in range(5)] == [1] * 5
+    # in time debt: probes every max(64, loss / (2 % of t1)) target-only steps
+    r = ResidencyAwarePolicy(16, _FakeStore(), times={1: [t1] * 5, 2: [0.05] * 5}, warmup_steps=0)
+    r.cycles.append((1, 1))
+    r.time_credit = -0.05
+    calls = [r.block_len() for _ in range(1000)]
+    gaps = [j - i for i, j in zip([-1] + [i for i, b in enumerate(calls) if b == 2], [i for i, b in enumerate(calls) if b == 2])]
+    loss = 0.05 - t1 * r.expected_tokens(2)
+    assert gaps and min(gaps) >= max(64, loss / (0.02 * t1)) and max(gaps) <= loss / (0.02 * t1) + 2
+    r.probe_interval = 0
+    assert set(r.block_len() for _ in range(500)) == {1}  # the strict bound: no probes
 
 
 def test_residency_aware_streaming_never_loses_to_target_only(tiny_dir):

@@ -35,6 +35,7 @@ class BlockSpecDecEngineConfig:
     draft_prefetch: bool = False  # streaming: prefetch the experts a verify's tokens are predicted to route to
     compile_moe: bool = True  # stacked: mx.compile the MoE blocks for forwards of <= 64 rows (compiled_moe.py)
     compile_verify: bool = True  # qwen3_moe, stacked, bucket_kv: the verify forward as one compiled graph
+    compile_draft: bool = True  # the DFlash draft pass (context append + block + head) as one compiled graph
 
     def __post_init__(self):
         try:

@@ -5,7 +5,8 @@
   (bidirectionally) to K/V projected from the target's captured hidden states of every committed token, and its
   outputs at positions 1..b−1 go through the target's LM head; argmax gives the b−1 drafts, in one draft pass.
   Committed context reaches the draft lazily: hidden rows are queued by ``observe`` and appended to the draft's
-  context cache (sink + window) on the next ``propose``. ``snapshot`` / ``resume`` carry that context (a
+  context cache (sink + window rows in a fixed ring, ``draft_cache.py``) on the next ``propose``, which runs as
+  one compiled graph where ``compiled_draft.py`` applies. ``snapshot`` / ``resume`` carry that context (a
   ``DraftState``) from one request to a later one that reuses the same KV prefix (sessions).
   ``batched_dflash_logits``: the draft pass of several such drafters (one per request of a batch) at once.
 * ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
@@ -24,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .draft_cache import RingDraftCache
 
 
 def read_draft_config(path) -> dict:
@@ -110,7 +112,7 @@ class Drafter:
 
 @dataclass
 class DraftState:
-    """A ``DFlashDrafter``'s context after a request: its draft context caches (one ``ContextOnlyDraftKVCache``
+    """A ``DFlashDrafter``'s context after a request: its draft context caches (one ``RingDraftCache``
     per draft layer, positions = token positions) and the captured hidden rows not yet appended to them; together
     they cover the first ``n_tokens`` tokens. Owned by whoever holds it: a ``resume`` extends it in place."""
 
@@ -134,14 +136,7 @@ class DraftState:
                 drop = 0
         if drop:
             for c in self.cache:
-                if c.positions is not None:
-                    keep = int(mx.sum(c.positions < n_tokens).item())  # positions ascend
-                    if keep:
-                        c.keys, c.values = c.keys[:, :, :keep], c.values[:, :, :keep]
-                        c.positions = c.positions[:keep]
-                    else:
-                        c.keys = c.values = c.positions = None
-                c.offset = n_tokens
+                c.trim(n_tokens)
         self.n_tokens = n_tokens
 
 
@@ -158,11 +153,10 @@ class DFlashDrafter(Drafter):
         self.dtype = draft_model.fc.weight.dtype
         self.cache = None
         self.pending: list = []
+        self.compiled = None  # a ``compiled_draft.CompiledDraft`` (set by the engine; config ``compile_draft``)
 
     def start(self, prompt_ids):
-        from dflash_mlx.model import ContextOnlyDraftKVCache
-
-        self.cache = [ContextOnlyDraftKVCache(self.sink, self.window) for _ in self.draft.layers]
+        self.cache = [RingDraftCache(self.sink, self.window) for _ in self.draft.layers]
         self.pending = []
 
     def resume(self, state, n_tokens):
@@ -216,6 +210,10 @@ class DFlashDrafter(Drafter):
 
     def propose(self, history, staged, n):
         """Lazy: the engine appends these to the verify block without waiting for the draft pass."""
+        if self.compiled is not None and self.compiled.applies():
+            if sum(h.shape[0] for h in self.pending) > self.compiled.pad:  # a prompt's rows: appended op by op
+                self.draft.advance_projected_context_cache(draft_context=self._take_context(), cache=self.cache)
+            return self.compiled.propose(staged, n)
         return mx.argmax(self.draft_logits(staged, n), axis=-1)
 
 
@@ -234,13 +232,11 @@ def check_draft(target, draft) -> None:
 
 def batchable_dflash(d) -> bool:
     """A plain ``DFlashDrafter`` (not a subclass with its own ``propose``) over a full-attention draft whose
-    context caches are dflash-mlx's sink + window ``ContextOnlyDraftKVCache``: one batched draft pass can
-    stand in for its ``propose``."""
-    from dflash_mlx.model import ContextOnlyDraftKVCache, FullContextDraftKVCache
-
+    context caches are sink + window ``RingDraftCache``s: one batched draft pass can stand in for its
+    ``propose``."""
     if type(d) is not DFlashDrafter or d.cache is None:
         return False
-    if any(type(c) is not ContextOnlyDraftKVCache or isinstance(c, FullContextDraftKVCache) for c in d.cache):
+    if any(type(c) is not RingDraftCache for c in d.cache):
         return False
     return all(layer.self_attn.sliding_window is None and type(layer.self_attn.rope) is nn.RoPE
                for layer in d.draft.layers)

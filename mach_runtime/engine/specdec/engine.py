@@ -44,6 +44,7 @@ from .policies import make_policy
 from .stats import SpecDecStats, engine_stats
 from ..compiled_moe import compile_moe_blocks
 from ..kv_prefix import fit_prefix
+from .compiled_draft import CompiledDraft
 from .compiled_verify import CompiledVerify
 from .gdn_tape import GDNTape
 from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
@@ -71,9 +72,10 @@ class BlockSpecDecEngine:
         }
         if draft is not None:
             check_draft(self.target, draft)
-            self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = DFlashDrafter(
-                draft, self.target, self.config.draft_sink, self.config.draft_window
-            )
+            drafter_v7 = DFlashDrafter(draft, self.target, self.config.draft_sink, self.config.draft_window)
+            if self.config.compile_draft:
+                drafter_v7.compiled = CompiledDraft(drafter_v7, pad=self.config.block_size)
+            self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = drafter_v7
         if drafter is not None:  # a custom drafter (tests: oracle drafts) takes the NATIVE_V7 slot
             self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = drafter
         for d in self._drafters.values():
@@ -206,18 +208,31 @@ class BlockSpecDecEngine:
         yield chunk
         if chunk.finish_reason:
             return
-        if self.pipeline_target_only and drafter is None and self.prefetcher is None and all(
-                c.is_trimmable() for c in cache):
-            yield from self._pipelined_steps(run, cache, emitter, staged, params, pos0)
-            return
+        # target-only steps (TARGET_ONLY, or a policy's choice of b = 1) run pipelined where every cache can trim
+        pipelined = self.pipeline_target_only and self.prefetcher is None and all(c.is_trimmable() for c in cache)
         history = ids + [staged]
+        n_ids = len(ids)
+
+        def choose(n_out: int) -> int:
+            """The next cycle's block length, with ``n_out`` tokens emitted and the last one staged."""
+            ctx_len = n_ids + n_out - 1  # tokens in the cache
+            if drafter is None or (cfg.target_only_above_context and ctx_len > cfg.target_only_above_context):
+                return 1
+            return max(1, min(pol.block_len(ctx_len), cfg.block_size, max_tokens - n_out))
+
+        pending = None  # a block length chosen during a pipelined stretch, for the cycle after it
         while True:
             t_cycle = time.perf_counter()
             n_out = len(emitter.tokens)
-            ctx_len = len(ids) + n_out - 1  # tokens in the cache
-            b = 1
-            if drafter is not None and not (cfg.target_only_above_context and ctx_len > cfg.target_only_above_context):
-                b = max(1, min(pol.block_len(ctx_len), cfg.block_size, max_tokens - n_out))
+            b = choose(n_out) if pending is None else pending
+            pending = None
+            if b == 1 and pipelined:
+                pending = yield from self._target_only_steps(run, cache, emitter, params, pos0, history, choose,
+                                                             pol if drafter is not None else None, drafter, capture)
+                if pending is None:  # the request ended
+                    return
+                staged = history[-1]
+                continue
             drafts, block = [], mx.array([staged], dtype=mx.uint32)
             if b > 1:
                 proposed = drafter.propose(history, staged, b - 1)
@@ -265,31 +280,51 @@ class BlockSpecDecEngine:
             history.extend(new)
             staged = nxt
 
-    def _pipelined_steps(self, run, cache, emitter, staged: int, params, pos0: int) -> Iterator[SpecDecChunk]:
-        """Target-only decoding (no drafter), one token per step with the next step queued on the device before
-        this step's token is read back, as mlx-lm's ``generate_step`` does: the host builds step n+1 while the
+    def _target_only_steps(self, run, cache, emitter, params, pos0: int, history: list, choose, pol, drafter,
+                           capture) -> Iterator[SpecDecChunk]:
+        """Target-only steps (one token each, ``history[-1]`` staged first), each queued on the device before the
+        previous step's token is read back, as mlx-lm's ``generate_step`` does: the host builds step n+1 while the
         device computes step n. The token is chosen on the device (argmax, or the same keyed draw as
-        ``first_token``), so the output is the unpipelined one. Each step feeds one token ahead of what has been
-        emitted; ``handover`` trims it (every cache here is trimmable)."""
+        ``first_token``), so the output is the unpipelined one. Every cache here is trimmable: a step fed ahead
+        of a stop is trimmed by ``handover``.
 
-        def launch(token: mx.array, position: int) -> mx.array:
-            logits, _ = self.target.forward(token, cache, (), logits="last")
+        ``choose(n_out)`` gives the next block length: the stretch goes on while it is 1 (it is asked before the
+        previous step is observed: the policy sees the steps one late). Each step feeds the drafter its captured
+        hidden row and tells ``pol`` its bytes read and seconds (between two read-backs). Returns the block
+        length of the drafting cycle to run next (its staged token is ``history[-1]``), or None when the request
+        has ended (a stop, or ``max_tokens``)."""
+        store = self.store
+
+        def launch(token: mx.array, position: int):
+            before = store.stats().bytes_read if store is not None else 0
+            logits, hidden = self.target.forward(token, cache, capture, logits="last")
+            if drafter is not None and hidden is not None:
+                drafter.observe(hidden)  # lazy: read when the draft next runs
             y = device_token(logits, params, position)
             mx.async_eval(y)
             run._verified(None, None, 0)  # one more token fed into the cache
-            return y
+            return y, (store.stats().bytes_read - before) if store is not None else 0
 
-        y = launch(mx.array([staged], dtype=mx.uint32), pos0 + len(emitter.tokens))
+        y, nbytes = launch(mx.array(history[-1:], dtype=mx.uint32), pos0 + len(emitter.tokens))
+        t_prev = time.perf_counter()
         while True:
             n_out = len(emitter.tokens)  # ``y`` is the token at completion position pos0 + n_out
-            nxt = launch(y, pos0 + n_out + 1) if n_out + 1 < emitter.max_tokens else None
+            b = choose(n_out + 1) if n_out + 1 < emitter.max_tokens else 0  # for the step after ``y``'s
+            nxt = launch(y, pos0 + n_out + 1) if b == 1 else None
             t = int(y.item())
+            now = time.perf_counter()
+            if pol is not None:
+                pol.observe(1, 0, nbytes, now - t_prev)
+            t_prev = now
             self._stats.record(1, 0, 0, 1, 0)
+            history.append(t)
             chunk = emitter.push([t])
             yield chunk
-            if chunk.finish_reason or nxt is None:
-                return
-            y = nxt
+            if chunk.finish_reason or b == 0:
+                return None
+            if nxt is None:
+                return b
+            y, nbytes = nxt
 
     def _prefix_cache(self, prefix, n_prompt: int):
         """(verify-ready cache, tokens it covers, draft state) for a request; a fresh cache when ``prefix`` is

@@ -27,19 +27,24 @@ gave. Selectable by name (``make_policy``):
       R(b) = s · L · D(b) · (1 − h) · expert_bytes, D(b) = E(1 − (1 − k/E)^b) the distinct experts b tokens
       route to per layer (uniform routing: the union saturates at E), h the bank's hit rate, and s the EMA of
       measured / modelled bytes of past verifies of that block length (else of any length; before any,
-      s = R1 / model(1)). Routing is not uniform (consecutive tokens share experts), so while the ledger is
-      positive it measures the next larger block once every 16 drafting cycles.
+      s = R1 / model(1)). Routing is not uniform (consecutive tokens share experts), so while the ledgers are
+      positive it measures the next larger block once every 16 drafting cycles;
+    * seconds           t(b): a low quantile of the engine's recent cycles of length b (shared by its requests,
+      as ``throughput`` keeps them); t(1) is a target-only step.
     It verifies b* = argmin R(b)/T(b) over {1, 2, 4, 8, …, b_acc} (b_acc: what ``opencode-sampled-v1`` allows;
-    ties → the larger b) and falls back to target-only (b = 1) when no b beats R1/1. Before any drafting cycle
-    was measured it explores with the cheapest one (b = 2).
-    *Never loses to target-only in bytes per committed token, by construction*: a bytes ledger
-    credit += R1 · committed − bytes_read is kept over the drafting cycles (target-only steps are the baseline
-    itself), and a drafting cycle starts only while credit ≥ 0. So the drafting cycles read at most R1 per
-    token they commit plus what one cycle can overshoot (≤ one worst-case verify), whatever the predictions
-    say. While the ledger is negative it decodes
-    target-only and, every ``probe_interval`` target-only steps, allows one block-2 probe so a warming bank
-    can re-enable drafting (each probe's overshoot is bounded by one 2-token verify; set
-    ``probe_interval=0`` for the strict bound). With stacked residency (nothing read) it is
+    ties → the larger b) among the b expected to take no longer per token than target-only
+    (t(b)/T(b) ≤ t(1), where measured), and falls back to target-only (b = 1) when no b beats R1/1. Before any
+    drafting cycle was measured it explores with the cheapest one (b = 2), unless the engine's timings show a
+    2-token cycle costs ≥ 2 target-only steps (then nothing can pay: a CPU).
+    *Never loses to target-only, in bytes or in time per committed token*: two ledgers are kept over the
+    drafting cycles (target-only steps are the baseline itself): bytes, credit += R1 · committed − bytes_read,
+    and seconds, time_credit += t(1) · committed − t(b) (a length's first cycle, where a GPU compiles its
+    kernels, left out). A drafting cycle starts only while both are ≥ 0, so the drafting cycles cost at most
+    target-only's bytes and time for the tokens they commit plus what one cycle can overshoot. While a ledger
+    is negative it decodes target-only (pipelined, as TARGET_ONLY) and allows one block-2 probe every
+    ``probe_interval`` (64) target-only steps, so a warming bank can re-enable drafting, spaced further where
+    a probe's measured loss in time would exceed ``probe_budget`` (2 %) of the target-only time between probes;
+    ``probe_interval=0`` is the strict bound. With stacked residency (nothing read) it is
     ``opencode-sampled-v1``.
 
 ``throughput``
@@ -159,6 +164,13 @@ class OpenCodeSampledV1Policy:
                     self.early_lockout = lock
 
 
+def low_quantile(samples) -> float | None:
+    """The second smallest of recent cycle timings (or the only one): a cycle that built kernels (on a GPU, the
+    first time a shape is met) or was preempted is only ever slower, never faster, than the steady state."""
+    t = sorted(samples or ())
+    return t[min(1, len(t) - 1)] if t else None
+
+
 def _geometric_alpha(cycles) -> float:
     """Per-draft acceptance from (drafted, accepted) cycles: the MLE of a geometric run, uniform prior."""
     accepted = sum(a for _, a in cycles)
@@ -170,8 +182,14 @@ class ResidencyAwarePolicy:
     name = "residency-aware"
 
     def __init__(self, block_size: int, store=None, *, prompt_len: int = 0, alpha_window: int = 32,
-                 ema: float = 0.2, probe_interval: int = 64, warmup_steps: int = 2, explore_every: int = 16):
+                 ema: float = 0.2, probe_interval: int = 64, warmup_steps: int = 2, explore_every: int = 16,
+                 times: dict | None = None, samples: int = 5, probe_budget: float = 0.02):
+        """``times``: block length -> recent cycle seconds, shared by an engine's requests (as ``throughput``)."""
         self.base = OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
+        self.times: dict = times if times is not None else {}
+        self.samples = samples
+        self.probe_budget = probe_budget
+        self.time_credit = 0.0  # seconds: target-only's time for the tokens drafting committed, minus its time
         self.block_size = block_size
         self.store = store
         self.ema = ema
@@ -218,6 +236,29 @@ class ResidencyAwarePolicy:
         prior1 = self._prior_bytes(1)
         return self._prior_bytes(b) * (r1 / prior1 if prior1 > 0 else 1.0)
 
+    def seconds(self, b: int) -> float | None:
+        return low_quantile(self.times.get(b))
+
+    def time_ok(self, b: int) -> bool:
+        """A cycle of b is expected to take at most target-only's time for the tokens it commits (or the costs
+        are not measured yet)."""
+        t1, tb = self.seconds(1), self.seconds(b)
+        return t1 is None or tb is None or tb <= t1 * self.expected_tokens(b) * (1 + 1e-9)
+
+    def _probe_due(self) -> bool:
+        """While a ledger is negative: one block-2 probe every ``probe_interval`` target-only steps, and, where
+        its measured loss in time is known, no more often than keeps that loss under ``probe_budget`` of the
+        target-only time in between."""
+        if not self.probe_interval:
+            return False
+        every = self.probe_interval
+        t1, t2 = self.seconds(1), self.seconds(2)
+        if t1 and t2:
+            loss = t2 - t1 * self.expected_tokens(2)
+            if loss > 0:
+                every = max(every, int(loss / (self.probe_budget * t1)) + 1)
+        return self.since_probe >= every
+
     def candidates(self, b_acc: int) -> list[int]:
         out, b = [1], 2
         while b < b_acc:
@@ -234,23 +275,26 @@ class ResidencyAwarePolicy:
             choice = b_acc
         elif self.warmup_left > 0:
             choice = 1  # measure what a target-only token reads first
-        elif self.credit < 0:
+        elif self.credit < 0 or self.time_credit < 0:
             self.since_probe += 1
-            choice = 2 if self.probe_interval and self.since_probe >= self.probe_interval else 1
+            choice = 2 if self._probe_due() else 1
             if choice == 2:
                 self.since_probe = 0
         elif b_acc > 1 and (not self.cycles or self.verify_scale is None):
-            choice = 2  # explore: the cheapest drafting cycle measures acceptance and a verify's extra bytes
+            # explore: the cheapest drafting cycle measures acceptance and a verify's extra bytes, unless this
+            # engine's timings say even full acceptance could not pay for it
+            t1, t2 = self.seconds(1), self.seconds(2)
+            choice = 2 if t1 is None or t2 is None or t2 < 2 * t1 else 1
         else:
             best, best_cost = 1, self.expected_bytes(1)
             for b in self.candidates(b_acc):
                 cost = self.expected_bytes(b) / self.expected_tokens(b)
-                if cost <= best_cost * (1 + 1e-9) + 1e-9:
+                if cost <= best_cost * (1 + 1e-9) + 1e-9 and (b == 1 or self.time_ok(b)):
                     best, best_cost = b, cost
             if (self.explore_every and self.drafting_cycles and self.drafting_cycles % self.explore_every == 0
-                    and best > 1 and self.credit > 0):
+                    and best > 1 and self.credit > 0 and self.time_credit > 0):
                 bigger = [b for b in self.candidates(b_acc) if b > best and b not in self.scale_by_block]
-                best = bigger[0] if bigger else best  # measure the next larger block once, paid by the ledger
+                best = bigger[0] if bigger else best  # measure the next larger block once, paid by the ledgers
             choice = best
         self.last_choice = choice
         self.decisions.append(choice)
@@ -262,6 +306,14 @@ class ResidencyAwarePolicy:
             self.base.observe(block_len, accepted, bytes_read)
         if not self.streaming:
             return
+        if seconds > 0:
+            seen = self.times.setdefault(block_len, deque(maxlen=self.samples))
+            seen.append(seconds)
+            t1, tb = self.seconds(1), self.seconds(block_len)
+            # the time ledger, on robust per-length costs; a length's first cycle (where a GPU builds its kernels)
+            # is left out
+            if block_len > 1 and t1 is not None and len(seen) > 1:
+                self.time_credit += t1 * (accepted + 1) - tb
         if block_len == 1:
             self.warmup_left = max(0, self.warmup_left - 1)
             self.r1 = bytes_read if self.r1 is None else (1 - self.ema) * self.r1 + self.ema * bytes_read
@@ -322,10 +374,8 @@ class ThroughputPolicy:
         return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
 
     def seconds(self, b: int) -> float | None:
-        """A low quantile of the recent timings (the second smallest of up to 5): a cycle that built kernels
-        (on a GPU, the first time a shape is met) is only ever slower, never faster, than the steady state."""
-        t = sorted(self.times.get(b) or ())
-        return t[min(1, len(t) - 1)] if t else None
+        """A low quantile of the recent timings (``low_quantile`` of up to 5)."""
+        return low_quantile(self.times.get(b))
 
     def best(self) -> int:
         rates = {b: self.expected_tokens(b) / self.seconds(b) for b in self.candidates if self.seconds(b)}
@@ -363,7 +413,7 @@ def make_policy(name: str, block_size: int, *, store=None, prompt_len: int = 0, 
     if name == "opencode-sampled-v1":
         return OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
     if name == "residency-aware":
-        return ResidencyAwarePolicy(block_size, store, prompt_len=prompt_len)
+        return ResidencyAwarePolicy(block_size, store, prompt_len=prompt_len, times=times)
     if name == "throughput":
         return ThroughputPolicy(block_size, times=times)
     raise ConfigError(f"policy: unknown block policy {name!r}; use fixed, opencode-sampled-v1, residency-aware or "
