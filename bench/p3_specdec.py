@@ -97,34 +97,16 @@ def divergences(model, prompts, ref_toks, toks) -> list[dict]:
     return out
 
 
-def main() -> int:
+def part_a(a, prompts, results) -> list:
+    """Stacked residency: NATIVE_V7 per policy vs TARGET_ONLY vs mlx-lm, interleaved rounds. Table rows."""
     import mlx_lm
 
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig
-    from mach_runtime.demo_corpus import heldout_prompts
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=str(TARGET))
-    p.add_argument("--draft", default=str(DRAFT))
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--skip", type=int, default=256, help="prompt = tokens [skip, skip + prompt-tokens) of each file")
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--bank-fraction", type=float, default=0.25)
-    p.add_argument("--stream-prompts", type=int, default=None, help="prompts of part B (default: --prompts)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="measured rounds after a first pass per engine; each round runs every engine once, back to "
-                        "back, and the medians are reported (default: 5 on a GPU, 1 on the CPU)")
-    p.add_argument("--out", default=C.default_out("p3_specdec"))
-    a = p.parse_args()
-
-    results = {"machine": C.machine_info(), "target": a.target, "draft": a.draft, "new_tokens": a.new_tokens}
-    # --- A: stacked ---
     eng = BlockSpecDecEngine.from_checkpoint(
         target_checkpoint=a.target, draft_checkpoint=a.draft,
         config=BlockSpecDecEngineConfig(mode="native_v7", block_size=16, policy="fixed"), expert_residency="stacked",
     )
-    prompts = [ids for _, ids in heldout_prompts(eng.tokenizer, a.prompts, a.prompt_tokens, a.skip, a.new_tokens)]
     ref_model, _ = mlx_lm.load(a.target)
     if not C.is_gpu():  # MLX's CPU gather_mm is fp32-only; load_moe does the same cast automatically
         import mlx.core as mx
@@ -186,9 +168,15 @@ def main() -> int:
     results["stacked_target_only_tps"], results["mlx_lm_tps"] = base_tps, mlx_tps
     del eng
     C.free_mlx()
+    return rows_a
 
-    # --- B: streaming at a fraction of the experts ---
+
+def part_b(a, prompts, results) -> tuple[list, int]:
+    """Streaming residency at ``--bank-fraction``: each policy vs TARGET_ONLY, tok/s and bytes per token. Table
+    rows and the experts per layer."""
     import json
+
+    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig
 
     cfg = json.loads((Path(a.target) / "config.json").read_text())
     n_experts = cfg["num_experts"]
@@ -205,33 +193,68 @@ def main() -> int:
         )
         run_spec(eng, prompts[:1], 8, **kw)  # warm-up
         before = eng.store.stats().bytes_read
+        eng.reset_stats()
         toks, tps = run_spec(eng, prompts[: a.stream_prompts], a.new_tokens, **kw)
-        s = eng.store.stats()
+        s, st = eng.store.stats(), eng.stats()
         per_tok = (s.bytes_read - before) / sum(len(x) for x in toks)
         base_b = base_b if base_b is not None else (toks, per_tok)
         rows_b.append([name, f"{tps:.1f}", f"{per_tok / 2**20:.2f}", f"{per_tok / base_b[1]:.2f}x",
-                       f"{s.hit_rate:.1%}", "yes" if toks == base_b[0] else "NO"])
+                       f"{s.hit_rate:.1%}", st["specdec_cycles"], st["specdec_target_only_steps"],
+                       "yes" if toks == base_b[0] else "NO"])
         results[f"streaming_{name}"] = dict(tps=tps, bytes_per_token=per_tok, hit_rate=s.hit_rate,
-                                            lossless=toks == base_b[0])
+                                            lossless=toks == base_b[0], stats=st)
         eng.store.close()
         del eng
         C.free_mlx()
+    return rows_b, n_experts
+
+
+def main() -> int:
+    from mlx_lm.utils import load_tokenizer
+
+    from mach_runtime.demo_corpus import heldout_prompts
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=str(TARGET))
+    p.add_argument("--draft", default=str(DRAFT))
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--skip", type=int, default=256, help="prompt = tokens [skip, skip + prompt-tokens) of each file")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--bank-fraction", type=float, default=0.25)
+    p.add_argument("--stream-prompts", type=int, default=None, help="prompts of part B (default: --prompts)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measured rounds after a first pass per engine; each round runs every engine once, back to "
+                        "back, and the medians are reported (default: 5 on a GPU, 1 on the CPU)")
+    p.add_argument("--parts", default="AB", help="A (stacked), B (streaming) or AB")
+    p.add_argument("--out", default=C.default_out("p3_specdec"))
+    a = p.parse_args()
+
+    results = {"machine": C.machine_info(), "target": a.target, "draft": a.draft, "new_tokens": a.new_tokens}
+    tokenizer = load_tokenizer(Path(a.target))
+    prompts = [ids for _, ids in heldout_prompts(tokenizer, a.prompts, a.prompt_tokens, a.skip, a.new_tokens)]
+    rows_a = part_a(a, prompts, results) if "A" in a.parts.upper() else None
+    rows_b, n_experts = part_b(a, prompts, results) if "B" in a.parts.upper() else (None, 0)
     C.write_json(a.out, results)
     dev = results["machine"].get("gpu") or results["machine"]["cpu_model"]
     print(f"\nP3 speculative decoding, demo pair, {a.prompts} held-out prompts x {a.new_tokens} tokens, {dev}")
-    print("A. stacked residency (decode tok/s; acceptance = accepted drafts per cycle)")
-    print(C.fmt_table(["engine", "tok/s (median)", "vs mlx-lm", "rounds", "first pass", "accepted/cycle",
-                       "tokens/target pass", "= mlx-lm", "= target_only"], rows_a))
+    if rows_a is not None:
+        print("A. stacked residency (decode tok/s; acceptance = accepted drafts per cycle)")
+        print(C.fmt_table(["engine", "tok/s (median)", "vs mlx-lm", "rounds", "first pass", "accepted/cycle",
+                           "tokens/target pass", "= mlx-lm", "= target_only"], rows_a))
     for k, v in results.items():
         for d in (v.get("divergences") or []) if isinstance(v, dict) else []:
             print(f"  {k}: prompt {d['prompt']} differs from mlx-lm at token {d['token']}: mlx-lm {d['ref_token']} vs "
                   f"{d['token_id']}, logit margin {d['margin']:.4f} (one forward over prompt + common prefix)")
-    print(f"\nB. streaming residency, bank {a.bank_fraction:.0%} of {n_experts} experts per layer (cold start), "
-          f"{len(prompts[: a.stream_prompts])} prompts")
-    print(C.fmt_table(["policy", "tok/s", "MiB read/token", "vs target-only", "hit rate", "lossless"], rows_b))
+    if rows_b is not None:
+        print(f"\nB. streaming residency, bank {a.bank_fraction:.0%} of {n_experts} experts per layer (cold start), "
+              f"{len(prompts[: a.stream_prompts])} prompts")
+        print(C.fmt_table(["policy", "tok/s", "MiB read/token", "vs target-only", "hit rate", "drafting cycles",
+                           "target-only steps", "lossless"], rows_b))
     print(f"JSON: {a.out}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -71,7 +71,7 @@ def test_compiled_drafts_equal_dflash_mlx_drafts(target):
         assert got.dtype == mx.uint32 and got.tolist() == want
         assert sorted(np.array(ours.cache[0].positions).tolist()) == np.array(ref.cache[0].positions).tolist()
     assert ours.cache[0].rows > SINK + 2 * WINDOW
-    assert 1 < len(ours.compiled._fns) <= 3 * 2  # (block length, span) graphs: 3 lengths, spans 0 < 28
+    assert len(ours.compiled._fns) == 3  # one graph per block length
 
 
 def test_trim_keeps_the_rows_before_the_cut(target):

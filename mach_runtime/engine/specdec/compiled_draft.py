@@ -2,15 +2,16 @@
 
 Each cycle the draft appends the hidden states of the tokens the last verify committed to its context (projection,
 K/V, RoPE per draft layer), then runs its layers over ``[staged, MASK × n]`` and the target's head. Built op by
-op, that is ~70 small kernels on two layers: on a GPU the host building and encoding them is the cost (1.2 ms of
-a ~4.2 ms cycle on an H100 for the demo pair), not the arithmetic. ``CompiledDraft`` traces it once per
-(block length, attended span) with every shape static:
+op, that is dozens of small kernels per draft layer: on a GPU the host building and encoding them is the cost
+(1.2–1.8 ms of a ~4–5 ms cycle on an H100 for the demo pair), not the arithmetic. ``CompiledDraft`` traces it once per
+block length with every shape static:
 
 * the context lives in ``RingDraftCache`` buffers of fixed capacity (``draft_cache.py``); the rows to append are
   padded to ``pad`` rows, the valid count, the ring's row count and the token offset enter as arrays, and padded
   rows are written to the ring's trash slot;
-* attention runs over the first ``span`` ring rows (``kv_bucket`` of the valid count, at most sink + window)
-  plus the block, with the rows past the valid count masked.
+* attention runs over all sink + window ring rows plus the block, with the rows past the valid count masked: one
+  graph per block length for the whole request (a span that grew with the context would compile a new graph
+  every 64 tokens, ~0.1 s each on a GPU; attending over ~1K masked rows costs the GPU next to nothing).
 
 The drafts equal the op-by-op pass's up to float rounding (masked padding changes the reduction length); they are
 only proposals, verified by the target, so output is unchanged either way (tests/test_compiled_draft.py).
@@ -28,7 +29,6 @@ from collections import OrderedDict
 import mlx.core as mx
 
 from .draft_cache import RingDraftCache, ring_index
-from .target import kv_bucket
 
 MAX_GRAPHS = 32
 
@@ -55,7 +55,7 @@ class CompiledDraft:
         """The ``n`` draft tokens after ``staged`` ([n] uint32, unevaluated); appends the pending context."""
         d, caches = self.d, self.d.cache
         c0 = caches[0]
-        m = sum(h.shape[0] for h in d.pending)
+        m = d.pending_rows
         if m < self.pad:
             width = len(d.capture_layer_ids) * d.target.hidden_size
             dtype = d.pending[0].dtype if d.pending else d.dtype
@@ -68,10 +68,7 @@ class CompiledDraft:
             a = d.draft.layers[0].self_attn
             for c in caches:
                 c.allocate(a.n_kv_heads, a.head_dim, d.dtype)
-        limit = c0.sink_size + c0.window_size
-        after = min(c0.rows + m, limit)
-        span = min(kv_bucket(after), limit) if after else 0
-        fn = self._graph(n + 1, span, c0.sink_size, c0.window_size, c0.trash)
+        fn = self._graph(n + 1, c0.sink_size, c0.window_size, c0.trash)
         ints = mx.array([m, c0.rows, c0.offset, staged], dtype=mx.int32)
         bufs = [a for c in caches for a in (c.keys, c.values, c.pos)]
         tokens, *new = fn(hidden, ints, *bufs)
@@ -81,11 +78,11 @@ class CompiledDraft:
             c.offset += m
         return tokens
 
-    def _graph(self, T: int, span: int, sink: int, window: int, trash: int):
-        key = (T, span, sink, window)
+    def _graph(self, T: int, sink: int, window: int, trash: int):
+        key = (T, sink, window)
         fn = self._fns.get(key)
         if fn is None:
-            fn = mx.compile(self._builder(T, span, sink, window, trash), inputs=[self.d.draft, self.d.target.model])
+            fn = mx.compile(self._builder(T, sink, window, trash), inputs=[self.d.draft, self.d.target.model])
             self._fns[key] = fn
             while len(self._fns) > MAX_GRAPHS:
                 self._fns.popitem(last=False)
@@ -93,10 +90,10 @@ class CompiledDraft:
             self._fns.move_to_end(key)
         return fn
 
-    def _builder(self, T: int, span: int, sink: int, window: int, trash: int):
+    def _builder(self, T: int, sink: int, window: int, trash: int):
         d, P = self.d, self.pad
         draft, target, mask_id, dtype = d.draft, d.target, d.mask_token_id, d.dtype
-        limit = sink + window
+        span = sink + window  # every ring row but the trash slot
 
         def draft_pass(hidden, ints, *bufs):
             m, rows, offset, staged = ints[0], ints[1], ints[2], ints[3]
@@ -105,7 +102,7 @@ class CompiledDraft:
             idx = mx.where(valid, ring_index(rows, P, sink, window), trash).astype(mx.int32)
             ctx_pos = (offset + mx.arange(P)).astype(mx.int32)
             q_off = offset + m
-            key_ok = mx.concatenate([mx.arange(span) < mx.minimum(rows + m, limit), mx.ones((T,), mx.bool_)])
+            key_ok = mx.concatenate([mx.arange(span) < mx.minimum(rows + m, span), mx.ones((T,), mx.bool_)])
             key_ok = key_ok.reshape(1, 1, 1, span + T)
             block = mx.concatenate([staged.reshape(1), mx.full((T - 1,), mask_id, mx.int32)])
             h = target.embed(block[None]).astype(dtype) * getattr(draft, "embed_scale", 1.0)

@@ -185,20 +185,34 @@ class DFlashDrafter(Drafter):
         self.cache, self.pending = None, []
         return state
 
-    FLUSH_ROWS = 256  # pending context rows beyond this are appended to the draft cache at once (long prompts)
-
     def observe(self, hidden) -> None:
+        """Queues committed rows; they are projected into the context on the next ``propose``, or here once
+        they reach the context's size (sink + window rows: long prompts, long target-only stretches), so rows a
+        request never drafts after are not projected at all."""
         if hidden is not None and hidden.shape[0]:
             self.pending.append(hidden)
-            if sum(h.shape[0] for h in self.pending) >= self.FLUSH_ROWS:
-                ctx = self._take_context()
+            self.pending_rows += hidden.shape[0]
+            if self.pending_rows >= self.sink + self.window:  # all but the last row: a draft pass always has
+                ctx = self._take_context(keep=1)  # context rows to append (dflash-mlx's layers need >= 1)
                 self.draft.advance_projected_context_cache(draft_context=ctx, cache=self.cache)
                 mx.eval([c.keys for c in self.cache])
 
-    def _take_context(self) -> mx.array:
+    @property
+    def pending(self) -> list:
+        """Captured hidden rows [n, k*H] not yet in the context cache, oldest first."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, rows: list) -> None:
+        self._pending = rows
+        self.pending_rows = sum(h.shape[0] for h in rows)
+
+    def _take_context(self, keep: int = 0) -> mx.array:
+        """The pending rows, projected ([1, n, H]), but the last ``keep``, which stay pending."""
         ctx = self.pending[0] if len(self.pending) == 1 else mx.concatenate(self.pending, axis=0)
-        self.pending = []
-        return self.draft.project_target_hidden(ctx[None].astype(self.dtype))
+        n = ctx.shape[0] - keep
+        self.pending = [ctx[n:]] if keep else []
+        return self.draft.project_target_hidden(ctx[None, :n].astype(self.dtype))
 
     def draft_logits(self, staged: int, n: int) -> mx.array:
         """Logits [n, V] of the draft at the n masked positions (one draft pass; advances the context cache)."""
@@ -211,7 +225,7 @@ class DFlashDrafter(Drafter):
     def propose(self, history, staged, n):
         """Lazy: the engine appends these to the verify block without waiting for the draft pass."""
         if self.compiled is not None and self.compiled.applies():
-            if sum(h.shape[0] for h in self.pending) > self.compiled.pad:  # a prompt's rows: appended op by op
+            if self.pending_rows > self.compiled.pad:  # a prompt's rows: appended op by op
                 self.draft.advance_projected_context_cache(draft_context=self._take_context(), cache=self.cache)
             return self.compiled.propose(staged, n)
         return mx.argmax(self.draft_logits(staged, n), axis=-1)

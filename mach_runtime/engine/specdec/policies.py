@@ -33,7 +33,8 @@ gave. Selectable by name (``make_policy``):
       as ``throughput`` keeps them); t(1) is a target-only step.
     It verifies b* = argmin R(b)/T(b) over {1, 2, 4, 8, …, b_acc} (b_acc: what ``opencode-sampled-v1`` allows;
     ties → the larger b) among the b expected to take no longer per token than target-only
-    (t(b)/T(b) ≤ t(1), where measured), and falls back to target-only (b = 1) when no b beats R1/1. Before any
+    (t(b)/T(b) ≤ t(1), where measured), and falls back to target-only (b = 1) when no b beats R1/1, for ``hold``
+    (16) steps before it asks the model again (its inputs move slowly; the decision costs host time per step). Before any
     drafting cycle was measured it explores with the cheapest one (b = 2), unless the engine's timings show a
     2-token cycle costs ≥ 2 target-only steps (then nothing can pay: a CPU).
     *Never loses to target-only, in bytes or in time per committed token*: two ledgers are kept over the
@@ -183,8 +184,10 @@ class ResidencyAwarePolicy:
 
     def __init__(self, block_size: int, store=None, *, prompt_len: int = 0, alpha_window: int = 32,
                  ema: float = 0.2, probe_interval: int = 64, warmup_steps: int = 2, explore_every: int = 16,
-                 times: dict | None = None, samples: int = 5, probe_budget: float = 0.02):
-        """``times``: block length -> recent cycle seconds, shared by an engine's requests (as ``throughput``)."""
+                 times: dict | None = None, samples: int = 5, probe_budget: float = 0.02, hold: int = 16):
+        """``times``: block length -> recent cycle seconds, shared by an engine's requests (as ``throughput``);
+        ``hold``: target-only steps taken on a target-only choice before the model is asked again."""
+        self.hold, self.hold_left = max(1, hold), 0
         self.base = OpenCodeSampledV1Policy(block_size, prompt_len=prompt_len)
         self.times: dict = times if times is not None else {}
         self.samples = samples
@@ -219,22 +222,24 @@ class ResidencyAwarePolicy:
         a = self.alpha if alpha is None else alpha
         return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
 
-    def _prior_bytes(self, b: int) -> float:
-        s = self.store.stats()
+    def _prior_bytes(self, b: int, s=None) -> float:
+        s = s if s is not None else self.store.stats()
         layout = self.store.layout
         E, k = s.num_experts, layout.top_k
         distinct = E * (1 - (1 - k / E) ** b)
         return s.layers * distinct * (1 - s.hit_rate) * s.expert_bytes
 
-    def expected_bytes(self, b: int) -> float:
-        r1 = self.r1 if self.r1 is not None else self._prior_bytes(1)
+    def expected_bytes(self, b: int, s=None) -> float:
+        """``s``: the store's stats, when the caller has them already."""
+        s = s if s is not None else self.store.stats()
+        r1 = self.r1 if self.r1 is not None else self._prior_bytes(1, s)
         if b == 1:
             return r1
         scale = self.scale_by_block.get(b, self.verify_scale)
         if scale is not None:
-            return self._prior_bytes(b) * scale
-        prior1 = self._prior_bytes(1)
-        return self._prior_bytes(b) * (r1 / prior1 if prior1 > 0 else 1.0)
+            return self._prior_bytes(b, s) * scale
+        prior1 = self._prior_bytes(1, s)
+        return self._prior_bytes(b, s) * (r1 / prior1 if prior1 > 0 else 1.0)
 
     def seconds(self, b: int) -> float | None:
         return low_quantile(self.times.get(b))
@@ -285,10 +290,14 @@ class ResidencyAwarePolicy:
             # engine's timings say even full acceptance could not pay for it
             t1, t2 = self.seconds(1), self.seconds(2)
             choice = 2 if t1 is None or t2 is None or t2 < 2 * t1 else 1
+        elif self.hold_left > 0:  # target-only was chosen: decide again after ``hold`` steps
+            self.hold_left -= 1
+            choice = 1
         else:
-            best, best_cost = 1, self.expected_bytes(1)
+            stats = self.store.stats()
+            best, best_cost = 1, self.expected_bytes(1, stats)
             for b in self.candidates(b_acc):
-                cost = self.expected_bytes(b) / self.expected_tokens(b)
+                cost = self.expected_bytes(b, stats) / self.expected_tokens(b)
                 if cost <= best_cost * (1 + 1e-9) + 1e-9 and (b == 1 or self.time_ok(b)):
                     best, best_cost = b, cost
             if (self.explore_every and self.drafting_cycles and self.drafting_cycles % self.explore_every == 0
@@ -296,6 +305,8 @@ class ResidencyAwarePolicy:
                 bigger = [b for b in self.candidates(b_acc) if b > best and b not in self.scale_by_block]
                 best = bigger[0] if bigger else best  # measure the next larger block once, paid by the ledgers
             choice = best
+            if best == 1:
+                self.hold_left = self.hold - 1
         self.last_choice = choice
         self.decisions.append(choice)
         return choice
