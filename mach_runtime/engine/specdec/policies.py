@@ -29,7 +29,7 @@ gave. Selectable by name (``make_policy``):
       measured / modelled bytes of past verifies of that block length (else of any length; before any,
       s = R1 / model(1)). Routing is not uniform (consecutive tokens share experts), so while the ledgers are
       positive it measures the next larger block once every 16 drafting cycles;
-    * seconds           t(b): the fastest of the engine's recent cycles of length b (shared by its requests,
+    * seconds           t(b): the median of the engine's recent cycles of length b (shared by its requests,
       as ``throughput`` keeps them); t(1) is a target-only step.
     It verifies b* = argmin R(b)/T(b) over {1, 2, 4, 8, …, b_acc} (b_acc: what ``opencode-sampled-v1`` allows;
     ties → the larger b) among the b expected to take no longer per token than target-only
@@ -56,6 +56,7 @@ gave. Selectable by name (``make_policy``):
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from ...errors import ConfigError
@@ -165,12 +166,13 @@ class OpenCodeSampledV1Policy:
                     self.early_lockout = lock
 
 
-def fastest(samples) -> float | None:
-    """The fastest of recent cycle timings: a cycle that built kernels (on a GPU, the first time a shape is
-    met: a verify at each new KV span) or was preempted is only ever slower, never faster, than the steady
-    state, and such outliers are frequent enough on a GPU that the second fastest of a few samples is often
-    one (measured: ``throughput`` then sat on target-only steps, 1.54x mlx-lm against fixed blocks' 2.51x)."""
-    return min(samples) if samples else None
+def typical(samples) -> float | None:
+    """The median of recent cycle timings. Outliers are only ever slow (a cycle that built kernels: on a GPU the
+    first verify at each new KV span; preemption) and rare among a few samples, while a pipelined target-only
+    step's time (between two read-backs) scatters both ways around its mean, so a minimum or low quantile
+    undercuts it (measured: ``throughput`` then chose target-only steps, 1.31x mlx-lm on an H100 where fixed
+    blocks gave 2.67x)."""
+    return statistics.median(samples) if samples else None
 
 
 def _geometric_alpha(cycles) -> float:
@@ -243,7 +245,7 @@ class ResidencyAwarePolicy:
         return self._prior_bytes(b, s) * (r1 / prior1 if prior1 > 0 else 1.0)
 
     def seconds(self, b: int) -> float | None:
-        return fastest(self.times.get(b))
+        return typical(self.times.get(b))
 
     def time_ok(self, b: int) -> bool:
         """A cycle of b is expected to take at most target-only's time for the tokens it commits (or the costs
@@ -346,10 +348,12 @@ class ThroughputPolicy:
     """``throughput``: the block length that commits the most tokens per second, measured on this machine.
 
     A cycle of block b commits T(b) = (1 − α^b) / (1 − α) tokens (α: per-draft acceptance, as in
-    ``residency-aware``) and takes t(b) seconds: the fastest of the last ``samples`` cycles of that length, as
+    ``residency-aware``) and takes t(b) seconds: the median of the last ``samples`` cycles of that length, as
     the engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
-    b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured once (full block first,
-    then a target-only step, then the others; the timings are shared by the engine's requests) and a neighbour
+    b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured ``min_samples`` (3)
+    times first (full block first, then a target-only step, then the others; the timings are shared by the
+    engine's requests, so this happens once per engine; three samples make the median robust to a kernel
+    build) and a neighbour
     of the best length (half or double) is re-measured every ``remeasure_every`` cycles, the full block every
     fourth time, since costs move with the context length: exploring stays cheap where lengths differ much in
     cost, and a choice made while kernels were still being built (GPU) is revisited. Where a verify costs about
@@ -362,7 +366,7 @@ class ThroughputPolicy:
     name = "throughput"
 
     def __init__(self, block_size: int, *, times: dict | None = None, alpha_window: int = 32, samples: int = 5,
-                 remeasure_every: int = 32):
+                 remeasure_every: int = 32, min_samples: int = 3):
         """``times``: block length -> recent cycle seconds, shared by an engine's requests (a machine's costs
         outlive a request; its acceptance does not), so a request does not explore what earlier ones measured."""
         self.block_size = block_size
@@ -372,6 +376,7 @@ class ThroughputPolicy:
         for b in self.candidates:
             self.times.setdefault(b, deque(maxlen=samples))
         self.remeasure_every = remeasure_every
+        self.min_samples = min(min_samples, samples)
         self.steps = 0
         self._next_remeasure = 0
         self._turn = 0
@@ -386,8 +391,8 @@ class ThroughputPolicy:
         return float(b) if a >= 1.0 else (1 - a**b) / (1 - a)
 
     def seconds(self, b: int) -> float | None:
-        """The fastest of the recent timings (``fastest``)."""
-        return fastest(self.times.get(b))
+        """The median of the recent timings (``typical``)."""
+        return typical(self.times.get(b))
 
     def best(self) -> int:
         rates = {b: self.expected_tokens(b) / self.seconds(b) for b in self.candidates if self.seconds(b)}
@@ -395,7 +400,7 @@ class ThroughputPolicy:
 
     def block_len(self, ctx_len: int = 0) -> int:
         self.steps += 1
-        unmeasured = [b for b in self._explore if not self.times[b]]
+        unmeasured = [b for b in self._explore if len(self.times[b]) < self.min_samples]
         if unmeasured:
             self._next_remeasure = self.steps + self.remeasure_every
             return unmeasured[0]
