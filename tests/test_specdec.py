@@ -493,7 +493,8 @@ def test_residency_aware_time_term():
     r.cycles.append((1, 1))
     r.time_credit = -0.05
     calls = [r.block_len() for _ in range(1000)]
-    gaps = [j - i for i, j in zip([-1] + [i for i, b in enumerate(calls) if b == 2], [i for i, b in enumerate(calls) if b == 2])]
+    probes = [i for i, b in enumerate(calls) if b == 2]
+    gaps = [j - i for i, j in zip([-1] + probes, probes)]
     loss = 0.05 - t1 * r.expected_tokens(2)
     assert gaps and min(gaps) >= max(64, loss / (0.02 * t1)) and max(gaps) <= loss / (0.02 * t1) + 2
     r.probe_interval = 0

@@ -3,8 +3,8 @@
 Each cycle the draft appends the hidden states of the tokens the last verify committed to its context (projection,
 K/V, RoPE per draft layer), then runs its layers over ``[staged, MASK × n]`` and the target's head. Built op by
 op, that is dozens of small kernels per draft layer: on a GPU the host building and encoding them is the cost
-(1.2–1.8 ms of a ~4–5 ms cycle on an H100 for the demo pair), not the arithmetic. ``CompiledDraft`` traces it once per
-block length with every shape static:
+(1.2–1.8 ms of a ~4–5 ms cycle on an H100 for the demo pair), not the arithmetic. ``CompiledDraft`` traces it
+once per block length with every shape static:
 
 * the context lives in ``RingDraftCache`` buffers of fixed capacity (``draft_cache.py``); the rows to append are
   padded to ``pad`` rows, the valid count, the ring's row count and the token offset enter as arrays, and padded

@@ -290,7 +290,8 @@ class BlockSpecDecEngine:
 
         ``choose(n_out)`` gives the next block length: the stretch goes on while it is 1 (it is asked before the
         previous step is observed: the policy sees the steps one late). Each step feeds the drafter its captured
-        hidden row and tells ``pol`` its bytes read and seconds (between two read-backs). Returns the block
+        hidden row and tells ``pol`` its bytes read and seconds (from the return of the previous yield to the token's
+        read-back). Returns the block
         length of the drafting cycle to run next (its staged token is ``history[-1]``), or None when the request
         has ended (a stop, or ``max_tokens``)."""
         store = self.store
@@ -312,14 +313,13 @@ class BlockSpecDecEngine:
             b = choose(n_out + 1) if n_out + 1 < emitter.max_tokens else 0  # for the step after ``y``'s
             nxt = launch(y, pos0 + n_out + 1) if b == 1 else None
             t = int(y.item())
-            now = time.perf_counter()
             if pol is not None:
-                pol.observe(1, 0, nbytes, now - t_prev)
-            t_prev = now
+                pol.observe(1, 0, nbytes, time.perf_counter() - t_prev)
             self._stats.record(1, 0, 0, 1, 0)
             history.append(t)
             chunk = emitter.push([t])
             yield chunk
+            t_prev = time.perf_counter()  # the consumer's time is left out, as the drafting cycles' timing does
             if chunk.finish_reason or b == 0:
                 return None
             if nxt is None:

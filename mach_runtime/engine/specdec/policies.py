@@ -34,9 +34,9 @@ gave. Selectable by name (``make_policy``):
     It verifies b* = argmin R(b)/T(b) over {1, 2, 4, 8, …, b_acc} (b_acc: what ``opencode-sampled-v1`` allows;
     ties → the larger b) among the b expected to take no longer per token than target-only
     (t(b)/T(b) ≤ t(1), where measured), and falls back to target-only (b = 1) when no b beats R1/1, for ``hold``
-    (16) steps before it asks the model again (its inputs move slowly; the decision costs host time per step). Before any
-    drafting cycle was measured it explores with the cheapest one (b = 2), unless the engine's timings show a
-    2-token cycle costs ≥ 2 target-only steps (then nothing can pay: a CPU).
+    (16) steps before it asks the model again (its inputs move slowly; the decision costs host time per step).
+    Before any drafting cycle was measured it explores with the cheapest one (b = 2), unless the engine's timings
+    show a 2-token cycle costs ≥ 2 target-only steps (then nothing can pay: a CPU).
     *Never loses to target-only, in bytes or in time per committed token*: two ledgers are kept over the
     drafting cycles (target-only steps are the baseline itself): bytes, credit += R1 · committed − bytes_read,
     and seconds, time_credit += t(1) · committed − t(b) (a length's first cycle, where a GPU compiles its
