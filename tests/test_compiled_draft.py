@@ -128,3 +128,27 @@ def test_engine_uses_the_compiled_draft_and_stays_lossless(target, compile_draft
     assert out == ref
     assert bool(calls) == compile_draft
     assert engine.stats()["specdec_cycles"] > 0
+
+
+def test_graph_cache_keeps_the_most_recent_graphs():
+    from mach_runtime.engine.graph_cache import GraphCache
+
+    built = []
+
+    def build(k):
+        def make():
+            built.append(k)
+            return lambda x: x * k
+        return make
+
+    g = GraphCache(2, [])
+    for k in (2, 3, 2, 5, 3):
+        assert g.get(k, build(k))(mx.array(1.0)).item() == k
+    assert built == [2, 3, 5, 3] and len(g) == 2  # 3 was evicted by 5 (2 had been used since), then rebuilt
+
+
+def test_ring_append_beyond_the_window_is_refused():
+    c = RingDraftCache(SINK, WINDOW)
+    kv = mx.zeros((1, 2, SINK + WINDOW + 1, 16))
+    with pytest.raises(ValueError, match="sink \\+ window"):
+        c.append_context(kv, kv, SINK + WINDOW + 1)

@@ -24,10 +24,9 @@ only: MLX's CPU matmuls cost in proportion to their rows, so there the padded ro
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import mlx.core as mx
 
+from ..graph_cache import GraphCache
 from .draft_cache import RingDraftCache, ring_index
 
 MAX_GRAPHS = 32
@@ -38,8 +37,8 @@ class CompiledDraft:
         """``any_device``: also on a CPU (tests; see the module docstring)."""
         self.d = drafter
         self.pad = max(int(pad), 1)
-        self._fns: OrderedDict = OrderedDict()
         draft = drafter.draft
+        self._fns = GraphCache(MAX_GRAPHS, [draft, drafter.target.model])
         self.enabled = (any_device or mx.default_device() == mx.gpu) and all(
             getattr(layer.self_attn, "sliding_window", None) is None and type(layer.self_attn.rope).__name__ == "RoPE"
             for layer in draft.layers)
@@ -79,16 +78,7 @@ class CompiledDraft:
         return tokens
 
     def _graph(self, T: int, sink: int, window: int, trash: int):
-        key = (T, sink, window)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = mx.compile(self._builder(T, sink, window, trash), inputs=[self.d.draft, self.d.target.model])
-            self._fns[key] = fn
-            while len(self._fns) > MAX_GRAPHS:
-                self._fns.popitem(last=False)
-        else:
-            self._fns.move_to_end(key)
-        return fn
+        return self._fns.get((T, sink, window), lambda: self._builder(T, sink, window, trash))
 
     def _builder(self, T: int, sink: int, window: int, trash: int):
         d, P = self.d, self.pad

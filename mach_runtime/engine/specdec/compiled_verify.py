@@ -21,11 +21,10 @@ implicit inputs, so later weight updates are seen.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import mlx.core as mx
 
 from ...io.disk_switch_glu import DiskSwitchGLU
+from ..graph_cache import GraphCache
 from . import target as _target
 
 MAX_GRAPHS = 64
@@ -52,7 +51,7 @@ class CompiledVerify:
     def __init__(self, target_ops):
         self.ops = target_ops
         self.inner = target_ops.inner
-        self._fns: OrderedDict = OrderedDict()
+        self._fns = GraphCache(MAX_GRAPHS, target_ops.model)
         self.enabled = (target_ops.family == "qwen3_moe" and target_ops._final is None
                         and not any(isinstance(m, DiskSwitchGLU) for _, m in target_ops.model.named_modules())
                         and all(_attention_ok(layer) for layer in target_ops.layers))
@@ -78,16 +77,7 @@ class CompiledVerify:
         return logits[0], (hidden[0] if capture else None)
 
     def _graph(self, T: int, span: int, capture: tuple):
-        key = (T, span, capture)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = mx.compile(self._builder(T, span, capture), inputs=self.ops.model)
-            self._fns[key] = fn
-            while len(self._fns) > MAX_GRAPHS:
-                self._fns.popitem(last=False)
-        else:
-            self._fns.move_to_end(key)
-        return fn
+        return self._fns.get((T, span, capture), lambda: self._builder(T, span, capture))
 
     def _builder(self, T: int, span: int, capture: tuple):
         inner, head, layers = self.inner, self.ops.head, self.ops.layers
