@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from dflash_mlx.model import ContextOnlyDraftKVCache
+
+from ...errors import ConfigError
+
+try:
+    from dflash_mlx.model import ContextOnlyDraftKVCache
+except ImportError:  # the [dflash] extra is not installed: nothing can load a DFlash draft to use this with
+    ContextOnlyDraftKVCache = object
 
 
 def ring_index(rows, n: int, sink: int, window: int):
@@ -34,6 +40,8 @@ class RingDraftCache(ContextOnlyDraftKVCache):
     dflash-mlx: they differ when a request resumes without the earlier context)."""
 
     def __init__(self, sink_size: int = 64, window_size: int = 1024):
+        if ContextOnlyDraftKVCache is object:
+            raise ConfigError("a DFlash draft context needs dflash-mlx: pip install 'mach_runtime[dflash]'")
         super().__init__(sink_size, window_size)
         self.capacity = self.sink_size + self.window_size + 1  # + the trash slot
         self.rows = 0
