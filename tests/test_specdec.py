@@ -611,7 +611,7 @@ def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
     acceptance(cpu, 0)  # almost nothing accepted: decode target-only
     assert cpu.best() == 1 and cpu.block_len() == 1
     # re-measurement: every remeasure_every cycles one other candidate, in turn
-    p = ThroughputPolicy(4, remeasure_every=3)
+    p = ThroughputPolicy(4, remeasure_every=3, remeasure_budget=1.0)
     for b in (4, 4, 4, 1, 1, 1, 2, 2, 2):
         _feed(p, b, 0.001 if b > 1 else 0.002, b - 1)
     picks = [p.block_len() for _ in range(9)]
@@ -623,13 +623,21 @@ def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
     for t in (5.0, 0.003):
         q.observe(4, 3, 0, t)
     assert q.seconds(4) == 0.003 and q.best() == 4
-    # stuck on target-only (e.g. blocks timed while compiling): the full block is re-measured every 4th time
+    # on target-only: the full block is re-measured every 4th time; re-measurements cheap enough every 2 calls
     r = ThroughputPolicy(16, remeasure_every=2)
-    explore(r, lambda b: 0.001 if b == 1 else 9.0)
-    acceptance(r, 8)
+    explore(r, lambda b: 0.001 if b == 1 else 0.0011)
+    acceptance(r, 0)
     assert r.best() == 1
     picks = [r.block_len() for _ in range(16)]
     assert 16 in picks and picks.count(1) >= 8
+    # a CPU's costs: each re-measurement (a 2-token cycle ~ 7 steps) is spaced to lose at most 2 % of the time
+    c = ThroughputPolicy(16)
+    explore(c, lambda b: 0.010 if b == 1 else 0.065 + 0.01 * b)
+    acceptance(c, 1)
+    picks = [c.block_len() for _ in range(5000)]
+    lost = sum(c.seconds(b) - c.expected_tokens(b) * c.seconds(1) for b in picks if b > 1)
+    worst = max(c.seconds(b) for b in c.candidates)  # the first one after exploring is 32 calls in
+    assert c.best() == 1 and 0 < sum(b > 1 for b in picks) < 20 and lost <= 0.02 * 0.010 * len(picks) + worst
 
 
 def test_throughput_policy_is_lossless_and_selectable(qwen3):

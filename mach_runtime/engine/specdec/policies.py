@@ -353,10 +353,10 @@ class ThroughputPolicy:
     b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured ``min_samples`` (3)
     times first (full block first, then a target-only step, then the others; the timings are shared by the
     engine's requests, so this happens once per engine; three samples make the median robust to a kernel
-    build) and a neighbour
-    of the best length (half or double) is re-measured every ``remeasure_every`` cycles, the full block every
-    fourth time, since costs move with the context length: exploring stays cheap where lengths differ much in
-    cost, and a choice made while kernels were still being built (GPU) is revisited. Where a verify costs about
+    build), and a neighbour of the best length (half or double) is re-measured every ``remeasure_every``
+    cycles, or further apart so that what a re-measurement is expected to lose stays under
+    ``remeasure_budget`` (2 %) of the time between two (on a CPU a 2-token cycle costs ~7 target-only steps);
+    every fourth time the full block, since costs move with the context length. Where a verify costs about
     the same at any length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a
     compute-bound CPU) it shrinks the block or decodes target-only, so drafting never runs much slower than
     plain decoding.
@@ -366,7 +366,7 @@ class ThroughputPolicy:
     name = "throughput"
 
     def __init__(self, block_size: int, *, times: dict | None = None, alpha_window: int = 32, samples: int = 5,
-                 remeasure_every: int = 32, min_samples: int = 3):
+                 remeasure_every: int = 32, min_samples: int = 3, remeasure_budget: float = 0.02):
         """``times``: block length -> recent cycle seconds, shared by an engine's requests (a machine's costs
         outlive a request; its acceptance does not), so a request does not explore what earlier ones measured."""
         self.block_size = block_size
@@ -377,6 +377,7 @@ class ThroughputPolicy:
             self.times.setdefault(b, deque(maxlen=samples))
         self.remeasure_every = remeasure_every
         self.min_samples = min(min_samples, samples)
+        self.remeasure_budget = remeasure_budget
         self.steps = 0
         self._next_remeasure = 0
         self._turn = 0
@@ -406,15 +407,28 @@ class ThroughputPolicy:
             return unmeasured[0]
         best = self.best()
         if self.steps >= self._next_remeasure:  # a neighbour of the best length, in turn; every 4th time the
-            self._next_remeasure = self.steps + self.remeasure_every  # full block (no local optimum sticks)
-            self._turn += 1
+            self._turn += 1  # full block (no local optimum sticks)
             i = self.candidates.index(best)
             others = self.candidates[max(0, i - 1) : i] + self.candidates[i + 1 : i + 2]
+            pick = best
             if self._turn % 4 == 0 and best != self.block_size:
-                return self.block_size
-            if others:
-                return others[self._turn % len(others)]
+                pick = self.block_size
+            elif others:
+                pick = others[self._turn % len(others)]
+            self._next_remeasure = self.steps + self._remeasure_gap(pick, best)
+            return pick
         return best
+
+    def _remeasure_gap(self, pick: int, best: int) -> int:
+        """Calls until the next re-measurement: ``remeasure_every``, or more where this one is expected to lose
+        more than ``remeasure_budget`` of the time decoding at the best length takes in between."""
+        tp, tb = self.seconds(pick), self.seconds(best)
+        gap = self.remeasure_every
+        if tp and tb:
+            loss = tp - self.expected_tokens(pick) * tb / self.expected_tokens(best)
+            if loss > 0:
+                gap = max(gap, int(loss / (self.remeasure_budget * tb)) + 1)
+        return gap
 
     def observe(self, block_len: int, accepted: int, bytes_read: int = 0, seconds: float = 0.0) -> None:
         if block_len > 1:
