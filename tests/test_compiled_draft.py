@@ -71,7 +71,36 @@ def test_compiled_drafts_equal_dflash_mlx_drafts(target):
         assert got.dtype == mx.uint32 and got.tolist() == want
         assert sorted(np.array(ours.cache[0].positions).tolist()) == np.array(ref.cache[0].positions).tolist()
     assert ours.cache[0].rows > SINK + 2 * WINDOW
-    assert len(ours.compiled._fns) == 3  # one graph per block length
+    assert len(ours.compiled._fns) == 1  # one graph: every pass drafts the draft's whole block (masks(n))
+
+
+def test_short_proposals_are_the_prefix_of_a_whole_block_pass(target):
+    """A proposal of n < block_size − 1 tokens is the first n of a draft pass over the draft's whole block (the
+    shape a DFlash draft is trained on), op by op and compiled, against dflash-mlx's own forward and cache; a pass
+    over a block of only n masks would give other logits (the block attends to itself bidirectionally)."""
+    model = target[0]
+    ops = TargetOps(model)
+    draft = random_draft(len(model.layers), [0, 1], block=8)
+    hidden = mx.array(np.random.default_rng(5).standard_normal((12, 2 * ops.hidden_size)).astype(np.float32))
+    staged, n, mask = 77, 3, int(draft.mask_token_id)
+
+    def reference(masks):
+        cache = [ContextOnlyDraftKVCache(SINK, WINDOW) for _ in draft.layers]
+        noise = ops.embed(mx.array([[staged] + [mask] * masks], dtype=mx.uint32))
+        ctx = draft.project_target_hidden(hidden[None])
+        return ops.head(draft.forward_projected_context(noise_embedding=noise, draft_context=ctx, cache=cache)[0, 1:])
+
+    whole, short = reference(7)[:n], reference(n)
+    assert not mx.allclose(whole, short, atol=1e-3).item()
+    want = mx.argmax(whole, axis=-1).tolist()
+    for compiled in (False, True):
+        d = DFlashDrafter(draft, ops, SINK, WINDOW)
+        d.start([])
+        if compiled:
+            d.compiled = CompiledDraft(d, pad=16, any_device=True)
+        d.observe(hidden)
+        assert d.masks(n) == 7 and d.masks(9) == 9
+        assert mx.array(d.propose([], staged, n)).tolist() == want
 
 
 def test_trim_keeps_the_rows_before_the_cut(target):

@@ -18,6 +18,7 @@ from mach_runtime.engine.specdec.policies import (
     FixedPolicy,
     OpenCodeSampledV1Policy,
     ResidencyAwarePolicy,
+    PolicyMemory,
     make_policy,
 )
 from mach_runtime.errors import CheckpointError, ConfigError
@@ -472,8 +473,8 @@ def test_residency_aware_time_term():
     for the tokens it commits (a CPU): the measured cycle times turn drafting off after the first cycles; a later
     request on the same engine (shared timings) does not even explore; while the time ledger is negative,
     probes are spaced so their measured loss stays under 2 % of the time between them."""
-    times, t1 = {}, 0.01
-    p = ResidencyAwarePolicy(16, _FakeStore(), times=times)
+    memory, t1 = PolicyMemory(), 0.01
+    p = ResidencyAwarePolicy(16, _FakeStore(), memory=memory)
     for _ in range(2):
         assert p.block_len() == 1
         p.observe(1, 0, 8000, t1)
@@ -485,12 +486,14 @@ def test_residency_aware_time_term():
         p.observe(b, b // 2, 8000 + 100 * (b - 1), 1.5 * t1 * b if b > 1 else t1)
     assert 1 <= sum(b > 1 for b in blocks) <= 3 and set(blocks[3:]) == {1}
     assert p.credit > 0 and p.time_credit >= -1.5 * t1 * 16  # within one cycle of target-only's time
-    q = ResidencyAwarePolicy(16, _FakeStore(), times=times)  # the next request: the timings are known
+    q = ResidencyAwarePolicy(16, _FakeStore(), memory=memory)  # the next request: the timings are known
     q.observe(1, 0, 8000, t1), q.observe(1, 0, 8000, t1)
     assert [q.block_len() for _ in range(5)] == [1] * 5
     # in time debt: probes every max(64, loss / (2 % of t1)) target-only steps
-    r = ResidencyAwarePolicy(16, _FakeStore(), times={1: [t1] * 5, 2: [0.05] * 5}, warmup_steps=0)
-    r.cycles.append((1, 1))
+    timed = PolicyMemory()
+    timed.series(1).extend([t1] * 5), timed.series(2).extend([0.05] * 5)
+    r = ResidencyAwarePolicy(16, _FakeStore(), memory=timed, warmup_steps=0)
+    r.acceptance.add(1, 1)
     r.time_credit = -0.05
     calls = [r.block_len() for _ in range(1000)]
     probes = [i for i, b in enumerate(calls) if b == 2]
@@ -595,9 +598,9 @@ def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
             for _ in range(3):
                 _feed(policy, b, cost(b), 0)
 
-    def acceptance(policy, accepted_of_15: int) -> None:  # set alpha through 30 cycles of 15 drafts
-        policy.cycles.clear()
-        policy.cycles.extend([(15, accepted_of_15)] * 30)
+    def acceptance(policy, accepted_of_15: int) -> None:  # set alpha through 32 cycles of 15 drafts
+        policy.acceptance.own.clear()
+        policy.acceptance.own.extend([(15, accepted_of_15)] * 32)
 
     gpu = ThroughputPolicy(16, remeasure_every=1000)
     assert gpu.candidates == [1, 2, 4, 8, 16]
@@ -652,4 +655,4 @@ def test_throughput_policy_is_lossless_and_selectable(qwen3):
     assert first.name == "throughput" and all(first.times[b] for b in (1, 8))
     assert isinstance(make_policy("throughput", 8), type(first))
     toks, _ = run(engine, max_tokens=N, ignore_eos=True)  # the next request keeps the engine's measured costs
-    assert toks == ref and engine.last_policy is not first and engine.last_policy.times is first.times
+    assert toks == ref and engine.last_policy is not first and engine.last_policy.memory is first.memory

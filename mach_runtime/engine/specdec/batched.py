@@ -66,7 +66,7 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, batchable_dflash
 from .engine import SpecDecKV
 from .gdn_tape import GDNTape
 from .output import TokenEmitter
-from .policies import make_policy
+from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
 from .target import Checkpoint, TargetOps, bucket_batch_caches, drop_front, rollback
 
@@ -166,7 +166,7 @@ class BatchedSpecDecoder(BatchMembership):
         self.cache = None  # per-layer batch caches; None while the batch is empty
         self._stats = self._new_stats()
         self.counters = Counter()  # batch-level: steps, verify_tokens (B·b), padded_tokens, rerun_tokens
-        self._cycle_times: dict = {}  # block length -> recent step seconds (the ``throughput`` policy's costs)
+        self._policy_memory = PolicyMemory()  # cycle timings + recent acceptance, shared by the requests' policies
 
     # -- checks -------------------------------------------------------------------------------------------
     def _check_caches(self) -> tuple[list[int], list[int]]:
@@ -299,7 +299,7 @@ class BatchedSpecDecoder(BatchMembership):
         policy = None
         if drafter is not None:
             policy = make_policy(getattr(p, "specdec_policy", None) or self.config.policy, self.config.block_size,
-                                 store=self.store, prompt_len=len(tokens), times=self._cycle_times)
+                                 store=self.store, prompt_len=len(tokens), memory=self._policy_memory)
         row = _Row(a.request_id, len(a.prompt_ids), p, Sampling(p.temperature, p.top_p, p.top_k, int(seed)),
                    stop_ids, emitter, drafter, policy, list(tokens), list(resume), self._new_stats(),
                    cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached, context=context)

@@ -40,7 +40,7 @@ from .acceptance import Sampling, device_token, first_token, greedy_accept, samp
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, load_dflash_draft
 from .output import SpecDecChunk, TokenEmitter
-from .policies import make_policy
+from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
 from ..compiled_moe import compile_moe_blocks
 from ..kv_prefix import fit_prefix
@@ -86,7 +86,7 @@ class BlockSpecDecEngine:
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
         self.last_policy = None
         self._runs = 0  # requests started: the drafter's context belongs to the latest one only
-        self._cycle_times: dict = {}  # block length -> recent cycle seconds (the ``throughput`` policy's costs)
+        self._policy_memory = PolicyMemory()  # cycle timings + recent acceptance, shared by the requests' policies
         self._cache_layers = len(self.target.make_cache(False))  # a prefix KV must have one cache per layer
         self.pipeline_target_only = True  # target-only runs queue the next step before reading a token back
         self.prefetcher = None  # draft-informed expert prefetch (prefetch.py): streaming residency, opt-in
@@ -183,7 +183,7 @@ class BlockSpecDecEngine:
             stop = (stop,)
         params = Sampling(temperature, top_p, top_k, random.getrandbits(62) if seed is None else int(seed))
         pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids),
-                          times=self._cycle_times)
+                          memory=self._policy_memory)
         self.last_policy = pol
         cfg = self.config
         eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
