@@ -600,7 +600,8 @@ def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
 
     def acceptance(policy, accepted_of_15: int) -> None:  # set alpha through 32 cycles of 15 drafts
         policy.acceptance.own.clear()
-        policy.acceptance.own.extend([(15, accepted_of_15)] * 32)
+        for _ in range(32):
+            policy.acceptance.add(15, accepted_of_15)
 
     gpu = ThroughputPolicy(16, remeasure_every=1000)
     assert gpu.candidates == [1, 2, 4, 8, 16]
@@ -641,6 +642,45 @@ def test_throughput_policy_picks_the_fastest_block_for_the_measured_costs():
     lost = sum(c.seconds(b) - c.expected_tokens(b) * c.seconds(1) for b in picks if b > 1)
     worst = max(c.seconds(b) for b in c.candidates)  # the first one after exploring is 32 calls in
     assert c.best() == 1 and 0 < sum(b > 1 for b in picks) < 20 and lost <= 0.02 * 0.010 * len(picks) + worst
+
+
+def test_throughput_policy_starts_from_the_engines_acceptance_and_probes_out_of_target_only():
+    """A later request starts from the acceptance the engine measured (not α = 0.5, where on a launch-bound GPU
+    no block pays and every request began target-only); through unpredictable text it decodes target-only and
+    its probes cost < 3 % of the time; when the text turns predictable again it is back at full blocks within 64
+    tokens (evidence ages with the tokens decoded since)."""
+    from mach_runtime.engine.specdec.policies import ThroughputPolicy
+
+    def cost(b):  # a launch-bound GPU: a cycle costs ~2.2 target-only steps at any length
+        return 0.002 if b == 1 else 0.0044 + 0.00001 * b
+
+    def decode(policy, accepted, n_tokens, pos=0):
+        picks, end = [], pos + n_tokens
+        while pos < end:
+            b = policy.block_len(pos)
+            a = accepted(b)
+            policy.observe(b, a, 0, cost(b))
+            picks.append(b)
+            pos += a + 1
+        return picks, pos
+
+    memory = PolicyMemory()
+    first = ThroughputPolicy(16, memory=memory)
+    decode(first, lambda b: min(4, b - 1), 400)  # 4 of 15 drafts accepted: alpha ~0.8
+    assert first.best() == 16
+    second = ThroughputPolicy(16, memory=memory)
+    assert second.alpha > 0.75 and second.block_len(0) == 16
+    uninformed = PolicyMemory()
+    uninformed.times = memory.times  # the same costs, no acceptance history
+    assert ThroughputPolicy(16, memory=uninformed).best() == 1
+    picks, pos = decode(second, lambda b: 0, 2000, 1)  # unpredictable: nothing accepted
+    drafting = [b for b in picks[8:] if b > 1]
+    lost = sum(cost(b) - cost(1) for b in drafting)
+    assert picks[-200:].count(1) > 190 and lost < 0.03 * cost(1) * len(picks[8:])
+    picks, _ = decode(second, lambda b: b - 1, 300, pos)  # predictable again
+    last_target_only = max(i for i, b in enumerate(picks) if b == 1)
+    later = picks[last_target_only + 1 :]
+    assert last_target_only < 64 and later.count(16) >= 0.8 * len(later) >= 10
 
 
 def test_throughput_policy_is_lossless_and_selectable(qwen3):

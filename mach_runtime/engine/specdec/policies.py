@@ -1,4 +1,5 @@
-"""Block policies: how many tokens the next cycle verifies (1 = a target-only step, no drafts).
+"""Block policies: how many tokens the next cycle verifies (1 = a target-only step, no drafts). A DFlash draft
+pass always covers the draft's whole block; a shorter cycle verifies its first tokens (``DFlashDrafter.masks``).
 
 ``block_len(ctx_len)`` is asked before each cycle; ``observe(block_len, accepted, bytes_read)`` is told what it
 gave. Selectable by name (``make_policy``):
@@ -21,8 +22,8 @@ gave. Selectable by name (``make_policy``):
 ``residency-aware`` (streaming residency)
     A verify over b tokens routes all b through every MoE layer, so it touches the *union* of their experts;
     every miss is read from disk. Cost model, per cycle with block b:
-    * tokens committed  T(b) = (1 − α^b) / (1 − α), α = per-draft acceptance (rolling; accepted drafts over
-      accepted + rejections, the geometric-acceptance MLE);
+    * tokens committed  T(b) = (1 − α^b) / (1 − α), α = per-draft acceptance (``Acceptance``: the geometric
+      estimate over recent cycles weighted by their age in tokens, around the engine's recent acceptance);
     * bytes read        R(1) = R1, the EMA of measured target-only steps; for b > 1 the bank model
       R(b) = s · L · D(b) · (1 − h) · expert_bytes, D(b) = E(1 − (1 − k/E)^b) the distinct experts b tokens
       route to per layer (uniform routing: the union saturates at E), h the bank's hit rate, and s the EMA of
@@ -199,31 +200,52 @@ class PolicyMemory:
 
 
 class Acceptance:
-    """A request's per-draft acceptance α: the geometric-run MLE over its last ``window`` (drafted, accepted)
-    cycles, topped up, while it has fewer, with the engine's most recent cycles from before it started
-    (``PolicyMemory.cycles``). Without that prior every request started at α = 0.5, where on a GPU no block pays
-    for its verify (a 16-token cycle costs ~2.2 target-only steps and would commit 2 tokens), so ``throughput``
-    began every request with target-only steps, learning nothing about acceptance until its next
-    re-measurement (simulated with the demo draft's recorded cycles: 2.1-2.3 tokens per target pass against
-    3.8 for fixed blocks; the P3 GPU runs measured 1.4-2.5 against 5.06).
-    A cycle of b commits T(b) = (1 − α^b) / (1 − α) tokens. The geometric model fits the demo draft: over the
-    model card's 523 held-out cycles it predicts 3.98 tokens per 16-token cycle and 2.75 per 4-token one, the
-    recorded runs give 3.89 and 2.72."""
+    """A request's per-draft acceptance α (a cycle of b then commits T(b) = (1 − α^b) / (1 − α) tokens): the
+    geometric-run estimate over its last ``window`` (drafted, accepted) cycles, each weighted by its age in
+    tokens, 0.5^(age / ``half_life``), around a prior of ``prior_weight`` drafts at the engine's own recent
+    acceptance (``PolicyMemory.cycles`` when the request starts; 0.5 on a fresh engine):
 
-    def __init__(self, window: int = 32, memory: PolicyMemory | None = None):
-        self.own: deque = deque(maxlen=window)
+        α = (Σ w·accepted + k·α₀) / (Σ w·(accepted + rejected) + k).
+
+    Acceptance follows the text, so evidence ages with the tokens decoded since, not with the cycles: after a
+    target-only stretch a policy weighs one fresh probe above the unpredictable stretch that stopped drafting,
+    and with no recent evidence α returns to what the engine sees, not to ignorance. With a uniform α = 0.5
+    prior instead every request started where, on a GPU, no block pays for its verify (a 16-token cycle costs
+    ~2.2 target-only steps and would commit 2 tokens): ``throughput`` began every request target-only and kept
+    to it until a re-measurement (1.4-2.5 tokens per target pass in the P3 GPU runs against 5.06 for fixed
+    blocks). The geometric model fits the demo draft: over the model card's held-out cycles it predicted 3.98
+    tokens per 16-token cycle and 2.75 per 4-token one where the recorded runs gave 3.89 and 2.72."""
+
+    def __init__(self, window: int = 32, memory: PolicyMemory | None = None, *, half_life: float = 128.0,
+                 prior_weight: float = 2.0):
+        self.own: deque = deque(maxlen=window)  # (drafted, accepted, position)
         self.memory = memory
-        self.prior = list(memory.cycles)[-window:] if memory is not None else []
+        self.prior = _geometric_alpha(memory.cycles) if memory is not None and memory.cycles else 0.5
+        self.half_life, self.prior_weight = half_life, prior_weight
+        self.now = 0  # the request's latest position (tokens in the cache), as the policy was last asked
+        self._cached: tuple | None = None
+
+    def at(self, position: int) -> None:
+        self.now = max(self.now, int(position))
 
     def add(self, drafted: int, accepted: int) -> None:
-        self.own.append((drafted, accepted))
+        self.own.append((drafted, accepted, self.now))
+        self._cached = None
         if self.memory is not None:
             self.memory.cycles.append((drafted, accepted))
 
     @property
     def alpha(self) -> float:
-        short = self.own.maxlen - len(self.own)
-        return _geometric_alpha(list(self.own) + (self.prior[-short:] if short else []))
+        key = (self.now // 8, len(self.own))  # the weights move slowly: recomputed every 8 tokens or cycle
+        if self._cached is None or self._cached[0] != key:
+            acc = seen = 0.0
+            for d, a, pos in self.own:
+                w = 0.5 ** ((self.now - pos) / self.half_life)
+                acc += w * a
+                seen += w * (a + (a < d))
+            k = self.prior_weight
+            self._cached = (key, (acc + k * self.prior) / (seen + k))
+        return self._cached[1]
 
     def expected_tokens(self, b: int, alpha: float | None = None) -> float:
         a = self.alpha if alpha is None else alpha
@@ -324,6 +346,7 @@ class ResidencyAwarePolicy:
 
     # -- policy -------------------------------------------------------------------------------------------
     def block_len(self, ctx_len: int = 0) -> int:
+        self.acceptance.at(ctx_len)
         b_acc = self.base.block_len(ctx_len)
         if not self.streaming:
             choice = b_acc
@@ -393,16 +416,16 @@ class ResidencyAwarePolicy:
 class ThroughputPolicy:
     """``throughput``: the block length that commits the most tokens per second, measured on this machine.
 
-    A cycle of block b commits T(b) tokens (``Acceptance``: α from the request's recent cycles, topped up with
-    the engine's) and takes t(b) seconds: the median of the last ``samples`` cycles of that length, as the
-    engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
+    A cycle of block b commits T(b) tokens (``Acceptance``: α from the request's recent cycles, aged by
+    tokens, around the engine's) and takes t(b) seconds: the median of the last ``samples`` cycles of that
+    length, as the engine timed them (draft + verify + sync; b = 1 is a target-only step). It verifies
     b* = argmax T(b) / t(b) over {1, 2, 4, 8, …, block_size}. Each candidate is measured ``min_samples`` (3)
     times first (full block first, then a target-only step, then the others; the timings are shared by the
     engine's requests, so this happens once per engine; three samples make the median robust to a kernel
     build). Then, every ``remeasure_every`` cycles, another length is measured once: while drafting, a
     neighbour of the best length (half or double; every fourth time the full block, since costs move with the
-    context length); while decoding target-only, the best drafting length, every ``probe_every`` steps (its
-    cycle is what tells whether the text got predictable again). Either is spaced further apart where it is
+    context length); while decoding target-only, the full block, every ``probe_every`` steps (its cycle tells
+    the most about whether the text got predictable again). Either is spaced further apart where it is
     expected to lose more than ``remeasure_budget`` (2 %) of the time decoding at the best length takes in
     between (on a CPU a 2-token cycle costs ~7 target-only steps). Where a verify costs about the same at any
     length (a launch-bound GPU) it keeps full blocks; where it costs ~ b single steps (a compute-bound CPU) it
@@ -427,7 +450,7 @@ class ThroughputPolicy:
         self.min_samples = min(min_samples, self.memory.samples)
         self.remeasure_budget = remeasure_budget
         self.steps = 0
-        self._next_remeasure = 0
+        self._next_remeasure = remeasure_every  # a request does not open with a re-measurement
         self._turn = 0
         self._explore = [block_size, 1] + [b for b in self.candidates if b not in (1, block_size)]
 
@@ -461,6 +484,7 @@ class ThroughputPolicy:
 
     def block_len(self, ctx_len: int = 0) -> int:
         self.steps += 1
+        self.acceptance.at(ctx_len)
         unmeasured = [b for b in self._explore if len(self.times[b]) < self.min_samples]
         if unmeasured:
             self._next_remeasure = self.steps + self.remeasure_every
@@ -468,9 +492,8 @@ class ThroughputPolicy:
         best = self.best()
         if self.steps >= self._next_remeasure:
             self._turn += 1
-            if best == 1:  # decoding target-only: would the best drafting length pay again?
-                pick = self.best(self.candidates[1:])
-                floor = self.probe_every
+            if best == 1:  # decoding target-only: would drafting pay again? The full block tells the most
+                pick, floor = self.block_size, self.probe_every  # (up to block − 1 accepted drafts)
             else:  # a neighbour of the best length, in turn; every 4th time the full block (no local optimum sticks)
                 i = self.candidates.index(best)
                 others = self.candidates[max(0, i - 1) : i] + self.candidates[i + 1 : i + 2]
