@@ -22,8 +22,8 @@ gave. Selectable by name (``make_policy``):
 ``residency-aware`` (streaming residency)
     A verify over b tokens routes all b through every MoE layer, so it touches the *union* of their experts;
     every miss is read from disk. Cost model, per cycle with block b:
-    * tokens committed  T(b) = (1 − α^b) / (1 − α), α = per-draft acceptance (``Acceptance``: the geometric
-      estimate over recent cycles weighted by their age in tokens, around the engine's recent acceptance);
+    * tokens committed  T(b) (``Acceptance``: the product-limit curve of recent cycles weighted by their age
+      in tokens, around the engine's recent cycles; α = the per-draft acceptance of the same cycles);
     * bytes read        R(1) = R1, the EMA of measured target-only steps; for b > 1 the bank model
       R(b) = s · L · D(b) · (1 − h) · expert_bytes, D(b) = E(1 − (1 − k/E)^b) the distinct experts b tokens
       route to per layer (uniform routing: the union saturates at E), h the bank's hit rate, and s the EMA of
@@ -205,7 +205,7 @@ def _hazards(cycles, prior, pseudo: float) -> list[float]:
     product-limit estimate: full acceptance is censored at the drafted length)."""
     cycles = list(cycles)
     K = max([d for d, _, _ in cycles], default=0)
-    ended, rejected = [0.0] * (K + 1), [0.0] * (K + 1)  # weight whose run of drafted positions ended / was rejected at j
+    ended, rejected = [0.0] * (K + 1), [0.0] * (K + 1)  # weight whose drafted run ended / was rejected at j
     for d, a, w in cycles:
         ended[min(a, d - 1)] += w
         if a < d:
@@ -222,15 +222,14 @@ class Acceptance:
     from the product-limit curve of its last ``window`` (drafted, accepted) cycles, each weighted by its age in
     tokens, 0.5^(age / ``half_life``), around the engine's recent cycles as a prior (``PolicyMemory.cycles``
     when the request starts: one pseudo-cycle per draft position at their hazard, or at 1 − α where they did
-    not draft that far). Past the longest drafted
-    position, and as ``alpha`` (the residency model's and the stats' per-draft acceptance), the geometric
-    estimate α = (Σ w·accepted + k·α₀) / (Σ w·(accepted + rejected) + k), α₀ the engine's, k = ``prior_weight``.
+    not draft that far). Past the longest drafted position, and as ``alpha``, the geometric estimate
+    α = (Σ w·accepted + k·α₀) / (Σ w·(accepted + rejected) + k), α₀ the engine's, k = ``prior_weight``.
 
     Why a curve and not one α: DFlash acceptance is bursty (whole blocks accepted in predictable stretches,
     early rejections elsewhere), which a geometric run at the mean α under-rates for long blocks: in the P3
-    H200 run 13 % of the 16-token cycles accepted all 15 drafts, a geometric run at their mean 6 %; in the
-    cycles recorded from the demo draft the policy simulation (``throughput`` at GPU costs) kept 0.96 of fixed
-    blocks' tok/s with the curve and 0.92 with α. Why aged by tokens: acceptance follows the text, so after a
+    H200 run 13 % of the 16-token cycles accepted all 15 drafts, a geometric run at their mean 6 %; replayed
+    on the demo draft's recorded cycles at GPU costs (``bench/policy_replay.py``) ``throughput`` kept 0.97 of
+    fixed blocks' tok/s with the curve, 0.92 with α. Why aged by tokens: acceptance follows the text, so after a
     target-only stretch one fresh probe outweighs the unpredictable stretch that stopped drafting, and with no
     recent evidence the estimate returns to what the engine sees. Why the engine's prior: with a uniform
     α = 0.5 every request started where, on a GPU, no block pays for its verify (a 16-token cycle costs ~2.2
@@ -257,7 +256,6 @@ class Acceptance:
         if self.memory is not None:
             self.memory.cycles.append((drafted, accepted))
 
-
     def _estimate(self) -> tuple[float, list[float]]:
         """(α, T(1), T(2), … along the curve), recomputed when a cycle was added or every 8 tokens (the
         weights move slowly)."""
@@ -268,6 +266,7 @@ class Acceptance:
             seen = sum(w * (a + (a < d)) for d, a, w in weighted)
             k = self.prior_weight
             alpha = (acc + k * self.prior) / (seen + k)
+
             def prior(j):  # the engine's curve where it has one, else this request's α
                 return self.prior_hazards[j] if j < len(self.prior_hazards) else 1 - alpha
 
