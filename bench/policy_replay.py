@@ -121,7 +121,7 @@ def main() -> int:
     print(f"[replay] {len(runs)} prompts, {n_cycles} recorded cycles, "
           f"{sum(map(sum, runs)) / n_cycles:.2f} accepted drafts per 16-token cycle")
     positions = [draft_runs(r) for r in runs]
-    results, rows = {"machine": C.machine_info(), "cycles": runs, "replays": {}}, []
+    results, rows = {"machine": C.machine_info(), "replays": {}}, []  # the cycles: p3_cycles.json / --cycles
     for costs in ("gpu", "cpu"):
         stats = {}
         for name in ("fixed", "opencode-sampled-v1", "throughput", "target_only"):

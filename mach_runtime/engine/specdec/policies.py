@@ -506,23 +506,15 @@ class ThroughputPolicy:
     def alpha(self) -> float:
         return self.acceptance.alpha
 
-    def expected_tokens(self, b: int, alpha: float | None = None) -> float:
-        return self.acceptance.expected_tokens(b, alpha)
+    def expected_tokens(self, b: int) -> float:
+        return self.acceptance.expected_tokens(b)
 
     def seconds(self, b: int) -> float | None:
         """The median of the recent timings (``typical``)."""
         return self.memory.seconds(b)
 
-    def rates(self, lengths=None) -> dict[int, float]:
-        out = {}
-        for b in lengths or self.candidates:
-            t = self.seconds(b)
-            if t:
-                out[b] = self.expected_tokens(b) / t
-        return out
-
-    def best(self, lengths=None) -> int:
-        rates = self.rates(lengths)
+    def best(self) -> int:
+        rates = {b: self.expected_tokens(b) / self.seconds(b) for b in self.candidates if self.seconds(b)}
         return max(rates, key=lambda b: (rates[b], b)) if rates else self.block_size
 
     def block_len(self, ctx_len: int = 0) -> int:
