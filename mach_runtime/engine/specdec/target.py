@@ -31,20 +31,22 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ...errors import ConfigError
-from ..call_override import override_call
+from ..hooks import ModuleHook, find_hook
 
-_ARMED: dict[int, dict] = {}  # id(layer) -> {"index": i, "out": recorded output} while a capture is armed
+_ARMED: dict[int, dict] = {}  # id(tap hook) -> {"index": i, "out": recorded output} while a capture is armed
 
 
-def _tap_call(cls: type):
+class TapHook(ModuleHook):
+    """A decoder layer whose output is recorded while a capture over it is armed (``TargetOps.forward_batch``)."""
+
+    kind = "tap"
+
     def __call__(self, *args, **kwargs):
-        out = cls.__call__(self, *args, **kwargs)
+        out = self.inner(*args, **kwargs)
         slot = _ARMED.get(id(self))
         if slot is not None:
             slot["out"] = out[0] if isinstance(out, tuple) else out  # gemma4: (h, shared_kv, offset)
         return out
-
-    return __call__
 
 
 _FAMILIES = ("qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4")  # embed / head / caches checked
@@ -76,11 +78,11 @@ class TargetOps:
                 f"{self.family}: speculative decoding supports {', '.join(_FAMILIES)} (deepseek_v4 without "
                 "DFlash drafts); this family is not supported yet"
             )
-        self.layers = list(self.inner.layers)
         args = getattr(self.owner, "args", None)
         n_main = getattr(args, "num_hidden_layers", None)
+        self._n_layers = len(self.inner.layers)
         if self.family == "deepseek_v4" and n_main is not None:
-            self.layers = self.layers[: int(n_main)]  # its MTP blocks follow the main layers
+            self._n_layers = min(self._n_layers, int(n_main))  # its MTP blocks follow the main layers
         self.tied = bool(getattr(args, "tie_word_embeddings", False)) or not hasattr(self.owner, "lm_head")
         self.hidden_size = int(self.inner.embed_tokens.weight.shape[-1])
         # gemma4: the model multiplies the embedding by sqrt(hidden) (HF's scaled embedding; what a DFlash draft
@@ -93,8 +95,13 @@ class TargetOps:
             self._final = lambda h: self.inner.norm(self.inner.hc_head(h))
 
     @property
+    def layers(self) -> list:
+        """The decoder layers as the model holds them now (a tapped layer is its ``TapHook``)."""
+        return list(self.inner.layers[: self._n_layers])
+
+    @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return self._n_layers
 
     def tap(self, layer_ids) -> None:
         if self.family in _NO_TAPS:
@@ -103,10 +110,12 @@ class TargetOps:
                 "use PROMPT_LOOKUP or TARGET_ONLY"
             )
         for i in layer_ids:
-            if not 0 <= i < len(self.layers):
-                raise ConfigError(f"target_layer_ids: layer {i} is outside the target's {len(self.layers)} layers")
-            layer = self.layers[i]
-            layer.__class__ = override_call(type(layer), "tap", _tap_call)
+            if not 0 <= i < self._n_layers:
+                raise ConfigError(f"target_layer_ids: layer {i} is outside the target's {self._n_layers} layers")
+        for i in layer_ids:  # installs a TapHook in the model's layer list (idempotent; hooks.py)
+            layers = self.inner.layers
+            if find_hook(layers[i], TapHook) is None:
+                layers[i] = TapHook(layers[i])
 
     # -- the pieces the draft borrows -----------------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:
@@ -151,8 +160,9 @@ class TargetOps:
         ``ArraysCache``) → (logits [B, T, V], [B, 1, V] for ``logits="last"`` or None for "none",
         hidden [B, T, n*H] or None). Used by ``batched.BatchedSpecDecoder`` to verify every row's block at once."""
         slots = {}
+        layers = self.inner.layers
         for i in capture:
-            slots[id(self.layers[i])] = {"index": i, "out": None}
+            slots[id(find_hook(layers[i], TapHook))] = {"index": i, "out": None}
         _ARMED.update(slots)
         try:
             h = self.inner(tokens, cache)
@@ -161,7 +171,7 @@ class TargetOps:
                 _ARMED.pop(k, None)
         hidden = None
         if capture:
-            outs = [slots[id(self.layers[i])]["out"] for i in capture]
+            outs = [slots[id(find_hook(layers[i], TapHook))]["out"] for i in capture]
             if any(o is None for o in outs):
                 raise RuntimeError("a tapped layer produced no output; call TargetOps.tap(layer_ids) first")
             hidden = mx.concatenate(outs, axis=-1)
@@ -324,16 +334,25 @@ def _exact_rotating_class():
 _EXACT_ROTATING = None
 
 
+def _rebuilt(cls: type, c):
+    """A new cache of class ``cls`` (a subclass or the base of ``type(c)``: same state layout) over ``c``'s state:
+    its attributes, the arrays themselves (not copies). ``c`` is not changed; the caller replaces it."""
+    new = cls.__new__(cls)
+    new.__dict__.update(vars(c))
+    return new
+
+
 def exact_rotating_caches(cache) -> None:
-    """Switches the plain ``RotatingKVCache`` layers of a prompt cache to the exact trim (in place; idempotent)."""
+    """Replaces the plain ``RotatingKVCache`` entries of a prompt cache (a list) by ``ExactRotatingKVCache``s over
+    the same state (idempotent)."""
     global _EXACT_ROTATING
     from mlx_lm.models.cache import RotatingKVCache
 
-    for c in cache:
+    for i, c in enumerate(cache):
         if type(c) is RotatingKVCache:
             if _EXACT_ROTATING is None:
                 _EXACT_ROTATING = _exact_rotating_class()
-            c.__class__ = _EXACT_ROTATING
+            cache[i] = _rebuilt(_EXACT_ROTATING, c)
 
 
 # -- static shapes for multi-token forwards ----------------------------------------------------------------
@@ -364,10 +383,10 @@ def _bucketed_kv_class():
         rounded up to ``KV_BUCKET``, with the padding masked out.
 
         Every verify lands at a new KV length (the cache grows by the accepted count). On MLX's CUDA backend a
-        multi-row attention at a KV length (or K/V strides) not seen before costs 50-100 ms against ~3 ms at a
-        repeated one (H100, demo target), so exact lengths made every cycle pay that. Rounding up keeps the
-        shapes to a few buckets (``kv_bucket``), and a buffer that only grows, geometrically and in whole steps,
-        keeps each bucket's strides fixed.
+        multi-row attention at a KV length (or K/V strides) not seen before costs far more than at a repeated one
+        (docs/benchmarks.md, "Measurements the code's design rests on"), so exact lengths made every cycle pay
+        that. Rounding up keeps the shapes to a few buckets (``kv_bucket``), and a buffer that only grows,
+        geometrically and in whole steps, keeps each bucket's strides fixed.
         Single-token decode attends over the exact length (its kernel has no per-length cost).
         """
 
@@ -414,15 +433,16 @@ _BUCKETED = None
 
 
 def bucket_kv_caches(cache) -> None:
-    """Switches the plain ``KVCache`` layers of a prompt cache to bucketed multi-token attention (in place)."""
+    """Replaces the plain ``KVCache`` entries of a prompt cache (a list) by ``BucketedKVCache``s over the same
+    state: bucketed multi-token attention."""
     global _BUCKETED
     from mlx_lm.models.cache import KVCache
 
     if _BUCKETED is None:
         _BUCKETED = _bucketed_kv_class()
-    for c in cache:
+    for i, c in enumerate(cache):
         if type(c) is KVCache:
-            c.__class__ = _BUCKETED
+            cache[i] = _rebuilt(_BUCKETED, c)
 
 
 def _bucketed_batch_kv_class():
@@ -488,17 +508,43 @@ _BUCKETED_BATCH = None
 
 
 def bucket_batch_caches(cache) -> None:
-    """Switches the plain ``BatchKVCache`` layers of batch caches to bucketed multi-token attention (in place;
-    a buffer already there is padded to whole steps)."""
+    """Replaces the plain ``BatchKVCache`` entries of batch caches (a list) by ``BucketedBatchKVCache``s over the
+    same state: bucketed multi-token attention (a buffer already there is padded to whole steps)."""
     global _BUCKETED_BATCH
     from mlx_lm.models.cache import BatchKVCache
 
     if _BUCKETED_BATCH is None:
         _BUCKETED_BATCH = _bucketed_batch_kv_class()
-    for c in cache:
+    for i, c in enumerate(cache):
         if type(c) is BatchKVCache:
-            c.__class__ = _BUCKETED_BATCH
+            c = cache[i] = _rebuilt(_BUCKETED_BATCH, c)
             c.reserve(-(-c.capacity // c.step) * c.step)
+
+
+def plain_caches(cache) -> list:
+    """The verify-ready caches of ``cache`` as mlx-lm's own classes, over the same state (a new list; the engine's
+    classes are only for its own forwards: a batch merges and continues mlx-lm's)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    out = []
+    for c in cache:
+        if _BUCKETED is not None and type(c) is _BUCKETED:
+            c = _rebuilt(KVCache, c)  # same state; the buffer may run past ``offset`` (never read)
+        elif _EXACT_ROTATING is not None and type(c) is _EXACT_ROTATING:
+            c = _rebuilt(RotatingKVCache, c)
+            rows = c.keys.shape[2] if c.keys is not None else 0
+            short = min(c.offset, c.max_size) - rows
+            if short > 0 and c._idx == rows:
+                # a wrapped window trimmed after a multi-token update holds max_size - 1 rows in temporal order;
+                # mlx-lm's class (and BatchRotatingKVCache.merge) expects max_size once wrapped. A zero row in the
+                # oldest slot is never read: the next token overwrites it before attending.
+                pad = lambda a: mx.concatenate(
+                    [a[..., : c.keep, :], mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype), a[..., c.keep :, :]],
+                    axis=2)
+                c.keys, c.values = pad(c.keys), pad(c.values)
+                c._idx = c.keys.shape[2]
+        out.append(c)
+    return out
 
 
 def drop_front(c, n: int) -> None:
