@@ -12,7 +12,6 @@ import time
 from ..assets import default_checkpoint
 from ..errors import MachError
 
-DEFAULT_TINY = "tiny-qwen3-moe"
 DEFAULT_PROMPT = "def fibonacci(n):"  # ends on a token boundary the demo model saw in training
 
 

@@ -171,8 +171,7 @@ def typical(samples) -> float | None:
     """The median of recent cycle timings. Outliers are only ever slow (a cycle that built kernels: on a GPU the
     first verify at each new KV span; preemption) and rare among a few samples, while a pipelined target-only
     step's time (between two read-backs) scatters both ways around its mean, so a minimum or low quantile
-    undercuts it (measured: ``throughput`` then chose target-only steps, 1.31x mlx-lm on an H100 where fixed
-    blocks gave 2.67x)."""
+    undercuts it (and ``throughput`` then picks target-only steps where blocks pay: docs/benchmarks.md)."""
     return statistics.median(samples) if samples else None
 
 
@@ -226,15 +225,13 @@ class Acceptance:
     α = (Σ w·accepted + k·α₀) / (Σ w·(accepted + rejected) + k), α₀ the engine's, k = ``prior_weight``.
 
     Why a curve and not one α: DFlash acceptance is bursty (whole blocks accepted in predictable stretches,
-    early rejections elsewhere), which a geometric run at the mean α under-rates for long blocks: in the P3
-    H200 run 13 % of the 16-token cycles accepted all 15 drafts, a geometric run at their mean 6 %; replayed
-    on the demo draft's recorded cycles at GPU costs (``bench/policy_replay.py``) ``throughput`` kept 0.97 of
-    fixed blocks' tok/s with the curve, 0.92 with α. Why aged by tokens: acceptance follows the text, so after a
-    target-only stretch one fresh probe outweighs the unpredictable stretch that stopped drafting, and with no
-    recent evidence the estimate returns to what the engine sees. Why the engine's prior: with a uniform
-    α = 0.5 every request started where, on a GPU, no block pays for its verify (a 16-token cycle costs ~2.2
-    target-only steps and would commit 2 tokens), so ``throughput`` began each request target-only (1.4-2.5
-    tokens per target pass in the P3 GPU runs against 5.06 for fixed blocks)."""
+    early rejections elsewhere), which a geometric run at the mean α under-rates for long blocks (measured
+    with ``bench/p3_specdec.py`` and ``bench/policy_replay.py``: docs/benchmarks.md, "Measurements the code's
+    design rests on"). Why aged by tokens: acceptance follows the text, so after a target-only stretch one fresh
+    probe outweighs the unpredictable stretch that stopped drafting, and with no recent evidence the estimate
+    returns to what the engine sees. Why the engine's prior: with a uniform α = 0.5 every request starts where,
+    on a GPU, no block pays for its verify (a 16-token cycle costs about two target-only steps and would commit
+    2 tokens), so ``throughput`` would begin each request target-only."""
 
     def __init__(self, window: int = 32, memory: PolicyMemory | None = None, *, half_life: float = 128.0,
                  prior_weight: float = 2.0):

@@ -1,12 +1,16 @@
 """The target side of the cycle: a forward that also returns the hidden states after chosen layers, the
 embedding and LM head the draft borrows, and exact cache rollback.
 
-Capture without re-implementing any forward: each tapped decoder layer's class is swapped, per instance, for a
-subclass whose ``__call__`` calls the original and, while a capture is armed, records its output (the first
-element when a layer returns a tuple: gemma4's ``(h, shared_kv, offset)``). The model's own ``__call__`` (its
-own mask creation: causal / sliding-window for attention, SSM masks for GatedDeltaNet layers, caches, MoE
+Capture without re-implementing any forward: each tapped decoder layer is wrapped in a ``TapHook``
+(``engine/hooks.py``) whose ``__call__`` calls the layer and, while a capture is armed, records its output (the
+first element when a layer returns a tuple: gemma4's ``(h, shared_kv, offset)``). The model's own ``__call__``
+(its own mask creation: causal / sliding-window for attention, SSM masks for GatedDeltaNet layers, caches, MoE
 blocks, streamed experts) runs unchanged, so this works for any family whose decoder layers return the hidden
-state. Parameter names do not change (same instance, same children) and an unarmed tap is a pass-through.
+state. Parameter names do not change (a hook carries the layer's tree) and an unarmed tap is a pass-through.
+
+The engine's cache classes (``ExactRotatingKVCache``, ``BucketedKVCache``, ``BucketedBatchKVCache``) are built
+over an mlx-lm cache's state as new objects (``exact_rotating_caches``, ``bucket_kv_caches``,
+``bucket_batch_caches`` replace the list entries) and back (``plain_caches``); no object changes class.
 
 Families (``_FAMILIES``): qwen3_moe, qwen3_5_moe, gpt_oss (sliding-window layers, attention sinks), gemma4
 (sliding-window layers; ``embed`` includes the ``sqrt(hidden)`` embedding scale, ``head`` the tied projection and
