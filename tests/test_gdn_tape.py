@@ -12,7 +12,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mach_runtime.engine.specdec.gdn_tape import ConvInputHook, GDNTape, GDNTapeHook, is_gdn_layer
-from mach_runtime.engine.specdec.target import Checkpoint, TargetOps, bucket_kv_caches, rollback
+from mach_runtime.engine.specdec.target import Checkpoint, TargetOps, rollback
+from mach_runtime.engine.specdec.verify_cache import bucket_kv_caches
 from tests.family_helpers import FAMILIES
 from tests.helpers import greedy
 

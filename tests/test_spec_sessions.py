@@ -180,7 +180,8 @@ def test_draft_state_resumes_the_drafters_context(models):
 def test_wrapped_window_trimmed_short_becomes_a_plain_cache(models):
     """A wrapped sliding window trimmed back to max_size - 1 rows (possible only between a rollback and its re-run)
     still converts to a plain RotatingKVCache the batch can merge and continue exactly."""
-    from mach_runtime.engine.specdec.target import TargetOps, plain_caches
+    from mach_runtime.engine.specdec.target import TargetOps
+    from mach_runtime.engine.specdec.verify_cache import plain_caches
 
     model, tok, ref = models["gpt_oss"]
     ops = TargetOps(model)

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from ...io.disk_switch_glu import DiskSwitchGLU
 from ..graph_cache import GraphCache
-from . import target as _target
+from . import verify_cache as _vc
 
 MAX_GRAPHS = 64
 
@@ -58,13 +58,13 @@ class CompiledVerify:
     def applies(self, tokens: mx.array, cache, logits: str) -> bool:
         if not self.enabled or logits != "all" or tokens.size < 2 or len(cache) != len(self.ops.layers):
             return False
-        bucketed = _target._BUCKETED
+        bucketed = _vc._BUCKETED
         return bucketed is not None and all(type(c) is bucketed and c.keys is not None for c in cache)
 
     def forward(self, tokens: mx.array, cache, capture=()):
         T = int(tokens.size)
         offset = cache[0].offset
-        span = _target.kv_bucket(offset + T)
+        span = _vc.kv_bucket(offset + T)
         capture = tuple(capture)
         for c in cache:
             c.reserve(span, c.keys, c.values)

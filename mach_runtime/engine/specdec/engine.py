@@ -47,7 +47,8 @@ from ..kv_prefix import fit_prefix
 from .compiled_draft import CompiledDraft
 from .compiled_verify import CompiledVerify
 from .gdn_tape import GDNTape
-from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, plain_caches, rollback
+from .target import Checkpoint, TargetOps, rollback
+from .verify_cache import bucket_kv_caches, exact_rotating_caches, plain_caches
 
 
 class BlockSpecDecEngine:
