@@ -203,7 +203,9 @@ class Runtime:
         spec_batch: with ``draft``/``specdec``, N >= 2 runs 2..N concurrent requests (at least one speculative)
             together in a ``BatchedSpecDecoder`` (batched verification) instead of the target-only batch; more
             than N use the target-only batch, a lone request the single-request engine. 0 (default): off.
-            Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
+            Families whose capabilities rule out per-row rollback (``spec_batch=False``: sliding windows,
+            compressed KV) run without it (0), as do families that cannot batch at all (those run one request at a
+            time, the others queued: ``stats().decoder.batching`` says so).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
 
@@ -224,15 +226,19 @@ class Runtime:
             from mach_runtime.cli.main import default_checkpoint
 
             checkpoint = default_checkpoint()
+        prefill_chunk = load_kwargs.pop("prefill_chunk", None)
         mlx = MLXThread()
         store = None
         try:
             model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            config = read_config(os.fspath(checkpoint))
+            adapter = adapter_for_config(config)
+            caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
-                if spec_batch >= 2:
+                if spec_batch >= 2 and caps.batch and caps.spec_batch:
                     batched = await mlx.call(lambda: _spec_batch(model, tokenizer, store, spec, spec_batch))
                 if warmup or (warmup is None and await mlx.call(_on_gpu)):
                     await mlx.call(spec.warmup)
@@ -242,12 +248,12 @@ class Runtime:
             # short-lived arrays trigger stay short (on the H100 the spec decode ran ~10 % faster with gc off)
             gc.collect()
             gc.freeze()
-            config = read_config(os.fspath(checkpoint))
-            tc = adapter_for_config(config).text_config(config)
+            tc = adapter.text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor, spec=spec, spec_batch=batched)
+                             predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
+                             prefill_chunk=prefill_chunk)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
@@ -284,16 +290,16 @@ class Runtime:
             return list(prompt)
         raise RequestError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
-    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-                    stop_token_ids=(), request_id=None, session_id=None, specdec="default", specdec_policy=None,
-                    on_chunk=None) -> RequestStream:
+    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
+                    stop=None, stop_token_ids=(), request_id=None, session_id=None, specdec="default",
+                    specdec_policy=None, logits_processors=(), on_chunk=None) -> RequestStream:
         self._sup.check_open()
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         try:
-            validate(temperature, top_p, top_k)
+            validate(temperature, top_p, top_k, min_p)
         except ConfigError as e:
             raise RequestError(str(e)) from None
         ctx = self._limits.max_context
@@ -305,10 +311,13 @@ class Runtime:
             stop = [stop]
         stop = tuple(s for s in (stop or ()) if s)
         specdec, specdec_policy = self._specdec_choice(specdec, specdec_policy)
+        if not all(isinstance(s, str) for s in stop):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
         params = SamplingParams(
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-            seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
+            min_p=float(min_p), seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
             stop_token_ids=tuple(stop_token_ids), specdec=specdec, specdec_policy=specdec_policy,
+            processors=tuple(logits_processors),
         )
         rid = request_id if request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
@@ -390,12 +399,9 @@ def _spec_engine(model, tokenizer, store, draft, config):
 
 
 def _spec_batch(model, tokenizer, store, spec, n: int):
-    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config, or None where the
-    family's caches cannot be rolled back per row (then the runtime batches target-only, as without it)."""
+    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config (only where the family's
+    capabilities allow ``spec_batch``)."""
     from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
 
-    try:
-        return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
-                                  target=spec.target)
-    except ConfigError:
-        return None
+    return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
+                              target=spec.target)

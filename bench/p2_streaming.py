@@ -161,8 +161,8 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     snaps = []
     gstats = GenerationStats()
     t0 = time.perf_counter()
-    mx.random.seed(a.seed)
-    toks, times = C.timed_tokens(generate_tokens(model, ids, cache, make_sampler(a.temperature), n_new, gstats),
+    toks, times = C.timed_tokens(generate_tokens(model, ids, cache, make_sampler(a.temperature, seed=a.seed), n_new,
+                                                 gstats),
                                  n_new, on_token=lambda i: snaps.append(store.stats()))
     end = store.stats()
     n = len(toks)
@@ -199,8 +199,7 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     model, _, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=1e6, direct_io=True)
     apply_routing(model, a.routing, E)
     store.start_trace()
-    mx.random.seed(a.seed)
-    list(generate_tokens(model, ids, cache, make_sampler(a.temperature), n_new))
+    list(generate_tokens(model, ids, cache, make_sampler(a.temperature, seed=a.seed), n_new))
     per_layer = defaultdict(list)
     for layer, experts in store.trace:
         per_layer[layer].append(set(experts))
@@ -235,13 +234,12 @@ def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
     load_s = time.perf_counter() - t0
     apply_routing(model, a.routing, store.stats().num_experts)
     for _ in range(warmup):
-        list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), min(n_new, 8)))
+        list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), min(n_new, 8)))
     tps = []
     toks = None
     for _ in range(2):
-        mx.random.seed(a.seed)
         toks, times = C.timed_tokens(
-            generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), n_new), n_new)
+            generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), n_new), n_new)
         tps.append(C.decode_tps(times))
     store.close()
     del model

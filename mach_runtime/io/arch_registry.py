@@ -19,6 +19,27 @@ KV_CACHE_KINDS = ("standard", "hybrid_gdn", "compressed", "rotating")
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a family's caches and layers allow: THE table the Runtime, the scheduler and the speculative engines
+    obey (``MoeArchAdapter.capabilities``; ``mach-archs`` and ``mach check`` print it).
+
+    batch: its prompt caches merge into batch caches per row (continuous batching); otherwise requests run one at
+        a time, the others queued. spec_rollback: how a speculative verify is undone ("trim": every cache trims;
+        "snapshot": some state is restored from a snapshot). spec_batch: batched verification can roll each row
+        back alone (full-attention KV and GatedDeltaNet state only). hidden_taps: decoder layers output the [T, H]
+        hidden states a DFlash draft reads. snapshot: its prompt cache can be saved and reloaded (sessions' KV
+        and the disk prefix cache)."""
+
+    batch: bool
+    batch_reason: str
+    speculate: bool
+    spec_rollback: str
+    spec_batch: bool
+    hidden_taps: bool
+    snapshot: bool
+
+
+@dataclass(frozen=True)
 class MoeArchAdapter:
     """What the engine needs to know about one MoE family.
 
@@ -58,6 +79,7 @@ class MoeArchAdapter:
     implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
     notes: str = ""
+    hidden_taps: bool = True  # decoder layers output [T, H] hidden states (what a DFlash draft reads)
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
         """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
@@ -102,6 +124,13 @@ class MoeArchAdapter:
         """Whether the family's caches can be batched per row (see ``continuous_batching_capability``)."""
         return continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)[0]
 
+    def capabilities(self) -> Capabilities:
+        """The family's capability table (see ``Capabilities``)."""
+        batch, reason = continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)
+        return Capabilities(batch=batch, batch_reason=reason, speculate=True, spec_rollback=self.specdec_kind,
+                            spec_batch=self.kv_cache_kind in ("standard", "hybrid_gdn"),
+                            hidden_taps=self.hidden_taps, snapshot=self.kv_cache_kind != "compressed")
+
     def model_classes(self):
         """(Model, ModelArgs) of the family (imports MLX)."""
         import importlib
@@ -128,6 +157,17 @@ def continuous_batching_capability(kv_cache_kind: str, keep: int = 0) -> tuple[b
             return True, "rotating (sliding-window) caches with keep=0 batch"
         return False, f"rotating caches with keep={keep} cannot be batched (only keep=0)"
     return False, f"unknown kv_cache_kind {kv_cache_kind!r}"
+
+
+def capabilities_of(model) -> Capabilities:
+    """The capability table of a loaded model's family (found by its ``model_type``)."""
+    for m in (model, getattr(model, "language_model", None)):
+        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
+            for a in REGISTRY.values():
+                if isinstance(t, str) and (t in a.model_types or t in a.unwrapped_model_types
+                                           or t.removesuffix("_text") in a.model_types):
+                    return a.capabilities()
+    raise UnsupportedArchError(f"{type(model).__module__}: not a model of a registered MoE family (see mach-archs)")
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:
@@ -197,6 +237,7 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "group": adapter.default_group,
         "model_module": adapter.model_module,
         "continuous_batching": adapter.continuous_batching(),
+        "hidden_taps": adapter.hidden_taps,
         "implemented": adapter.implemented,
     }
 
