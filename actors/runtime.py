@@ -195,7 +195,7 @@ class Runtime:
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
                    restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, **load_kwargs):
+                   spec_batch: int = 0, prefill_chunk: int = 512, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -206,6 +206,8 @@ class Runtime:
             Families whose capabilities rule out per-row rollback (``spec_batch=False``: sliding windows,
             compressed KV) run without it (0), as do families that cannot batch at all (those run one request at a
             time, the others queued: ``stats().decoder.batching`` says so).
+        prefill_chunk: prompt tokens a newcomer prefills per decode step of the running requests (chunked
+            prefill: a long prompt delays each running stream by one chunk at a time, not by its whole prefill).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
 
@@ -226,7 +228,8 @@ class Runtime:
             from mach_runtime.cli.main import default_checkpoint
 
             checkpoint = default_checkpoint()
-        prefill_chunk = load_kwargs.pop("prefill_chunk", None)
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         mlx = MLXThread()
         store = None
         try:

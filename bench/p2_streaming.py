@@ -144,8 +144,6 @@ def window(snaps, times, a, b, k, layers):
 
 
 def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=True) -> dict:
-    import mlx.core as mx
-
     from mach_runtime import load_moe
     from mach_runtime.engine.generate import GenerationStats, generate_tokens, make_sampler
 
@@ -191,7 +189,6 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     import math
     from collections import Counter, defaultdict
 
-    import mlx.core as mx
 
     from mach_runtime import load_moe
     from mach_runtime.engine.generate import generate_tokens, make_sampler
@@ -223,7 +220,6 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
 
 
 def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
-    import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     from mach_runtime import load_moe

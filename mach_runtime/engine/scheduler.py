@@ -92,6 +92,7 @@ class Scheduler:
         self.solo: _Solo | None = None
         self.prefill = None  # (lane engine, Prefill, requests): newcomers prefilling chunk by chunk
         self._dropped: set[str] = set()  # aborted while prefilling: finished when they join
+        self._spec_counted: set[str] = set()  # live requests counted in spec_requests
         self._settle = False  # the next batch step queues none: its rows are about to move
         self._events: list[Event] = []
         self.counters = Counter()
@@ -180,6 +181,8 @@ class Scheduler:
         for r in reqs:
             self.live.pop(r.request_id, None)
             self._dropped.discard(r.request_id)
+            if len(reqs) == 1:
+                self._spec_counted.discard(r.request_id)
         if len(reqs) == 1:
             r = reqs[0]
             self.counters["failed"] += 1
@@ -210,8 +213,8 @@ class Scheduler:
     def _schedule(self, flush) -> None:
         """Picks the lane for the running + waiting requests, moves the running ones there if it changed, then
         starts the admission of what waits (one group prefilling at a time)."""
-        if self.prefill is not None or (not self.pending and self.solo is None):
-            return
+        if self.prefill is not None or (self.spec_batch is None and not self.pending and self.solo is None):
+            return  # (without a spec lane only newcomers change lanes)
         lane, running = self._lane()
         subs = running + list(self.pending)
         if len(subs) == 1:  # stays where it runs; a target-only request left in the spec batch goes pipelined
@@ -278,8 +281,8 @@ class Scheduler:
             self.counters["prefilled"] += m.prefilled_tokens
             if r.usage is None:
                 self.counters["cached"] += m.cached_tokens
-            if engine is self.spec_batch and self._wants_spec(r) and not r.usage:
-                self.counters["spec_requests"] += 1
+            if engine is self.spec_batch:
+                self._count_spec(r)
             if r.request_id in self._dropped:
                 self._dropped.discard(r.request_id)
                 self._finish(r.request_id, "abort")
@@ -368,7 +371,12 @@ class Scheduler:
                                  text=False)
         r.kv = None
         self.solo = _Solo(r, run, list(r.generated))
-        if not r.usage:
+        self._count_spec(r)
+
+    def _count_spec(self, r: Request) -> None:
+        """Counts a request that runs (at least partly) speculatively, once."""
+        if r.request_id not in self._spec_counted and self._wants_spec(r):
+            self._spec_counted.add(r.request_id)
             self.counters["spec_requests"] += 1
 
     def _solo_cycle(self) -> None:
@@ -424,6 +432,7 @@ class Scheduler:
                            (kv, covered) if kv is not None else None, len(m.generated))
 
     def _finish_event(self, r: Request, reason: str, usage: tuple, kv, completion: int | None = None) -> None:
+        self._spec_counted.discard(r.request_id)
         self.counters["aborted" if reason == "abort" else "completed"] += 1
         n = len(r.generated) if completion is None else completion
         self._events.append(Event(r.request_id, n, (), reason, {
