@@ -28,7 +28,8 @@ class Capabilities:
         "snapshot": some state is restored from a snapshot). spec_batch: batched verification can roll each row
         back alone (full-attention KV and GatedDeltaNet state only). hidden_taps: decoder layers output the [T, H]
         hidden states a DFlash draft reads. snapshot: its prompt cache can be saved and reloaded (sessions' KV
-        and the disk prefix cache)."""
+        and the disk prefix cache). compiled_verify: its decoder layers are the plain attention + MoE blocks
+        ``specdec/compiled_verify.py`` compiles whole (qwen3_moe)."""
 
     batch: bool
     batch_reason: str
@@ -37,6 +38,7 @@ class Capabilities:
     spec_batch: bool
     hidden_taps: bool
     snapshot: bool
+    compiled_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class MoeArchAdapter:
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
     notes: str = ""
     hidden_taps: bool = True  # decoder layers output [T, H] hidden states (what a DFlash draft reads)
+    compiled_verify: bool = False  # plain attention + MoE decoder layers: the verify compiles whole
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
         """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
@@ -129,7 +132,8 @@ class MoeArchAdapter:
         batch, reason = continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)
         return Capabilities(batch=batch, batch_reason=reason, speculate=True, spec_rollback=self.specdec_kind,
                             spec_batch=self.kv_cache_kind in ("standard", "hybrid_gdn"),
-                            hidden_taps=self.hidden_taps, snapshot=self.kv_cache_kind != "compressed")
+                            hidden_taps=self.hidden_taps, snapshot=self.kv_cache_kind != "compressed",
+                            compiled_verify=self.compiled_verify)
 
     def model_classes(self):
         """(Model, ModelArgs) of the family (imports MLX)."""

@@ -152,17 +152,15 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
     def _check_caches(self) -> tuple[list[int], list[int]]:
         from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-        attn, recurrent = [], []
-        for i, c in enumerate(make_prompt_cache(self.model)):
-            if type(c) is KVCache:
-                attn.append(i)
-            elif type(c) is ArraysCache:
-                recurrent.append(i)
-            else:
-                raise ConfigError(f"{self.target.family}: batched speculative decoding cannot roll back "
-                                  f"{type(c).__name__} caches per row (only full-attention KVCache and GatedDeltaNet "
-                                  "ArraysCache layers: qwen3_moe, qwen3_5_moe); use target-only batching "
-                                  "(BatchEngine) or BlockSpecDecEngine for one request")
+        caches = make_prompt_cache(self.model)
+        if not self.target.caps.spec_batch:  # the family's capability table (io.arch_registry)
+            kinds = sorted({type(c).__name__ for c in caches} - {"KVCache", "ArraysCache"})
+            raise ConfigError(f"{self.target.family}: batched speculative decoding cannot roll back {', '.join(kinds)} "
+                              "caches per row (capabilities: spec_batch=False; only full-attention KVCache and "
+                              "GatedDeltaNet ArraysCache layers); use target-only batching (BatchEngine) or "
+                              "BlockSpecDecEngine for one request")
+        attn = [i for i, c in enumerate(caches) if type(c) is KVCache]
+        recurrent = [i for i, c in enumerate(caches) if type(c) is ArraysCache]
         return attn, recurrent
 
     # -- membership (``active``, ``full``, ``has``, ``remove``: ``BatchMembership``) -----------------------------
