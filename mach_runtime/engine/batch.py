@@ -67,7 +67,7 @@ class _Seq:
         """(params, completion position[, history]) of this row's next draw; ``ahead``: the lazy token of a step
         in flight (generated, not yet read back)."""
         pos = len(self.generated) + (ahead is not None)
-        if not self.params.processors:
+        if not self.params.processors:  # (``ahead`` is then just True)
             return self.params, pos
         hist = mx.array(list(self.prompt) + self.generated, dtype=mx.uint32)
         return self.params, pos, hist if ahead is None else mx.concatenate([hist, ahead.astype(mx.uint32)])
@@ -301,7 +301,8 @@ class BatchEngine(BatchMembership):
             parts.append(mx.array(fresh, dtype=mx.uint32))
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
         logits = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
-        rows = [s.row(cur[pos[id(s)] : pos[id(s)] + 1] if id(s) in pos else None) for s in self.seqs]
+        rows = [s.row((cur[pos[id(s)] : pos[id(s)] + 1] if s.params.processors else True) if id(s) in pos else None)
+                for s in self.seqs]
         self._inflight = sample_rows(logits, rows)
         self._inflight_rows = list(self.seqs)
         mx.async_eval(self._inflight)

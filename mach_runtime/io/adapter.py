@@ -29,6 +29,7 @@ class Capabilities:
         and the disk prefix cache). compiled_verify: its decoder layers are the plain attention + MoE blocks
         ``specdec/compiled_verify.py`` compiles whole (qwen3_moe)."""
 
+    family: str  # the registry key
     batch: bool
     batch_reason: str
     speculate: bool
@@ -128,7 +129,7 @@ class MoeArchAdapter:
     def capabilities(self) -> Capabilities:
         """The family's capability table (see ``Capabilities``)."""
         batch, reason = continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)
-        return Capabilities(batch=batch, batch_reason=reason, speculate=True, spec_rollback=self.specdec_kind,
+        return Capabilities(family=self.key, batch=batch, batch_reason=reason, speculate=True, spec_rollback=self.specdec_kind,
                             spec_batch=self.kv_cache_kind in ("standard", "hybrid_gdn"),
                             hidden_taps=self.hidden_taps, snapshot=self.kv_cache_kind != "compressed",
                             compiled_verify=self.compiled_verify)

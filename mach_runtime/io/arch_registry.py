@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedArchError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, Capabilities, MoeArchAdapter, continuous_batching_capability
 
 __all__ = [
@@ -21,14 +21,19 @@ __all__ = [
 
 
 def capabilities_of(model) -> Capabilities:
-    """The capability table of a loaded model's family (found by its ``model_type``)."""
+    """The capability table of a loaded model's family (by its ``model_type``); ``ConfigError`` for a model of no
+    registered family."""
+    found = None
     for m in (model, getattr(model, "language_model", None)):
         for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
-            for a in REGISTRY.values():
-                if isinstance(t, str) and (t in a.model_types or t in a.unwrapped_model_types
-                                           or t.removesuffix("_text") in a.model_types):
-                    return a.capabilities()
-    raise UnsupportedArchError(f"{type(model).__module__}: not a model of a registered MoE family (see mach-archs)")
+            if found is None and isinstance(t, str):
+                found = t
+    for a in REGISTRY.values():
+        if found is not None and (found in a.model_types or found in a.unwrapped_model_types
+                                  or found.removesuffix("_text") in a.model_types):
+            return a.capabilities()
+    raise ConfigError(f"{found or type(model).__module__}: not a model of a registered MoE family; the engine "
+                      f"supports {', '.join(REGISTRY)} (see mach-archs)")
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:

@@ -8,11 +8,10 @@ own mask creation: causal / sliding-window for attention, SSM masks for GatedDel
 blocks, streamed experts) runs unchanged, so this works for any family whose decoder layers return the hidden
 state. Parameter names do not change (same instance, same children) and an unarmed tap is a pass-through.
 
-Families (``_FAMILIES``): qwen3_moe, qwen3_5_moe, gpt_oss (sliding-window layers, attention sinks), gemma4
-(sliding-window layers; ``embed`` includes the ``sqrt(hidden)`` embedding scale, ``head`` the tied projection and
-the final logit softcapping: exactly what the model applies) and deepseek_v4 (hc residual streams collapsed by
-its ``hc_head`` + final norm before the head; no hidden-state taps, so PROMPT_LOOKUP / TARGET_ONLY / custom
-drafters only). Anything else is a ``ConfigError``.
+Which families may speculate, and whether their layers can be tapped, is their capability table
+(``io.adapter.Capabilities``). Structure is read off the model: an ``embed_scale`` (gemma4's ``sqrt(hidden)``) and
+a final logit softcap are applied where the model has them, an ``hc_head`` (deepseek_v4's residual streams)
+collapses the hidden state before the final norm, layers past ``num_hidden_layers`` (MTP blocks) are not run.
 
 Rollback per cache type:
 * trimmable caches (``KVCache``; sliding-window ``RotatingKVCache``, whose trim ``make_cache`` makes exact
@@ -31,6 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ...errors import ConfigError
+from ...io.arch_registry import capabilities_of
 from ..call_override import override_call
 
 _ARMED: dict[int, dict] = {}  # id(layer) -> {"index": i, "out": recorded output} while a capture is armed
@@ -47,23 +47,13 @@ def _tap_call(cls: type):
     return __call__
 
 
-def _family(model) -> str:
-    for m in (model, getattr(model, "language_model", None)):
-        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
-            if isinstance(t, str):
-                return t
-    return type(model).__module__
-
-
 class TargetOps:
     """Forward-with-capture, embedding/LM head and rollback for one loaded target model."""
 
     def __init__(self, model):
         self.model = model
-        from ...io.arch_registry import capabilities_of
-
-        self.family = _family(model)
         self.caps = capabilities_of(model)
+        self.family = self.caps.family
         self.owner = getattr(model, "language_model", model)  # holds lm_head and the text args
         self.inner = getattr(self.owner, "model", None)
         if (not self.caps.speculate or self.inner is None or not hasattr(self.inner, "embed_tokens")
@@ -76,8 +66,6 @@ class TargetOps:
             self.layers = self.layers[: int(n_main)]  # its MTP blocks follow the main layers
         self.tied = bool(getattr(args, "tie_word_embeddings", False)) or not hasattr(self.owner, "lm_head")
         self.hidden_size = int(self.inner.embed_tokens.weight.shape[-1])
-        # gemma4: the model multiplies the embedding by sqrt(hidden) (HF's scaled embedding; what a DFlash draft
-        # trained on it sees) and soft-caps the final logits
         self.embed_scale = getattr(self.inner, "embed_scale", None)
         self.softcap = getattr(self.owner, "final_logit_softcapping", None)
         self._final = None  # applied to the text model's output before the head
