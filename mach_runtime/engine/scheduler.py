@@ -37,7 +37,7 @@ from .batch import PREFILL_STEP, Admission, BatchEngine
 from .emit import StopRule
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: tuple
@@ -216,7 +216,8 @@ class Scheduler:
         if self.prefill is not None or (self.spec_batch is None and not self.pending and self.solo is None):
             return  # (without a spec lane only newcomers change lanes)
         lane, running = self._lane()
-        subs = running + list(self.pending)
+        waiting = [r for r in self.pending if not r.isolate]  # suspects are probed alone first (``step``)
+        subs = running + waiting
         if len(subs) == 1:  # stays where it runs; a target-only request left in the spec batch goes pipelined
             spec = self._wants_spec(subs[0])
             want = ("solo" if spec else "batch") if lane is None else ("batch" if lane == "spec" and not spec else lane)
@@ -232,18 +233,21 @@ class Scheduler:
                 return
             flush()
             moved = self._evict(lane)
-        if not moved and not self.pending:
+        if not moved and not waiting:
             return
         flush()  # a prefill may take a while: deliver what the last step produced first
         if want == "solo":
-            self._start_solo(self.pending.popleft())
+            self.pending.remove(waiting[0])
+            self._start_solo(waiting[0])
             return
         engine = self.spec_batch if want == "spec" else self.batch
         if moved:  # they prefill nothing (their KV covers all but the newest token): join at once
             self._guard(moved, self._admit, engine, moved, True)
         free = engine.max_batch - engine.active
-        if self.pending and free > 0:
-            group = [self.pending.popleft() for _ in range(min(free, len(self.pending)))]
+        if waiting and free > 0:
+            group = waiting[:free]
+            for r in group:
+                self.pending.remove(r)
             self._guard(group, self._admit, engine, group, False)
 
     def _admit(self, engine, reqs: list[Request], now: bool) -> None:
