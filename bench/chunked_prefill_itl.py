@@ -54,7 +54,7 @@ async def measure(ckpt, long_tokens: int, chunk: int | None, streams: int = 4) -
         marks = {}
 
         async def stream(i):
-            async with rt.stream(short[i], max_tokens=100000, seed=i) as s:
+            async with rt.stream(short[i], max_tokens=20000, seed=i) as s:
                 async for c in s:
                     arrivals[i].append(time.perf_counter())
                     if all(len(a) >= 5 for a in arrivals.values()):
