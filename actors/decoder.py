@@ -140,7 +140,7 @@ class Decoder:
             self._sessions.pop(e.request_id, None)
             self._outbox.append(RequestFailed(e.request_id, e.error))
         elif e.finish is None:
-            self._outbox.append(TokenOutput(e.request_id, e.index, e.token_ids))
+            self._outbox.append(TokenOutput(e.request_id, e.index, e.token_ids, e.logprobs))
         else:
             session = self._sessions.pop(e.request_id, None)
             u = e.usage

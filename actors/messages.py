@@ -41,6 +41,8 @@ class TokenOutput(msgspec.Struct, frozen=True, tag=True):
     request_id: str
     index: int  # position of token_ids[0] in the request's completion
     token_ids: tuple[int, ...]  # ids only: the ledger detokenizes (engine.emit.Emitter)
+    # per token, when the request asked for logprobs: (its logprob, ((top token id, logprob), ...))
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):

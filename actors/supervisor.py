@@ -238,7 +238,8 @@ class Supervisor:
                 if finish is not None:
                     e.ending = finish
                     stop = True  # the Decoder may not know (a stop string): tell it
-                event = e.slot.push(new[:kept], text)
+                lps = msg.logprobs[skip : skip + kept] if msg.logprobs is not None else None
+                event = e.slot.push(new[:kept], text, lps)
             else:
                 del self.ledger[msg.request_id]
         if isinstance(msg, TokenOutput):

@@ -17,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConfigError
+from .constraints import constraint_for
 from .emit import StopRule
 from .kv_prefix import fit_prefix
-from .sampling import check, sample_rows
+from .sampling import apply_bitmask, check, penalize, sample_rows, token_logprobs
 
 PREFILL_STEP = 512
 
@@ -32,6 +34,7 @@ class StepOutput:
     index: int  # position of this token in the completion
     token: int
     finish_reason: str | None  # token-level: "stop" (a stop token) or "length"
+    logprobs: tuple | None = None  # (logprob, ((top id, logprob), ...)) when the request asked for them
 
 
 @dataclass
@@ -58,6 +61,7 @@ class _Seq:
     cached_tokens: int = 0
     prefilled_tokens: int = 0
     finish: str | None = None
+    constraint: object = None  # GrammarConstraint (engine/constraints.py) when the request has a grammar
 
     @property
     def prompt_len(self) -> int:
@@ -216,6 +220,7 @@ class BatchEngine(BatchMembership):
         self.pipeline = pipeline
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
+        self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -244,7 +249,8 @@ class BatchEngine(BatchMembership):
             caches.append(kv)
             p = a.params.resolved()
             seq = _Seq(a.request_id, tuple(a.prompt_ids), p, StopRule(p, self.eos), [int(t) for t in a.resume_ids],
-                       tokens[-1], cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached)
+                       tokens[-1], cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
+                       constraint=constraint_for(p, self.tokenizer, a.resume_ids))
             if seq.generated:  # a replayed request that had in fact ended before the crash
                 seq.finish = seq.rule.finish(seq.generated[-1], len(seq.generated))
             seqs.append(seq)
@@ -262,7 +268,7 @@ class BatchEngine(BatchMembership):
             return
         self.seqs = [self.seqs[i] for i in keep]
         if not keep:
-            self.cache, self._inflight, self._inflight_rows = None, None, []
+            self.cache, self._inflight, self._inflight_rows, self._inflight_lp = None, None, [], None
             return
         for c in self.cache:
             c.filter(keep)  # (a single-row cache that cannot merge never keeps fewer rows: it empties above)
@@ -270,11 +276,13 @@ class BatchEngine(BatchMembership):
             kept = {id(s) for s in self.seqs}
             rows = [i for i, s in enumerate(self._inflight_rows) if id(s) in kept]
             self._inflight = self._inflight[mx.array(rows)] if rows else None
+            if self._inflight_lp is not None:
+                self._inflight_lp = tuple(a[mx.array(rows)] for a in self._inflight_lp) if rows else None
             self._inflight_rows = [self._inflight_rows[i] for i in rows]
 
     def clear(self) -> None:
         """Drops every row (after a failed step: the caches are not to be trusted)."""
-        self.seqs, self.cache, self._inflight, self._inflight_rows = [], None, None, []
+        self.seqs, self.cache, self._inflight, self._inflight_rows, self._inflight_lp = [], None, None, [], None
 
     def extract_kv(self, request_id: str):
         """(caches, n): the request's cache as single-request caches, covering its first ``n`` tokens
@@ -300,12 +308,31 @@ class BatchEngine(BatchMembership):
         if fresh:
             parts.append(mx.array(fresh, dtype=mx.uint32))
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
-        logits = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        raw = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
         rows = [s.row((cur[pos[id(s)] : pos[id(s)] + 1] if s.params.processors else True) if id(s) in pos else None)
                 for s in self.seqs]
-        self._inflight = sample_rows(logits, rows)
+        self._inflight = sample_rows(self._processed(raw), rows)
         self._inflight_rows = list(self.seqs)
-        mx.async_eval(self._inflight)
+        k = max((s.params.top_logprobs for s in self.seqs if s.params.logprobs), default=-1)
+        self._inflight_lp = token_logprobs(raw, self._inflight, k) if k >= 0 else None
+        mx.async_eval(self._inflight, *(self._inflight_lp or ()))
+
+    def _processed(self, logits: mx.array) -> mx.array:
+        """Penalties and grammar masks of the rows that have them (such rows are never pipelined: their state
+        includes the newest token, read back)."""
+        seqs = self.seqs
+        if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
+            logits = mx.stack([penalize(logits[i], s.generated, s.params.presence_penalty, s.params.frequency_penalty)
+                               for i, s in enumerate(seqs)])
+        constrained = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:
+            words = max(c.words for _, c in constrained)
+            bitmask = np.full((len(seqs), max(words, (logits.shape[-1] + 31) // 32)), -1, dtype=np.int32)
+            for i, c in constrained:
+                bitmask[i, :] = 0
+                c.fill(bitmask[i, : c.words])
+            logits = apply_bitmask(logits, bitmask)
+        return logits
 
     @property
     def in_flight(self) -> bool:
@@ -328,19 +355,26 @@ class BatchEngine(BatchMembership):
             return []
         if self._inflight is None:
             self._launch()
-        cur, rows = self._inflight, self._inflight_rows
-        self._inflight, self._inflight_rows = None, []
-        if self.pipeline and launch_next:
+        cur, rows, lp = self._inflight, self._inflight_rows, self._inflight_lp
+        self._inflight, self._inflight_rows, self._inflight_lp = None, [], None
+        if self.pipeline and launch_next and not any(s.params.host_bound for s in self.seqs):
             self._launch(cur, rows)
         if on_launched is not None:  # the caller's host work overlaps the device's (e.g. delivering outputs)
             on_launched()
         tokens = cur.tolist()
+        lps = [a.tolist() for a in lp] if lp is not None else None
         self.steps += 1
         out = []
-        for s, t in zip(rows, tokens):
+        for i, (s, t) in enumerate(zip(rows, tokens)):
             index = len(s.generated)
             s.generated.append(t)
             s.next_token = t
+            if s.constraint is not None:
+                s.constraint.advance(t)
             s.finish = s.rule.finish(t, len(s.generated))
-            out.append(StepOutput(s.request_id, index, t, s.finish))
+            o = StepOutput(s.request_id, index, t, s.finish)
+            if lps is not None and s.params.logprobs:
+                k = s.params.top_logprobs
+                o.logprobs = (lps[0][i], tuple(zip(lps[1][i][:k], lps[2][i][:k])))
+            out.append(o)
         return out

@@ -13,8 +13,9 @@ and gives token-for-token the output of plain sampling (``accept``).
 The filters follow mlx-lm's sampler: temperature, top-k, top-p (nucleus; the most likely token is always kept),
 min-p (relative to the most likely token). ``processors`` is the per-request logits hook (mlx-lm's
 ``logits_processors`` signature: ``fn(tokens: mx.array, logits: mx.array [1, V]) -> logits``), applied before the
-filters with the request's tokens so far (prompt + completion); grammar-constrained output and penalties plug in
-there.
+filters with the request's tokens so far (prompt + completion). OpenAI presence / frequency penalties and
+grammar masks (``constraints.py``, llguidance bitmasks) are applied by the target-only batch before the filters,
+as vLLM and mlx-lm order them; reported log-probabilities are the model's own (raw logits, log-softmax).
 """
 
 from __future__ import annotations
@@ -22,26 +23,34 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConfigError
 from .params import SamplingParams
 
 _M64 = (1 << 64) - 1
+MAX_TOP_LOGPROBS = 20
 
 
-def validate(temperature: float, top_p: float, top_k: int, min_p: float = 0.0) -> None:
-    if not temperature >= 0 or math.isinf(temperature):
+def validate(temperature: float, top_p: float, top_k: int, min_p: float = 0.0, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0, top_logprobs: int = 0) -> None:
+    if not temperature >= 0 or not math.isfinite(temperature):
         raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ConfigError(f"top_k must be >= 0, got {top_k}")
-    if not 0 <= min_p < 1:
-        raise ConfigError(f"min_p must be in [0, 1), got {min_p}")
+    if not 0 <= min_p <= 1:
+        raise ConfigError(f"min_p must be in [0, 1], got {min_p}")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2 <= v <= 2:
+            raise ConfigError(f"{name} must be in [-2, 2], got {v}")
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
 
 
 def check(p: SamplingParams) -> None:
-    validate(p.temperature, p.top_p, p.top_k, p.min_p)
+    validate(p.temperature, p.top_p, p.top_k, p.min_p, p.presence_penalty, p.frequency_penalty, p.top_logprobs)
     if p.max_tokens <= 0:
         raise ConfigError(f"max_tokens must be > 0, got {p.max_tokens}")
 
@@ -81,6 +90,13 @@ def filtered_logprobs(logits: mx.array, p: SamplingParams) -> mx.array:
         logp = mx.where(logp >= top + math.log(p.min_p), logp, -mx.inf)
         logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
     return logp
+
+
+def _filtered_logits(logits: mx.array, temperature: float, top_p: float, top_k: int, min_p: float = 0.0):
+    """1-D logits → the filtered log-probabilities at ``temperature`` (masked = -inf): ``filtered_logprobs`` for
+    one row."""
+    return filtered_logprobs(logits[None], SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                                          min_p=min_p))[0]
 
 
 def pick(logp: mx.array, us) -> mx.array:
@@ -179,3 +195,42 @@ class KeyedSampler:
         out = sample(logits, self.params, self.position)
         self.position += 1
         return out
+
+
+def penalize(logits: mx.array, generated, presence: float, frequency: float) -> mx.array:
+    """1-D logits minus OpenAI's presence / frequency penalties over the tokens generated so far:
+    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``."""
+    if not generated or (presence == 0 and frequency == 0):
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    keep = ids < logits.shape[-1]
+    ids, counts = ids[keep], counts[keep].astype(np.float32)
+    delta = mx.zeros(logits.shape, dtype=mx.float32)
+    delta[mx.array(ids)] = mx.array(presence + frequency * counts)
+    return logits - delta.astype(logits.dtype)
+
+
+def apply_bitmask(logits: mx.array, bitmask: np.ndarray) -> mx.array:
+    """Logits [B, V] with every token whose bit is clear in ``bitmask`` [B, W] (int32 words, bit t % 32 of word
+    t // 32, as llguidance / xgrammar write them) set to -inf; tokens past the mask's 32*W are masked too."""
+    V = logits.shape[-1]
+    words = np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint32)
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little").astype(bool)  # [B, 32W]
+    if bits.shape[-1] < V:
+        bits = np.pad(bits, ((0, 0), (0, V - bits.shape[-1])))
+    return mx.where(mx.array(bits[:, :V]), logits, -mx.inf)
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, k: int):
+    """(logprob of each row's token [B], top-k token ids [B, k], their logprobs [B, k]) under the model's own
+    distribution ``log_softmax(logits)``; top-k sorted most likely first (k = 0: empty)."""
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
+    if k <= 0:
+        empty = mx.zeros((lp.shape[0], 0), dtype=mx.float32)
+        return chosen, empty.astype(mx.int32), empty
+    top = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    vals = mx.take_along_axis(lp, top, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return chosen, mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)

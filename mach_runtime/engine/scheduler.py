@@ -59,6 +59,7 @@ class Event:
     usage: dict | None = None  # with finish: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
     kv: tuple | None = None  # with finish of a store_kv request: (caches, the tokens they cover)
     error: str | None = None  # the request failed alone (the message names the cause)
+    logprobs: tuple | None = None  # per token when the request asked: (logprob, ((top id, logprob), ...))
 
 
 @dataclass
@@ -198,6 +199,8 @@ class Scheduler:
         p = r.params
         if self.spec is None or p.specdec in (None, "target_only") or len(r.generated) >= p.max_tokens:
             return False
+        if p.target_only:  # penalties, grammars, logprobs, logits processors: only the target-only batch has them
+            return False
         # a replayed request that already ended goes through the batch, which finishes it at once
         return not (r.generated and StopRule(p, self.eos).finish(r.generated[-1], len(r.generated)))
 
@@ -222,7 +225,7 @@ class Scheduler:
             spec = self._wants_spec(subs[0])
             want = ("solo" if spec else "batch") if lane is None else ("batch" if lane == "spec" and not spec else lane)
         elif (self.spec_batch is not None and len(subs) <= self.spec_batch.max_batch
-              and any(self._wants_spec(s) for s in subs)):
+              and any(self._wants_spec(s) for s in subs) and not any(s.params.target_only for s in subs)):
             want = "spec"
         else:
             want = "batch"
@@ -324,7 +327,8 @@ class Scheduler:
         self.counters["steps"] += 1
         self.histogram[len(outs)] += 1
         self.counters["generated"] += len(outs)
-        self._events.extend(Event(o.request_id, o.index, (o.token,)) for o in outs)
+        self._events.extend(Event(o.request_id, o.index, (o.token,),
+                                  logprobs=(o.logprobs,) if o.logprobs is not None else None) for o in outs)
         for o in outs:
             if o.finish_reason is not None:
                 self._finish(o.request_id, o.finish_reason)
@@ -353,7 +357,8 @@ class Scheduler:
         if seq.finish:
             return self._finish_event(r, seq.finish, usage, None)
         o = eng.step(launch_next=False)[0]
-        self._events.append(Event(r.request_id, o.index, (o.token,)))
+        self._events.append(Event(r.request_id, o.index, (o.token,),
+                                  logprobs=(o.logprobs,) if o.logprobs is not None else None))
         self.counters["generated"] += 1
         if o.finish_reason:
             kv = eng.extract_kv(r.request_id) if r.store_kv else None
