@@ -97,8 +97,7 @@ def record_generation(model, store, prompt_ids: list[int], max_tokens: int, temp
 
     from ..engine.generate import make_sampler
 
-    mx.random.seed(seed)
-    sampler = make_sampler(temperature)
+    sampler = make_sampler(temperature, seed=seed)
     cache = make_prompt_cache(model)
     store.start_trace()
     logits = None

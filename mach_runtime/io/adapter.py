@@ -17,6 +17,30 @@ KV_CACHE_KINDS = ("standard", "hybrid_gdn", "compressed", "rotating")
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a family's caches and layers allow: THE table the Runtime, the scheduler and the speculative engines
+    obey (``MoeArchAdapter.capabilities``; ``mach-archs`` prints it).
+
+    batch: its prompt caches merge into batch caches per row (continuous batching); otherwise requests run one at
+        a time, the others queued. spec_rollback: how a speculative verify is undone ("trim": every cache trims;
+        "snapshot": some state is restored from a snapshot). spec_batch: batched verification can roll each row
+        back alone (full-attention KV and GatedDeltaNet state only). hidden_taps: decoder layers output the [T, H]
+        hidden states a DFlash draft reads. snapshot: its prompt cache can be saved and reloaded (sessions' KV
+        and the disk prefix cache). compiled_verify: its decoder layers are the plain attention + MoE blocks
+        ``specdec/compiled_verify.py`` compiles whole (qwen3_moe)."""
+
+    family: str  # the registry key
+    batch: bool
+    batch_reason: str
+    speculate: bool
+    spec_rollback: str
+    spec_batch: bool
+    hidden_taps: bool
+    snapshot: bool
+    compiled_verify: bool = False
+
+
+@dataclass(frozen=True)
 class MoeArchAdapter:
     """What the engine needs to know about one MoE family.
 
@@ -56,6 +80,8 @@ class MoeArchAdapter:
     implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
     notes: str = ""
+    hidden_taps: bool = True  # decoder layers output [T, H] hidden states (what a DFlash draft reads)
+    compiled_verify: bool = False  # plain attention + MoE decoder layers: the verify compiles whole
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
         """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
@@ -99,6 +125,14 @@ class MoeArchAdapter:
     def continuous_batching(self) -> bool:
         """Whether the family's caches can be batched per row (see ``continuous_batching_capability``)."""
         return continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)[0]
+
+    def capabilities(self) -> Capabilities:
+        """The family's capability table (see ``Capabilities``)."""
+        batch, reason = continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)
+        return Capabilities(family=self.key, batch=batch, batch_reason=reason, speculate=True, spec_rollback=self.specdec_kind,
+                            spec_batch=self.kv_cache_kind in ("standard", "hybrid_gdn"),
+                            hidden_taps=self.hidden_taps, snapshot=self.kv_cache_kind != "compressed",
+                            compiled_verify=self.compiled_verify)
 
     def model_classes(self):
         """(Model, ModelArgs) of the family (imports MLX)."""

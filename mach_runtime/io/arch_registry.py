@@ -11,13 +11,29 @@ import json
 import os
 from typing import Any
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedArchError
-from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, MoeArchAdapter, continuous_batching_capability
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, Capabilities, MoeArchAdapter, continuous_batching_capability
 
 __all__ = [
-    "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "MoeArchAdapter", "adapter_for_config", "arch_summary",
-    "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
+    "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "Capabilities", "MoeArchAdapter", "adapter_for_config",
+    "arch_summary", "capabilities_of", "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
 ]
+
+
+def capabilities_of(model) -> Capabilities:
+    """The capability table of a loaded model's family (by its ``model_type``); ``ConfigError`` for a model of no
+    registered family."""
+    found = None
+    for m in (model, getattr(model, "language_model", None)):
+        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
+            if found is None and isinstance(t, str):
+                found = t
+    for a in REGISTRY.values():
+        if found is not None and (found in a.model_types or found in a.unwrapped_model_types
+                                  or found.removesuffix("_text") in a.model_types):
+            return a.capabilities()
+    raise ConfigError(f"{found or type(model).__module__}: not a model of a registered MoE family; the engine "
+                      f"supports {', '.join(REGISTRY)} (see mach-archs)")
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:
@@ -87,6 +103,7 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "group": adapter.default_group,
         "model_module": adapter.model_module,
         "continuous_batching": adapter.continuous_batching(),
+        "hidden_taps": adapter.hidden_taps,
         "implemented": adapter.implemented,
     }
 

@@ -51,7 +51,7 @@ class CompiledVerify:
         self.ops = target_ops
         self.inner = target_ops.inner
         self._fns = GraphCache(MAX_GRAPHS, target_ops.model)
-        self.enabled = (target_ops.family == "qwen3_moe" and target_ops._final is None
+        self.enabled = (target_ops.caps.compiled_verify and target_ops._final is None
                         and not any(isinstance(m, DiskSwitchGLU) for _, m in target_ops.model.named_modules())
                         and all(_attention_ok(layer) for layer in target_ops.layers))
 

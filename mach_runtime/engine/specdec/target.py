@@ -10,11 +10,10 @@ state. Parameter names do not change (a hook carries the layer's tree) and an un
 
 The verify-ready cache classes (exact sliding-window trim, bucketed KV lengths) live in ``verify_cache.py``.
 
-Families (``_FAMILIES``): qwen3_moe, qwen3_5_moe, gpt_oss (sliding-window layers, attention sinks), gemma4
-(sliding-window layers; ``embed`` includes the ``sqrt(hidden)`` embedding scale, ``head`` the tied projection and
-the final logit softcapping: exactly what the model applies) and deepseek_v4 (hc residual streams collapsed by
-its ``hc_head`` + final norm before the head; no hidden-state taps, so PROMPT_LOOKUP / TARGET_ONLY / custom
-drafters only). Anything else is a ``ConfigError``.
+Which families may speculate, and whether their layers can be tapped, is their capability table
+(``io.adapter.Capabilities``). Structure is read off the model: an ``embed_scale`` (gemma4's ``sqrt(hidden)``) and
+a final logit softcap are applied where the model has them, an ``hc_head`` (deepseek_v4's residual streams)
+collapses the hidden state before the final norm, layers past ``num_hidden_layers`` (MTP blocks) are not run.
 
 Rollback per cache type:
 * trimmable caches (``KVCache``; sliding-window ``RotatingKVCache``, whose trim ``make_cache`` makes exact
@@ -33,6 +32,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ...errors import ConfigError
+from ...io.arch_registry import capabilities_of
 from ..hooks import ModuleHook, find_hook
 from .verify_cache import (  # noqa: F401  (KV_BUCKET .. drop_front: also importable from here, as before)
     KV_BUCKET, bucket_batch_caches, bucket_kv_caches, drop_front, exact_rotating_caches, kv_bucket, plain_caches,
@@ -54,49 +54,30 @@ class TapHook(ModuleHook):
         return out
 
 
-_FAMILIES = ("qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4")  # embed / head / caches checked
-_NO_TAPS = {  # families whose decoder layers do not output a [T, H] hidden state a DFlash draft could read
-    "deepseek_v4": "its decoder layers output hc_mult residual streams [T, hc, H] (collapsed only by the final "
-                   "hc_head), and no DFlash draft defines which [T, H] features to read from them",
-}
-
-
-def _family(model) -> str:
-    for m in (model, getattr(model, "language_model", None)):
-        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
-            if isinstance(t, str):
-                return t
-    return type(model).__module__
-
-
 class TargetOps:
     """Forward-with-capture, embedding/LM head and rollback for one loaded target model."""
 
     def __init__(self, model):
         self.model = model
-        self.family = _family(model)
+        self.caps = capabilities_of(model)
+        self.family = self.caps.family
         self.owner = getattr(model, "language_model", model)  # holds lm_head and the text args
         self.inner = getattr(self.owner, "model", None)
-        if (self.family not in _FAMILIES or self.inner is None or not hasattr(self.inner, "embed_tokens")
+        if (not self.caps.speculate or self.inner is None or not hasattr(self.inner, "embed_tokens")
                 or not hasattr(self.inner, "layers")):
-            raise ConfigError(
-                f"{self.family}: speculative decoding supports {', '.join(_FAMILIES)} (deepseek_v4 without "
-                "DFlash drafts); this family is not supported yet"
-            )
+            raise ConfigError(f"{self.family}: this family's capabilities rule out speculative decoding")
         args = getattr(self.owner, "args", None)
         n_main = getattr(args, "num_hidden_layers", None)
         self._n_layers = len(self.inner.layers)
-        if self.family == "deepseek_v4" and n_main is not None:
-            self._n_layers = min(self._n_layers, int(n_main))  # its MTP blocks follow the main layers
+        if n_main is not None:
+            self._n_layers = min(self._n_layers, int(n_main))  # MTP blocks (deepseek_v4) follow the main layers
         self.tied = bool(getattr(args, "tie_word_embeddings", False)) or not hasattr(self.owner, "lm_head")
         self.hidden_size = int(self.inner.embed_tokens.weight.shape[-1])
-        # gemma4: the model multiplies the embedding by sqrt(hidden) (HF's scaled embedding; what a DFlash draft
-        # trained on it sees) and soft-caps the final logits
-        self.embed_scale = getattr(self.inner, "embed_scale", None) if self.family == "gemma4" else None
-        self.softcap = getattr(self.owner, "final_logit_softcapping", None) if self.family == "gemma4" else None
+        self.embed_scale = getattr(self.inner, "embed_scale", None)
+        self.softcap = getattr(self.owner, "final_logit_softcapping", None)
         self._final = None  # applied to the text model's output before the head
         self.compiled = None  # a ``compiled_verify.CompiledVerify`` for the verify forwards it covers
-        if self.family == "deepseek_v4":
+        if hasattr(self.inner, "hc_head"):  # hyper-connections (deepseek_v4): streams collapsed before the norm
             self._final = lambda h: self.inner.norm(self.inner.hc_head(h))
 
     @property
@@ -109,9 +90,10 @@ class TargetOps:
         return self._n_layers
 
     def tap(self, layer_ids) -> None:
-        if self.family in _NO_TAPS:
+        if not self.caps.hidden_taps:
             raise ConfigError(
-                f"{self.family}: hidden-state drafts (NATIVE_V7 / DFlash) are not supported: {_NO_TAPS[self.family]}; "
+                f"{self.family}: hidden-state drafts (NATIVE_V7 / DFlash) are not supported: its decoder layers do "
+                "not output the [T, H] hidden states a DFlash draft reads (capabilities: hidden_taps=False); "
                 "use PROMPT_LOOKUP or TARGET_ONLY"
             )
         for i in layer_ids:

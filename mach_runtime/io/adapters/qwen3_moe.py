@@ -38,4 +38,5 @@ ADAPTER = MoeArchAdapter(
     top_k_field="num_experts_per_tok",
     moe_intermediate_field="moe_intermediate_size",
     moe_layers=_moe_layers,
+    compiled_verify=True,
 )
