@@ -16,6 +16,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedArchEr
 
 SWIGLU_VARIANTS = ("plain_swiglu", "silu_limited", "plain_geglu")
 KV_CACHE_KINDS = ("standard", "hybrid_gdn", "compressed", "rotating")
+_MAX_CONFIG_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,33 @@ class MoeArchAdapter:
     rotating_keep: int = 0  # tokens a rotating KV cache keeps at the front (mlx-lm's RotatingKVCache keep)
     implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
+    # normalize(tc, source) -> tc: every spelling the family's configs use (transformers 4.x / 5.x aliases, rope
+    # spellings) turned into the one the MLX ModelArgs reads, fields checked (config_rules.normalizer)
+    normalize: Callable[[dict, str], dict] | None = field(compare=False, default=None)
+    # checkpoint tensors that are not the text model (vision / audio towers): skipped at load with one log line
+    skipped_prefixes: tuple[str, ...] = ()
+    # weight_rename(config)(name): a non-expert tensor's name as the MLX model's sanitize expects it (text-only
+    # checkpoints of wrapped families); None: names as stored
+    weight_rename: Callable[[dict], Callable[[str], str] | None] | None = field(compare=False, default=None)
     notes: str = ""
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
-        """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
-        if not self.wrapped or config.get("model_type") in self.unwrapped_model_types:
-            return config
-        inner = config.get("text_config")
-        if not isinstance(inner, dict):
-            raise CheckpointError(
-                f"{source}: model_type {config.get('model_type')!r} keeps its settings under 'text_config', "
-                "which is missing; use the checkpoint's original config.json"
-            )
-        return inner
+        """The model's own config dict, normalised and checked: unwrapped from ``text_config`` for wrapped
+        families (a flat config of a wrapped family is accepted too), spelled as the family's MLX model reads it."""
+        inner = config
+        if self.wrapped and config.get("model_type") not in self.unwrapped_model_types:
+            inner = config.get("text_config")
+            if inner is None and "num_hidden_layers" in config:  # flat: the text settings at the top level
+                inner = config
+            if not isinstance(inner, dict):
+                raise CheckpointError(
+                    f"{source}: model_type {config.get('model_type')!r} keeps its settings under 'text_config', "
+                    "which is missing or not a JSON object; use the checkpoint's original config.json"
+                )
+        return self.normalize(inner, source) if self.normalize else inner
+
+    def rename_for(self, config: dict) -> Callable[[str], str] | None:
+        return self.weight_rename(config) if self.weight_rename else None
 
     def required_int(self, text_config: dict, name: str, source: str = "config.json") -> int:
         value = text_config.get(name)
@@ -152,11 +167,21 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointNotFoundError(
             f"{path}: config.json not found; a checkpoint directory needs the model's config.json"
         )
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: config.json is not a regular file; put the model's config.json there")
+    if os.path.getsize(path) > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: config.json is {os.path.getsize(path)} bytes, more than a config can be "
+                              f"({_MAX_CONFIG_BYTES}); it is not the model's config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: config.json is not UTF-8 text ({e}); use the model's original "
+                              "config.json") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: config.json cannot be read ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: config.json must hold a JSON object")
     return config

@@ -209,10 +209,25 @@ def _quantize_non_experts(model, config: dict, weights: dict) -> None:
     )
 
 
-def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
+def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, config: dict) -> dict[str, str]:
+    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors;
+    vision / audio tower tensors are skipped with one log line."""
+    names = [n for n in index.names() if n not in layout.expert_tensor_names]
+    skipped = [n for n in names if n.startswith(adapter.skipped_prefixes)] if adapter.skipped_prefixes else []
+    if skipped:
+        towers = sorted({p for p in adapter.skipped_prefixes for n in skipped if n.startswith(p)})
+        print(f"[mach] skipping {len(skipped)} non-text tensors ({', '.join(p + '*' for p in towers)}) of "
+              f"{index.directory}: mach_runtime serves the text model", file=sys.stderr)
+    rename = adapter.rename_for(config) or (lambda n: n)
+    drop = set(skipped)
+    return {rename(n): n for n in names if n not in drop}
+
+
+def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
+                      adapter):
     from mlx.utils import tree_flatten
 
-    weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
+    weights = {k: tensors[n] for k, n in _non_expert_names(index, layout, adapter, config).items()}
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
@@ -353,7 +368,7 @@ def load_moe(
                 glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast)
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
         mx.eval(model.parameters())
         model.eval()
     except BaseException:
