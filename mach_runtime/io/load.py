@@ -55,7 +55,16 @@ def _load_tokenizer(directory: Path, config: dict):
         )
     from mlx_lm.utils import load_tokenizer
 
-    return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    try:
+        return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers / tokenizers raise many types for damaged files
+        if type(e).__name__.startswith("StrictDataclass"):  # transformers' typed config validation
+            raise CheckpointError(f"{directory / 'config.json'}: transformers rejects a field's type ({e}); fix "
+                                  "that field or use the model's original config.json") from None
+        raise CheckpointError(
+            f"{directory}: the tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); tokenizer.json / "
+            "tokenizer_config.json are damaged or do not belong to this model: copy the original model's tokenizer "
+            "files") from None
 
 
 def _set_module(root, path: str, module) -> None:

@@ -37,6 +37,16 @@ KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
                  "a list of non-negative integers"),
     "str_list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "dict": (lambda v: isinstance(v, dict), "a JSON object"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "token_ids": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+                  "a token id or a list of token ids"),
+}
+
+# fields of every transformers config (PreTrainedConfig), typed as transformers' strict validation types them
+COMMON_FIELDS = {
+    "use_cache": "bool?", "tie_word_embeddings": "bool?", "output_hidden_states": "bool?", "return_dict": "bool?",
+    "is_encoder_decoder": "bool?", "architectures": "str_list?", "bos_token_id": "token_ids?",
+    "eos_token_id": "token_ids?", "pad_token_id": "token_ids?",
 }
 
 
@@ -112,7 +122,7 @@ def normalizer(*, aliases: tuple[tuple[str, str], ...] = (), rope: bool = True, 
             tc = normalize_rope(tc, source)
         if extra is not None:
             tc = extra(tc, source)
-        check_fields(tc, fields or {}, source)
+        check_fields(tc, {**COMMON_FIELDS, **(fields or {})}, source)
         return tc
 
     return normalize
