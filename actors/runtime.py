@@ -224,6 +224,10 @@ class Runtime:
             from mach_runtime.cli.main import default_checkpoint
 
             checkpoint = default_checkpoint()
+        else:  # a local directory or a repository id in the Hugging Face cache (mlx-lm's resolution, offline)
+            from mach_runtime.io.hf_cache import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
         mlx = MLXThread()
         store = None
         try:

@@ -200,6 +200,16 @@ def adapter_for_config(config: dict, source: str = "config.json") -> MoeArchAdap
     )
 
 
+def experts_and_top_k(directory: str | os.PathLike) -> tuple[int, int]:
+    """(routed experts per layer, experts per token) of a checkpoint directory, read through its adapter (every
+    config spelling the adapter accepts)."""
+    config = read_config(directory)
+    source = os.path.join(os.fspath(directory), "config.json")
+    adapter = adapter_for_config(config, source)
+    tc = adapter.text_config(config, source)
+    return adapter.num_experts(tc, source), adapter.top_k(tc, source)
+
+
 def detect_arch(config_json_path: str | os.PathLike) -> str:
     """Returns the registry key for the checkpoint whose ``config.json`` is given (a directory works too)."""
     config = read_config(config_json_path)

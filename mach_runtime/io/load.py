@@ -5,17 +5,17 @@ routed-expert tensors (per-expert or stacked layout) → build the family's MLX 
 a ``GatherSwitchGLU`` (stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from
 disk) → load the non-expert weights → return ``(model, tokenizer, store, cache)``.
 
-Nothing is downloaded: the path must be a local checkpoint directory.
+Nothing is downloaded: the path is a local checkpoint directory or a repository id already in the local
+Hugging Face cache (``hf_cache.resolve_checkpoint``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
-from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
 from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
 from .safetensors_index import CheckpointIndex
@@ -24,24 +24,23 @@ _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "ui
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _local_dir(path) -> Path:
-    if path is None:
-        raise CheckpointNotFoundError("no checkpoint path given; pass a local checkpoint directory")
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.exists():
-        raise CheckpointNotFoundError(
-            f"{p}: checkpoint path does not exist; pass a local directory holding config.json and "
-            "*.safetensors (mach_runtime never downloads weights)"
-        )
+def _local_dir(path, revision: str | None = None) -> Path:
+    """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
+    from .hf_cache import resolve_checkpoint
+
+    p = resolve_checkpoint(path, revision)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass the checkpoint directory, not a file inside it")
     return p.resolve()
 
 
-def load(path, **kwargs):
-    """mlx-lm's loader for any model mlx-lm supports, restricted to local paths: ``(model, tokenizer)``."""
-    directory = _local_dir(path)
+def load(path, revision: str | None = None, **kwargs):
+    """mlx-lm's loader for any model mlx-lm supports: ``(model, tokenizer)``. ``path`` is a local directory or a
+    repository id in the local Hugging Face cache (never downloaded); config.json and the safetensors headers
+    are checked first, so a damaged checkpoint is a CheckpointError."""
+    directory = _local_dir(path, revision)
     read_config(directory)  # clear error for a missing or broken config.json
+    CheckpointIndex(directory)  # and for damaged safetensors headers or index
     from mlx_lm import load as mlx_lm_load
 
     return mlx_lm_load(str(directory), **kwargs)
@@ -277,6 +276,7 @@ def load_moe(
     direct_io: bool | None = None,
     dtype=None,
     progress: bool = False,
+    revision: str | None = None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -288,6 +288,8 @@ def load_moe(
         than the experts is capped at the experts); exclusive with an ``expert_cache_gb`` argument.
     eviction_policy: "lru" or "lrfu" (frequency-aware LRU, default); io_threads: reader threads;
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
+    path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
+        (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -295,7 +297,7 @@ def load_moe(
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
     if expert_slots is not None and expert_cache_gb is not None:
         raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
-    directory = _local_dir(path)
+    directory = _local_dir(path, revision)
     source = str(directory / "config.json")
     config = read_config(directory)
     if arch is not None:
@@ -399,7 +401,7 @@ def load_v4_flash(path, **kwargs):
     ``model.mtp_draft(hidden[:, -1:], next_token[None], mtp_cache)`` with ``mtp_cache = model.make_mtp_cache()``
     gives the logits of the token after ``next_token``.
     """
-    directory = _local_dir(path)
+    directory = _local_dir(path, kwargs.pop("revision", None))
     config = read_config(directory)
     source = str(directory / "config.json")
     adapter = adapter_for_config(config, source)
