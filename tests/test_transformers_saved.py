@@ -158,3 +158,20 @@ def test_conflicting_aliases_are_a_checkpoint_error(saved, tmp_path):
         load_moe(dst)
     with pytest.raises(CheckpointError, match="num_experts.*num_local_experts"):
         check_checkpoint(dst, memory_gb=16)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe"])
+def test_mlx_lm_compatible_load_reads_transformers_saves(saved, name):
+    """``load`` (mlx-lm's loader) gets the adapter's normalised config: transformers 5's spellings load there
+    too (mlx-lm alone stops at qwen3_moe's missing num_experts). The weights stay mlx-lm's business: its
+    sanitize does not read gpt-oss's bf16 layout or per-expert Qwen3.5 experts (load_moe reads both)."""
+    from mach_runtime import load
+
+    path, _, ref = saved(name)
+    model, _ = load(path)
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+    got = np.array(model(mx.array([PROMPT_IDS]))[0].astype(mx.float32))
+    assert rel_err(got, ref) <= TOL

@@ -39,11 +39,27 @@ def load(path, revision: str | None = None, **kwargs):
     repository id in the local Hugging Face cache (never downloaded); config.json and the safetensors headers
     are checked first, so a damaged checkpoint is a CheckpointError."""
     directory = _local_dir(path, revision)
-    read_config(directory)  # clear error for a missing or broken config.json
+    config = read_config(directory)  # clear error for a missing or broken config.json
     CheckpointIndex(directory)  # and for damaged safetensors headers or index
     from mlx_lm import load as mlx_lm_load
 
+    overrides = _mlx_lm_overrides(config, str(directory / "config.json"))
+    if overrides:
+        kwargs["model_config"] = {**overrides, **(kwargs.get("model_config") or {})}
     return mlx_lm_load(str(directory), **kwargs)
+
+
+def _mlx_lm_overrides(config: dict, source: str) -> dict:
+    """For a family mach_runtime has an adapter for: the config as the adapter normalises it (transformers 5's
+    aliases and rope spelling, text-only variants), given to mlx-lm as ``model_config`` overrides."""
+    try:
+        adapter = adapter_for_config(config, source)
+    except UnsupportedArchError:
+        return {}
+    tc = adapter.text_config(config, source)
+    if adapter.wrapped or config.get("model_type") in adapter.unwrapped_model_types:
+        return adapter.model_args_dict(config, tc)
+    return {k: v for k, v in adapter.model_args_dict(config, tc).items() if config.get(k, object()) != v}
 
 
 def _load_tokenizer(directory: Path, config: dict):
