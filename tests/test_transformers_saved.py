@@ -12,7 +12,7 @@ import pytest
 from mach_runtime import load_moe
 from mach_runtime.cli.check import check_checkpoint
 from mach_runtime.errors import CheckpointError
-from mach_runtime.io.arch_registry import REGISTRY, detect_arch
+from mach_runtime.io.arch_registry import REGISTRY, detect_arch, registry_summary
 from tests.helpers import rel_err
 from tests.transformers_saved import BUILDERS, PROMPT_IDS, save_transformers_checkpoint
 
@@ -57,6 +57,9 @@ def test_transformers_saved_checkpoint_matches_transformers(saved, name, residen
         assert stats.misses > 0
     report = check_checkpoint(path, memory_gb=16)  # mach check agrees with what load_moe accepted
     assert report["arch"] == arch and report["loadable"]
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    row = next(r for r in registry_summary() if r["arch"] == arch)  # what mach-archs --json prints
+    assert model_type in row["model_types"] and row["implemented"]
 
 
 @pytest.mark.parametrize("name,prefix", [("qwen3_5_moe", "model.visual."), ("gemma4", "model.vision_tower.")])

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 from .pipe import quiet_on_closed_pipe
 
@@ -110,6 +111,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
     from ..errors import CheckpointError
     from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
     from ..io.expert_layout import find_expert_layout
+    from ..io.load import require_tokenizer_files
     from ..io.safetensors_index import CheckpointIndex
 
     from ..io.hf_cache import resolve_checkpoint
@@ -124,6 +126,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
     layout = find_expert_layout(index, adapter, tc, source)
+    require_tokenizer_files(Path(directory))  # what load_moe needs beyond the weights
     if memory_gb is None:
         mem = physical_memory_bytes()
         if mem is None:

@@ -62,12 +62,17 @@ def _mlx_lm_overrides(config: dict, source: str) -> dict:
     return {k: v for k, v in adapter.model_args_dict(config, tc).items() if config.get(k, object()) != v}
 
 
-def _load_tokenizer(directory: Path, config: dict):
-    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+def require_tokenizer_files(directory: Path) -> None:
+    """load_moe needs the model's tokenizer beside the weights (mach check asks the same)."""
+    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(
             f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
             "original model into the checkpoint directory"
         )
+
+
+def _load_tokenizer(directory: Path, config: dict):
+    require_tokenizer_files(directory)
     from mlx_lm.utils import load_tokenizer
 
     try:
