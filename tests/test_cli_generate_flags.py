@@ -18,7 +18,7 @@ DEMO = str(demo_model_path())
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory):
     """fp32 qwen3_moe with head_dim 32 (KV quantization groups must divide head_dim)."""
-    from mach_runtime.io.tiny import make_tiny_checkpoint
+    from mach_runtime.testing.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("t32") / "ckpt", hidden=64, heads=2, head_dim=32,
                                 tokenizer_from=HF_QWEN3_MOE)

@@ -174,8 +174,8 @@ def _dflash(a, model, tokenizer, ids):
 
 
 def run(a) -> int:
+    from ..assets import default_checkpoint
     from ..io.load import load_moe
-    from .main import default_checkpoint
 
     _check(a)
     import mlx.core as mx

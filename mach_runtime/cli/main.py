@@ -14,15 +14,8 @@ from .pipe import quiet_on_closed_pipe
 DEFAULT_TINY = "tiny-qwen3-moe"
 
 
-def default_checkpoint() -> str:
-    """The bundled default: the project's own trained demo model, shipped inside the package (offline)."""
-    from ..assets import demo_model_path
-
-    return str(demo_model_path())
-
-
 def _cmd_make_tiny(a) -> int:
-    from ..io.tiny import make_tiny_checkpoint
+    from ..testing.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(
         a.out, layout=a.layout, dtype=a.dtype, quant_bits=a.quant_bits,

@@ -12,7 +12,7 @@ Two layouts: multimodal (``Gemma4ForConditionalGeneration``: ``model_type: gemma
 
 from __future__ import annotations
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, switch_scheme
 from .config_rules import normalizer
 

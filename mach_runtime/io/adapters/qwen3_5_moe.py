@@ -14,7 +14,7 @@ text-only (``Qwen3_5MoeForCausalLM``: ``model_type: qwen3_5_moe_text``, a flat c
 from __future__ import annotations
 
 from ...errors import CheckpointError
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
 from .config_rules import normalizer
 

@@ -6,7 +6,7 @@ as ``rope_parameters``; hub configs and transformers 4.x write ``num_experts`` a
 
 from __future__ import annotations
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
 from .config_rules import normalizer
 
