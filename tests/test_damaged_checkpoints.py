@@ -174,3 +174,24 @@ def test_undamaged_copy_loads(tmp_path):
     _, _, store, _ = load_moe(d)
     store.close()
     assert os.path.exists(d / "model.safetensors.index.json")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("residency", ["stacked", "streaming"])
+@pytest.mark.parametrize("case", ["data_offsets_strings", "garbage_tokenizer_json", "decoder_sparse_step_0",
+                                  "weight_map_int"])
+async def test_runtime_open_damaged_checkpoint(tmp_path, case, residency):
+    from mach_runtime import Runtime
+
+    damage, names = CASES[case]
+    d = tmp_path / "ckpt"
+    shutil.copytree(HF_QWEN3_MOE, d)
+    damage(d)
+    with pytest.raises(CheckpointError, match=names):
+        async with Runtime.open(d, expert_residency=residency):
+            pass
