@@ -141,3 +141,19 @@ def test_closed_pipe_exits_quietly(args):
     p = _closed_pipe(args)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
     assert p.returncode == 141
+
+
+def test_draft_models_keep_greedy_output(tiny32, capsys):
+    """--draft-model: a DFlash draft runs mach's block speculative decoding, a plain model mlx-lm's draft-model
+    decoding; greedy output equals decoding without a draft either way."""
+    from mach_runtime.assets import demo_model_path
+
+    dflash = str(demo_model_path().parent / "demo-qwen3-moe-dflash")
+    base = ["--model", DEMO, "-p", "def add(a, b):", "--ignore-chat-template", "-m", "16", "--verbose", "False"]
+    _, plain, _ = _mach(base, capsys)
+    code, drafted, _ = _mach([*base, "--draft-model", dflash], capsys)
+    assert code == 0 and drafted == plain and plain.strip()
+    base = ["--model", str(tiny32), "-p", "def add(a, b):", "--ignore-chat-template", "-m", "12", "--verbose", "False"]
+    _, plain, _ = _mach(base, capsys)
+    code, drafted, _ = _mach([*base, "--draft-model", str(tiny32), "--num-draft-tokens", "2"], capsys)
+    assert code == 0 and drafted == plain
