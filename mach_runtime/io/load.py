@@ -11,6 +11,7 @@ Hugging Face cache (``hf_cache.resolve_checkpoint``).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def require_tokenizer_files(directory: Path) -> None:
             f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
             "original model into the checkpoint directory"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = directory / name
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(f.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{f}: the tokenizer file is not valid JSON ({type(e).__name__}: {str(e)[:200]}); "
+                                  "copy the original model's tokenizer files") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{f}: the tokenizer file must hold a JSON object; copy the original model's "
+                                  "tokenizer files")
 
 
 def _load_tokenizer(directory: Path, config: dict):
