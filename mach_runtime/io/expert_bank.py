@@ -61,7 +61,8 @@ def apply_transform(a, transform: str):
     """Host-side reshaping of expert components ``a [n, ...]`` to the engine's ``[n, out, in]`` rows.
 
     ``t`` swaps the last two axes of 2-D parts; ``deinterleave`` moves the even rows (gate) before the odd rows
-    (up). MLX ops on the MLX thread; exact (pure data movement).
+    (up); ``blocks:bm:bk:out:in`` repeats FP8 block scales over their rows and 32-wide groups (expert_layout).
+    MLX ops on the MLX thread; exact (pure data movement).
     """
     import mlx.core as mx
 
@@ -71,6 +72,10 @@ def apply_transform(a, transform: str):
                 a = a.swapaxes(-1, -2)
         elif step == "deinterleave":
             a = mx.concatenate([a[:, 0::2], a[:, 1::2]], axis=1)
+        elif step.startswith("blocks:"):  # ue8m0 block scales [n, gr, gc] -> mx scales [n, out, in/32]
+            _, bm, bk, out_dim, in_dim = (int(v) if v.isdigit() else v for v in step.split(":"))
+            a = mx.repeat(a, bm, axis=-2)[..., :out_dim, :]
+            a = mx.repeat(a, bk // 32, axis=-1)[..., : in_dim // 32]
         else:
             raise ValueError(f"unknown expert transform {step!r}")
     return mx.contiguous(a) if transform else a

@@ -11,8 +11,20 @@ Which names a family uses is declared by its adapter as ``ExpertScheme``s (``exp
 scheme whose probe tensor exists wins. A component may need a host-side transform (transpose, de-interleave)
 to become rows of the engine's fused ``gate_up`` / ``down`` projections.
 
-Components are ``weight`` plus, for quantized checkpoints, ``scales`` and ``biases`` (affine), and ``bias`` for
-families with expert biases. No MLX here: the discovery commands use this module too.
+Components are ``weight`` plus, for quantized checkpoints, ``scales`` and ``biases`` (affine) or ``global_scale``
+(nvfp4 with a per-expert tensor scale), and ``bias`` for families with expert biases. No MLX here: the discovery
+commands use this module too.
+
+**Quantization is per projection.** Each layer's ``gate_up`` and ``down`` projections carry their own
+``QuantSpec`` recovered from the stored shapes (as mlx-lm's ``infer_quant_config`` does), so mlx-lm's mixed
+recipes (``mixed_3_6``: 6-bit ``down_proj`` in some layers, 3-bit elsewhere) and per-module overrides load in
+both residencies; the streaming bank of a layer holds each projection in its own format.
+
+**Released low-precision formats** (DeepSeek-V4-Flash) are mapped onto MLX's quantized layouts without
+dequantizing: FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is* mxfp4 (the
+bytes are viewed as ``U32 [out, in/8]``); FP8 (``F8_E4M3 [out, in]``) with ue8m0 block scales
+``[ceil(out/bm), ceil(in/bk)]`` becomes mxfp8 (the same bytes as ``U32 [out, in/4]``; each block scale repeated
+over its rows and its 32-wide groups, exact because a ue8m0 scale is a power of two shared by the block).
 """
 
 from __future__ import annotations
@@ -23,11 +35,13 @@ from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from .arch_registry import MoeArchAdapter
-from .expert_schemes import U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
+from .expert_schemes import SCALE_ALIASES, U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
 from .safetensors_index import CheckpointIndex, TensorInfo
 
-COMPONENTS = ("weight", "scales", "biases", "bias")
+COMPONENTS = ("weight", "scales", "biases", "global_scale", "bias")
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
+_E8M0_DTYPES = ("F8_E8M0", "U8")  # ue8m0 scales as released (F8_E8M0) or as raw bytes
+BLOCKS = "blocks"  # transform prefix: ue8m0 block scales -> per-row, per-32 group scales ("blocks:bm:bk:out:in")
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,11 @@ class ExpertLayerSource:
     layer: int
     num_experts: int
     components: dict[tuple[str, str], ExpertComponent]
-    quant: QuantSpec | None
+    quant: QuantSpec | None  # the gate_up projection's (kept for callers that assume one format per layer)
+    quants: dict = dataclasses.field(default_factory=dict)  # target ("gate_up" | "down") -> QuantSpec | None
+
+    def quant_of(self, target: str) -> QuantSpec | None:
+        return self.quants.get(target, self.quant) if self.quants else self.quant
 
     @property
     def expert_bytes(self) -> int:
@@ -121,6 +139,8 @@ def _infer_quant(name: str, weight: TensorInfo, scales: TensorInfo, in_dims: int
 def _expected_shape(comp: str, out_dim: int, in_dim: int, quant: QuantSpec | None) -> tuple[int, ...]:
     if comp == "bias":
         return (out_dim,)
+    if comp == "global_scale":
+        return ()
     if quant is None:
         return (out_dim, in_dim)
     if comp == "weight":
@@ -132,6 +152,9 @@ def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...
     """Per-expert shape after the host-side transform (a transpose swaps the last two axes of 2-D parts)."""
     if "t" in transform.split("+") and len(shape) == 2:
         return (shape[1], shape[0])
+    if transform.startswith(BLOCKS + ":"):
+        _, _, _, out_dim, in_dim = transform.split(":")
+        return (int(out_dim), int(in_dim) // 32)
     return tuple(shape)
 
 
@@ -171,22 +194,38 @@ def _view(info: TensorInfo, view: str | None) -> TensorInfo:
     return dataclasses.replace(info, dtype="U32", shape=(*info.shape[:-2], info.shape[-2] * info.shape[-1] // 4))
 
 
+def _suffixes(spec: ExpertTensorSpec, comp: str) -> tuple[str, ...]:
+    suffix = spec.components[comp]
+    return (suffix, *SCALE_ALIASES.get(suffix, ())) if comp == "scales" else (suffix,)
+
+
 def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, alias=str):
     """(infos, sources, tensor_names, stored shape) of one component, or None when absent."""
     view = spec.views.get(comp)
+    for suffix in _suffixes(spec, comp):
+        found = _component_named(index, spec, layer, comp, E, alias, suffix, view)
+        if found is not None:
+            return found
+    return None
+
+
+def _component_named(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, alias, suffix: str, view):
+    def name(expert=None):
+        return alias(spec.template.format(layer=layer, expert=expert) + suffix)
+
     if not spec.per_expert:
-        tname = alias(spec.name(layer, comp))
+        tname = name()
         if tname not in index:
             return None
         info = _view(index[tname], view)
-        if len(info.shape) < 2 or info.shape[0] != E:
+        if len(info.shape) < 1 or info.shape[0] != E:
             raise CheckpointError(
                 f"{info.file}: stacked expert tensor {tname!r} has shape {list(info.shape)}; "
                 f"its first axis must be the {E} experts"
             )
         stride = info.nbytes // E
         return [info], tuple((info.file, info.offset + e * stride) for e in range(E)), (tname,), tuple(info.shape[1:])
-    tnames = [alias(spec.name(layer, comp, e)) for e in range(E)]
+    tnames = [name(e) for e in range(E)]
     present = [t in index for t in tnames]
     if not any(present):
         return None
@@ -201,6 +240,56 @@ def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, ali
         if info.dtype != infos[0].dtype or info.shape != infos[0].shape:
             raise CheckpointError(f"{info.file}: expert tensor {info.name!r} differs in dtype/shape from its siblings")
     return infos, tuple((i.file, i.offset) for i in infos), tuple(tnames), tuple(infos[0].shape)
+
+
+def _block_size(tc: dict, out_dim: int, in_dim: int, grid: tuple[int, ...]) -> tuple[int, int] | None:
+    """(rows, cols) of an FP8 weight's scale blocks: ``quantization_config.weight_block_size`` when the config
+    gives one, else what the scale grid implies (128 x 128 when it fits, as DeepSeek ships them)."""
+    qc = tc.get("quantization_config") if isinstance(tc.get("quantization_config"), dict) else {}
+    candidates = [tuple(qc["weight_block_size"])] if qc.get("weight_block_size") else [(128, 128)]
+    if len(grid) == 2 and out_dim % grid[0] == 0 and in_dim % grid[1] == 0:
+        candidates.append((out_dim // grid[0], in_dim // grid[1]))
+    for bm, bk in candidates:
+        if len(grid) == 2 and grid == (-(-out_dim // bm), -(-in_dim // bk)):
+            return int(bm), int(bk)
+    return None
+
+
+def _released_format(name, w: TensorInfo, w_shape, s: TensorInfo, s_shape, out_dim, in_dim, tc, transform):
+    """Low-precision weights as released (FP8 / FP4 with ue8m0 scales) -> (weight dtype, weight shape, scale
+    dtype, scale shape, scale transform, QuantSpec) in MLX's mxfp8 / mxfp4 layout, or None for MLX layouts."""
+    if transform or len(w_shape) != 2 or len(s_shape) != 2:
+        return None
+    fp8 = w.dtype == "F8_E4M3"
+    fp4 = w.dtype in ("I8", "U8") and s.dtype in _E8M0_DTYPES and w_shape[-1] * 2 == in_dim
+    if not (fp8 or fp4):
+        return None
+    if s.dtype not in _E8M0_DTYPES:
+        raise CheckpointError(
+            f"{s.file}: expert tensor {name!r} is {w.dtype} with {s.dtype} block scales ({s.name!r}); only ue8m0 "
+            "(F8_E8M0) scales map exactly onto MLX's mxfp8/mxfp4 (DeepSeek-V4's format). Dequantize the experts "
+            "(e.g. to bf16) or re-quantize them with mlx_lm.convert before loading"
+        )
+    if in_dim % 32:
+        raise CheckpointError(f"{w.file}: {name!r}: input dimension {in_dim} is not a multiple of 32 (mx formats)")
+    if fp4:
+        if tuple(s_shape) != (out_dim, in_dim // 32):
+            raise CheckpointError(
+                f"{s.file}: FP4 expert scales {s.name!r} have shape {list(s_shape)}, expected "
+                f"{[out_dim, in_dim // 32]} (one ue8m0 scale per 32 inputs)"
+            )
+        return "U32", (out_dim, in_dim // 8), "U8", tuple(s_shape), "", QuantSpec(4, 32, "mxfp4")
+    if tuple(w_shape) != (out_dim, in_dim):
+        return None  # the shape check reports it
+    block = _block_size(tc, out_dim, in_dim, tuple(s_shape))
+    if block is None or block[1] % 32:
+        raise CheckpointError(
+            f"{s.file}: FP8 expert scales {s.name!r} have shape {list(s_shape)}: not a block grid of a "
+            f"[{out_dim}, {in_dim}] weight with blocks whose width is a multiple of 32"
+        )
+    bm, bk = block
+    return ("U32", (out_dim, in_dim // 4), "U8", (out_dim, in_dim // 32), f"{BLOCKS}:{bm}:{bk}:{out_dim}:{in_dim}",
+            QuantSpec(8, 32, "mxfp8"))
 
 
 def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict, source: str) -> ExpertLayout:
@@ -221,36 +310,55 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
     layers, names = [], set()
     for layer in moe_layers:
         comps: dict[tuple[str, str], ExpertComponent] = {}
-        quant = None
+        part_quant: dict[str, QuantSpec | None] = {}
         for spec in scheme.tensors:
             out_dim, in_dim, rows = _part_dims(spec.part, H, inter)
+            found = {}
             for comp in COMPONENTS:
                 if comp not in spec.components:
                     continue
-                found = _component(index, spec, layer, comp, E, alias)
-                if found is None:
+                f = _component(index, spec, layer, comp, E, alias)
+                if f is None:
                     if comp == "weight":
                         want = alias(spec.name(layer, comp, 0 if spec.per_expert else None))
                         raise CheckpointError(f"{index.directory}: missing expert tensor {want!r}")
                     continue
-                infos, sources, tensor_names, shape = found
-                if comp == "weight":
-                    weight_info = infos[0]
-                if comp == "scales":
-                    w = comps[(spec.part, "weight")]
-                    quant_here = _infer_quant(w.tensor_names[0], weight_info, infos[0], in_dim)
-                    if quant is not None and quant_here != quant:
-                        raise CheckpointError(f"{infos[0].file}: layer {layer} mixes expert quantizations")
-                    quant = quant_here
+                found[comp] = f
+            # (dtype, shape, transform) per component as the engine holds it
+            held = {comp: (f[0][0].dtype, f[3], spec.transform) for comp, f in found.items()}
+            quant = None
+            if "scales" in found:
+                w, s = found["weight"], found["scales"]
+                released = _released_format(w[2][0], w[0][0], w[3], s[0][0], s[3], out_dim, in_dim, tc, spec.transform)
+                if released is not None:
+                    wd, ws, sd, ss, st, quant = released
+                    held["weight"] = (wd, ws, spec.transform)
+                    held["scales"] = (sd, ss if not st else s[3], st)
+                else:
+                    quant = _infer_quant(w[2][0], w[0][0], s[0][0], in_dim)
+            part_quant[spec.part] = quant
+            for comp, (infos, sources, tensor_names, shape) in found.items():
+                dtype, hshape, transform = held[comp]
+                nbytes = math.prod(shape) * infos[0].itemsize  # bytes as stored (a view keeps them)
                 comps[(spec.part, comp)] = ExpertComponent(
-                    spec.part, comp, infos[0].dtype, shape, math.prod(shape) * infos[0].itemsize, sources,
-                    tensor_names, spec.target, rows, spec.transform,
+                    spec.part, comp, dtype, tuple(hshape), nbytes, sources, tensor_names, spec.target, rows, transform,
                 )
                 names.update(tensor_names)
-        # shapes are checked once quantization is known (weights come before scales in COMPONENTS)
+        quants = {}
+        for part, q in part_quant.items():
+            target = "down" if part == "down" else "gate_up"
+            if target in quants and quants[target] != q:
+                raise CheckpointError(
+                    f"{index.directory}: layer {layer}: the gate and up expert projections are stored in different "
+                    f"formats ({quants[target]} vs {q}); mach_runtime fuses them into one projection, so they must "
+                    "share one quantization (re-export with the same bits/group size for gate_proj and up_proj)"
+                )
+            quants[target] = q
+        # shapes are checked once quantization is known
         for (part, comp), c in comps.items():
             out_dim, in_dim, _ = _part_dims(part, H, inter)
-            want = _expected_shape(comp, out_dim, in_dim, quant if comp != "bias" else None)
+            q = quants["down" if part == "down" else "gate_up"]
+            want = _expected_shape(comp, out_dim, in_dim, q if comp != "bias" else None)
             if _transformed_shape(c.shape, c.transform) != want:
                 stored = list(_transformed_shape(want, c.transform))
                 raise CheckpointError(
@@ -258,15 +366,20 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                     f"{list(c.shape)} per expert, expected {stored} from config.json "
                     f"(hidden_size={H}, {adapter.moe_intermediate_field}={inter}); config and weights do not match"
                 )
-            if comp == "weight" and quant is None and c.dtype not in _FLOAT_DTYPES:
+            if comp == "weight" and q is None and c.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(
                     f"{index[c.tensor_names[0]].file}: expert tensor {c.tensor_names[0]!r} is {c.dtype} without "
                     "scales; unquantized experts must be F32, F16 or BF16"
+                )
+            if comp == "global_scale" and (q is None or q.mode != "nvfp4"):
+                raise CheckpointError(
+                    f"{index[c.tensor_names[0]].file}: {c.tensor_names[0]!r}: a global scale belongs to nvfp4 "
+                    f"weights, these are {q}"
                 )
         if adapter.has_expert_bias != any(comp == "bias" for _, comp in comps):
             raise CheckpointError(
                 f"{index.directory}: layer {layer}: {adapter.key} experts "
                 f"{'need' if adapter.has_expert_bias else 'have no'} per-expert biases"
             )
-        layers.append(ExpertLayerSource(layer, E, comps, quant))
+        layers.append(ExpertLayerSource(layer, E, comps, quants.get("gate_up"), quants))
     return ExpertLayout(scheme.layout, tuple(layers), E, top_k, H, inter, frozenset(names), scheme.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
+from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
 from .safetensors_index import CheckpointIndex
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8"}
@@ -85,8 +85,8 @@ class _Tensors:
 def _float_cast(layout: ExpertLayout, dtype):
     """The dtype every floating weight is cast to, or None to keep the checkpoint's dtypes.
 
-    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when the experts are unquantized half
-    precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
+    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when some expert projection is unquantized
+    half precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
     """
     import mlx.core as mx
 
@@ -95,32 +95,51 @@ def _float_cast(layout: ExpertLayout, dtype):
             return getattr(mx, str(dtype)) if isinstance(dtype, str) else dtype
         except AttributeError:
             raise ConfigError(f"dtype: unknown MLX dtype {dtype!r} (use float32, float16 or bfloat16)") from None
-    w = layout.layers[0].components[next(iter(layout.layers[0].components))]
-    if layout.quant is None and w.dtype in ("F16", "BF16") and mx.default_device() == mx.cpu:
-        return mx.float32
+    if mx.default_device() != mx.cpu:
+        return None
+    for src in layout.layers:
+        for (part, comp), c in src.components.items():
+            target = "down" if part == "down" else "gate_up"
+            if comp == "weight" and src.quant_of(target) is None and c.dtype in ("F16", "BF16"):
+                return mx.float32
     return None
 
 
 def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
-    """Bytes one expert occupies in memory once loaded (after any float cast)."""
+    """Bytes one expert occupies in memory once loaded (after any float cast), averaged over the MoE layers
+    (mixed quantization gives layers different sizes; every layer has the same number of slots)."""
     import math
 
     import mlx.core as mx
 
     total = 0
-    for c in layout.layers[0].components.values():
-        dt = getattr(mx, _MX_DTYPES[c.dtype])
-        if target is not None and mx.issubdtype(dt, mx.floating):
-            dt = target
-        total += math.prod(c.shape) * dt.size
-    return total
+    for src in layout.layers:
+        for c in src.components.values():
+            dt = getattr(mx, _MX_DTYPES[c.dtype])
+            if target is not None and mx.issubdtype(dt, mx.floating) and c.comp != "global_scale":
+                dt = target
+            total += math.prod(_transformed_shape(c.shape, c.transform)) * dt.size
+            if c.comp == "global_scale":  # held per output row
+                total += (_held_rows(src, c) - 1) * dt.size
+    return -(-total // max(1, len(layout.layers)))
+
+
+def _held_rows(src: ExpertLayerSource, c) -> int:
+    """Output rows of the part a component belongs to (a global scale is held once per row)."""
+    if c.rows:
+        return c.rows[1] - c.rows[0]
+    w = src.components[(c.part, "weight")]
+    return _transformed_shape(w.shape, w.transform)[0]
 
 
 def _build_projections(src: ExpertLayerSource, make_array, cast):
     """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
 
-    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout.
+    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout. Each
+    projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up).
     """
+    import mlx.core as mx
+
     from .gather_switch_glu import ExpertProjection
 
     out = []
@@ -130,9 +149,12 @@ def _build_projections(src: ExpertLayerSource, make_array, cast):
             parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
             parts.sort(key=lambda c: (c.rows or (0, 0))[0])
             arrays = [make_array(c) for c in parts]
+            if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
+                arrays = [mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))) for a, c in zip(arrays, parts)]
+                arrays = [mx.contiguous(a) for a in arrays]
             a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
-            kwargs[comp] = cast(a)
-        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant, **kwargs))
+            kwargs[comp] = a if comp == "global_scale" else cast(a)
+        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant_of(target), **kwargs))
     return out
 
 
@@ -169,7 +191,6 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
 
     from .disk_switch_glu import DiskSwitchGLU
     from .expert_bank import _Target
-    from .expert_layout import _transformed_shape
 
     S = store.slots
 
@@ -209,10 +230,57 @@ def _quantize_non_experts(model, config: dict, weights: dict) -> None:
     )
 
 
+_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")  # DeepSeek-V4 (ue8m0) / DeepSeek-V3-style (float) FP8 scales
+
+
+def _dequantize_released(weights: dict, index: CheckpointIndex, config: dict) -> dict:
+    """Non-expert FP8 (``F8_E4M3`` + block ``.scale`` / ``.weight_scale_inv``) and FP4 (``I8`` e2m1 pairs + ue8m0
+    ``.scale`` per 32 inputs) weights, dequantized to the checkpoint's float dtype at load (their modules are
+    plain ``nn.Linear``s; see README "Checkpoint formats" for the memory cost). Routed experts never come here:
+    they stay packed as mxfp8 / mxfp4 (expert_layout)."""
+    import mlx.core as mx
+
+    from .expert_layout import _block_size
+
+    floats = [v for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
+    dtype = max(floats, key=lambda v: v.size).dtype if floats else mx.float32
+    out = dict(weights)
+    for name in weights:
+        if not name.endswith(".weight") or index[name].dtype not in ("F8_E4M3", "I8"):
+            continue
+        base = name[: -len(".weight")]
+        sname = next((base + x for x in _SCALE_SUFFIXES if base + x in weights), None)
+        if sname is None:
+            continue
+        w, s, sdt = weights[name], weights[sname], index[sname].dtype
+        scale = mx.power(2.0, s.astype(mx.float32) - 127.0) if sdt in ("F8_E8M0", "U8") else s.astype(mx.float32)
+        if index[name].dtype == "I8":  # FP4: two e2m1 codes per byte (low nibble first) = MLX's mxfp4 packing
+            if w.ndim != 2 or sdt not in ("F8_E8M0", "U8") or tuple(s.shape) != (w.shape[0], w.shape[1] // 16):
+                raise CheckpointError(
+                    f"{index[name].file}: FP4 tensor {name!r} {list(w.shape)} needs ue8m0 scales "
+                    f"[{w.shape[0]}, {w.shape[1] // 16}] in {sname!r}, found {sdt} {list(s.shape)}"
+                )
+            deq = mx.dequantize(w.view(mx.uint32), s.view(mx.uint8), None, 32, 4, mode="mxfp4", dtype=mx.float32)
+        else:
+            rows, cols = w.shape
+            block = _block_size(config, rows, cols, tuple(s.shape)) if s.ndim == 2 else None
+            if block is None:
+                raise CheckpointError(
+                    f"{index[sname].file}: FP8 scales {sname!r} {list(s.shape)} are not a block grid of the "
+                    f"[{rows}, {cols}] weight {name!r} (quantization_config.weight_block_size says the block size)"
+                )
+            full = mx.repeat(mx.repeat(scale, block[0], axis=0)[:rows], block[1], axis=1)[:, :cols]
+            deq = mx.from_fp8(w, dtype=mx.float32) * full
+        out[name] = deq.astype(dtype)
+        del out[sname]
+    return out
+
+
 def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
     from mlx.utils import tree_flatten
 
     weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
+    weights = _dequantize_released(weights, index, config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
