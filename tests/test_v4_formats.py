@@ -1,0 +1,142 @@
+"""DeepSeek-V4-Flash's released formats (tests/v4_formats.py writes them byte for byte with numpy): FP4 routed
+experts (I8 e2m1 pairs + ue8m0 ``.scale`` per 32 inputs) and FP8 linears (F8_E4M3 + ue8m0 128x128 block
+``.scale``, or DeepSeek-V3-style F32 ``weight_scale_inv``), in stacked and streaming residency, against the same
+model stored as float32 with exactly the decoded values (the unquantized-then-dequantized reference)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mach_runtime import load_moe, load_v4_flash
+from mach_runtime.io.arch_registry import REGISTRY
+from mach_runtime.io.expert_layout import find_expert_layout
+from mach_runtime.io.safetensors_index import CheckpointIndex
+from tests.helpers import greedy, rel_err
+from tests.v4_formats import E2M1, E4M3, decode_fp4, decode_fp8, fp4_rows, fp8_block, v4_checkpoints
+
+PROMPT = [3, 17, 99, 250, 7, 42, 400, 12, 64, 5, 311, 77]
+
+
+def layout_of(path):
+    adapter = REGISTRY["deepseek_v4"]
+    tc = json.loads((path / "config.json").read_text())
+    tc = adapter.resolve_config(tc, CheckpointIndex(path).__contains__)
+    return find_expert_layout(CheckpointIndex(path), adapter, tc, "config.json")
+
+
+def run(path, residency, slots=None, loader=load_moe):
+    kw = {"expert_residency": residency}
+    if slots:
+        kw["expert_slots"] = slots
+    model, _, store, _ = loader(path, **kw)
+    try:
+        lg, hidden = model(mx.array([PROMPT]), return_hidden=True)
+        draft = model.mtp_draft(hidden, mx.array([PROMPT[1:] + [1]]), model.make_mtp_cache())
+        return np.array(lg[0]), np.array(draft[0]), greedy(model, PROMPT, 8), store.stats(), model
+    finally:
+        store.close()
+
+
+def test_codecs_roundtrip():
+    """The numpy writers against the formats' definitions: e4m3 decodes 448 / 2**-9 / NaN; e2m1's 16 codes; block
+    scales are powers of two and dequantized blocks stay within the formats' error."""
+    assert E4M3[0x7E] == 448 and E4M3[0x01] == 2.0**-9 and np.isnan(E4M3[0x7F]) and E4M3[0xFE] == -448
+    assert sorted(set(np.abs(E2M1).tolist())) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 96)).astype(np.float32)
+    q, s = fp8_block(w, (16, 32))
+    assert q.dtype == np.uint8 and s.shape == (3, 3)
+    assert np.max(np.abs(decode_fp8(q, s, (16, 32)) - w)) <= 2 ** -3 * np.max(np.abs(w))
+    q4, s4 = fp4_rows(w)
+    assert q4.dtype == np.int8 and q4.shape == (40, 48) and s4.shape == (40, 3)
+    assert np.max(np.abs(decode_fp4(q4, s4) - w)) <= 0.5 * np.max(np.abs(w))
+    # MLX reads the same bytes as its mxfp4 layout: one more independent decoder
+    deq = mx.dequantize(mx.array(q4.view(np.uint8)).view(mx.uint32), mx.array(s4), None, 32, 4, mode="mxfp4",
+                         dtype=mx.float32)
+    assert np.array_equal(np.array(deq), decode_fp4(q4, s4))
+    assert np.array_equal(np.array(mx.from_fp8(mx.array(q), dtype=mx.float32)), E4M3[q])
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return v4_checkpoints(tmp_path_factory.mktemp("v4") / "fp4")
+
+
+def test_released_layout_maps_to_mx_formats(released):
+    qdir, _ = released
+    layout = layout_of(qdir)
+    assert layout.scheme == "upstream_per_expert" and len(layout.layers) == 5  # 4 layers + MTP
+    for src in layout.layers:
+        assert {t: (q.bits, q.group_size, q.mode) for t, q in src.quants.items()} == {
+            "gate_up": (4, 32, "mxfp4"), "down": (4, 32, "mxfp4")}
+        w = src.components[("gate", "weight")]
+        assert w.dtype == "U32" and w.shape == (32, 4) and w.nbytes == 32 * 16  # the I8 bytes, viewed
+        assert src.components[("gate", "scales")].tensor_names[0].endswith(".w1.scale")
+    assert layout.expert_bytes == 3 * (32 * 16 + 32)  # exactly the stored bytes: streaming reads nothing else
+
+
+@pytest.mark.parametrize("loader", [load_moe, load_v4_flash], ids=["load_moe", "load_v4_flash"])
+@pytest.mark.parametrize("residency,slots", [("stacked", None), ("streaming", 3)])
+def test_fp4_experts_fp8_linears(released, loader, residency, slots):
+    """The released layout loads with the experts packed (mxfp4) and the FP8 linears dequantized; logits,
+    MTP draft logits and greedy tokens equal the float reference (fp32 arithmetic in another order)."""
+    qdir, rdir = released
+    got, got_draft, got_greedy, stats, model = run(qdir, residency, slots, loader)
+    want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert got_greedy == want_greedy
+    glu = model.model.layers[2].mlp.experts
+    assert glu.gate_up.quant.mode == "mxfp4" and glu.gate_up["weight"].dtype == mx.uint32
+    assert model.model.layers[0].self_attn.q_a_proj.weight.dtype == mx.float32  # FP8 linear, dequantized
+    if slots:
+        assert stats.misses > 0 and stats.evictions > 0
+        assert stats.bytes_read == stats.misses * layout_of(qdir).expert_bytes
+
+
+@pytest.mark.parametrize("residency,slots", [("stacked", None), ("streaming", 3)])
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)])
+def test_fp8_experts(tmp_path, block, residency, slots):
+    """FP8 experts with ue8m0 block scales (transformers' default V4 expert dtype) become mxfp8: each block scale
+    repeated over its rows and 32-wide groups, exact; blocks smaller than the weight exercise the repetition."""
+    qdir, rdir = v4_checkpoints(tmp_path, experts="fp8", block=block)
+    src = layout_of(qdir).layers[0]
+    assert src.quant_of("down").mode == "mxfp8"
+    assert src.components[("gate", "scales")].shape == (-(-32 // block[0]), -(-32 // block[1]))
+    got, got_draft, got_greedy, _, _ = run(qdir, residency, slots)
+    want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert got_greedy == want_greedy
+
+
+def test_v3_style_float_scale_inv(tmp_path):
+    """DeepSeek-V3-style ``weight_scale_inv`` (float32 block scales) on the linears is dequantized at load too."""
+    qdir, rdir = v4_checkpoints(tmp_path, experts="fp4", float_scales=True)
+    names = CheckpointIndex(qdir).names()
+    assert any(n.endswith(".wq_a.weight_scale_inv") for n in names)
+    got, _, _, _, _ = run(qdir, "stacked")
+    want, _, _, _, _ = run(rdir, "stacked")
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_float_scaled_fp8_experts_are_refused(tmp_path):
+    """FP8 experts with float (not power-of-two) block scales have no exact MX layout: a clear error."""
+    from mach_runtime.errors import CheckpointError
+    from tests.v4_formats import write_safetensors
+
+    qdir, _ = v4_checkpoints(tmp_path, experts="fp8")
+    w = {}
+    idx = CheckpointIndex(qdir)
+    raw = (qdir / "model.safetensors").read_bytes()
+    for n in idx.names():
+        t = idx[n]
+        a = np.frombuffer(raw, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        if ".ffn.experts." in n and n.endswith(".scale"):
+            w[n.replace(".scale", ".weight_scale_inv")] = ("F32", np.ones(t.shape, np.float32))
+        else:
+            w[n] = (t.dtype, a.reshape(t.shape) if t.itemsize == 1 else a.view({4: np.float32, 8: np.int64}[t.itemsize]
+                                                                                 if t.dtype != "I32" else np.int32).reshape(t.shape))
+    write_safetensors(qdir / "model.safetensors", w)
+    with pytest.raises(CheckpointError, match="weight_scale_inv.*ue8m0"):
+        load_moe(qdir)
