@@ -121,8 +121,8 @@ def test_nvfp4_global_scale(qwen_src, tmp_path, residency, slots):
 
 
 @pytest.mark.parametrize("residency,slots", RESIDENCIES)
-@pytest.mark.parametrize("recipe,low,high", [("mixed_2_6", 2, 6), ("mixed_3_4", 3, 4), ("mixed_3_6", 3, 6),
-                                             ("mixed_4_6", 4, 6)])
+@pytest.mark.parametrize("recipe,low,high", [("mixed_2_6", 2, 6), pytest.param("mixed_3_4", 3, 4, marks=pytest.mark.slow),
+                                             ("mixed_3_6", 3, 6), pytest.param("mixed_4_6", 4, 6, marks=pytest.mark.slow)])
 def test_mixed_recipes(qwen_src, tmp_path, recipe, low, high, residency, slots):
     """mlx-lm's quant_predicate recipes write per-module overrides: layers 2-3 (of 4) get a ``high``-bit
     ``down_proj`` beside ``low``-bit gate/up; the bank holds each projection in its own format."""
@@ -146,16 +146,26 @@ def test_recipe_without_group_size(qwen_src, tmp_path):
 
 
 def test_router_and_non_expert_overrides(qwen_src, tmp_path):
-    """8-bit routers beside 4-bit experts (mlx-lm's default predicate) and a 6-bit lm_head from a recipe: the
-    non-expert modules are quantized exactly as config.json says."""
-    dst = mlx_lm_convert(qwen_src, tmp_path / "q", quantize=True, q_group_size=64, quant_predicate="mixed_4_6")
-    q = json.loads((dst / "config.json").read_text())["quantization"]
-    model, store = ours(dst, "stacked", None)
+    """mlx-lm's default predicate keeps routers at 8 bits (group 64) beside 4-bit group-32 experts; a recipe
+    gives ``lm_head`` / ``v_proj`` 6 bits: the non-expert modules are quantized exactly as config.json says."""
+    plain = mlx_lm_convert(qwen_src, tmp_path / "plain", quantize=True, q_bits=4, q_group_size=32)
+    q = json.loads((plain / "config.json").read_text())["quantization"]
+    assert q["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}
+    model, store = ours(plain, "stacked", None)
     try:
         gate = model.layers[0].mlp.gate
-        assert (gate.bits, gate.group_size) == (q["model.layers.0.mlp.gate"]["bits"], 64)
+        assert (gate.bits, gate.group_size) == (8, 64)
+        assert expert_formats(model)[0] == ((4, 32, "affine"),) * 2
+        assert (model.layers[0].self_attn.q_proj.bits, model.layers[0].self_attn.q_proj.group_size) == (4, 32)
+    finally:
+        store.close()
+    mixed = mlx_lm_convert(qwen_src, tmp_path / "mixed", quantize=True, q_group_size=64, quant_predicate="mixed_4_6")
+    q = json.loads((mixed / "config.json").read_text())["quantization"]
+    model, store = ours(mixed, "stacked", None)
+    try:
         assert model.lm_head.bits == q["lm_head"]["bits"] == 6
         assert model.layers[3].self_attn.v_proj.bits == q["model.layers.3.self_attn.v_proj"]["bits"] == 6
+        assert model.layers[0].self_attn.v_proj.bits == q["model.layers.0.self_attn.v_proj"]["bits"] == 4
     finally:
         store.close()
 
@@ -208,7 +218,8 @@ def gpt_oss_reference(path):
 
 @pytest.mark.parametrize("residency,slots", RESIDENCIES)
 @pytest.mark.parametrize("q", [dict(q_bits=4, q_group_size=32), dict(q_bits=8, q_group_size=32),
-                               dict(q_bits=3, q_group_size=32), dict(q_mode="mxfp4"), dict(q_mode="mxfp8"),
+                               pytest.param(dict(q_bits=3, q_group_size=32), marks=pytest.mark.slow),
+                               dict(q_mode="mxfp4"), pytest.param(dict(q_mode="mxfp8"), marks=pytest.mark.slow),
                                dict(quant_predicate="mixed_2_6", q_group_size=32)],
                          ids=["affine4-g32", "affine8-g32", "affine3-g32", "mxfp4", "mxfp8", "mixed_2_6-g32"])
 def test_gpt_oss_exports(gpt_oss_src, tmp_path, q, residency, slots):
