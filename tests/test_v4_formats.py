@@ -120,23 +120,19 @@ def test_v3_style_float_scale_inv(tmp_path):
     assert rel_err(got, want) <= 1e-5
 
 
-def test_float_scaled_fp8_experts_are_refused(tmp_path):
-    """FP8 experts with float (not power-of-two) block scales have no exact MX layout: a clear error."""
-    from mach_runtime.errors import CheckpointError
-    from tests.v4_formats import write_safetensors
-
-    qdir, _ = v4_checkpoints(tmp_path, experts="fp8")
-    w = {}
-    idx = CheckpointIndex(qdir)
-    raw = (qdir / "model.safetensors").read_bytes()
-    for n in idx.names():
-        t = idx[n]
-        a = np.frombuffer(raw, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        if ".ffn.experts." in n and n.endswith(".scale"):
-            w[n.replace(".scale", ".weight_scale_inv")] = ("F32", np.ones(t.shape, np.float32))
-        else:
-            w[n] = (t.dtype, a.reshape(t.shape) if t.itemsize == 1 else a.view({4: np.float32, 8: np.int64}[t.itemsize]
-                                                                                 if t.dtype != "I32" else np.int32).reshape(t.shape))
-    write_safetensors(qdir / "model.safetensors", w)
-    with pytest.raises(CheckpointError, match="weight_scale_inv.*ue8m0"):
-        load_moe(qdir)
+@pytest.mark.parametrize("residency,slots", [("stacked", None), ("streaming", 3)])
+def test_fp8_experts_with_float_scale_inv(tmp_path, residency, slots):
+    """FP8 experts with float block scales (DeepSeek-V3 / Qwen3-FP8 ``weight_scale_inv``) have no exact MX layout:
+    they are dequantized to float at load (stacked) or per expert as it is read (streaming)."""
+    qdir, rdir = v4_checkpoints(tmp_path, experts="fp8", block=(16, 32), float_scales=True, expert_float_scales=True)
+    src = layout_of(qdir).layers[0]
+    assert src.quant_of("gate_up") is None
+    assert src.components[("gate", "scales")].tensor_names[0].endswith(".w1.weight_scale_inv")
+    got, got_draft, got_greedy, stats, model = run(qdir, residency, slots)
+    want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert got_greedy == want_greedy
+    w = model.model.layers[2].mlp.experts.gate_up["weight"]
+    assert w.dtype == mx.float32 and "scales" not in model.model.layers[2].mlp.experts.gate_up
+    if slots:
+        assert stats.bytes_read == stats.misses * layout_of(qdir).expert_bytes

@@ -118,7 +118,8 @@ def _is_fp8_linear(name: str, a: np.ndarray) -> bool:
                     "h_proj")
 
 
-def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=False, inter=32, seed=0):
+def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=False, expert_float_scales=False,
+                   inter=32, seed=0):
     """(quantized dir, float reference dir): the V4 fixture with ``moe_intermediate_size`` widened to ``inter``
     (FP4 needs inputs in groups of 32), random expert / shared-expert weights, then stored in the released
     layout; the reference holds exactly the decoded values as float32 under the same names."""
@@ -143,7 +144,7 @@ def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=F
             quant[k], quant[base + ".scale"] = ("I8", q), ("F8_E8M0", s)
             ref[k] = decode_fp4(q, s)
         elif (".ffn.experts." in k and experts == "fp8") or _is_fp8_linear(k, v):
-            fs = float_scales and ".ffn.experts." not in k
+            fs = expert_float_scales if ".ffn.experts." in k else float_scales
             q, s = fp8_block(v, block, fs)
             quant[k] = ("F8_E4M3", q)
             quant[base + (".weight_scale_inv" if fs else ".scale")] = ("F32", s) if fs else ("F8_E8M0", s)

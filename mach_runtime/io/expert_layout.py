@@ -21,7 +21,8 @@ recipes (``mixed_3_6``: 6-bit ``down_proj`` in some layers, 3-bit elsewhere) and
 both residencies; the streaming bank of a layer holds each projection in its own format.
 
 **Released low-precision formats** (DeepSeek-V4-Flash) are mapped onto MLX's quantized layouts without
-dequantizing: FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is* mxfp4 (the
+dequantizing (FP8 with float block scales, DeepSeek-V3 / Qwen3-FP8 style ``weight_scale_inv``, has no exact MX
+layout: its weight is dequantized to float, the scale component multiplied into it, transform ``dequant:...``): FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is* mxfp4 (the
 bytes are viewed as ``U32 [out, in/8]``); FP8 (``F8_E4M3 [out, in]``) with ue8m0 block scales
 ``[ceil(out/bm), ceil(in/bk)]`` becomes mxfp8 (the same bytes as ``U32 [out, in/4]``; each block scale repeated
 over its rows and its 32-wide groups, exact because a ue8m0 scale is a power of two shared by the block).
@@ -42,6 +43,9 @@ COMPONENTS = ("weight", "scales", "biases", "global_scale", "bias")
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 _E8M0_DTYPES = ("F8_E8M0", "U8")  # ue8m0 scales as released (F8_E8M0) or as raw bytes
 BLOCKS = "blocks"  # transform prefix: ue8m0 block scales -> per-row, per-32 group scales ("blocks:bm:bk:out:in")
+# transform prefix of float FP8 block scales: expanded to the full [out, in] and multiplied into the weight
+# (``dequant:bm:bk:out:in``); the weight (F8_E4M3) is then held as float
+DEQUANT = "dequant"
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,9 @@ def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...
     if transform.startswith(BLOCKS + ":"):
         _, _, _, out_dim, in_dim = transform.split(":")
         return (int(out_dim), int(in_dim) // 32)
+    if transform.startswith(DEQUANT + ":"):
+        _, _, _, out_dim, in_dim = transform.split(":")
+        return (int(out_dim), int(in_dim))
     return tuple(shape)
 
 
@@ -265,11 +272,20 @@ def _released_format(name, w: TensorInfo, w_shape, s: TensorInfo, s_shape, out_d
     if not (fp8 or fp4):
         return None
     if s.dtype not in _E8M0_DTYPES:
-        raise CheckpointError(
-            f"{s.file}: expert tensor {name!r} is {w.dtype} with {s.dtype} block scales ({s.name!r}); only ue8m0 "
-            "(F8_E8M0) scales map exactly onto MLX's mxfp8/mxfp4 (DeepSeek-V4's format). Dequantize the experts "
-            "(e.g. to bf16) or re-quantize them with mlx_lm.convert before loading"
-        )
+        if not fp8 or s.dtype not in _FLOAT_DTYPES or tuple(w_shape) != (out_dim, in_dim):
+            raise CheckpointError(
+                f"{s.file}: expert tensor {name!r} is {w.dtype} with {s.dtype} scales ({s.name!r}); expected "
+                "ue8m0 (F8_E8M0) scales, or float block scales for FP8 weights"
+            )
+        # DeepSeek-V3-style float block scales (``weight_scale_inv``): no exact MX layout -> dequantized to float
+        block = _block_size(tc, out_dim, in_dim, tuple(s_shape))
+        if block is None:
+            raise CheckpointError(
+                f"{s.file}: FP8 expert scales {s.name!r} have shape {list(s_shape)}: not a block grid of a "
+                f"[{out_dim}, {in_dim}] weight (quantization_config.weight_block_size gives the block size)"
+            )
+        return ("F8_E4M3", tuple(w_shape), s.dtype, tuple(s_shape),
+                f"{DEQUANT}:{block[0]}:{block[1]}:{out_dim}:{in_dim}", None)
     if in_dim % 32:
         raise CheckpointError(f"{w.file}: {name!r}: input dimension {in_dim} is not a multiple of 32 (mx formats)")
     if fp4:
@@ -366,7 +382,8 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                     f"{list(c.shape)} per expert, expected {stored} from config.json "
                     f"(hidden_size={H}, {adapter.moe_intermediate_field}={inter}); config and weights do not match"
                 )
-            if comp == "weight" and q is None and c.dtype not in _FLOAT_DTYPES:
+            dequant = comp == "weight" and c.dtype == "F8_E4M3" and (part, "scales") in comps
+            if comp == "weight" and q is None and c.dtype not in _FLOAT_DTYPES and not dequant:
                 raise CheckpointError(
                     f"{index[c.tensor_names[0]].file}: expert tensor {c.tensor_names[0]!r} is {c.dtype} without "
                     "scales; unquantized experts must be F32, F16 or BF16"

@@ -17,10 +17,11 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .expert_layout import DEQUANT, ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
 from .safetensors_index import CheckpointIndex
 
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8"}
+_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+              "F8_E4M3": "bfloat16"}  # FP8 experts with float block scales are held dequantized (bf16 by default)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -100,7 +101,7 @@ def _float_cast(layout: ExpertLayout, dtype):
     for src in layout.layers:
         for (part, comp), c in src.components.items():
             target = "down" if part == "down" else "gate_up"
-            if comp == "weight" and src.quant_of(target) is None and c.dtype in ("F16", "BF16"):
+            if comp == "weight" and src.quant_of(target) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
                 return mx.float32
     return None
 
@@ -115,6 +116,8 @@ def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
     total = 0
     for src in layout.layers:
         for c in src.components.values():
+            if _multiplied(c):
+                continue  # float FP8 block scales are multiplied into the weight, not held
             dt = getattr(mx, _MX_DTYPES[c.dtype])
             if target is not None and mx.issubdtype(dt, mx.floating) and c.comp != "global_scale":
                 dt = target
@@ -122,6 +125,11 @@ def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
             if c.comp == "global_scale":  # held per output row
                 total += (_held_rows(src, c) - 1) * dt.size
     return -(-total // max(1, len(layout.layers)))
+
+
+def _multiplied(c) -> bool:
+    """A component multiplied into its part's weight at load (float FP8 block scales: ``dequant:`` transform)."""
+    return c.transform.startswith(DEQUANT + ":")
 
 
 def _held_rows(src: ExpertLayerSource, c) -> int:
@@ -132,11 +140,12 @@ def _held_rows(src: ExpertLayerSource, c) -> int:
     return _transformed_shape(w.shape, w.transform)[0]
 
 
-def _build_projections(src: ExpertLayerSource, make_array, cast):
+def _build_projections(src: ExpertLayerSource, make_array, cast, stacked: bool = True):
     """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
 
     ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout. Each
     projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up).
+    Float FP8 block scales are multiplied into the weight here when stacked, per expert at read when streaming.
     """
     import mlx.core as mx
 
@@ -145,9 +154,16 @@ def _build_projections(src: ExpertLayerSource, make_array, cast):
     out = []
     for target in ("gate_up", "down"):
         kwargs = {}
-        for comp in sorted({c.comp for c in src.components.values() if c.target == target}):
+        comps = {c.comp for c in src.components.values() if c.target == target}
+        for comp in sorted(comps, key=lambda c: (c != "weight", c)):  # the weight first: scales may multiply it
             parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
             parts.sort(key=lambda c: (c.rows or (0, 0))[0])
+            if all(_multiplied(c) for c in parts):
+                if stacked:
+                    scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
+                    held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
+                    kwargs["weight"] = (kwargs["weight"].astype(mx.float32) * scale).astype(held)
+                continue
             arrays = [make_array(c) for c in parts]
             if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
                 arrays = [mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))) for a, c in zip(arrays, parts)]
@@ -176,7 +192,9 @@ def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
         else:
             a = mx.stack([tensors[n] for n in c.tensor_names])
         want = getattr(mx, _MX_DTYPES[c.dtype])
-        if a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
+        if c.dtype == "F8_E4M3":  # dequantized: multiplied by its float block scales in _build_projections
+            a = mx.from_fp8(a, dtype=mx.float32)
+        elif a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
             a = a.view(want).reshape(a.shape[0], *c.shape)
         return apply_transform(a, c.transform)
 
@@ -197,12 +215,15 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
     def make_array(c):
         return mx.zeros((S, *_transformed_shape(c.shape, c.transform)), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
 
-    gate_up, down = _build_projections(src, make_array, cast)
+    gate_up, down = _build_projections(src, make_array, cast, stacked=False)
     targets = {}
     for key, c in src.components.items():
         proj = down if c.target == "down" else gate_up
         rows = slice(*c.rows) if c.rows else slice(None)
-        targets[key] = _Target(proj, c.comp, rows, c.transform)
+        if _multiplied(c):
+            targets[key] = _Target(proj, "weight", rows, c.transform, multiply=True)
+        else:
+            targets[key] = _Target(proj, c.comp, rows, c.transform)
     bank = store.add_layer(src, targets)
     return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank, **act_kwargs)
 
@@ -377,6 +398,8 @@ def load_moe(
         if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
             return a.astype(target)
         return a
+
+    cast.target = target
 
     streaming = settings.expert_residency == "streaming"
     store = None
