@@ -170,6 +170,36 @@ def test_router_and_non_expert_overrides(qwen_src, tmp_path):
         store.close()
 
 
+def per_module(path, module):
+    """A user's quant_predicate (what mlx-lm's dynamic_quant produces: bits chosen per module): gate and up of one
+    layer in different formats, modes mixed across layers and projections."""
+    if ".switch_mlp." not in path:
+        return True
+    layer = int(path.split(".")[2])
+    even = {"gate_proj": {"group_size": 64, "bits": 8}, "up_proj": {"group_size": 32, "bits": 4},
+            "down_proj": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    odd = {"gate_proj": {"group_size": 16, "bits": 4, "mode": "nvfp4"}, "up_proj": True,
+           "down_proj": {"group_size": 32, "bits": 8, "mode": "mxfp8"}}
+    return (even if layer % 2 == 0 else odd)[path.rsplit(".", 1)[1]]
+
+
+@pytest.mark.parametrize("residency,slots", RESIDENCIES)
+def test_per_module_predicate_gate_and_up_differ(qwen_src, tmp_path, residency, slots):
+    """mlx_lm.convert with a per-module quant_predicate: gate 8-bit g64 beside up 4-bit g32 (computed as two
+    projections), nvfp4 gate beside affine up, mxfp4 / mxfp8 down projections."""
+    dst = mlx_lm_convert(qwen_src, tmp_path / "q", quantize=True, q_bits=4, q_group_size=64, quant_predicate=per_module)
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert q["model.layers.0.mlp.switch_mlp.gate_proj"]["bits"] == 8
+    model, _ = check(dst, residency, slots)
+    glu = model.layers[0].mlp.switch_mlp
+    assert type(glu.gate_up).__name__ == "SplitProjection"
+    fmt = [(p.quant.bits, p.quant.group_size, p.quant.mode) for p in (glu.gate_up.gate, glu.gate_up.up, glu.down)]
+    assert fmt == [(8, 64, "affine"), (4, 32, "affine"), (4, 32, "mxfp4")]
+    glu = model.layers[1].mlp.switch_mlp
+    fmt = [(p.quant.bits, p.quant.group_size, p.quant.mode) for p in (glu.gate_up.gate, glu.gate_up.up, glu.down)]
+    assert fmt == [(4, 16, "nvfp4"), (4, 64, "affine"), (8, 32, "mxfp8")]
+
+
 @pytest.mark.parametrize("residency,slots", RESIDENCIES)
 @pytest.mark.parametrize("q", [dict(q_bits=4, q_group_size=32), dict(quant_predicate="mixed_3_6", q_group_size=32),
                                dict(q_mode="mxfp4")], ids=["affine4-g32", "mixed_3_6-g32", "mxfp4"])

@@ -84,7 +84,19 @@ class ExpertLayerSource:
     quants: dict = dataclasses.field(default_factory=dict)  # target ("gate_up" | "down") -> QuantSpec | None
 
     def quant_of(self, target: str) -> QuantSpec | None:
-        return self.quants.get(target, self.quant) if self.quants else self.quant
+        """QuantSpec of a target ("gate_up" | "down") or part ("gate" | "up" | "down")."""
+        if not self.quants:
+            return self.quant
+        if target in self.quants:
+            return self.quants[target]
+        if target == "gate_up":  # split: gate and up differ; the gate's
+            return self.quants.get("gate")
+        return self.quants.get("gate_up")
+
+    @property
+    def split_gate_up(self) -> bool:
+        """Gate and up stored in different formats (per-module quantization): computed as two projections."""
+        return "gate" in self.quants
 
     @property
     def expert_bytes(self) -> int:
@@ -362,18 +374,15 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                 names.update(tensor_names)
         quants = {}
         for part, q in part_quant.items():
-            target = "down" if part == "down" else "gate_up"
-            if target in quants and quants[target] != q:
-                raise CheckpointError(
-                    f"{index.directory}: layer {layer}: the gate and up expert projections are stored in different "
-                    f"formats ({quants[target]} vs {q}); mach_runtime fuses them into one projection, so they must "
-                    "share one quantization (re-export with the same bits/group size for gate_proj and up_proj)"
-                )
-            quants[target] = q
+            quants["down" if part == "down" else "gate_up"] = q
+        if "gate" in part_quant and part_quant["gate"] != part_quant.get("up"):
+            # per-module quantization gave gate and up different formats (e.g. mlx-lm's dynamic_quant): they
+            # cannot share one fused projection, so each keeps its own
+            quants = {"gate": part_quant["gate"], "up": part_quant.get("up"), "down": quants.get("down")}
         # shapes are checked once quantization is known
         for (part, comp), c in comps.items():
             out_dim, in_dim, _ = _part_dims(part, H, inter)
-            q = quants["down" if part == "down" else "gate_up"]
+            q = quants[part] if part in quants else quants["down" if part == "down" else "gate_up"]
             want = _expected_shape(comp, out_dim, in_dim, q if comp != "bias" else None)
             if _transformed_shape(c.shape, c.transform) != want:
                 stored = list(_transformed_shape(want, c.transform))
@@ -398,5 +407,5 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                 f"{index.directory}: layer {layer}: {adapter.key} experts "
                 f"{'need' if adapter.has_expert_bias else 'have no'} per-expert biases"
             )
-        layers.append(ExpertLayerSource(layer, E, comps, quants.get("gate_up"), quants))
+        layers.append(ExpertLayerSource(layer, E, comps, quants.get("gate_up", quants.get("gate")), quants))
     return ExpertLayout(scheme.layout, tuple(layers), E, top_k, H, inter, frozenset(names), scheme.name)

@@ -71,6 +71,19 @@ class ExpertProjection(nn.Module):
         return y
 
 
+class SplitProjection(nn.Module):
+    """Gate and up as two projections when they are stored in different formats (per-module quantization, e.g.
+    mlx-lm's dynamic_quant giving one of them more bits): the same ``[..., 2I]`` output as a fused projection."""
+
+    def __init__(self, gate: ExpertProjection, up: ExpertProjection):
+        super().__init__()
+        self.gate = gate
+        self.up = up
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.concatenate([self.gate(x, idx, sorted_indices), self.up(x, idx, sorted_indices)], axis=-1)
+
+
 def silu_limited(gate, up, alpha: float = 1.702, limit: float = 7.0, up_offset: float = 1.0):
     """Clamped SwiGLU: ``(clip(up, -limit, limit) + up_offset) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``.
 

@@ -101,7 +101,7 @@ def _float_cast(layout: ExpertLayout, dtype):
     for src in layout.layers:
         for (part, comp), c in src.components.items():
             target = "down" if part == "down" else "gate_up"
-            if comp == "weight" and src.quant_of(target) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
+            if comp == "weight" and src.quant_of(part) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
                 return mx.float32
     return None
 
@@ -141,37 +141,48 @@ def _held_rows(src: ExpertLayerSource, c) -> int:
 
 
 def _build_projections(src: ExpertLayerSource, make_array, cast, stacked: bool = True):
-    """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
+    """(gate_up, down) projections; gate rows then up rows along the output axis of ``gate_up``.
 
     ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout. Each
-    projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up).
-    Float FP8 block scales are multiplied into the weight here when stacked, per expert at read when streaming.
+    projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up); when
+    gate and up themselves differ, ``gate_up`` is a ``SplitProjection`` of two. Float FP8 block scales are
+    multiplied into the weight here when stacked, per expert at read when streaming.
     """
+    from .gather_switch_glu import SplitProjection
+
+    comps = list(src.components.values())
+    if src.split_gate_up:
+        gate_up = SplitProjection(*(_projection(src, [c for c in comps if c.part == p], make_array, cast, stacked,
+                                                src.quant_of(p)) for p in ("gate", "up")))
+    else:
+        gate_up = _projection(src, [c for c in comps if c.target == "gate_up"], make_array, cast, stacked,
+                              src.quant_of("gate_up"))
+    down = _projection(src, [c for c in comps if c.target == "down"], make_array, cast, stacked, src.quant_of("down"))
+    return gate_up, down
+
+
+def _projection(src, comps, make_array, cast, stacked, quant):
+    """One ExpertProjection from its components (parts concatenated along the rows)."""
     import mlx.core as mx
 
     from .gather_switch_glu import ExpertProjection
 
-    out = []
-    for target in ("gate_up", "down"):
-        kwargs = {}
-        comps = {c.comp for c in src.components.values() if c.target == target}
-        for comp in sorted(comps, key=lambda c: (c != "weight", c)):  # the weight first: scales may multiply it
-            parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
-            parts.sort(key=lambda c: (c.rows or (0, 0))[0])
-            if all(_multiplied(c) for c in parts):
-                if stacked:
-                    scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
-                    held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
-                    kwargs["weight"] = (kwargs["weight"].astype(mx.float32) * scale).astype(held)
-                continue
-            arrays = [make_array(c) for c in parts]
-            if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
-                arrays = [mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))) for a, c in zip(arrays, parts)]
-                arrays = [mx.contiguous(a) for a in arrays]
-            a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
-            kwargs[comp] = a if comp == "global_scale" else cast(a)
-        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant_of(target), **kwargs))
-    return out
+    kwargs = {}
+    for comp in sorted({c.comp for c in comps}, key=lambda c: (c != "weight", c)):  # weight first: scales may
+        parts = sorted((c for c in comps if c.comp == comp), key=lambda c: (c.rows or (0, 0))[0])  # multiply it
+        if all(_multiplied(c) for c in parts):
+            if stacked:
+                scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
+                held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
+                kwargs["weight"] = (kwargs["weight"].astype(mx.float32) * scale).astype(held)
+            continue
+        arrays = [make_array(c) for c in parts]
+        if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
+            arrays = [mx.contiguous(mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))))
+                      for a, c in zip(arrays, parts)]
+        a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
+        kwargs[comp] = a if comp == "global_scale" else cast(a)
+    return ExpertProjection(kwargs.pop("weight"), quant=quant, **kwargs)
 
 
 def _concat_rows(parts):
@@ -220,6 +231,8 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
     for key, c in src.components.items():
         proj = down if c.target == "down" else gate_up
         rows = slice(*c.rows) if c.rows else slice(None)
+        if src.split_gate_up and c.part in ("gate", "up"):  # each its own projection, all of its rows
+            proj, rows = getattr(gate_up, c.part), slice(None)
         if _multiplied(c):
             targets[key] = _Target(proj, "weight", rows, c.transform, multiply=True)
         else:
