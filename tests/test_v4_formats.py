@@ -14,9 +14,11 @@ from mach_runtime.io.arch_registry import REGISTRY
 from mach_runtime.io.expert_layout import find_expert_layout
 from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests.helpers import greedy, rel_err
+from tests.quant_helpers import backend_tol
 from tests.v4_formats import E2M1, E4M3, decode_fp4, decode_fp8, fp4_rows, fp8_block, v4_checkpoints
 
 PROMPT = [3, 17, 99, 250, 7, 42, 400, 12, 64, 5, 311, 77]
+TOL = backend_tol(1e-5)  # packed (gather_qmm) vs float (gather_mm) of the same values: float32 rounding only
 
 
 def layout_of(path):
@@ -85,7 +87,7 @@ def test_fp4_experts_fp8_linears(released, loader, residency, slots):
     qdir, rdir = released
     got, got_draft, got_greedy, stats, model = run(qdir, residency, slots, loader)
     want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
-    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert rel_err(got, want) <= TOL and rel_err(got_draft, want_draft) <= TOL
     assert got_greedy == want_greedy
     glu = model.model.layers[2].mlp.experts
     assert glu.gate_up.quant.mode == "mxfp4" and glu.gate_up["weight"].dtype == mx.uint32
@@ -106,7 +108,7 @@ def test_fp8_experts(tmp_path, block, residency, slots):
     assert src.components[("gate", "scales")].shape == (-(-32 // block[0]), -(-32 // block[1]))
     got, got_draft, got_greedy, _, _ = run(qdir, residency, slots)
     want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
-    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert rel_err(got, want) <= TOL and rel_err(got_draft, want_draft) <= TOL
     assert got_greedy == want_greedy
 
 
@@ -117,7 +119,7 @@ def test_v3_style_float_scale_inv(tmp_path):
     assert any(n.endswith(".wq_a.weight_scale_inv") for n in names)
     got, _, _, _, _ = run(qdir, "stacked")
     want, _, _, _, _ = run(rdir, "stacked")
-    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, want) <= TOL
 
 
 @pytest.mark.parametrize("residency,slots", [("stacked", None), ("streaming", 3)])
@@ -130,7 +132,7 @@ def test_fp8_experts_with_float_scale_inv(tmp_path, residency, slots):
     assert src.components[("gate", "scales")].tensor_names[0].endswith(".w1.weight_scale_inv")
     got, got_draft, got_greedy, stats, model = run(qdir, residency, slots)
     want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
-    assert rel_err(got, want) <= 1e-5 and rel_err(got_draft, want_draft) <= 1e-5
+    assert rel_err(got, want) <= TOL and rel_err(got_draft, want_draft) <= TOL
     assert got_greedy == want_greedy
     w = model.model.layers[2].mlp.experts.gate_up["weight"]
     assert w.dtype == mx.float32 and "scales" not in model.model.layers[2].mlp.experts.gate_up
