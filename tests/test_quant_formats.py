@@ -143,6 +143,11 @@ def test_recipe_without_group_size(qwen_src, tmp_path):
     assert q["model.layers.0.mlp.switch_mlp.gate_proj"]["group_size"] is None
     model, _ = check(dst, "stacked", None)
     assert expert_formats(model)[3] == ((3, 64, "affine"), (6, 64, "affine"))
+    from mach_runtime.cli.check import check_checkpoint, format_report
+
+    report = check_checkpoint(dst)  # mach check says what load_moe builds
+    assert report["expert_formats"] == ["affine 3-bit g64", "affine 6-bit g64"]
+    assert "mixed: affine 3-bit g64 / affine 6-bit g64" in format_report(report)
 
 
 def test_router_and_non_expert_overrides(qwen_src, tmp_path):

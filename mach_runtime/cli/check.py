@@ -148,6 +148,9 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
         "layout": layout.layout,
         "scheme": layout.scheme,
         "expert_quantization": None if q is None else {"bits": q.bits, "group_size": q.group_size, "mode": q.mode},
+        # every format the routed projections use (per-module quantization mixes them across layers / projections)
+        "expert_formats": sorted({"float" if x is None else f"{x.mode} {x.bits}-bit g{x.group_size}"
+                                  for src in layout.layers for x in (src.quants or {"": src.quant}).values()}),
         "expert_dtype": next(iter(layout.layers[0].components.values())).dtype,
         "moe_layers": len(layout.layers),
         "num_experts": layout.num_experts,
@@ -178,7 +181,8 @@ def format_report(r: dict) -> str:
         f"checkpoint      {r['checkpoint']}",
         f"arch            {r['arch']} (model_type {r['model_type']}){'' if r['loadable'] else '  [not loadable yet]'}",
         f"layout          {r['layout']} ({r['scheme']}), experts {r['expert_dtype']}"
-        + (f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
+        + (f", mixed: {' / '.join(r['expert_formats'])}" if len(r.get("expert_formats", ())) > 1
+           else f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
         f"experts         {r['moe_layers']} MoE layers x {r['num_experts']} experts, top-{r['top_k']}; "
         f"{_gib(r['expert_bytes'])} per expert",
         f"parameters      {r['params']:,} ({r['expert_params']:,} in routed experts)",
