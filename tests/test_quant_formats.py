@@ -52,14 +52,15 @@ def expert_formats(model):
     return out
 
 
-# every (bits, group) pair; the default suite runs a diagonal that still covers each bit width and group size
+# every (bits, group) pair in both residencies; the default suite runs a diagonal that still covers each bit
+# width and group size stacked, and three of them streaming (the rest: -m slow)
 _FAST = {(2, 32), (3, 64), (4, 128), (5, 32), (6, 64), (8, 128), (4, 32), (8, 32)}
-AFFINE = [pytest.param(b, g, marks=() if (b, g) in _FAST else pytest.mark.slow)
-          for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
+_FAST_STREAMING = {(3, 64), (4, 32), (8, 128)}
+AFFINE = [pytest.param(b, g, r, n, marks=() if (b, g) in (_FAST if n is None else _FAST_STREAMING) else pytest.mark.slow)
+          for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128) for r, n in RESIDENCIES]
 
 
-@pytest.mark.parametrize("residency,slots", RESIDENCIES)
-@pytest.mark.parametrize("bits,group", AFFINE)
+@pytest.mark.parametrize("bits,group,residency,slots", AFFINE)
 def test_affine_bits_and_groups(qwen_src, tmp_path, bits, group, residency, slots):
     dst = mlx_lm_convert(qwen_src, tmp_path / "q", quantize=True, q_bits=bits, q_group_size=group)
     model, _ = check(dst, residency, slots)
