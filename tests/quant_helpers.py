@@ -29,7 +29,7 @@ def qwen3_moe_source(dst: Path, *, hidden=128, inter=128, layers=4, experts=8, t
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from mach_runtime.io.tiny import save_weights
+    from mach_runtime.testing.tiny import save_weights
 
     cfg = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=hidden,
                num_hidden_layers=layers, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
