@@ -37,22 +37,11 @@ from dataclasses import dataclass
 from ..errors import CheckpointError
 from .adapter import MoeArchAdapter
 from .expert_schemes import SCALE_ALIASES, U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
+from .quant_formats import BLOCKS, DEQUANT, QuantSpec, released_format
 from .safetensors_index import CheckpointIndex, TensorInfo
 
 COMPONENTS = ("weight", "scales", "biases", "global_scale", "bias")
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
-_E8M0_DTYPES = ("F8_E8M0", "U8")  # ue8m0 scales as released (F8_E8M0) or as raw bytes
-BLOCKS = "blocks"  # transform prefix: ue8m0 block scales -> per-row, per-32 group scales ("blocks:bm:bk:out:in")
-# transform prefix of float FP8 block scales: expanded to the full [out, in] and multiplied into the weight
-# (``dequant:bm:bk:out:in``); the weight (F8_E4M3) is then held as float
-DEQUANT = "dequant"
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str = "affine"
 
 
 @dataclass(frozen=True)
@@ -261,65 +250,6 @@ def _component_named(index, spec: ExpertTensorSpec, layer: int, comp: str, E: in
     return infos, tuple((i.file, i.offset) for i in infos), tuple(tnames), tuple(infos[0].shape)
 
 
-def _block_size(tc: dict, out_dim: int, in_dim: int, grid: tuple[int, ...]) -> tuple[int, int] | None:
-    """(rows, cols) of an FP8 weight's scale blocks: ``quantization_config.weight_block_size`` when the config
-    gives one, else what the scale grid implies (128 x 128 when it fits, as DeepSeek ships them)."""
-    qc = tc.get("quantization_config") if isinstance(tc.get("quantization_config"), dict) else {}
-    candidates = [tuple(qc["weight_block_size"])] if qc.get("weight_block_size") else [(128, 128)]
-    if len(grid) == 2 and out_dim % grid[0] == 0 and in_dim % grid[1] == 0:
-        candidates.append((out_dim // grid[0], in_dim // grid[1]))
-    for bm, bk in candidates:
-        if len(grid) == 2 and grid == (-(-out_dim // bm), -(-in_dim // bk)):
-            return int(bm), int(bk)
-    return None
-
-
-def _released_format(name, w: TensorInfo, w_shape, s: TensorInfo, s_shape, out_dim, in_dim, tc, transform):
-    """Low-precision weights as released (FP8 / FP4 with ue8m0 scales) -> (weight dtype, weight shape, scale
-    dtype, scale shape, scale transform, QuantSpec) in MLX's mxfp8 / mxfp4 layout, or None for MLX layouts."""
-    if transform or len(w_shape) != 2 or len(s_shape) != 2:
-        return None
-    fp8 = w.dtype == "F8_E4M3"
-    fp4 = w.dtype in ("I8", "U8") and s.dtype in _E8M0_DTYPES and w_shape[-1] * 2 == in_dim
-    if not (fp8 or fp4):
-        return None
-    if s.dtype not in _E8M0_DTYPES:
-        if not fp8 or s.dtype not in _FLOAT_DTYPES or tuple(w_shape) != (out_dim, in_dim):
-            raise CheckpointError(
-                f"{s.file}: expert tensor {name!r} is {w.dtype} with {s.dtype} scales ({s.name!r}); expected "
-                "ue8m0 (F8_E8M0) scales, or float block scales for FP8 weights"
-            )
-        # DeepSeek-V3-style float block scales (``weight_scale_inv``): no exact MX layout -> dequantized to float
-        block = _block_size(tc, out_dim, in_dim, tuple(s_shape))
-        if block is None:
-            raise CheckpointError(
-                f"{s.file}: FP8 expert scales {s.name!r} have shape {list(s_shape)}: not a block grid of a "
-                f"[{out_dim}, {in_dim}] weight (quantization_config.weight_block_size gives the block size)"
-            )
-        return ("F8_E4M3", tuple(w_shape), s.dtype, tuple(s_shape),
-                f"{DEQUANT}:{block[0]}:{block[1]}:{out_dim}:{in_dim}", None)
-    if in_dim % 32:
-        raise CheckpointError(f"{w.file}: {name!r}: input dimension {in_dim} is not a multiple of 32 (mx formats)")
-    if fp4:
-        if tuple(s_shape) != (out_dim, in_dim // 32):
-            raise CheckpointError(
-                f"{s.file}: FP4 expert scales {s.name!r} have shape {list(s_shape)}, expected "
-                f"{[out_dim, in_dim // 32]} (one ue8m0 scale per 32 inputs)"
-            )
-        return "U32", (out_dim, in_dim // 8), "U8", tuple(s_shape), "", QuantSpec(4, 32, "mxfp4")
-    if tuple(w_shape) != (out_dim, in_dim):
-        return None  # the shape check reports it
-    block = _block_size(tc, out_dim, in_dim, tuple(s_shape))
-    if block is None or block[1] % 32:
-        raise CheckpointError(
-            f"{s.file}: FP8 expert scales {s.name!r} have shape {list(s_shape)}: not a block grid of a "
-            f"[{out_dim}, {in_dim}] weight with blocks whose width is a multiple of 32"
-        )
-    bm, bk = block
-    return ("U32", (out_dim, in_dim // 4), "U8", (out_dim, in_dim // 32), f"{BLOCKS}:{bm}:{bk}:{out_dim}:{in_dim}",
-            QuantSpec(8, 32, "mxfp8"))
-
-
 def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict, source: str) -> ExpertLayout:
     """Classifies the checkpoint's expert layout and maps every expert to byte ranges; validates shapes."""
     E = adapter.num_experts(tc, source)
@@ -357,7 +287,7 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
             quant = None
             if "scales" in found:
                 w, s = found["weight"], found["scales"]
-                released = _released_format(w[2][0], w[0][0], w[3], s[0][0], s[3], out_dim, in_dim, tc, spec.transform)
+                released = released_format(w[2][0], w[0][0], w[3], s[0][0], s[3], out_dim, in_dim, tc, spec.transform)
                 if released is not None:
                     wd, ws, sd, ss, st, quant = released
                     held["weight"] = (wd, ws, spec.transform)

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import DEQUANT, ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .quant_formats import DEQUANT, dequantize_released
 from .safetensors_index import CheckpointIndex
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
@@ -100,7 +101,6 @@ def _float_cast(layout: ExpertLayout, dtype):
         return None
     for src in layout.layers:
         for (part, comp), c in src.components.items():
-            target = "down" if part == "down" else "gate_up"
             if comp == "weight" and src.quant_of(part) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
                 return mx.float32
     return None
@@ -264,57 +264,11 @@ def _quantize_non_experts(model, config: dict, weights: dict) -> None:
     )
 
 
-_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")  # DeepSeek-V4 (ue8m0) / DeepSeek-V3-style (float) FP8 scales
-
-
-def _dequantize_released(weights: dict, index: CheckpointIndex, config: dict) -> dict:
-    """Non-expert FP8 (``F8_E4M3`` + block ``.scale`` / ``.weight_scale_inv``) and FP4 (``I8`` e2m1 pairs + ue8m0
-    ``.scale`` per 32 inputs) weights, dequantized to the checkpoint's float dtype at load (their modules are
-    plain ``nn.Linear``s; see README "Checkpoint formats" for the memory cost). Routed experts never come here:
-    they stay packed as mxfp8 / mxfp4 (expert_layout)."""
-    import mlx.core as mx
-
-    from .expert_layout import _block_size
-
-    floats = [v for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
-    dtype = max(floats, key=lambda v: v.size).dtype if floats else mx.float32
-    out = dict(weights)
-    for name in weights:
-        if not name.endswith(".weight") or index[name].dtype not in ("F8_E4M3", "I8"):
-            continue
-        base = name[: -len(".weight")]
-        sname = next((base + x for x in _SCALE_SUFFIXES if base + x in weights), None)
-        if sname is None:
-            continue
-        w, s, sdt = weights[name], weights[sname], index[sname].dtype
-        scale = mx.power(2.0, s.astype(mx.float32) - 127.0) if sdt in ("F8_E8M0", "U8") else s.astype(mx.float32)
-        if index[name].dtype == "I8":  # FP4: two e2m1 codes per byte (low nibble first) = MLX's mxfp4 packing
-            if w.ndim != 2 or sdt not in ("F8_E8M0", "U8") or tuple(s.shape) != (w.shape[0], w.shape[1] // 16):
-                raise CheckpointError(
-                    f"{index[name].file}: FP4 tensor {name!r} {list(w.shape)} needs ue8m0 scales "
-                    f"[{w.shape[0]}, {w.shape[1] // 16}] in {sname!r}, found {sdt} {list(s.shape)}"
-                )
-            deq = mx.dequantize(w.view(mx.uint32), s.view(mx.uint8), None, 32, 4, mode="mxfp4", dtype=mx.float32)
-        else:
-            rows, cols = w.shape
-            block = _block_size(config, rows, cols, tuple(s.shape)) if s.ndim == 2 else None
-            if block is None:
-                raise CheckpointError(
-                    f"{index[sname].file}: FP8 scales {sname!r} {list(s.shape)} are not a block grid of the "
-                    f"[{rows}, {cols}] weight {name!r} (quantization_config.weight_block_size says the block size)"
-                )
-            full = mx.repeat(mx.repeat(scale, block[0], axis=0)[:rows], block[1], axis=1)[:, :cols]
-            deq = mx.from_fp8(w, dtype=mx.float32) * full
-        out[name] = deq.astype(dtype)
-        del out[sname]
-    return out
-
-
 def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
     from mlx.utils import tree_flatten
 
     weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
-    weights = _dequantize_released(weights, index, config)
+    weights = dequantize_released(weights, index, config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
