@@ -131,9 +131,13 @@ def test_mixed_recipes(qwen_src, tmp_path, recipe, low, high, residency, slots):
     q = json.loads((dst / "config.json").read_text())["quantization"]
     assert q["model.layers.3.mlp.switch_mlp.down_proj"]["bits"] == high
     assert q["model.layers.0.mlp.switch_mlp.down_proj"]["bits"] == low
-    model, _ = check(dst, residency, slots)
+    model, store = check(dst, residency, slots)
     lo, hi = (low, 64, "affine"), (high, 64, "affine")
     assert expert_formats(model) == [(lo, lo), (lo, lo), (lo, hi), (lo, hi)]
+    layout = store.layout
+    sizes = [src.expert_bytes for src in layout.layers]
+    assert sizes[0] == sizes[1] < sizes[2] == sizes[3]  # each layer streams its own bytes
+    assert layout.expert_bytes == -(-sum(sizes) // 4)
 
 
 def test_recipe_without_group_size(qwen_src, tmp_path):

@@ -109,8 +109,12 @@ class ExpertLayout:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (all its components) as stored on disk; equal in every layer."""
-        return self.layers[0].expert_bytes if self.layers else 0
+        """Bytes of one expert (all its components) as stored on disk: equal in every layer, except with
+        per-module quantization (mixed recipes), where it is the mean over the layers (rounded up) and
+        ``ExpertLayerSource.expert_bytes`` gives each layer's own."""
+        if not self.layers:
+            return 0
+        return -(-sum(layer.expert_bytes for layer in self.layers) // len(self.layers))
 
     @property
     def total_expert_bytes(self) -> int:
