@@ -20,12 +20,13 @@ commands use this module too.
 recipes (``mixed_3_6``: 6-bit ``down_proj`` in some layers, 3-bit elsewhere) and per-module overrides load in
 both residencies; the streaming bank of a layer holds each projection in its own format.
 
-**Released low-precision formats** (DeepSeek-V4-Flash) are mapped onto MLX's quantized layouts without
-dequantizing (FP8 with float block scales, DeepSeek-V3 / Qwen3-FP8 style ``weight_scale_inv``, has no exact MX
-layout: its weight is dequantized to float, the scale component multiplied into it, transform ``dequant:...``): FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is* mxfp4 (the
-bytes are viewed as ``U32 [out, in/8]``); FP8 (``F8_E4M3 [out, in]``) with ue8m0 block scales
+**Released low-precision formats** (DeepSeek-V4-Flash; ``quant_formats.py``) map onto MLX's quantized layouts
+without dequantizing: FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is*
+mxfp4 (the bytes are viewed as ``U32 [out, in/8]``); FP8 (``F8_E4M3 [out, in]``) with ue8m0 block scales
 ``[ceil(out/bm), ceil(in/bk)]`` becomes mxfp8 (the same bytes as ``U32 [out, in/4]``; each block scale repeated
-over its rows and its 32-wide groups, exact because a ue8m0 scale is a power of two shared by the block).
+over its rows and its 32-wide groups, exact because a ue8m0 scale is a power of two shared by the block). FP8
+with float block scales (DeepSeek-V3 / Qwen3-FP8 ``weight_scale_inv``) has no exact MX layout: its weight is held
+dequantized, the scale component multiplied into it (transform ``dequant:...``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class ExpertLayerSource:
     num_experts: int
     components: dict[tuple[str, str], ExpertComponent]
     quant: QuantSpec | None  # the gate_up projection's (kept for callers that assume one format per layer)
-    quants: dict = dataclasses.field(default_factory=dict)  # target ("gate_up" | "down") -> QuantSpec | None
+    # target ("gate_up" | "down"), or part ("gate" | "up" | "down") when gate and up differ -> QuantSpec | None
+    quants: dict = dataclasses.field(default_factory=dict)
 
     def quant_of(self, target: str) -> QuantSpec | None:
         """QuantSpec of a target ("gate_up" | "down") or part ("gate" | "up" | "down")."""
