@@ -1,7 +1,8 @@
 """DeepSeek-V4-Flash's released formats (tests/v4_formats.py writes them byte for byte with numpy): FP4 routed
 experts (I8 e2m1 pairs + ue8m0 ``.scale`` per 32 inputs) and FP8 linears (F8_E4M3 + ue8m0 128x128 block
 ``.scale``, or DeepSeek-V3-style F32 ``weight_scale_inv``), in stacked and streaming residency, against the same
-model stored as float32 with exactly the decoded values (the unquantized-then-dequantized reference)."""
+model stored as float32 with exactly the decoded values (the unquantized-then-dequantized reference); and the
+same FP8 path on qwen3_moe in the hub's fine-grained FP8 layout (BF16 ``weight_scale_inv``)."""
 
 import json
 
@@ -138,3 +139,29 @@ def test_fp8_experts_with_float_scale_inv(tmp_path, residency, slots):
     assert w.dtype == mx.float32 and "scales" not in model.model.layers[2].mlp.experts.gate_up
     if slots:
         assert stats.bytes_read == stats.misses * layout_of(qdir).expert_bytes
+
+
+@pytest.mark.parametrize("residency,slots", [("stacked", None), ("streaming", 3)])
+def test_qwen3_moe_fine_grained_fp8(tmp_path, residency, slots):
+    """The same loader path on another family: qwen3_moe in the hub's fine-grained FP8 layout (per-expert
+    ``F8_E4M3`` weights with BF16 ``weight_scale_inv`` 128x128 blocks, FP8 attention): experts dequantized at load
+    or per expert at read, attention dequantized; == the float reference of the decoded values."""
+    from tests.quant_helpers import logits_of, qwen3_moe_source
+    from tests.v4_formats import fp8_hub_checkpoint
+
+    qdir, rdir = fp8_hub_checkpoint(qwen3_moe_source(tmp_path / "src", hidden=128, inter=128), tmp_path)
+    layout = find_expert_layout(CheckpointIndex(qdir), REGISTRY["qwen3_moe"],
+                                json.loads((qdir / "config.json").read_text()), "config.json")
+    assert layout.scheme == "hf_per_expert" and layout.quant is None
+    assert layout.layers[0].components[("gate", "scales")].dtype == "BF16"
+    kw = {"expert_residency": residency, **({"expert_slots": slots} if slots else {})}
+    model, _, store, _ = load_moe(qdir, **kw)
+    ref, _, rstore, _ = load_moe(rdir)
+    try:
+        assert rel_err(logits_of(model, PROMPT), logits_of(ref, PROMPT)) <= TOL
+        assert greedy(model, PROMPT, 8) == greedy(ref, PROMPT, 8)
+        if slots:
+            assert store.stats().misses > 0
+    finally:
+        store.close()
+        rstore.close()

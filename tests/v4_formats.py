@@ -167,3 +167,51 @@ def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=F
     save_file({k: np.ascontiguousarray(v.astype(np.float32) if v.dtype == np.float32 else v) for k, v in ref.items()},
               str(rdir / "model.safetensors"))
     return qdir, rdir
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def fp8_hub_checkpoint(src: Path, dst: Path, block=(128, 128)):
+    """(quantized dir, float reference dir): an HF-layout checkpoint's attention and routed-expert linears in the
+    fine-grained FP8 hub layout (``F8_E4M3`` weight + BF16 ``weight_scale_inv`` block scales,
+    ``quantization_config: {quant_method: fp8, weight_block_size}``); routers, norms, embeddings and the head stay
+    float. The reference holds exactly the decoded values as float32."""
+    from safetensors.numpy import load_file, save_file
+
+    w = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        w.update(load_file(str(f)))
+    quant, ref = {}, {}
+    for k, v in w.items():
+        leaf = k.split(".")[-2] if k.endswith(".weight") else ""
+        if v.ndim == 2 and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            q, s = fp8_block(v, block, float_scales=True)
+            bits = to_bf16_bits(s)
+            quant[k] = ("F8_E4M3", q)
+            quant[k[: -len(".weight")] + ".weight_scale_inv"] = ("BF16", bits)
+            ref[k] = decode_fp8(q, from_bf16_bits(bits), block, float_scales=True)
+        else:
+            quant[k] = (_ST[v.dtype], v)
+            ref[k] = v
+    cfg = json.loads((src / "config.json").read_text())
+    qdir, rdir = dst / "fp8", dst / "reference"
+    for d in (qdir, rdir):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / f, d / f)
+        c = dict(cfg)
+        if d == qdir:
+            c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(block)}
+        (d / "config.json").write_text(json.dumps(c, indent=1))
+    write_safetensors(qdir / "model.safetensors", quant)
+    save_file({k: np.ascontiguousarray(v) for k, v in ref.items()}, str(rdir / "model.safetensors"))
+    return qdir, rdir
