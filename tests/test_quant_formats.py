@@ -1,8 +1,9 @@
 """Quantization as exported in the wild, against mlx-lm's own forward of the same export, in stacked and
 streaming residency: every affine bit width and group size, mxfp4 / nvfp4 (with and without its tensor scale) /
 mxfp8, mlx-lm's ``quant_predicate`` recipes (per-module overrides in ``config.json["quantization"]``: 6-bit
-``down_proj`` beside 3-bit gate/up in some layers, 8-bit routers), on qwen3_moe (from a random HF-format source),
-qwen3_5_moe (from the transformers-saved fixture) and gpt_oss (expert biases)."""
+``down_proj`` beside 3-bit gate/up in some layers, 8-bit routers) and a per-module predicate giving gate and up
+different formats, on qwen3_moe (from a random HF-format source), qwen3_5_moe (from the transformers-saved
+fixture) and gpt_oss (expert biases); and the backend's gather_qmm itself against dequantized matmuls."""
 
 import json
 
