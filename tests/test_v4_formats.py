@@ -13,6 +13,7 @@ import pytest
 from mach_runtime import load_moe, load_v4_flash
 from mach_runtime.io.arch_registry import REGISTRY
 from mach_runtime.io.expert_layout import find_expert_layout
+from mach_runtime.io.quant_formats import held_expert_bytes
 from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests.helpers import greedy, rel_err
 from tests.quant_helpers import backend_tol
@@ -40,6 +41,12 @@ def run(path, residency, slots=None, loader=load_moe):
         return np.array(lg[0]), np.array(draft[0]), greedy(model, PROMPT, 8), store.stats(), model
     finally:
         store.close()
+
+
+def expert_nbytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for layer in model.model.layers for _, v in tree_flatten(layer.mlp.experts.parameters()))
 
 
 def test_codecs_roundtrip():
@@ -92,6 +99,8 @@ def test_fp4_experts_fp8_linears(released, loader, residency, slots):
     assert got_greedy == want_greedy
     glu = model.model.layers[2].mlp.experts
     assert glu.gate_up.quant.mode == "mxfp4" and glu.gate_up["weight"].dtype == mx.uint32
+    if not slots:  # mach check's estimate of the loaded expert bytes is what load_moe allocates
+        assert expert_nbytes(model) == held_expert_bytes(layout_of(qdir))
     assert model.model.layers[0].self_attn.q_a_proj.weight.dtype == mx.float32  # FP8 linear, dequantized
     if slots:
         assert stats.misses > 0 and stats.evictions > 0
@@ -107,10 +116,12 @@ def test_fp8_experts(tmp_path, block, residency, slots):
     src = layout_of(qdir).layers[0]
     assert src.quant_of("down").mode == "mxfp8"
     assert src.components[("gate", "scales")].shape == (-(-32 // block[0]), -(-32 // block[1]))
-    got, got_draft, got_greedy, _, _ = run(qdir, residency, slots)
+    got, got_draft, got_greedy, _, model = run(qdir, residency, slots)
     want, want_draft, want_greedy, _, _ = run(rdir, "stacked")
     assert rel_err(got, want) <= TOL and rel_err(got_draft, want_draft) <= TOL
     assert got_greedy == want_greedy
+    if not slots:
+        assert expert_nbytes(model) == held_expert_bytes(layout_of(qdir))
 
 
 def test_v3_style_float_scale_inv(tmp_path):

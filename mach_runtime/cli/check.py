@@ -132,12 +132,17 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
 
             raise ConfigError(f"--memory-gb must be positive, got {memory_gb}")
         mem = int(memory_gb * GIB)
+    from ..io.quant_formats import dequantized_non_expert_extra, held_expert_bytes
+
     total = index.total_bytes()
     experts = layout.total_expert_bytes
     weights = total - experts
+    # bytes once loaded: released FP8 / FP4 formats are expanded or dequantized (io/quant_formats.py)
+    held_experts = held_expert_bytes(layout)
+    held_weights = weights + dequantized_non_expert_extra(index, layout.expert_tensor_names)
     quant = config.get("quantization") or {}
     params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
-    v = verdicts(weights, experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
+    v = verdicts(held_weights, held_experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
     ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
     q = layout.quant
     return {

@@ -132,3 +132,49 @@ def dequantize_released(weights: dict, index: CheckpointIndex, config: dict) -> 
         out[name] = deq.astype(dtype)
         del out[sname]
     return out
+
+
+_HELD_FLOAT_BYTES = 2  # dequantized weights are held in bf16 unless a float32 cast is asked for (CPU default)
+
+
+def held_expert_bytes(layout) -> int:
+    """Bytes the routed experts of every layer occupy once loaded (no MLX; for ``mach check``): as on disk, except
+    ue8m0 FP8 block scales expanded per 32-wide group, float-scaled FP8 experts dequantized (bf16, their scales
+    folded in) and nvfp4 tensor scales held per output row."""
+    import math
+
+    total = 0
+    for src in layout.layers:
+        per_expert = 0
+        for c in src.components.values():
+            if c.transform.startswith(DEQUANT + ":"):
+                continue
+            if c.dtype == "F8_E4M3":
+                per_expert += math.prod(c.shape) * _HELD_FLOAT_BYTES
+            elif c.transform.startswith(BLOCKS + ":"):
+                _, _, _, out_dim, in_dim = c.transform.split(":")
+                per_expert += int(out_dim) * (int(in_dim) // 32)
+            elif c.comp == "global_scale":
+                w = src.components[(c.part, "weight")]
+                per_expert += 4 * ((c.rows[1] - c.rows[0]) if c.rows else w.shape[0])
+            else:
+                per_expert += c.nbytes
+        total += per_expert * src.num_experts
+    return total
+
+
+def dequantized_non_expert_extra(index: CheckpointIndex, expert_names) -> int:
+    """Extra bytes the non-expert FP8 / FP4 linears take once dequantized at load (bf16) over their disk bytes."""
+    import math
+
+    extra = 0
+    for name, t in index.tensors.items():
+        if name in expert_names or not name.endswith(".weight") or t.dtype not in ("F8_E4M3", "I8"):
+            continue
+        base = name[: -len(".weight")]
+        scale = next((index[base + x] for x in _SCALE_SUFFIXES if base + x in index), None)
+        if scale is None:
+            continue
+        elems = math.prod(t.shape) * (2 if t.dtype == "I8" else 1)
+        extra += elems * _HELD_FLOAT_BYTES - t.nbytes - scale.nbytes
+    return extra
