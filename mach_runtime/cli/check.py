@@ -137,12 +137,17 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
 
             raise ConfigError(f"--memory-gb must be positive, got {memory_gb}")
         mem = int(memory_gb * GIB)
+    from ..io.quant_formats import dequantized_non_expert_extra, held_expert_bytes
+
     total = index.total_bytes()
     experts = layout.total_expert_bytes
     weights = total - experts
+    # bytes once loaded: released FP8 / FP4 formats are expanded or dequantized (io/quant_formats.py)
+    held_experts = held_expert_bytes(layout)
+    held_weights = weights + dequantized_non_expert_extra(index, layout.expert_tensor_names)
     quant = config.get("quantization") or {}
     params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
-    v = verdicts(weights, experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
+    v = verdicts(held_weights, held_experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
     ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
     q = layout.quant
     return {
@@ -153,6 +158,9 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
         "layout": layout.layout,
         "scheme": layout.scheme,
         "expert_quantization": None if q is None else {"bits": q.bits, "group_size": q.group_size, "mode": q.mode},
+        # every format the routed projections use (per-module quantization mixes them across layers / projections)
+        "expert_formats": sorted({"float" if x is None else f"{x.mode} {x.bits}-bit g{x.group_size}"
+                                  for src in layout.layers for x in (src.quants or {"": src.quant}).values()}),
         "expert_dtype": next(iter(layout.layers[0].components.values())).dtype,
         "moe_layers": len(layout.layers),
         "num_experts": layout.num_experts,
@@ -183,7 +191,8 @@ def format_report(r: dict) -> str:
         f"checkpoint      {r['checkpoint']}",
         f"arch            {r['arch']} (model_type {r['model_type']}){'' if r['loadable'] else '  [not loadable yet]'}",
         f"layout          {r['layout']} ({r['scheme']}), experts {r['expert_dtype']}"
-        + (f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
+        + (f", mixed: {' / '.join(r['expert_formats'])}" if len(r.get("expert_formats", ())) > 1
+           else f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
         f"experts         {r['moe_layers']} MoE layers x {r['num_experts']} experts, top-{r['top_k']}; "
         f"{_gib(r['expert_bytes'])} per expert",
         f"parameters      {r['params']:,} ({r['expert_params']:,} in routed experts)",

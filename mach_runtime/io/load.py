@@ -18,10 +18,12 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
+from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .quant_formats import DEQUANT, dequantize_released
 from .safetensors_index import CheckpointIndex
 
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8"}
+_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+              "F8_E4M3": "bfloat16"}  # FP8 experts with float block scales are held dequantized (bf16 by default)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -127,8 +129,8 @@ class _Tensors:
 def _float_cast(layout: ExpertLayout, dtype):
     """The dtype every floating weight is cast to, or None to keep the checkpoint's dtypes.
 
-    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when the experts are unquantized half
-    precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
+    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when some expert projection is unquantized
+    half precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
     """
     import mlx.core as mx
 
@@ -137,45 +139,92 @@ def _float_cast(layout: ExpertLayout, dtype):
             return getattr(mx, str(dtype)) if isinstance(dtype, str) else dtype
         except AttributeError:
             raise ConfigError(f"dtype: unknown MLX dtype {dtype!r} (use float32, float16 or bfloat16)") from None
-    w = layout.layers[0].components[next(iter(layout.layers[0].components))]
-    if layout.quant is None and w.dtype in ("F16", "BF16") and mx.default_device() == mx.cpu:
-        return mx.float32
+    if mx.default_device() != mx.cpu:
+        return None
+    for src in layout.layers:
+        for (part, comp), c in src.components.items():
+            if comp == "weight" and src.quant_of(part) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
+                return mx.float32
     return None
 
 
 def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
-    """Bytes one expert occupies in memory once loaded (after any float cast)."""
+    """Bytes one expert occupies in memory once loaded (after any float cast), averaged over the MoE layers
+    (mixed quantization gives layers different sizes; every layer has the same number of slots)."""
     import math
 
     import mlx.core as mx
 
     total = 0
-    for c in layout.layers[0].components.values():
-        dt = getattr(mx, _MX_DTYPES[c.dtype])
-        if target is not None and mx.issubdtype(dt, mx.floating):
-            dt = target
-        total += math.prod(c.shape) * dt.size
-    return total
+    for src in layout.layers:
+        for c in src.components.values():
+            if _multiplied(c):
+                continue  # float FP8 block scales are multiplied into the weight, not held
+            dt = getattr(mx, _MX_DTYPES[c.dtype])
+            if target is not None and mx.issubdtype(dt, mx.floating) and c.comp != "global_scale":
+                dt = target
+            total += math.prod(_transformed_shape(c.shape, c.transform)) * dt.size
+            if c.comp == "global_scale":  # held per output row
+                total += (_held_rows(src, c) - 1) * dt.size
+    return -(-total // max(1, len(layout.layers)))
 
 
-def _build_projections(src: ExpertLayerSource, make_array, cast):
-    """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
+def _multiplied(c) -> bool:
+    """A component multiplied into its part's weight at load (float FP8 block scales: ``dequant:`` transform)."""
+    return c.transform.startswith(DEQUANT + ":")
 
-    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout.
+
+def _held_rows(src: ExpertLayerSource, c) -> int:
+    """Output rows of the part a component belongs to (a global scale is held once per row)."""
+    if c.rows:
+        return c.rows[1] - c.rows[0]
+    w = src.components[(c.part, "weight")]
+    return _transformed_shape(w.shape, w.transform)[0]
+
+
+def _build_projections(src: ExpertLayerSource, make_array, cast, stacked: bool = True):
+    """(gate_up, down) projections; gate rows then up rows along the output axis of ``gate_up``.
+
+    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout. Each
+    projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up); when
+    gate and up themselves differ, ``gate_up`` is a ``SplitProjection`` of two. Float FP8 block scales are
+    multiplied into the weight here when stacked, per expert at read when streaming.
     """
+    from .gather_switch_glu import SplitProjection
+
+    comps = list(src.components.values())
+    if src.split_gate_up:
+        gate_up = SplitProjection(*(_projection(src, [c for c in comps if c.part == p], make_array, cast, stacked,
+                                                src.quant_of(p)) for p in ("gate", "up")))
+    else:
+        gate_up = _projection(src, [c for c in comps if c.target == "gate_up"], make_array, cast, stacked,
+                              src.quant_of("gate_up"))
+    down = _projection(src, [c for c in comps if c.target == "down"], make_array, cast, stacked, src.quant_of("down"))
+    return gate_up, down
+
+
+def _projection(src, comps, make_array, cast, stacked, quant):
+    """One ExpertProjection from its components (parts concatenated along the rows)."""
+    import mlx.core as mx
+
     from .gather_switch_glu import ExpertProjection
 
-    out = []
-    for target in ("gate_up", "down"):
-        kwargs = {}
-        for comp in sorted({c.comp for c in src.components.values() if c.target == target}):
-            parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
-            parts.sort(key=lambda c: (c.rows or (0, 0))[0])
-            arrays = [make_array(c) for c in parts]
-            a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
-            kwargs[comp] = cast(a)
-        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant, **kwargs))
-    return out
+    kwargs = {}
+    for comp in sorted({c.comp for c in comps}, key=lambda c: (c != "weight", c)):  # weight first: scales may
+        parts = sorted((c for c in comps if c.comp == comp), key=lambda c: (c.rows or (0, 0))[0])  # multiply it
+        if all(_multiplied(c) for c in parts):
+            if stacked:
+                scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
+                held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
+                kwargs["weight"] = (kwargs["weight"].astype(mx.float32) * scale).astype(held)
+            continue
+        arrays = [make_array(c) for c in parts]
+        if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
+            arrays = [mx.contiguous(mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))))
+                      for a, c in zip(arrays, parts)]
+        a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
+        kwargs[comp] = a if comp == "global_scale" else cast(a)
+    return ExpertProjection(kwargs.pop("weight"), quant=quant, **kwargs)
 
 
 def _concat_rows(parts):
@@ -196,7 +245,9 @@ def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
         else:
             a = mx.stack([tensors[n] for n in c.tensor_names])
         want = getattr(mx, _MX_DTYPES[c.dtype])
-        if a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
+        if c.dtype == "F8_E4M3":  # dequantized: multiplied by its float block scales in _build_projections
+            a = mx.from_fp8(a, dtype=mx.float32)
+        elif a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
             a = a.view(want).reshape(a.shape[0], *c.shape)
         return apply_transform(a, c.transform)
 
@@ -211,19 +262,23 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
 
     from .disk_switch_glu import DiskSwitchGLU
     from .expert_bank import _Target
-    from .expert_layout import _transformed_shape
 
     S = store.slots
 
     def make_array(c):
         return mx.zeros((S, *_transformed_shape(c.shape, c.transform)), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
 
-    gate_up, down = _build_projections(src, make_array, cast)
+    gate_up, down = _build_projections(src, make_array, cast, stacked=False)
     targets = {}
     for key, c in src.components.items():
         proj = down if c.target == "down" else gate_up
         rows = slice(*c.rows) if c.rows else slice(None)
-        targets[key] = _Target(proj, c.comp, rows, c.transform)
+        if src.split_gate_up and c.part in ("gate", "up"):  # each its own projection, all of its rows
+            proj, rows = getattr(gate_up, c.part), slice(None)
+        if _multiplied(c):
+            targets[key] = _Target(proj, "weight", rows, c.transform, multiply=True)
+        else:
+            targets[key] = _Target(proj, c.comp, rows, c.transform)
     bank = store.add_layer(src, targets)
     return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank, **act_kwargs)
 
@@ -269,7 +324,9 @@ def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tenso
                       adapter):
     from mlx.utils import tree_flatten
 
-    weights = {k: tensors[n] for k, n in _non_expert_names(index, layout, adapter, config).items()}
+    names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
+    raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
+    weights = {k: raw[n] for k, n in names.items() if n in raw}
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
@@ -369,6 +426,8 @@ def load_moe(
         if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
             return a.astype(target)
         return a
+
+    cast.target = target
 
     streaming = settings.expert_residency == "streaming"
     store = None

@@ -34,6 +34,7 @@ DTYPES = {
     "BOOL": (1, "bool"),
     "F8_E4M3": (1, "uint8"),
     "F8_E5M2": (1, "uint8"),
+    "F8_E8M0": (1, "uint8"),  # ue8m0 block scales (DeepSeek-V4 ``.scale``): the exponent byte, 2**(b - 127)
 }
 
 _MAX_HEADER = 100 << 20  # the safetensors spec caps headers at 100 MB
