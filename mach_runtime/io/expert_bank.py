@@ -45,6 +45,9 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     direct_io: bool
     prefetched: int = 0  # experts read ahead of need (bytes_read counts them too)
     prefetch_used: int = 0  # misses served from prefetched bytes (no wait on the disk)
+    host_syncs: int = 0  # routing readbacks: one per MoE layer in sync mode, one per verified optimistic forward
+    optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
+    redone_forwards: int = 0  # of those, forwards that missed and were redone in sync mode
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -99,6 +102,14 @@ class LayerBank:
         self.policy = make_policy(policy)
         self.last_used: tuple[int, ...] = ()  # distinct experts of the latest step
         self.targets: dict[tuple[str, str], _Target] = targets  # (proj, comp) -> bank target
+        self.version = 0  # bumped whenever the expert -> slot table changes
+        self.glu = None  # the DiskSwitchGLU computing over this bank (holds the device copy of the table)
+
+    def device_table(self):
+        """The expert -> slot table as a device array; a missing expert maps to slot 0 (see optimistic.py)."""
+        import mlx.core as mx
+
+        return mx.array(np.maximum(self.lut, 0))
 
     @property
     def resident(self) -> int:
@@ -128,6 +139,10 @@ class StreamingExpertStore:
         # told every MoE call's per-token routing (bank, host int array [tokens, top_k]) on the MLX thread before
         # the bank is touched; the store's stats do not see them (e.g. draft-informed prefetch learns from them)
         self.routing_observers: list = []
+        self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
+        from .optimistic import OptimisticRunner
+
+        self.optimistic = OptimisticRunner(self)
 
     @staticmethod
     def slots_for_budget(layout: ExpertLayout, budget_gb: float, bank_expert_bytes: int) -> int:
@@ -173,6 +188,24 @@ class StreamingExpertStore:
         self.hits += len(needed) - len(missing)
         if len(missing):
             self._load(bank, missing, set(needed.tolist()))
+            bank.version += 1
+            if bank.glu is not None:
+                bank.glu.slot_of = bank.device_table()
+        bank.policy.step(needed.tolist())
+
+    def count_sync(self) -> None:
+        self.host_syncs += 1
+
+    def account_hits(self, bank: LayerBank, inds: np.ndarray) -> None:
+        """Bookkeeping of a verified optimistic MoE call (every expert was resident): what ``ensure`` does on
+        hits, after the fact; routing observers are told too."""
+        for observe in self.routing_observers:
+            observe(bank, inds)
+        needed = np.unique(inds)
+        bank.last_used = tuple(needed.tolist())
+        if self.trace is not None:
+            self.trace.append((bank.source.layer, bank.last_used))
+        self.hits += len(needed)
         bank.policy.step(needed.tolist())
 
     def _load(self, bank: LayerBank, missing: np.ndarray, needed: set) -> None:
@@ -264,6 +297,9 @@ class StreamingExpertStore:
             direct_io=self.reader.direct,
             prefetched=self.prefetched,
             prefetch_used=self.prefetch_used,
+            host_syncs=self.host_syncs,
+            optimistic_forwards=self.optimistic.optimistic_forwards,
+            redone_forwards=self.optimistic.redone_forwards,
         )
 
     def close(self) -> None:

@@ -356,6 +356,10 @@ def load_moe(
         _load_non_experts(model, index, layout, tensors, config, swapped, cast)
         mx.eval(model.parameters())
         model.eval()
+        if streaming:
+            from .optimistic import install
+
+            install(model, store)
     except BaseException:
         if store is not None:
             store.close()
