@@ -48,6 +48,16 @@ class ForwardRecord:
 
     seq: int
     entries: list = field(default_factory=list)
+    flat: object = None  # every entry's indices, flattened and concatenated (one lazy int32 array)
+
+    def close(self):
+        """Builds ``flat`` and queues it (``mx.async_eval``) right behind the forward's own routing, so checking
+        it later waits for this forward's routers only, never for a forward queued after it."""
+        import mlx.core as mx
+
+        if self.entries:
+            self.flat = mx.concatenate([i.reshape(-1).astype(mx.int32) for _, i, _ in self.entries])
+            mx.async_eval(self.flat)
 
 
 def rollback_ok(cache, tokens: int) -> bool:
@@ -123,6 +133,7 @@ class OptimisticRunner:
             out = run()
         finally:
             self._recording = None
+        rec.close()
         self.optimistic_forwards += 1
         if deferred:
             self.pending.append(rec)
@@ -149,13 +160,10 @@ class OptimisticRunner:
     # -- verification --------------------------------------------------------------------------------------
     def verify(self, records: list[ForwardRecord]) -> bool:
         """One routing readback for ``records``: True (and bookkeeping done) when every expert was resident."""
-        import mlx.core as mx
-
         entries = [e for r in records for e in r.entries]
         if not entries:
             return True
-        flat = mx.concatenate([i.reshape(-1).astype(mx.int32) for _, i, _ in entries])
-        host = np.array(flat)  # THE host sync of these forwards
+        host = np.concatenate([np.array(r.flat) for r in records if r.flat is not None])  # THE host sync
         self.store.count_sync()
         self.host_syncs += 1
         parts, pos = [], 0
