@@ -266,6 +266,7 @@ def load_moe(
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.models.cache import make_prompt_cache
 
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
@@ -354,7 +355,13 @@ def load_moe(
             _set_module(model, mpath, glu)
             swapped.append(mpath)
         _load_non_experts(model, index, layout, tensors, config, swapped, cast)
-        mx.eval(model.parameters())
+        if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
+            # so load time and memory before decoding do not grow with the bank (P7)
+            bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
+                           for a in [getattr(t.proj, t.comp)]}
+            mx.eval([a for _, a in tree_flatten(model.parameters()) if id(a) not in bank_arrays])
+        else:
+            mx.eval(model.parameters())
         model.eval()
         if streaming:
             from .optimistic import install
