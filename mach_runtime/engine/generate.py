@@ -110,12 +110,12 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
             nxt = nck = None
             if n + 1 < max_tokens:
                 nxt, nck = step(tok)
-                mx.async_eval(nxt)
+                mx.async_eval(nxt, *(guard.outputs() if guard is not None else ()))
             if guard is not None and ck is not None and not guard.verify(ck[0]):
                 tok = redo(y, ck, 2 if nxt is not None else 1)
                 if nxt is not None:
                     nxt, nck = step(tok)
-                    mx.async_eval(nxt)
+                    mx.async_eval(nxt, *guard.outputs())
             stats.generated_tokens = n + 1
             stats.decode_seconds = time.perf_counter() - t0
             yield int(tok.item())

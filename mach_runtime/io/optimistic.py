@@ -48,16 +48,17 @@ class ForwardRecord:
 
     seq: int
     entries: list = field(default_factory=list)
-    flat: object = None  # every entry's indices, flattened and concatenated (one lazy int32 array)
+    flat: object = None  # every entry's indices, flattened and concatenated (one lazy array)
+    queued: bool = False  # flat was handed to mx.async_eval
 
     def close(self):
-        """Builds ``flat`` and queues it (``mx.async_eval``) right behind the forward's own routing, so checking
-        it later waits for this forward's routers only, never for a forward queued after it."""
+        """Builds ``flat`` (lazy). A deferred forward's caller queues it together with the forward's own output
+        (``ForwardGuard.outputs()``), so checking it later waits for this forward's routers only, never for a
+        forward queued after it, and the graph is walked once."""
         import mlx.core as mx
 
         if self.entries:
-            self.flat = mx.concatenate([i.reshape(-1).astype(mx.int32) for _, i, _ in self.entries])
-            mx.async_eval(self.flat)
+            self.flat = mx.concatenate([i.reshape(-1) for _, i, _ in self.entries])
 
 
 def rollback_ok(cache, tokens: int) -> bool:
@@ -201,6 +202,16 @@ class ForwardGuard:
         ck = (self.runner.seq,)
         self.runner._deferred_next = True
         return ck
+
+    def outputs(self) -> list:
+        """The routing arrays of deferred forwards not yet queued: pass them to the same ``mx.async_eval`` as the
+        step's output."""
+        out = []
+        for p in self.runner.pending:
+            if p.flat is not None and not p.queued:
+                p.queued = True
+                out.append(p.flat)
+        return out
 
     def verify(self, ck) -> bool:
         r = self.runner

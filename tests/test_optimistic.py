@@ -1,0 +1,156 @@
+"""Optimistic streaming: hits need one host sync per forward, misses are redone exactly (io/optimistic.py)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+
+from mach_runtime import load_moe
+from mach_runtime.engine.generate import generate_tokens, make_sampler
+from mach_runtime.io.expert_reader import ExpertReader
+from mach_runtime.io.optimistic import rollback_ok
+from tests.helpers import reference_logits, rel_err
+
+# Tolerance rule for logits of the same weights through different gather orders: on the CPU the kernels are the
+# same and the arithmetic is fp32 in the same order (1e-6 leaves room for nothing but that); MLX's CUDA fp32
+# matmuls may run in TF32 (10-bit mantissa), so there: 2^-10 per matmul on the path, times the depth (2 layers x
+# 3 matmuls of the tiny model).
+TOL = 1e-6 if mx.default_device() == mx.cpu else 2**-10 * 6
+PROMPT = list(range(5, 30))
+
+
+def _stacked(tiny_dir):
+    model, tok, store, cache = load_moe(tiny_dir, expert_residency="stacked")
+    return model
+
+
+def _decode(model, temperature, n=24, prompt=PROMPT):
+    mx.random.seed(11)
+    return list(generate_tokens(model, prompt, make_prompt_cache(model), make_sampler(temperature), n))
+
+
+def _streaming(tiny_dir, slots, warm=False):
+    model, tok, store, cache = load_moe(tiny_dir, expert_residency="streaming", expert_slots=slots)
+    if warm:
+        for bank in store.banks:
+            store.ensure(bank, np.arange(bank.source.num_experts))
+    return model, store
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("slots", [4, 7, 16])
+def test_optimistic_decode_equals_stacked(tiny_dir, slots, temperature):
+    want = _decode(_stacked(tiny_dir), temperature)
+    model, store = _streaming(tiny_dir, slots)
+    try:
+        assert _decode(model, temperature) == want
+        s = store.stats()
+        assert s.optimistic_forwards > 0
+        assert s.bytes_read == s.misses * s.expert_bytes  # redone forwards read nothing twice
+        if slots < 16:
+            assert s.redone_forwards > 0  # the small banks miss: rollback + sync redo was exercised
+    finally:
+        store.close()
+
+
+def test_all_resident_decode_syncs_once_per_token(tiny_dir):
+    model, store = _streaming(tiny_dir, 16, warm=True)
+    try:
+        prompt = PROMPT[:4]  # 3 prefill rows: one optimistic forward too
+        s0 = store.stats()
+        toks = _decode(model, 1.0, n=20, prompt=prompt)
+        s1 = store.stats()
+        forwards = 1 + len(toks)  # the prefill forward + one forward per generated token
+        assert s1.host_syncs - s0.host_syncs == forwards  # one routing readback per forward, none per layer
+        assert s1.redone_forwards == s0.redone_forwards and s1.misses == s0.misses
+        assert s1.hits - s0.hits >= forwards * 2  # every layer's lookups were accounted (>= 1 distinct each)
+        assert toks == _decode(_stacked(tiny_dir), 1.0, n=20, prompt=prompt)
+        # the sync path (per-layer readback) for comparison: one sync per MoE layer per forward
+        store.optimistic.enabled = False
+        s2 = store.stats()
+        _decode(model, 1.0, n=20, prompt=prompt)
+        assert store.stats().host_syncs - s2.host_syncs == 2 * forwards
+    finally:
+        store.close()
+
+
+def test_eager_forward_redone_after_a_miss(tiny_dir):
+    """A direct model call (no decode loop): checked at its own end, rolled back and redone on a miss."""
+    ids = PROMPT[:3]
+    want = reference_logits(_stacked(tiny_dir), ids)
+    model, store = _streaming(tiny_dir, 4)
+    try:
+        cache = make_prompt_cache(model)
+        got = np.array(model(mx.array([ids]), cache=cache)[0])
+        assert rel_err(got, want) <= TOL
+        assert store.stats().redone_forwards == 1  # the empty bank missed
+        assert all(c.offset == len(ids) for c in cache)  # the rolled-back tokens were not written twice
+        # now everything this call needs is resident: the same call is exact without a redo
+        cache = make_prompt_cache(model)
+        got = np.array(model(mx.array([ids]), cache=cache)[0])
+        assert rel_err(got, want) <= TOL and store.stats().redone_forwards == 1
+    finally:
+        store.close()
+
+
+def test_caches_that_cannot_roll_back_take_the_sync_path(tiny_dir):
+    assert rollback_ok(None, 3)
+    assert not rollback_ok([ArraysCache(2)], 1)
+    model, store = _streaming(tiny_dir, 16, warm=True)
+    try:
+        store.optimistic.enabled = True
+        s0 = store.stats()
+        model(mx.array([PROMPT[:40]]))  # 25 rows <= 32 with no cache: optimistic, one sync
+        assert store.stats().host_syncs - s0.host_syncs == 1
+        long = (PROMPT * 2)[:40]  # 40 rows: a prefill-sized call runs the per-layer path
+        s1 = store.stats()
+        model(mx.array([long]))
+        assert store.stats().host_syncs - s1.host_syncs == 2
+    finally:
+        store.close()
+
+
+def test_abandoned_decode_loop_does_not_confuse_the_next(tiny_dir):
+    want = _decode(_stacked(tiny_dir), 1.0)
+    model, store = _streaming(tiny_dir, 5)
+    try:
+        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0), 24)
+        for _ in range(5):
+            next(gen)  # left suspended with a step queued
+        assert _decode(model, 1.0) == want
+        del gen
+        assert _decode(model, 1.0) == want
+    finally:
+        store.close()
+
+
+def test_bank_is_allocated_lazily(tiny_dir):
+    """The slot arrays are not materialised at load: memory after load does not grow with the bank."""
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    model, store = _streaming(tiny_dir, 16)
+    try:
+        bank_bytes = sum(getattr(t.proj, t.comp).nbytes for b in store.banks for t in b.targets.values())
+        assert mx.get_active_memory() - base < bank_bytes // 2
+        assert len(_decode(model, 0.0, n=4)) == 4
+    finally:
+        store.close()
+
+
+def test_reader_reuses_staging_buffers(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 3 * 8192 + 100, dtype=np.uint8)
+    f = tmp_path / "blob.bin"
+    f.write_bytes(data.tobytes())
+    reader = ExpertReader(threads=3)
+    try:
+        reqs = [[(str(f), 0, 5000), (str(f), 9000, 3000)], [(str(f), 17000, 4000)]]
+        for _ in range(4):
+            seen = {}
+            for i, views, bufs in reader.read_iter(reqs):
+                seen[i] = [bytes(v) for v in views]
+                reader.release(bufs)
+            assert seen == {i: [data[o:o + n].tobytes() for _, o, n in req] for i, req in enumerate(reqs)}
+        assert reader.pool.allocated == 3  # one buffer per range size, reused every round
+        assert reader.bytes_read == 4 * 12000
+    finally:
+        reader.close()
