@@ -92,7 +92,7 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
 
     def redo(y, ck, tokens):  # a streamed step missed: roll back and recompute it with its misses loaded
         guard.rollback(ck[0], tokens)
-        with guard.sync():
+        with guard.redo():
             tok, _ = step(y, ck[1])
         mx.eval(tok)
         return tok

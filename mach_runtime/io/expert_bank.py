@@ -47,7 +47,8 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     prefetch_used: int = 0  # misses served from prefetched bytes (no wait on the disk)
     host_syncs: int = 0  # routing readbacks: one per MoE layer in sync mode, one per verified optimistic forward
     optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
-    redone_forwards: int = 0  # of those, forwards that missed and were redone in sync mode
+    redone_forwards: int = 0  # of those, forwards that missed and were redone (retried, else sync mode)
+    retried_forwards: int = 0  # optimistic retries after loading a missed layer's experts
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -184,31 +185,38 @@ class StreamingExpertStore:
         bank.last_used = tuple(needed.tolist())
         if self.trace is not None:
             self.trace.append((bank.source.layer, bank.last_used))
-        missing = needed[bank.lut[needed] < 0]
-        self.hits += len(needed) - len(missing)
-        if len(missing):
-            try:
-                self._load(bank, missing, set(needed.tolist()))
-            finally:  # also after a failed read: the device table must follow the host table
-                bank.version += 1
-                if bank.glu is not None:
-                    bank.glu.slot_of = bank.device_table()
+        self.hits += int((bank.lut[needed] >= 0).sum())
+        self.load_missing(bank, needed)
         bank.policy.step(needed.tolist())
 
     def count_sync(self) -> None:
         self.host_syncs += 1
 
-    def account_hits(self, bank: LayerBank, inds: np.ndarray) -> None:
-        """Bookkeeping of a verified optimistic MoE call (every expert was resident): what ``ensure`` does on
-        hits, after the fact; routing observers are told too."""
+    def account_hits(self, bank: LayerBank, inds: np.ndarray, loaded=()) -> None:
+        """Bookkeeping of a verified optimistic MoE call (every expert was resident): what ``ensure`` does,
+        after the fact (``loaded``: experts this forward's retry loaded, already counted as misses); routing
+        observers are told too."""
         for observe in self.routing_observers:
             observe(bank, inds)
         needed = np.unique(inds)
         bank.last_used = tuple(needed.tolist())
         if self.trace is not None:
             self.trace.append((bank.source.layer, bank.last_used))
-        self.hits += len(needed)
+        self.hits += len(needed) - len(loaded)
         bank.policy.step(needed.tolist())
+
+    def load_missing(self, bank: LayerBank, needed: np.ndarray) -> list[int]:
+        """Makes ``needed`` resident, counting only the misses (a retried optimistic forward accounts its hits
+        when it verifies); returns the experts it loaded."""
+        missing = needed[bank.lut[needed] < 0]
+        if len(missing):
+            try:
+                self._load(bank, missing, set(needed.tolist()))
+            finally:
+                bank.version += 1
+                if bank.glu is not None:
+                    bank.glu.slot_of = bank.device_table()
+        return missing.tolist()
 
     def _load(self, bank: LayerBank, missing: np.ndarray, needed: set) -> None:
         # free slots first, then victims; each expert is written to the device as soon as its bytes are in,
@@ -310,6 +318,7 @@ class StreamingExpertStore:
             prefetched=self.prefetched,
             prefetch_used=self.prefetch_used,
             host_syncs=self.host_syncs,
+            retried_forwards=self.optimistic.retried_forwards,
             optimistic_forwards=self.optimistic.optimistic_forwards,
             redone_forwards=self.optimistic.redone_forwards,
         )

@@ -40,6 +40,7 @@ from ..engine.call_override import override_call
 # forwards with more token rows than this run in sync mode (prefill chunks: their experts rarely all fit)
 MAX_OPTIMISTIC_ROWS = 32
 MAX_BACKOFF = 32
+MAX_RETRIES = 2  # optimistic retries of a forward that missed, each after loading the first missing layer
 
 
 @dataclass
@@ -96,7 +97,10 @@ class OptimisticRunner:
         self.active_guard = None  # the ForwardGuard of the decode loop using deferred checks, if any
         self.pending_failed = False  # a deferred forward failed a check forced by a sync forward
         self._skip = 0  # sync-mode forwards left before optimism is tried again
-        self._backoff = 1
+        self._backoff = 0  # the next skip after a miss: 0 for an isolated miss, doubling while misses repeat
+        self._retry_next = False  # set by ForwardGuard.redo(): the next forward is a retry of one that missed
+        self.first_miss = None  # (bank, host routing) of the first MoE call the last failed check found missing
+        self.retried_forwards = 0
         # counters (store.stats() reports them)
         self.optimistic_forwards = 0
         self.redone_forwards = 0
@@ -118,9 +122,13 @@ class OptimisticRunner:
         seq, self.seq = self.seq, self.seq + 1
         eligible = (self.enabled and not self._sync_depth and rows <= MAX_OPTIMISTIC_ROWS
                     and rollback_ok(cache, tokens))
-        if eligible and self._skip:
+        if eligible and self._skip and not self._retry_next:
             self._skip -= 1
             eligible = False
+        if eligible and self._retry_next:  # a deferred step that missed, redone by its loop
+            self._retry_next = False
+            return self.retry(run, tokens, cache)
+        self._retry_next = False
         if not eligible:
             if self.pending and not self._sync_depth:
                 # a sync forward may load experts: settle the deferred ones first (their tables must not move)
@@ -143,7 +151,7 @@ class OptimisticRunner:
             return out
         trim_caches(cache, tokens)
         self.redone_forwards += 1
-        return self._sync_forward(run)
+        return self.retry(run, tokens, cache)
 
     def _sync_forward(self, run):
         self.sync_forwards += 1
@@ -159,12 +167,18 @@ class OptimisticRunner:
             self._sync_depth -= 1
 
     # -- verification --------------------------------------------------------------------------------------
-    def verify(self, records: list[ForwardRecord]) -> bool:
-        """One routing readback for ``records``: True (and bookkeeping done) when every expert was resident."""
+    def verify(self, records: list[ForwardRecord], loaded: dict | None = None) -> bool:
+        """One routing readback for ``records``: True (and bookkeeping done) when every expert was resident.
+
+        On a miss, ``first_miss`` names the first MoE call that missed and its routing (correct: every call
+        before it was exact); ``loaded`` (bank index -> experts loaded by a retry of this forward) keeps those
+        from being counted as hits too.
+        """
+        self.first_miss = None
         entries = [e for r in records for e in r.entries]
         if not entries:
             return True
-        host = np.concatenate([np.array(r.flat) for r in records if r.flat is not None])  # THE host sync
+        host = np.concatenate([np.array(r.flat).reshape(-1) for r in records if r.flat is not None])  # THE sync
         self.store.count_sync()
         self.host_syncs += 1
         parts, pos = [], 0
@@ -174,13 +188,43 @@ class OptimisticRunner:
             inds = host[pos : pos + n].reshape(-1, k)
             pos += n
             if version != bank.version or (bank.lut[inds] < 0).any():
-                self._skip, self._backoff = self._backoff, min(2 * self._backoff, MAX_BACKOFF)
+                if version == bank.version:
+                    self.first_miss = (bank, inds)
+                self._skip = self._backoff
+                self._backoff = min(max(1, 2 * self._backoff), MAX_BACKOFF)
                 return False
             parts.append((bank, inds))
         for bank, inds in parts:
-            self.store.account_hits(bank, inds)
-        self._backoff = 1
+            self.store.account_hits(bank, inds, (loaded or {}).get(bank.index, ()))
+        self._backoff = 0
         return True
+
+    def retry(self, run, tokens: int, cache):
+        """Redoes a forward that missed: loads the first missing call's experts (its routing is exact) and runs
+        optimistically again, up to ``MAX_RETRIES`` times (a later layer may miss too: its routing is only right
+        once the layers before it are); then falls back to sync mode. Outputs are exact either way."""
+        loaded: dict[int, set] = {}
+        for _ in range(MAX_RETRIES):
+            if self.first_miss is None:
+                break
+            bank, inds = self.first_miss
+            needed = np.unique(inds)
+            if len(needed) > bank.slots:
+                break
+            loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
+            rec = ForwardRecord(-1)
+            self._recording = rec
+            try:
+                out = run()
+            finally:
+                self._recording = None
+            rec.close()
+            self.retried_forwards += 1
+            if self.verify([rec], loaded):
+                return out
+            trim_caches(cache, tokens)
+        self.first_miss = None
+        return self._sync_forward(run)
 
 
 class ForwardGuard:
@@ -189,7 +233,7 @@ class ForwardGuard:
     ``begin()`` before building a step returns a checkpoint; ``verify(ck)`` checks every pending forward up to and
     including the one started at ``ck`` (one readback), leaving later ones pending; ``rollback(ck)`` drops the
     forwards from ``ck`` on (trimming their tokens from the caches); the caller then redoes the step inside
-    ``sync()``, drawing the same random numbers (it keys its draws by position).
+    ``redo()``, drawing the same random numbers (it keys its draws by position).
     """
 
     def __init__(self, runner: OptimisticRunner, cache):
@@ -234,9 +278,14 @@ class ForwardGuard:
         trim_caches(self.cache, tokens)
 
     @contextmanager
-    def sync(self):
-        with self.runner.sync_mode():
+    def redo(self):
+        """Around the redo of the step that missed: it retries optimistically with the missing experts loaded
+        (``OptimisticRunner.retry``), else runs in sync mode."""
+        self.runner._retry_next = True
+        try:
             yield
+        finally:
+            self.runner._retry_next = False
 
     def close(self) -> None:
         """Verifies what is still pending (e.g. a step queued past the last token) so bookkeeping stays exact."""
