@@ -198,12 +198,13 @@ class StreamingExpertStore:
         observers are told too."""
         for observe in self.routing_observers:
             observe(bank, inds)
-        needed = np.unique(inds)
-        bank.last_used = tuple(needed.tolist())
+        # sorted distinct experts, as ensure() steps the policy; one row (decode) needs no np.unique
+        needed = sorted(set(inds[0].tolist())) if inds.shape[0] == 1 else np.unique(inds).tolist()
+        bank.last_used = tuple(needed)
         if self.trace is not None:
             self.trace.append((bank.source.layer, bank.last_used))
         self.hits += len(needed) - len(loaded)
-        bank.policy.step(needed.tolist())
+        bank.policy.step(needed)
 
     def load_missing(self, bank: LayerBank, needed: np.ndarray) -> list[int]:
         """Makes ``needed`` resident, counting only the misses (a retried optimistic forward accounts its hits

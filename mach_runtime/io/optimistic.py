@@ -185,17 +185,25 @@ class OptimisticRunner:
         for bank, idx, version in entries:
             k = idx.shape[-1]
             n = idx.size
-            inds = host[pos : pos + n].reshape(-1, k)
+            parts.append((bank, host[pos : pos + n].reshape(-1, k), version))
             pos += n
-            if version != bank.version or (bank.lut[inds] < 0).any():
+        # one vectorised residency check over every call (decode: 1 row per call), then the first miss
+        if all(p[1].shape == parts[0][1].shape for p in parts):
+            luts = np.stack([bank.lut for bank, _, _ in parts])
+            rows = np.arange(len(parts))[:, None, None]
+            resident = (luts[rows, np.stack([p[1] for p in parts])] >= 0).all(axis=(1, 2))
+        else:
+            resident = np.array([(bank.lut[inds] >= 0).all() for bank, inds, _ in parts])
+        for ok, (bank, inds, version) in zip(resident.tolist(), parts):
+            if version != bank.version or not ok:
                 if version == bank.version:
                     self.first_miss = (bank, inds)
                 self._skip = self._backoff
                 self._backoff = min(max(1, 2 * self._backoff), MAX_BACKOFF)
                 return False
-            parts.append((bank, inds))
-        for bank, inds in parts:
-            self.store.account_hits(bank, inds, (loaded or {}).get(bank.index, ()))
+        loaded = loaded or {}
+        for bank, inds, _ in parts:
+            self.store.account_hits(bank, inds, loaded.get(bank.index, ()))
         self._backoff = 0
         return True
 
