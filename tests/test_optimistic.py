@@ -158,5 +158,12 @@ def test_reader_reuses_staging_buffers(tmp_path):
             assert seen == {i: [data[o:o + n].tobytes() for _, o, n in req] for i, req in enumerate(reqs)}
         assert reader.pool.allocated == 3  # one buffer per range size, reused every round
         assert reader.bytes_read == 4 * 12000
+        # ranges that follow each other in one file are read at once, and split back exactly
+        adjacent = [[(str(f), 100, 1000), (str(f), 1100, 2000), (str(f), 3100, 50)]]
+        (i, views, bufs), = list(reader.read_iter(adjacent))
+        assert [bytes(v) for v in views] == [data[o:o + n].tobytes() for _, o, n in adjacent[0]]
+        assert len(bufs) == 1
+        views, bufs = reader.submit(adjacent[0]).result()
+        assert [bytes(v) for v in views] == [data[o:o + n].tobytes() for _, o, n in adjacent[0]] and len(bufs) == 1
     finally:
         reader.close()

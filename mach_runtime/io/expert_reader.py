@@ -62,6 +62,33 @@ class StagingPool:
             self._free_bytes += buf.nbytes
 
 
+def coalesce(ranges: list[tuple[str, int, int]]) -> list[tuple[tuple[str, int, int], list[int]]]:
+    """Merges runs of ranges that follow each other in one file: ``[(merged range, [length of each part])]``.
+
+    The HF per-expert layout stores an expert's projections next to each other, and a ``mach convert`` sidecar
+    stores each expert as one extent, so a miss becomes one read instead of one per tensor.
+    """
+    out: list = []
+    for path, off, n in ranges:
+        if out and out[-1][0][0] == path and out[-1][0][1] + out[-1][0][2] == off:
+            (p, o, m), lens = out[-1]
+            out[-1] = ((p, o, m + n), lens + [n])
+        else:
+            out.append(((path, off, n), [n]))
+    return out
+
+
+def _split(got: list, runs: list) -> list[np.ndarray]:
+    """The wanted bytes of each original range, as views into the merged reads."""
+    views = []
+    for (_, view), (_, lens) in zip(got, runs):
+        pos = 0
+        for n in lens:
+            views.append(view[pos : pos + n])
+            pos += n
+    return views
+
+
 class ExpertReader:
     """Reads lists of (file, offset, nbytes) ranges in parallel."""
 
@@ -145,23 +172,24 @@ class ExpertReader:
         caller copies a finished request's bytes while the others are still being read, then ``release``s its
         staging buffers.
         """
-        flat = [(i, j, r) for i, req in enumerate(requests) for j, r in enumerate(req)]
-        self._count(sum(r[2] for _, _, r in flat))
+        self._count(sum(n for req in requests for _, _, n in req))
+        runs = [coalesce(req) for req in requests]  # adjacent ranges of one file: one read
+        flat = [(i, j, r) for i, rr in enumerate(runs) for j, (r, _) in enumerate(rr)]
         if len(flat) == 1 or self.threads == 1:
-            for i, req in enumerate(requests):
-                got = [self._read_range(*r) for r in req]
-                yield i, [v for _, v in got], [b for b, _ in got]
+            for i, rr in enumerate(runs):
+                got = [self._read_range(*r) for r, _ in rr]
+                yield i, _split(got, rr), [b for b, _ in got]
             return
         futs = {self._pool.submit(self._read_range, *r): (i, j) for i, j, r in flat}
-        left = [len(req) for req in requests]
-        parts: list[list] = [[None] * len(req) for req in requests]
+        left = [len(rr) for rr in runs]
+        parts: list[list] = [[None] * len(rr) for rr in runs]
         try:
             for fut in as_completed(futs):
                 i, j = futs[fut]
                 parts[i][j] = fut.result()
                 left[i] -= 1
                 if left[i] == 0:
-                    yield i, [v for _, v in parts[i]], [b for b, _ in parts[i]]
+                    yield i, _split(parts[i], runs[i]), [b for b, _ in parts[i]]
         finally:
             for fut in futs:  # an error or an abandoned iterator: cancel what has not started
                 fut.cancel()
@@ -187,8 +215,9 @@ class ExpertReader:
         self._count(sum(n for _, _, n in ranges))
 
         def job():
-            got = [self._read_range(*r) for r in ranges]
-            return [v for _, v in got], [b for b, _ in got]
+            runs = coalesce(ranges)
+            got = [self._read_range(*r) for r, _ in runs]
+            return _split(got, runs), [b for b, _ in got]
 
         return self._pool.submit(job)
 
