@@ -83,6 +83,8 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="variants are run this many times, interleaved")
+    p.add_argument("--variants", nargs="+", default=["stacked", "streaming optimistic", "streaming sync"],
+                   choices=["stacked", "streaming optimistic", "streaming sync"], help="stacked must be among them")
     p.add_argument("--ckpt-root", type=C.Path, default=C.default_ckpt_root())
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -98,7 +100,7 @@ def main():
     ids = C.make_prompt(tok, a.prompt_tokens)
     bw = disk_bw(C.safetensors_files(ckpt))
     C.freeze_gc()
-    names = ["stacked", "streaming optimistic", "streaming sync"]
+    names = a.variants
     results = {n: [] for n in names}
     for r in range(a.rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
