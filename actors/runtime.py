@@ -221,7 +221,7 @@ class Runtime:
             raise ConfigError(f"spec_batch must be 0 (off) or an integer in 2..max_batch ({max_batch}), "
                               f"got {spec_batch!r}")
         if checkpoint is None:
-            from mach_runtime.cli.main import default_checkpoint
+            from mach_runtime.assets import default_checkpoint
 
             checkpoint = default_checkpoint()
         mlx = MLXThread()

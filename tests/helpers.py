@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mach_runtime.io.tiny import save_weights
+from mach_runtime.testing.tiny import save_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_QWEN3_MOE = FIXTURES / "hf_qwen3_moe"

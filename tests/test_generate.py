@@ -99,8 +99,7 @@ def test_cli_generate_streaming_reports_stats():
 
 
 def test_cli_generate_default_checkpoint_is_the_bundled_demo_model(tmp_path):
-    from mach_runtime.assets import demo_model_path
-    from mach_runtime.cli.main import default_checkpoint
+    from mach_runtime.assets import default_checkpoint, demo_model_path
 
     assert default_checkpoint() == str(demo_model_path())
     r = _mach("generate", "--max-tokens", "6", "--no-streaming", env={"MACH_HOME": str(tmp_path)})

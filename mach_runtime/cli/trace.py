@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..io.trace_replay import POLICIES, RoutingTrace, default_slot_sizes, replay, routing_stats, sweep
+from ..analysis.trace_replay import POLICIES, RoutingTrace, default_slot_sizes, replay, routing_stats, sweep
 
 
 def heldout_stream(tokenizer, checkpoint=None) -> list[int]:

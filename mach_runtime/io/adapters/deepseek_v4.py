@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme
 
 
