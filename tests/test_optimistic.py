@@ -167,3 +167,45 @@ def test_reader_reuses_staging_buffers(tmp_path):
         assert [bytes(v) for v in views] == [data[o:o + n].tobytes() for _, o, n in adjacent[0]] and len(bufs) == 1
     finally:
         reader.close()
+
+
+def test_prefill_arena_keeps_the_decode_hot_set(tiny_dir):
+    """A long prompt streams through the transient arena: the bank's residents stay, nothing is evicted, and the
+    logits and tokens equal stacked residency."""
+    ids = (PROMPT * 3)[:60]  # 60 rows: a prefill-sized call
+    stacked = _stacked(tiny_dir)
+    want = reference_logits(stacked, ids)
+    want_tokens = _decode(stacked, 0.0, n=8, prompt=ids)
+    model, store = _streaming(tiny_dir, 6)
+    try:
+        hot = np.array([0, 3, 5, 9, 12, 15])
+        for bank in store.banks:
+            store.ensure(bank, hot)
+        before = [bank.lut.copy() for bank in store.banks]
+        s0 = store.stats()
+        got = np.array(model(mx.array([ids]))[0])
+        assert rel_err(got, want) <= TOL
+        s1 = store.stats()
+        assert s1.evictions == s0.evictions  # the hot set was not touched
+        assert all((b.lut == lut).all() for b, lut in zip(store.banks, before))
+        assert s1.bytes_read - s0.bytes_read == (s1.misses - s0.misses) * s1.expert_bytes
+        assert s1.hits > s0.hits  # bank-resident experts were copied into the arena, not read
+        assert store.arena is not None  # kept while prefill chunks come ...
+        assert _decode(model, 0.0, n=8, prompt=ids) == want_tokens
+        assert store.arena is None  # ... and dropped by the first decode step
+        store.arena_slots = 0  # turned off: the bank serves the prompt (and evicts)
+        model(mx.array([ids]))
+        assert store.stats().evictions > s1.evictions
+    finally:
+        store.close()
+
+
+def test_prefill_arena_warms_a_cold_bank(tiny_dir):
+    ids = (PROMPT * 3)[:60]
+    model, store = _streaming(tiny_dir, 6)
+    try:
+        model(mx.array([ids]))
+        s = store.stats()
+        assert s.evictions == 0 and s.resident_experts == s.capacity_experts  # free slots filled, none evicted
+    finally:
+        store.close()

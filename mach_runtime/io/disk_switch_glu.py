@@ -10,7 +10,9 @@ multiplies are the layer's *bank* of slots, not all experts. Two paths:
 * **sync**: reads the router's choices to the host (one sync per layer), makes those experts resident (hits are
   free, misses are read from disk into slots), remaps expert ids to slot ids and runs the gather matmuls.
 
-When a call needs more distinct experts than the bank has slots (a long prefill), the tokens are split into
+A long sync-mode call (a prefill chunk) that would evict from the bank goes through the prefill arena instead
+(``prefill_arena.py``), so the decode bank keeps its hot set. Otherwise, when a call needs more distinct experts
+than the bank has slots, the tokens are split into
 consecutive groups whose distinct experts fit, and each group is computed — and evaluated, so its slots may be
 overwritten — before the next group loads. Any bank with at least top-k slots therefore gives the same result as
 stacked residency.
@@ -24,6 +26,7 @@ import numpy as np
 
 from .expert_bank import LayerBank, StreamingExpertStore
 from .gather_switch_glu import ExpertProjection, activation_for, switch_glu
+from .prefill_arena import arena_forward, wants_arena
 
 
 def token_groups(inds: np.ndarray, slots: int) -> list[tuple[int, int]]:
@@ -75,6 +78,8 @@ class DiskSwitchGLU(nn.Module):
         for observe in self._store.routing_observers:
             observe(self._bank, inds)
         xf = x.reshape(-1, D)
+        if wants_arena(self._store, self._bank, inds):  # a long prompt: keep the decode bank's hot set
+            return arena_forward(self, xf, inds).reshape(*lead, k, D)
         outs = []
         groups = token_groups(inds, self._bank.slots)
         for gi, (a, b) in enumerate(groups):

@@ -140,6 +140,9 @@ class StreamingExpertStore:
         # told every MoE call's per-token routing (bank, host int array [tokens, top_k]) on the MLX thread before
         # the bank is touched; the store's stats do not see them (e.g. draft-informed prefetch learns from them)
         self.routing_observers: list = []
+        # the prefill arena (prefill_arena.py): slots shared by every layer for long prompts; 0 disables it
+        self.arena_slots = slots
+        self.arena = None
         self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
         from .optimistic import OptimisticRunner
 
@@ -255,13 +258,52 @@ class StreamingExpertStore:
                 if bank.lut[e] < 0 and slot_of[e] not in bank.free:
                     bank.free.append(slot_of[e])
 
-    def _write_slot(self, bank: LayerBank, slot: int, views: list) -> None:
-        """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread."""
+    def _write_slot(self, bank: LayerBank, slot: int, views: list, projs: dict | None = None) -> None:
+        """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread.
+        ``projs`` redirects the bank's projections (by id) to others of the same shapes (the prefill arena)."""
         for i, (key, comp) in enumerate(bank.source.components.items()):
             t = bank.targets[key]
-            arr = getattr(t.proj, t.comp)
+            proj = projs.get(id(t.proj), t.proj) if projs else t.proj
+            arr = getattr(proj, t.comp)
             value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, arr.dtype)[None], t.transform)
             arr[slot, t.rows] = value[0]
+
+    def fill_arena(self, bank: LayerBank, arena, where: dict) -> None:
+        """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a
+        device copy (hits), the others from disk (misses), those also into free bank slots while any are left
+        (never evicting). See prefill_arena.py."""
+        bank.last_used = tuple(sorted(where))
+        if self.trace is not None:
+            self.trace.append((bank.source.layer, bank.last_used))
+        pairs = {(id(t.proj), t.comp): (t.proj, t.comp) for t in bank.targets.values()}
+        resident = [e for e in where if bank.lut[e] >= 0]
+        missing = [e for e in where if bank.lut[e] < 0]
+        for e in resident:
+            for proj, comp in pairs.values():
+                getattr(arena.projs[id(proj)], comp)[where[e]] = getattr(proj, comp)[int(bank.lut[e])]
+        self.hits += len(resident)
+        if not missing:
+            return
+        added = []
+        t0 = time.perf_counter()
+        try:
+            for e, views, bufs in self._read_iter(bank, missing):
+                self.read_seconds += time.perf_counter() - t0
+                self._write_slot(bank, where[e], views, arena.projs)
+                if bank.free:  # a free decode slot: keep it too (warms a cold bank, evicts nothing)
+                    slot = bank.free.pop()
+                    self._write_slot(bank, slot, views)
+                    bank.lut[e], bank.slot_expert[slot] = slot, e
+                    added.append(e)
+                self.reader.release(bufs)
+                self.misses += 1
+                t0 = time.perf_counter()
+        finally:
+            if added:
+                bank.policy.step(added)
+                bank.version += 1
+                if bank.glu is not None:
+                    bank.glu.slot_of = bank.device_table()
 
     def _read_iter(self, bank: LayerBank, experts: list[int]):
         """(expert, views, staging buffers) for each expert: prefetched bytes first, then fresh reads as they
@@ -325,6 +367,7 @@ class StreamingExpertStore:
         )
 
     def close(self) -> None:
+        self.arena = None
         with self._staged_lock:
             self._staged.clear()
         self.reader.close()

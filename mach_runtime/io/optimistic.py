@@ -120,6 +120,8 @@ class OptimisticRunner:
         """Runs ``run()`` (the model's own forward) optimistically where it can; see the module docstring."""
         deferred, self._deferred_next = self._deferred_next, False
         seq, self.seq = self.seq, self.seq + 1
+        if self.store.arena is not None and rows <= MAX_OPTIMISTIC_ROWS:
+            self.store.arena = None  # prefill is over: the transient arena's memory goes back
         eligible = (self.enabled and not self._sync_depth and rows <= MAX_OPTIMISTIC_ROWS
                     and rollback_ok(cache, tokens))
         if eligible and self._skip and not self._retry_next:
