@@ -209,3 +209,34 @@ def test_prefill_arena_warms_a_cold_bank(tiny_dir):
         assert s.evictions == 0 and s.resident_experts == s.capacity_experts  # free slots filled, none evicted
     finally:
         store.close()
+
+
+def test_pinning_from_a_routing_trace(tiny_dir, tmp_path):
+    from mach_runtime.analysis.trace_replay import RoutingTrace
+    from mach_runtime.errors import ConfigError
+
+    model, store = _streaming(tiny_dir, 16)
+    try:
+        store.start_trace()
+        _decode(model, 1.0, n=16)
+        path = RoutingTrace.from_store(store).save(tmp_path / "trace.json")
+    finally:
+        store.close()
+    want = _decode(_stacked(tiny_dir), 1.0, n=24)
+    model, store = _streaming(tiny_dir, 6)
+    try:
+        pinned = store.pin_from_trace(path, per_layer=5)
+        assert all(len(v) == 2 for v in pinned.values())  # capped at slots - top-k = 2
+        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0), 24)
+        mx.random.seed(11)
+        got = []
+        for t in gen:
+            got.append(t)
+            for bank in store.banks:  # pinned experts stay resident at every step
+                assert all(bank.lut[e] >= 0 for e in bank.pinned)
+        assert got == want
+        assert store.stats().evictions > 0  # the bank did evict: just never a pinned expert
+        with pytest.raises(ConfigError, match="routing trace"):
+            store.pin_from_trace(tmp_path / "missing.json", 2)
+    finally:
+        store.close()

@@ -81,7 +81,7 @@ class DiskSwitchGLU(nn.Module):
         if wants_arena(self._store, self._bank, inds):  # a long prompt: keep the decode bank's hot set
             return arena_forward(self, xf, inds).reshape(*lead, k, D)
         outs = []
-        groups = token_groups(inds, self._bank.slots)
+        groups = token_groups(inds, self._bank.group_slots)
         for gi, (a, b) in enumerate(groups):
             chunk = inds[a:b]
             self._store.ensure(self._bank, np.unique(chunk))

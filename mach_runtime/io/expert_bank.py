@@ -104,6 +104,7 @@ class LayerBank:
         self.last_used: tuple[int, ...] = ()  # distinct experts of the latest step
         self.targets: dict[tuple[str, str], _Target] = targets  # (proj, comp) -> bank target
         self.version = 0  # bumped whenever the expert -> slot table changes
+        self.pinned: set[int] = set()  # experts never evicted (StreamingExpertStore.pin_from_trace)
         self.glu = None  # the DiskSwitchGLU computing over this bank (holds the device copy of the table)
 
     def device_table(self):
@@ -115,6 +116,11 @@ class LayerBank:
     @property
     def resident(self) -> int:
         return self.slots - len(self.free)
+
+    @property
+    def group_slots(self) -> int:
+        """Slots a token group may fill: all but the pinned experts'."""
+        return self.slots - len(self.pinned)
 
 
 class StreamingExpertStore:
@@ -177,6 +183,36 @@ class StreamingExpertStore:
         self.banks.append(bank)
         return bank
 
+    def pin_from_trace(self, path, per_layer: int) -> dict[int, list[int]]:
+        """Loads and pins, in every bank, the ``per_layer`` experts a ``mach trace`` file routed to most often
+        (at most slots - top-k, so any token still fits); pinned experts are never evicted. Returns
+        {layer: pinned experts}."""
+        from ..analysis.trace_replay import RoutingTrace
+        from ..errors import ConfigError
+
+        try:
+            trace = RoutingTrace.load(path)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: cannot read a routing trace to pin experts from ({e}); record one with "
+                              "`mach trace CKPT --out trace.json`") from None
+        if trace.num_experts != self.layout.num_experts:
+            raise ConfigError(f"{path}: the trace has {trace.num_experts} experts per layer, this model "
+                              f"{self.layout.num_experts}: it was recorded on another model")
+        n = max(0, min(int(per_layer), self.slots - self.layout.top_k))
+        per = trace.per_layer()
+        out = {}
+        for bank in self.banks:
+            counts = np.zeros(self.layout.num_experts, dtype=np.int64)
+            for experts in per.get(bank.source.layer, []):
+                counts[list(experts)] += 1
+            hot = [int(e) for e in np.argsort(-counts, kind="stable")[:n] if counts[e] > 0]
+            bank.pinned = set()
+            if hot:
+                self.ensure(bank, np.array(sorted(hot)))
+            bank.pinned = set(hot)
+            out[bank.source.layer] = sorted(hot)
+        return out
+
     def start_trace(self) -> None:
         """Records (layer, distinct experts) of every bank step from now on, for offline policy replay."""
         self.trace = []
@@ -228,7 +264,7 @@ class StreamingExpertStore:
         # written are resident, the victims are gone, the unused slots are free again.
         n_free = min(len(bank.free), len(missing))
         slots = bank.free[len(bank.free) - n_free :][::-1]
-        victims, exclude = [], set(needed)
+        victims, exclude = [], set(needed) | bank.pinned
         for _ in range(len(missing) - n_free):
             victim = bank.policy.victim(exclude)
             exclude.add(victim)

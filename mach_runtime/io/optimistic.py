@@ -219,7 +219,7 @@ class OptimisticRunner:
                 break
             bank, inds = self.first_miss
             needed = np.unique(inds)
-            if len(needed) > bank.slots:
+            if len(needed) > bank.group_slots:
                 break
             loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
             rec = ForwardRecord(-1)
