@@ -9,9 +9,10 @@ expert resident). Here a forward runs *assuming every expert it routes to is res
 * after the forward, ONE readback of every layer's routing (a concatenation of the recorded indices) checks the
   host tables: when every expert was resident the forward is exact (the same slots, the same gather matmuls
   as the synchronous path) and the bookkeeping (hits, eviction policy, trace, routing observers) is done then;
-* when any layer missed, the forward is rolled back (its tokens trimmed from every KV cache) and redone in
-  *sync mode* — the per-layer path that reads routing, loads misses and token-groups oversized calls — so the
-  outputs are those of stacked residency either way. Only the rolled-back forward is wasted.
+* when any layer missed, the forward is rolled back (its tokens trimmed from every KV cache) and redone: first
+  *retried* optimistically after loading the experts of the first call that missed (its routing is exact, every
+  call before it was), up to ``MAX_RETRIES`` times, then in *sync mode* — the per-layer path that reads routing,
+  loads misses and token-groups oversized calls. The outputs are those of stacked residency either way.
 
 Two ways to use it:
 
@@ -20,12 +21,14 @@ Two ways to use it:
 * **deferred** (a pipelined decode loop, ``engine/generate.py``): ``ForwardGuard.begin()`` before a step makes
   the next forward unchecked; the loop queues the following step before it ``verify()``s the earlier one, so the
   host builds step t+1 while the device runs step t, exactly as stacked decoding does. A miss rolls back both
-  steps (their tokens leave the caches) and the loop redoes the step in sync mode.
+  steps (their tokens leave the caches) and the loop redoes the step (``ForwardGuard.redo()``: retried, else sync
+  mode), then queues the next one again.
 
 Optimism needs caches it can roll back exactly: ``KVCache``-like caches (trim), and sliding-window caches that
 have not wrapped within the forward. Other caches (GatedDeltaNet state, compressed caches), long forwards
-(prefill chunks) and a bank that just missed (``backoff``: after a miss, the next 1, 2, 4 ... 32 forwards use
-sync mode, reset by the next clean optimistic forward) run in sync mode.
+(prefill chunks; see also prefill_arena.py) and a bank that keeps missing (``backoff``: an isolated miss costs
+nothing more, consecutive ones send the next 1, 2, 4 ... 32 forwards to sync mode, reset by the next clean
+optimistic forward) run in sync mode.
 """
 
 from __future__ import annotations
