@@ -35,7 +35,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from mach_runtime.engine.batch import Admission, BatchEngine
-from mach_runtime.errors import MachError
+from mach_runtime.errors import CheckpointError, MachError
 
 from .messages import (
     Abort,
@@ -111,6 +111,17 @@ class Decoder:
             spec_batch_histogram=dict(self.spec_histogram),
         )
 
+    def release(self) -> None:
+        """After shutdown (MLX thread): drops the engines, the model and whatever requests were left, so a closed
+        runtime holds no KV or weights. The counters stay for ``stats()``."""
+        if self.solo is not None:
+            self.solo.gen.close()
+            self.solo = None
+        self.pending.clear()
+        self._submits.clear()
+        self.engine = None
+        self.model = self.spec = self.spec_batch = None
+
     # -- the loop (MLX thread) -----------------------------------------------------------------------------
     def _post(self, item) -> None:
         """Queues an output message (or a callable that must run in order with them) for ``_flush``."""
@@ -173,13 +184,33 @@ class Decoder:
                         self._start_solo(self.pending.popleft())
                     else:
                         self._admit_pending()
-            if self.solo is not None:
-                self._solo_cycle()
-                self._flush()
-            elif sb is not None and sb.active:
-                self._spec_step()
-            elif self.engine.active:
-                self._step()
+            try:
+                if self.solo is not None:
+                    self._solo_cycle()
+                    self._flush()
+                elif sb is not None and sb.active:
+                    self._spec_step()
+                elif self.engine.active:
+                    self._step()
+            except CheckpointError as e:  # a shard vanished or shrank while serving: not a fault of the process
+                self._fail_running(e)
+
+    def _fail_running(self, error: CheckpointError) -> None:
+        """A step raised a checkpoint fault (an expert's shard vanished or shrank after open): every request of
+        that step needed the file, so each fails with ``error``; the lane restarts empty (its caches may hold a
+        half-applied step) and the Decoder serves on — the requests that follow succeed once the file is back."""
+        rids = [s.request_id for s in self.engine.seqs]
+        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
+        if self.spec_batch is not None:
+            rids += [r.request_id for r in self.spec_batch.rows]
+            self.spec_batch.clear()
+        self._settle = False
+        for rid in rids:
+            self._submits.pop(rid, None)
+            self._spec_counted.discard(rid)
+            self._moved.pop(rid, None)
+            self._post(RequestFailed.of(rid, error))
+        self._flush()
 
     def _admit_pending(self) -> None:
         """Everything waiting that fits joins the target-only batch at once: one batched prefill."""
@@ -307,7 +338,7 @@ class Decoder:
                 raise
             self.solo = None
             self._spec_counted.discard(solo.sub.request_id)
-            self._post(RequestFailed(solo.sub.request_id, str(e)))
+            self._post(RequestFailed.of(solo.sub.request_id, e))
             return
         self.counters["spec_cycles"] += 1
         self._report_routing()
@@ -385,7 +416,7 @@ class Decoder:
             if report:
                 self._moved.pop(subs[0].request_id, None)
                 self._spec_counted.discard(subs[0].request_id)
-                self._post(RequestFailed(subs[0].request_id, str(e)))
+                self._post(RequestFailed.of(subs[0].request_id, e))
             return False
         for sub, seq in zip(subs, seqs):
             self._submits[sub.request_id] = sub
@@ -466,6 +497,8 @@ class Decoder:
         for i, sub in enumerate(self.pending):
             if sub.request_id == request_id:
                 del self.pending[i]
+                if sub.cache_handle is not None:  # a session's KV (or a lane move's) that it never used
+                    self.kv_table.drop(sub.cache_handle)
                 self.counters["aborted"] += 1
                 self._post(Finish(request_id=request_id, reason="abort", prompt_tokens=len(sub.prompt_ids),
                                   completion_tokens=len(sub.resume_ids), cached_tokens=0, prefilled_tokens=0))

@@ -66,6 +66,26 @@ class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     request_id: str
     message: str
+    error: str = "RequestError"  # the mach_runtime.errors class the caller gets (e.g. CheckpointError)
+
+    @classmethod
+    def of(cls, request_id: str, exc: BaseException) -> "RequestFailed":
+        """The failure of one request by ``exc``: a ``MachError`` keeps its type, anything else is reported as
+        a ``RequestError`` naming the original exception."""
+        from mach_runtime import errors
+
+        if isinstance(exc, errors.MachError) and getattr(errors, type(exc).__name__, None) is type(exc):
+            return cls(request_id, str(exc), type(exc).__name__)
+        return cls(request_id, f"{type(exc).__name__}: {exc}")
+
+    def exception(self) -> Exception:
+        """The exception to raise in the caller's task (by name: messages carry no objects)."""
+        from mach_runtime import errors
+
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.MachError)):
+            cls = errors.RequestError
+        return cls(self.message)
 
 
 # --- Decoder → Supervisor -----------------------------------------------------------------------------
@@ -152,6 +172,9 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
     decoder_restarts: int
     expert_store_restarts: int
     prefetch: dict[str, int]
+    cache_restarts: int = 0
+    restarts: dict[str, int] = msgspec.field(default_factory=dict)  # every actor's restarts, by actor name
+    closed: bool = False  # the runtime has shut down (closed by its owner, or failed past its restart limit)
     specdec: dict | None = None  # BlockSpecDecEngine.stats() when the runtime has speculative decoding
     specdec_batch: dict | None = None  # BatchedSpecDecoder.stats() when the runtime has a spec batch
 
