@@ -17,15 +17,29 @@ import json
 import os
 import sys
 import threading
+import time
 
 import _common  # noqa: F401  (puts this checkout on sys.path when it is not installed)
 
 
 def os_threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:  # macOS: Python threads only
-        return threading.active_count()
+    """OS threads of this process, once threads that were just joined have left (a joined thread can linger in
+    /proc/self/task for a moment): the count after it stops falling, polled for at most a second."""
+
+    def count() -> int:
+        try:
+            return len(os.listdir("/proc/self/task"))
+        except OSError:  # macOS: Python threads only
+            return threading.active_count()
+
+    n = count()
+    for _ in range(20):
+        time.sleep(0.05)
+        m = count()
+        if m >= n:
+            return m
+        n = m
+    return n
 
 
 def rss_mb() -> float:
