@@ -112,15 +112,11 @@ class Decoder:
         )
 
     def release(self) -> None:
-        """After shutdown (MLX thread): drops the engines, the model and whatever requests were left, so a closed
-        runtime holds no KV or weights. The counters stay for ``stats()``."""
+        """After shutdown (MLX thread): drops engines, model and leftover requests; the counters stay."""
         if self.solo is not None:
             self.solo.gen.close()
-            self.solo = None
+        self.solo, self.engine, self.model, self.spec, self.spec_batch = None, None, None, None, None
         self.pending.clear()
-        self._submits.clear()
-        self.engine = None
-        self.model = self.spec = self.spec_batch = None
 
     # -- the loop (MLX thread) -----------------------------------------------------------------------------
     def _post(self, item) -> None:
@@ -196,21 +192,16 @@ class Decoder:
                 self._fail_running(e)
 
     def _fail_running(self, error: CheckpointError) -> None:
-        """A step raised a checkpoint fault (an expert's shard vanished or shrank after open): every request of
-        that step needed the file, so each fails with ``error``; the lane restarts empty (its caches may hold a
-        half-applied step) and the Decoder serves on — the requests that follow succeed once the file is back."""
+        """A step raised a CheckpointError (a shard vanished/shrank): its requests fail with it, the lane restarts."""
         rids = [s.request_id for s in self.engine.seqs]
         self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
         if self.spec_batch is not None:
             rids += [r.request_id for r in self.spec_batch.rows]
             self.spec_batch.clear()
-        self._settle = False
         for rid in rids:
             self._submits.pop(rid, None)
             self._spec_counted.discard(rid)
-            self._moved.pop(rid, None)
             self._post(RequestFailed.of(rid, error))
-        self._flush()
 
     def _admit_pending(self) -> None:
         """Everything waiting that fits joins the target-only batch at once: one batched prefill."""
