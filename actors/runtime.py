@@ -165,6 +165,8 @@ class Session:
 
     def send(self, user: str, **params) -> RequestStream:
         """Streams the assistant's reply to ``user``; the turn is recorded when the last chunk arrives."""
+        if not isinstance(user, str):
+            raise RequestError(f"the user message must be a string, got {type(user).__name__}")
         ids, text = self._prompt_ids(user)
         parts: list[Chunk] = []
 
@@ -407,10 +409,16 @@ class Runtime:
                           usage=last.usage)
 
     def session(self, system: str | None = None, session_id: str | None = None) -> Session:
+        if system is not None and not isinstance(system, str):
+            raise RequestError(f"system must be a string or None, got {type(system).__name__}")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise RequestError(f"session_id must be a non-empty string or None, got {session_id!r}")
         return Session(self, system, session_id or f"session-{next(_ids)}")
 
     async def abort(self, request_id: str) -> None:
         """Aborts a live request; raises ``UnknownRequestError`` for an id that is not live."""
+        if not isinstance(request_id, str):
+            raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
         self._sup.abort(request_id)
 
     async def stats(self) -> RuntimeStats:

@@ -5,7 +5,7 @@
 Runs ``for i in range(N): async with Runtime.open(ckpt) as rt: await rt.generate(...)`` in one process (the way a
 user writes it: ``rt`` still names the previous runtime while the next one opens) and records, after each
 cycle, the process's OS thread count (``/proc/self/task`` or ``threading.active_count`` where /proc is missing)
-and its resident set size. The baseline is the first cycle: a runtime that leaks nothing stays flat after it.
+its resident set size and the MLX memory still held by arrays. The baseline is the first cycle: a runtime that leaks nothing stays flat after it.
 Prints a table and writes JSON (machine, date, commit). Also runs the same loop under trio with ``--backend trio``.
 """
 
@@ -43,14 +43,24 @@ def os_threads() -> int:
 
 
 def rss_mb() -> float:
+    """Current resident set size (not the peak): /proc on Linux, psutil elsewhere if installed."""
     try:
-        import psutil
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil  # macOS: pip install psutil
 
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # pragma: no cover
-        import resource
+    return psutil.Process().memory_info().rss / 2**20
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def mlx_active_mb() -> float:
+    """MLX memory held by live arrays (weights, KV caches): 0 once every runtime's arrays are freed."""
+    import mlx.core as mx
+
+    return round(mx.get_active_memory() / 2**20, 1)
 
 
 async def cycles(n: int, ckpt, residency: str, rows: list) -> None:
@@ -60,7 +70,7 @@ async def cycles(n: int, ckpt, residency: str, rows: list) -> None:
         async with Runtime.open(ckpt, expert_residency=residency, max_batch=2) as rt:
             await rt.generate("def add(a, b):", max_tokens=8)
         rows.append({"cycle": i + 1, "threads": os_threads(), "rss_mb": round(rss_mb(), 1),
-                     "gc_frozen": gc.get_freeze_count()})
+                     "gc_frozen": gc.get_freeze_count(), "mlx_active_mb": mlx_active_mb()})
 
 
 def main(argv=None) -> int:
@@ -80,11 +90,12 @@ def main(argv=None) -> int:
         ckpt = str(demo_model_path())
     import mlx.core  # noqa: F401  (MLX's own threads exist before the first runtime: not a leak)
 
-    rows = [{"cycle": 0, "threads": os_threads(), "rss_mb": round(rss_mb(), 1), "gc_frozen": gc.get_freeze_count()}]
+    rows = [{"cycle": 0, "threads": os_threads(), "rss_mb": round(rss_mb(), 1), "gc_frozen": gc.get_freeze_count(),
+             "mlx_active_mb": mlx_active_mb()}]
     anyio.run(cycles, a.cycles, ckpt, a.residency, rows, backend=a.backend)
-    print(f"{'cycle':>5} {'threads':>8} {'rss MB':>8} {'gc frozen':>10}")
+    print(f"{'cycle':>5} {'threads':>8} {'rss MB':>8} {'gc frozen':>10} {'mlx active MB':>14}")
     for r in rows:
-        print(f"{r['cycle']:>5} {r['threads']:>8} {r['rss_mb']:>8} {r['gc_frozen']:>10}")
+        print(f"{r['cycle']:>5} {r['threads']:>8} {r['rss_mb']:>8} {r['gc_frozen']:>10} {r['mlx_active_mb']:>14}")
     first, last = rows[1], rows[-1]
     summary = {"threads_after_first": first["threads"], "threads_after_last": last["threads"],
                "rss_after_first_mb": first["rss_mb"], "rss_after_last_mb": last["rss_mb"],

@@ -55,6 +55,7 @@ def test_open_close_cycles_keep_threads_and_rss_flat(tmp_path, backend):
     rss = [row["rss_mb"] for row in rows]
     assert rss[-1] - rss[1] < 40, rss  # a runtime left behind costs ~50 MB: 6 of them would be ~300 MB
     assert all(row["gc_frozen"] == 0 for row in rows)  # the last close unfroze the collector
+    assert all(row["mlx_active_mb"] < 1 for row in rows)  # no weights or KV of a closed runtime stay alive
 
 
 async def test_closed_runtime_holds_nothing_and_says_closed(tiny_dir):

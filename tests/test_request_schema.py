@@ -242,6 +242,13 @@ async def test_runtime_rejects_bad_requests_before_queueing(tiny_dir):
                 rt.stream([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
         finally:
             hf.chat_template = saved
+        for bad in (5, None, ["hi"]):
+            with pytest.raises(RequestError, match="the user message must be a string"):
+                rt.session().send(bad)
+        with pytest.raises(RequestError, match="system must be a string or None"):
+            rt.session(system=3)
+        with pytest.raises(RequestError, match="request_id must be a string"):
+            await rt.abort(["r"])
         st_ = await rt.stats()
         assert st_.live_requests == 0 and st_.decoder.queued == 0 and st_.decoder.active == 0
         assert not rt._sup.ledger  # nothing reached the Supervisor
