@@ -327,12 +327,14 @@ class Runtime:
                     if rt._froze_gc:
                         _gc_unfreeze()
                 idle = sup is None or sup.mlx_idle  # a Decoder stuck in a step (past shutdown's wait) keeps it
-                if sup is not None and idle:  # the model, KV caches, engines: dropped on the MLX thread
-                    await mlx.call(sup.release)
-                if store is not None:
-                    store.close()
-                store = None
-                mlx.release(idle=idle)
+                try:
+                    if sup is not None and idle:  # the model, KV caches, engines: dropped on the MLX thread
+                        await mlx.call(sup.release)
+                finally:
+                    if store is not None:
+                        store.close()
+                    store = None
+                    mlx.release(idle=idle)
 
     # -- requests ------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
