@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import itertools
 import os
 import secrets
@@ -280,6 +281,11 @@ class Runtime:
                    expert_cache_gb=expert_cache_gb, prefix_cache_dir=prefix_cache_dir, max_batch=max_batch,
                    max_sessions=max_sessions, fault_hook=fault_hook, restart_intensity=restart_intensity,
                    restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch)
+        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb"}
+        unknown = sorted(set(load_kwargs) - passed_on)
+        if unknown:
+            raise ConfigError(f"unknown Runtime.open argument(s) {unknown}; besides its own it takes load_moe's: "
+                              f"{', '.join(sorted(passed_on))}")
         if checkpoint is None:
             from mach_runtime.cli.main import default_checkpoint
 

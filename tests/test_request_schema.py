@@ -288,6 +288,9 @@ async def test_open_checks_every_argument_before_loading(tmp_path):
         with pytest.raises(ConfigError, match=match):
             async with Runtime.open(**kw):
                 pass
+    with pytest.raises(ConfigError, match=r"unknown Runtime.open argument\(s\) \['max_bach'\].*eviction_policy"):
+        async with Runtime.open(missing, max_bach=4):
+            pass
     with pytest.raises(CheckpointError):  # and a good one reaches the loader
         async with Runtime.open(missing):
             pass

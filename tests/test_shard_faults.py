@@ -145,14 +145,15 @@ async def test_fifo_or_directory_in_place_of_a_shard_while_serving(sharded, tmp_
             assert await _all(rt, PROMPTS[:1]) == ref[:1]
 
 
+@pytest.mark.parametrize("residency", ["stacked", "streaming"])
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 @pytest.mark.parametrize("layout", ["sharded", "single"])
-def test_fifo_or_directory_in_place_of_a_shard_at_load(tmp_path, kind, layout):
+def test_fifo_or_directory_in_place_of_a_shard_at_load(tmp_path, kind, layout, residency):
     path = convert(HF_QWEN3_MOE, tmp_path / "ckpt", shard_bytes=150_000 if layout == "sharded" else None)
     f = sorted(path.glob("model*.safetensors"))[-1]
     f.unlink()
     os.mkfifo(f) if kind == "fifo" else f.mkdir()
     want = "a FIFO (named pipe)" if kind == "fifo" else "a directory"
     with pytest.raises(CheckpointError, match=re.escape(f"{f.name}: is {want}, not a safetensors file")) as e:
-        load_moe(path, expert_residency="streaming")
+        load_moe(path, expert_residency=residency)
     assert not isinstance(e.value, CheckpointNotFoundError)  # not "missing"
