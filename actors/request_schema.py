@@ -5,7 +5,8 @@ One module for the embedded ``Runtime`` and the server (which maps ``RequestErro
 - integers are ``int`` (never ``bool``, never ``float`` — not even ``2.0``: a JSON ``2.5`` must not truncate
   silently); numbers are ``int`` or ``float`` (never ``bool`` or ``str``) and finite;
 - every range is checked (``max_tokens >= 1``, ``0 <= temperature``, ``0 < top_p <= 1``, ``top_k >= 0``,
-  ``0 <= seed < 2**63``); token ids lie inside the vocabulary;
+  ``0 <= min_p <= 1``, penalties in [-2, 2], ``0 <= top_logprobs <= 20``, ``0 <= seed < 2**63``); token ids lie
+  inside the vocabulary;
 - ``stop`` is a string or a list of strings; ``stop_token_ids`` a list of token ids (not a single int);
 - a prompt is a string, a non-empty list of token ids, or a non-empty list of chat messages whose ``role`` is
   one of ``ROLES`` and whose ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts
@@ -22,13 +23,15 @@ import os
 
 import msgspec
 
+from mach_runtime.engine.params import MAX_TOP_LOGPROBS
 from mach_runtime.errors import ConfigError, RequestError
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_SEED = 1 << 63  # seeds are 0 <= seed < 2**63 (the sampler's key space)
 MAX_INT = (1 << 31) - 1  # max_tokens, top_k, batch sizes: far beyond any real value, small enough for any dtype
-REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "request_id",
-                  "specdec", "specdec_policy")
+REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                  "request_id", "specdec", "specdec_policy", "presence_penalty", "frequency_penalty", "logprobs",
+                  "top_logprobs", "grammar", "logits_processors")
 
 
 class RequestParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,12 +41,19 @@ class RequestParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None  # None: the Runtime draws one (replays after a crash stay exact)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     request_id: str | None = None
     specdec: object = "default"  # "default", None, a mode name or a BlockSpecDecEngineMode (resolved by the Runtime)
     specdec_policy: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: str | None = None  # compiled against the tokenizer by the Runtime (engine/constraints.check_grammar)
+    logits_processors: tuple = ()  # callables fn(tokens, logits) -> logits (in-process only)
 
 
 def _desc(v) -> str:
@@ -139,6 +149,27 @@ def check_request(params: dict, vocab_size: int | None = None) -> RequestParams:
         out["top_p"] = check_number("top_p", p["top_p"], lo=0.0, hi=1.0, lo_open=True)
     if "top_k" in p:
         out["top_k"] = check_int("top_k", p["top_k"], 0)
+    if "min_p" in p:
+        out["min_p"] = check_number("min_p", p["min_p"], lo=0.0, hi=1.0)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in p:
+            out[name] = check_number(name, p[name], lo=-2.0, hi=2.0)
+    if "logprobs" in p:
+        if not isinstance(p["logprobs"], bool):
+            raise RequestError(f"logprobs must be True or False, got {_desc(p['logprobs'])}")
+        out["logprobs"] = p["logprobs"]
+    if "top_logprobs" in p:
+        out["top_logprobs"] = check_int("top_logprobs", p["top_logprobs"], 0, MAX_TOP_LOGPROBS)
+    if p.get("grammar") is not None:
+        if not isinstance(p["grammar"], str) or not p["grammar"]:
+            raise RequestError(f"grammar must be a non-empty llguidance grammar string, got {_desc(p['grammar'])}")
+        out["grammar"] = p["grammar"]
+    if p.get("logits_processors") is not None:
+        lp = p["logits_processors"]
+        if not isinstance(lp, (list, tuple)) or not all(callable(f) for f in lp):
+            raise RequestError(f"logits_processors must be a list of callables fn(tokens, logits) -> logits, "
+                               f"got {_desc(lp)}")
+        out["logits_processors"] = tuple(lp)
     if p.get("seed") is not None:
         out["seed"] = check_int("seed", p["seed"], 0, MAX_SEED - 1)
     if "stop" in p:
@@ -229,7 +260,7 @@ def _path_or_none(field: str, v) -> None:
 
 def check_open(*, checkpoint=None, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                prefix_cache_dir=None, max_batch=8, max_sessions=64, fault_hook=None, restart_intensity=3,
-               restart_period=60.0, predictor=None, warmup=None, spec_batch=0) -> None:
+               restart_period=60.0, predictor=None, warmup=None, spec_batch=0, prefill_chunk=512) -> None:
     """Every ``Runtime.open`` argument, checked before anything loads; raises ``ConfigError`` naming it."""
     _path_or_none("checkpoint", checkpoint)
     _path_or_none("draft", draft)
@@ -246,6 +277,7 @@ def check_open(*, checkpoint=None, draft=None, specdec=None, expert_residency=No
         check_number("expert_cache_gb", expert_cache_gb, lo=0.0, lo_open=True, error=ConfigError)
     max_batch = check_int("max_batch", max_batch, 1, error=ConfigError)
     check_int("max_sessions", max_sessions, 0, error=ConfigError)
+    check_int("prefill_chunk", prefill_chunk, 1, error=ConfigError)
     check_int("restart_intensity", restart_intensity, 0, error=ConfigError)
     check_number("restart_period", restart_period, lo=0.0, lo_open=True, error=ConfigError)
     if fault_hook is not None and not callable(fault_hook):

@@ -17,12 +17,10 @@ before the next decode step. Errors arrive as exceptions from the iterator.
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import itertools
 import os
 import secrets
-import threading
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +28,7 @@ import msgspec
 
 from mach_runtime.errors import ConfigError, RequestError
 
+from .gc_scope import gc_freeze, gc_unfreeze
 from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
 from .mlx_thread import MLXThread
 from .request_schema import check_messages, check_open, check_request, check_token_ids, prompt_kind
@@ -205,31 +204,6 @@ def _vocab_size(tokenizer, text_config: dict) -> int | None:
     return min(sizes) if sizes else None
 
 
-# The collector is frozen (``gc.freeze()``) while a runtime serves; the freeze is process-wide, so it is counted:
-# the last runtime to close unfreezes. It happens at a runtime's first request, not at open: in
-# ``for ...: async with Runtime.open(ck) as rt:`` the previous runtime is still named by ``rt`` while the next
-# one loads, and freezing then would keep its (cyclic) garbage out of the collector's reach for good.
-_gc_lock = threading.Lock()
-_gc_frozen_by = 0
-
-
-def _gc_freeze() -> None:
-    global _gc_frozen_by
-    with _gc_lock:
-        _gc_frozen_by += 1
-    gc.collect()
-    gc.freeze()
-
-
-def _gc_unfreeze() -> None:
-    global _gc_frozen_by
-    with _gc_lock:
-        _gc_frozen_by -= 1
-        last = _gc_frozen_by == 0
-    if last:
-        gc.unfreeze()  # what was frozen goes back to the oldest generation: collectable once unreachable
-
-
 class Runtime:
     def __init__(self, sup: Supervisor, tokenizer, limits: _Limits, spec=None, spec_batch=None):
         self._sup = sup
@@ -246,7 +220,7 @@ class Runtime:
         ~10 % faster with gc off). Undone when the last open runtime closes."""
         if not self._froze_gc:
             self._froze_gc = True
-            _gc_freeze()
+            gc_freeze()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @classmethod
@@ -254,7 +228,7 @@ class Runtime:
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
                    restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, **load_kwargs):
+                   spec_batch: int = 0, prefill_chunk: int = 512, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -262,7 +236,11 @@ class Runtime:
         spec_batch: with ``draft``/``specdec``, N >= 2 runs 2..N concurrent requests (at least one speculative)
             together in a ``BatchedSpecDecoder`` (batched verification) instead of the target-only batch; more
             than N use the target-only batch, a lone request the single-request engine. 0 (default): off.
-            Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
+            Families whose capabilities rule out per-row rollback (``spec_batch=False``: sliding windows,
+            compressed KV) run without it (0), as do families that cannot batch at all (those run one request at a
+            time, the others queued: ``stats().decoder.batching`` says so).
+        prefill_chunk: prompt tokens a newcomer prefills per decode step of the running requests (chunked
+            prefill: a long prompt delays each running stream by one chunk at a time, not by its whole prefill).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
@@ -280,36 +258,45 @@ class Runtime:
         check_open(checkpoint=checkpoint, draft=draft, specdec=specdec, expert_residency=expert_residency,
                    expert_cache_gb=expert_cache_gb, prefix_cache_dir=prefix_cache_dir, max_batch=max_batch,
                    max_sessions=max_sessions, fault_hook=fault_hook, restart_intensity=restart_intensity,
-                   restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch)
+                   restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch,
+                   prefill_chunk=prefill_chunk)
         passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb"}
+        passed_on.add("revision")  # of a repository id in the Hugging Face cache
         unknown = sorted(set(load_kwargs) - passed_on)
         if unknown:
             raise ConfigError(f"unknown Runtime.open argument(s) {unknown}; besides its own it takes load_moe's: "
                               f"{', '.join(sorted(passed_on))}")
         if checkpoint is None:
-            from mach_runtime.cli.main import default_checkpoint
+            from mach_runtime.assets import default_checkpoint
 
             checkpoint = default_checkpoint()
+        else:  # a local directory or a repository id in the Hugging Face cache (mlx-lm's resolution, offline)
+            from mach_runtime.io.hf_cache import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
         mlx = MLXThread.acquire()
         store = sup = rt = None
         try:
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            config = read_config(os.fspath(checkpoint))
+            adapter = adapter_for_config(config)
+            caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
-                if spec_batch >= 2:
+                if spec_batch >= 2 and caps.batch and caps.spec_batch:
                     batched = await mlx.call(lambda: _spec_batch(model, tokenizer, store, spec, spec_batch))
                 if warmup or (warmup is None and await mlx.call(_on_gpu)):
                     await mlx.call(spec.warmup)
                     if batched is not None:
                         await mlx.call(batched.warmup)
-            config = read_config(os.fspath(checkpoint))
-            tc = adapter_for_config(config).text_config(config)
+            tc = adapter.text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"), _vocab_size(tokenizer, tc))
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor, spec=spec, spec_batch=batched)
+                             predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
+                             prefill_chunk=prefill_chunk)
             del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
             try:
                 async with anyio.create_task_group() as tg:
@@ -331,7 +318,7 @@ class Runtime:
                     rt._final_stats = rt._snapshot(closed=True)
                     rt._spec = rt._spec_batch = None
                     if rt._froze_gc:
-                        _gc_unfreeze()
+                        gc_unfreeze()
                 idle = sup is None or sup.mlx_idle  # a Decoder stuck in a step (past shutdown's wait) keeps it
                 try:
                     if sup is not None and idle:  # the model, KV caches, engines: dropped on the MLX thread
@@ -358,10 +345,21 @@ class Runtime:
             raise RequestError(f"messages: the chat template rejected them ({type(e).__name__}: {e})") from None
 
     def _stream_ids(self, ids, *, session_id=None, on_chunk=None, **params) -> RequestStream:
+        """See ``stream``; ``params`` are checked by ``request_schema.check_request``. Sampling extras: ``min_p``;
+        OpenAI ``presence_penalty`` / ``frequency_penalty`` over the generated tokens; ``logprobs`` (+
+        ``top_logprobs`` alternatives) on each chunk; ``grammar``: an llguidance grammar string
+        (``mach_runtime.engine.constraints.json_schema_grammar(schema)`` / ``lark_grammar``) every token must
+        follow; ``logits_processors``: ``fn(tokens, logits) -> logits`` hooks. Requests using any of these decode
+        in the target-only batch (the speculative lanes do not implement them), exactly against the
+        (constrained) target."""
         self._sup.check_open()
         p = check_request(params, self._limits.vocab_size)  # before anything is queued
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
+        if p.grammar is not None:
+            from mach_runtime.engine.constraints import check_grammar
+
+            check_grammar(p.grammar, self.tokenizer)
         ctx = self._limits.max_context
         if ctx is not None and len(ids) + p.max_tokens > ctx:
             raise RequestError(
@@ -370,9 +368,12 @@ class Runtime:
             )
         specdec, specdec_policy = self._specdec_choice(p.specdec, p.specdec_policy)
         params = SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
             seed=p.seed if p.seed is not None else secrets.randbits(62), stop=p.stop,
             stop_token_ids=p.stop_token_ids, specdec=specdec, specdec_policy=specdec_policy,
+            processors=p.logits_processors, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
+            grammar=p.grammar,
         )
         rid = p.request_id if p.request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
@@ -476,12 +477,9 @@ def _spec_engine(model, tokenizer, store, draft, config):
 
 
 def _spec_batch(model, tokenizer, store, spec, n: int):
-    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config, or None where the
-    family's caches cannot be rolled back per row (then the runtime batches target-only, as without it)."""
+    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config (only where the family's
+    capabilities allow ``spec_batch``)."""
     from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
 
-    try:
-        return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
-                                  target=spec.target)
-    except ConfigError:
-        return None
+    return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
+                              target=spec.target)
