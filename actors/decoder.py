@@ -35,6 +35,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from mach_runtime.engine.batch import Admission, BatchEngine
+from mach_runtime.engine.prefix_saver import PrefixSaver, restore_prefix, warm_prefill
 from mach_runtime.errors import MachError
 
 from .messages import (
@@ -61,7 +62,7 @@ class Decoder:
     name = "decoder"
 
     def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, cache_inbox=None, expert_inbox=None,
-                 fault_hook=None, routing_source=None, spec=None, spec_batch=None):
+                 fault_hook=None, routing_source=None, spec=None, spec_batch=None, prefix_min_tokens=None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -85,6 +86,9 @@ class Decoder:
         self.counters = Counter()
         self.histogram: Counter = Counter()
         self.spec_histogram: Counter = Counter()  # spec batch rows -> cycles
+        # prefix cache: snapshots of prefilled prompts (after their first token) and of finished requests go to the
+        # Cache actor as host arrays; prefix_min_tokens None = only sessions' own turns are kept
+        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault) if cache_inbox else None
 
     # -- called from async code ----------------------------------------------------------------------------
     def send(self, msg) -> None:
@@ -158,7 +162,9 @@ class Decoder:
                 if isinstance(m, Shutdown):
                     self._flush()
                     return
-                if isinstance(m, Submit):
+                if isinstance(m, Submit) and m.warm:
+                    self._warm(m)
+                elif isinstance(m, Submit):
                     self.pending.append(m)
                 elif isinstance(m, Abort):
                     self._abort(m.request_id)
@@ -180,6 +186,8 @@ class Decoder:
                 self._spec_step()
             elif self.engine.active:
                 self._step()
+            if self.saver is not None and self.saver.pending:
+                self.saver.poll(self._emitted)  # after the first token: never on a request's critical path
 
     def _admit_pending(self) -> None:
         """Everything waiting that fits joins the target-only batch at once: one batched prefill."""
@@ -284,6 +292,7 @@ class Decoder:
     def _start_solo(self, sub: Submit) -> None:
         p = sub.params
         kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        kv = restore_prefix(kv, self._draft_model())  # a prefix-cache hit: host snapshot -> MLX caches
         # a session's earlier turns (with the draft's context, if stored): only the rest is prefilled
         prefix = (kv, sub.cached_tokens, getattr(kv, "draft_state", None)) if kv is not None else None
         self._fault("admit", request_id=sub.request_id)
@@ -323,7 +332,8 @@ class Decoder:
         solo, self.solo = self.solo, None
         sub, run = solo.sub, solo.gen
         self._spec_counted.discard(sub.request_id)
-        store_kv = sub.session_id is not None and self.cache_inbox is not None and reason != "abort"
+        store_kv = (self.saver is not None and reason != "abort"
+                    and self.saver.wants(len(sub.prompt_ids) + len(solo.delivered), sub.session_id))
         kv = run.handover() if store_kv else None  # handover closes the run
         run.close()
         self.counters["aborted" if reason == "abort" else "completed"] += 1
@@ -332,14 +342,9 @@ class Decoder:
         finish = Finish(request_id=sub.request_id, reason=reason, prompt_tokens=len(sub.prompt_ids),
                         completion_tokens=len(solo.delivered), cached_tokens=run.cached_tokens,
                         prefilled_tokens=run.prefilled_tokens)
-        if kv is not None:
-            tokens = (tuple(sub.prompt_ids) + tuple(solo.delivered))[: kv.n_tokens]  # the tokens the KV covers
-            handle = self.kv_table.put(kv)  # with the drafter's context: a speculative next turn continues it
-            # as in ``_finish``: the Cache actor holds the KV before the caller sees the end of the turn
-            self._post(lambda: self.cache_inbox(CacheInsert(sub.session_id, handle, tokens),
-                                                then=lambda: self.sink(finish)))
-        else:
-            self._post(finish)
+        tokens = (tuple(sub.prompt_ids) + tuple(solo.delivered))[: kv.n_tokens] if kv is not None else ()
+        # with the drafter's context: a speculative next turn continues it
+        self._store_then_finish(kv, tokens, sub.session_id, finish)
 
     def _demote_solo(self) -> None:
         """Moves the lone speculative request into the batch, with the KV the speculative engine built for its
@@ -368,6 +373,7 @@ class Decoder:
         """Joins ``subs`` to ``engine`` (the target-only batch, or the spec batch) in one batched prefill."""
         engine = engine if engine is not None else self.engine
         kvs = [self.kv_table.take(s.cache_handle) if s.cache_handle is not None else None for s in subs]
+        kvs = [restore_prefix(kv, self._draft_model()) for kv in kvs]  # prefix-cache hits -> MLX caches
         admissions = []  # (every handle taken first: a crash below leaves none behind in the table)
         for sub, kv in zip(subs, kvs):
             self._fault("admit", request_id=sub.request_id)
@@ -393,6 +399,10 @@ class Decoder:
             moved = self._moved.pop(sub.request_id, None)
             if moved is None:
                 self.counters["cached"] += seq.cached_tokens
+                if self.saver is not None and not sub.resume_ids:  # a fresh prompt's prefill, worth keeping
+                    rid = sub.request_id
+                    self.saver.admitted(rid, lambda e=engine, r=rid: e._extract(r)[1], sub.prompt_ids[:-1],
+                                        seq.cached_tokens, sub.session_id)
             else:  # the request's own counts: what it reused and prefilled before the move, plus what this lane
                 # prefilled; the handed-over KV is its own work, not a reuse
                 seq.cached_tokens = moved[0]
@@ -433,7 +443,10 @@ class Decoder:
     def _finish(self, request_id: str, reason: str) -> None:
         sub = self._submits.pop(request_id)
         self._spec_counted.discard(request_id)
-        store_kv = sub.session_id is not None and self.cache_inbox is not None and reason != "abort"
+        if self.saver is not None:
+            self.saver.drop(request_id)  # an admission capture not handed over yet: the finish snapshot covers it
+        store_kv = (self.saver is not None and reason != "abort"
+                    and self.saver.wants(len(sub.prompt_ids) + len(sub.resume_ids) + 1, sub.session_id))
         kv = None
         if self.spec_batch is not None and self.spec_batch.has(request_id):
             # with the draft's context: a speculative next turn continues it
@@ -449,15 +462,57 @@ class Decoder:
             completion_tokens=len(seq.generated), cached_tokens=seq.cached_tokens,
             prefilled_tokens=seq.prefilled_tokens,
         )
-        if kv is not None:
-            tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n]  # the tokens the KV covers
-            # the Cache actor must hold the KV before the caller sees the end of the turn (its next turn's
-            # lookup would otherwise race the insert): the Finish follows the insert on the event loop
-            handle = self.kv_table.put(kv)
-            self._post(lambda: self.cache_inbox(CacheInsert(sub.session_id, handle, tokens),
-                                                then=lambda: self.sink(finish)))
-        else:
+        tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n] if kv is not None else ()
+        self._store_then_finish(kv, tokens, sub.session_id, finish)
+
+    # -- prefix cache ----------------------------------------------------------------------------------------
+    def _store_then_finish(self, kv, tokens, owner, finish) -> None:
+        """Hands a finished request's KV to the Cache actor as a host snapshot, then delivers ``finish``: the
+        Cache actor holds the snapshot before the caller sees the end of the turn (a session's next lookup would
+        otherwise race the insert)."""
+        snap = self.saver.finished(kv, tokens, owner) if kv is not None else None
+        if snap is None:
             self._post(finish)
+            return
+        handle = self.kv_table.put(snap)
+        self._post(lambda: self.cache_inbox(CacheInsert(owner, handle, tuple(tokens)),
+                                            then=lambda: self.sink(finish)))
+
+    def _emit_snapshot(self, snap, owner) -> None:
+        handle = self.kv_table.put(snap)
+        self._post(lambda: self.cache_inbox(CacheInsert(owner, handle, ())))
+
+    def _emitted(self, request_id: str) -> bool:
+        """The request has emitted its first token, or is no longer running."""
+        for m in list(self.engine.seqs) + (list(self.spec_batch.rows) if self.spec_batch is not None else []):
+            if m.request_id == request_id:
+                return len(m.generated) > 0
+        return True
+
+    def _draft_model(self):
+        return getattr(self.spec, "draft", None) if self.spec is not None else None
+
+    def _warm(self, sub: Submit) -> None:
+        """``warm_prefix``: feeds every prompt token (from the cached prefix on), snapshots the caches with the
+        last logits for the Cache actor, generates nothing."""
+        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        self._fault("admit", request_id=sub.request_id)
+        try:
+            kv = restore_prefix(kv, self._draft_model())
+            cached = kv.n_tokens if kv is not None else 0
+            snap = warm_prefill(self.model, sub.prompt_ids, kv, cached)
+        except MachError as e:
+            self._post(RequestFailed(sub.request_id, str(e)))
+            return
+        n = len(sub.prompt_ids)
+        self.counters["prefilled"] += n - cached
+        self.counters["cached"] += cached
+        finish = Finish(request_id=sub.request_id, reason="length", prompt_tokens=n, completion_tokens=0,
+                        cached_tokens=cached, prefilled_tokens=n - cached)
+        handle = self.kv_table.put(snap)
+        self._post(lambda: self.cache_inbox(CacheInsert(None, handle, tuple(sub.prompt_ids)),
+                                            then=lambda: self.sink(finish)))
+        self._flush()
 
     def _abort(self, request_id: str) -> None:
         if self.solo is not None and self.solo.sub.request_id == request_id:

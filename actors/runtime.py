@@ -61,7 +61,7 @@ class RequestStream:
 
     async def _start(self) -> None:
         sub = self._submit
-        if sub.session_id is not None:
+        if sub.session_id is not None or self._rt._sup.prefix.shared:  # the longest cached prefix, L1 or L2
             reply = await self._rt._sup.cache.ask(CacheLookup(sub.session_id, sub.prompt_ids))
             if reply.handle is not None:
                 sub = msgspec.structs.replace(sub, cache_handle=reply.handle, cached_tokens=reply.cached_tokens)
@@ -193,9 +193,10 @@ class Runtime:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
-                   prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
-                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, **load_kwargs):
+                   prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
+                   prefix_block_size=None, prefix_cache_max_entries=None, max_batch: int = 8,
+                   max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
+                   restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -204,6 +205,11 @@ class Runtime:
             together in a ``BatchedSpecDecoder`` (batched verification) instead of the target-only batch; more
             than N use the target-only batch, a lone request the single-request engine. 0 (default): off.
             Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
+        prefix_cache (default on; env MACH_PREFIX_CACHE): reuse the KV of any earlier request's longest common
+            prefix (block-hashed, ``prefix_block_size`` tokens per block, default 256) from RAM (L1,
+            ``prefix_cache_gb``, default 2, and ``prefix_cache_max_entries``) and, with ``prefix_cache_dir``, from
+            disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
+            only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
 
@@ -213,8 +219,10 @@ class Runtime:
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
         from mach_runtime.io.load import load_moe
 
-        if prefix_cache_dir is not None:
-            raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
+        from mach_runtime.config import resolve_prefix_config
+
+        pconf = resolve_prefix_config(prefix_cache, prefix_cache_gb, prefix_cache_dir, disk_kv_budget_gb,
+                                      prefix_block_size, prefix_cache_max_entries)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(spec_batch, int) or spec_batch < 0 or spec_batch == 1 or spec_batch > max_batch:
@@ -245,9 +253,10 @@ class Runtime:
             config = read_config(os.fspath(checkpoint))
             tc = adapter_for_config(config).text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
+            prefix = _prefix_cache(pconf, checkpoint, draft, spec)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor, spec=spec, spec_batch=batched)
+                             predictor=predictor, spec=spec, spec_batch=batched, prefix=prefix)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
@@ -354,6 +363,24 @@ class Runtime:
     def session(self, system: str | None = None, session_id: str | None = None) -> Session:
         return Session(self, system, session_id or f"session-{next(_ids)}")
 
+    async def warm_prefix(self, prompt) -> dict:
+        """Prefills ``prompt`` (text, token ids, or chat messages: rendered without a generation prompt, so a
+        later conversation that starts with them shares the prefix) and stores its KV with the last logits in the
+        prefix cache (L1, and L2 when configured). Returns the usage: prompt_tokens, cached_tokens (already
+        cached), prefilled_tokens."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            self._encode(prompt)  # validates the messages
+            ids = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False))
+        else:
+            ids = self._encode(prompt)
+        stream = self._stream_ids(ids, max_tokens=1)
+        stream._submit = msgspec.structs.replace(stream._submit, warm=True)
+        last = None
+        async with stream as s:
+            async for chunk in s:
+                last = chunk
+        return dict(last.usage) if last is not None and last.usage else {}
+
     async def abort(self, request_id: str) -> None:
         """Aborts a live request; raises ``UnknownRequestError`` for an id that is not live."""
         self._sup.abort(request_id)
@@ -369,7 +396,27 @@ class Runtime:
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
+            prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
         )
+
+
+def _prefix_cache(conf, checkpoint, draft, spec=None):
+    """The PrefixCache for ``conf``; its identity salt names the model, the cache layout and the draft."""
+    from mach_runtime.engine.disk_kv_cache import DiskKVCache
+    from mach_runtime.engine.prefix_cache import PrefixCache
+    from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
+
+    draft_fp = model_fingerprint(draft) if draft is not None else None
+    layout = {"format": 1}
+    salt = prefix_salt(model_fingerprint(checkpoint), layout, draft_fp)
+    disk = None
+    if conf.directory is not None:
+        try:
+            disk = DiskKVCache(conf.directory, salt, conf.block_size, conf.disk_budget_bytes)
+        except OSError as e:
+            raise ConfigError(f"prefix_cache_dir {conf.directory!r}: cannot use it ({e}); give a writable "
+                              "directory") from None
+    return PrefixCache(salt, conf.block_size, conf.l1_bytes, conf.max_entries, disk, shared=conf.enabled)
 
 
 def _on_gpu() -> bool:

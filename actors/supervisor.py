@@ -14,6 +14,7 @@ it to crash an actor exactly there.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequest
 from .cache import CacheActor, KVTable
 from .decoder import Decoder
 from .expert_store import ExpertStoreActor
-from .messages import Abort, Finish, Shutdown, Submit, TokenOutput
+from .messages import Abort, CacheFlush, Finish, Shutdown, Submit, TokenOutput
 from .mlx_thread import MLXThread, call_soon, loop_token
 from .slot import OutputSlot, wake
 
@@ -42,7 +43,7 @@ class LedgerEntry:
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
                  fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None,
-                 spec_batch=None):
+                 spec_batch=None, prefix=None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
@@ -52,6 +53,11 @@ class Supervisor:
         self.spec = spec  # BlockSpecDecEngine (MLX-thread object, shared by every Decoder incarnation) or None
         self.spec_batch = spec_batch  # BatchedSpecDecoder, likewise shared (each Decoder clears it first), or None
         self.kv_table = KVTable()
+        if prefix is None:  # sessions only (prefix_cache=False): a private L1, no disk
+            from mach_runtime.engine.prefix_cache import PrefixCache
+
+            prefix = PrefixCache(b"", shared=False)
+        self.prefix = prefix  # PrefixCache: L1 (+ L2); outlives Cache actor restarts
         self.max_sessions = max_sessions
         self.ledger: dict[str, LedgerEntry] = {}
         self._lock = threading.Lock()  # ledger: the MLX thread delivers, the event loop submits/aborts
@@ -83,7 +89,7 @@ class Supervisor:
 
     def _new_cache(self):
         old = self.cache
-        self.cache = CacheActor(self.kv_table, self.max_sessions)
+        self.cache = CacheActor(self.kv_table, self.prefix, self.max_sessions)
         self.cache.fault_hook = self.fault_hook
         if old is not None:  # a crashed Cache actor's sessions are gone: free their KV; keep the mailbox
             old.close()
@@ -121,7 +127,7 @@ class Supervisor:
             cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
-            spec_batch=self.spec_batch,
+            spec_batch=self.spec_batch, prefix_min_tokens=self.prefix.block_size if self.prefix.shared else None,
         )
         if self.decoder is not None:  # statistics survive a restart
             d.counters, d.histogram = self.decoder.counters, self.decoder.histogram
@@ -156,7 +162,7 @@ class Supervisor:
                 s = e.submit
                 self.decoder.send(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
                                          resume_ids=tuple(e.delivered), resume_chars=e.delivered_chars,
-                                         session_id=s.session_id))
+                                         session_id=s.session_id, warm=s.warm))
 
     def _give_up(self, name: str, error: BaseException) -> None:
         self.failed = RuntimeFailedError(
@@ -239,6 +245,9 @@ class Supervisor:
             self.mlx.submit(lambda: None, lambda r, e: call_soon(self._token, done.set))
             await done.wait()  # the MLX thread has left the decoder loop
         self._fail_all(self.failed or RuntimeFailedError("the runtime was closed before the request finished"))
+        if self.cache is not None and self.prefix.disk is not None:  # L1 snapshots not on disk yet: write them
+            with anyio.move_on_after(60), contextlib.suppress(RuntimeFailedError):
+                await self.cache.ask(CacheFlush())
         if self.cache is not None:
             self.cache.close()
         self.kv_table.collect()
