@@ -194,7 +194,8 @@ class Runtime:
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
-                   prefix_block_size=None, prefix_cache_max_entries=None, max_batch: int = 8,
+                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, max_kv_size=None,
+                   max_batch: int = 8,
                    max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
                    restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
@@ -210,6 +211,8 @@ class Runtime:
             ``prefix_cache_gb``, default 2, and ``prefix_cache_max_entries``) and, with ``prefix_cache_dir``, from
             disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
             only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
+        max_kv_size: bound every full-attention layer's KV to this many tokens (a rotating window, keep=0), for live
+            requests and snapshots alike. kv_bits: quantized KV is refused (ConfigError): it cannot be batched.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
 
@@ -217,6 +220,7 @@ class Runtime:
         alive then (the model's) are never scanned again, which keeps decode-time collections short.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
+        from mach_runtime.engine.kv_layout import apply_kv_layout
         from mach_runtime.io.load import load_moe
 
         from mach_runtime.config import resolve_prefix_config
@@ -237,6 +241,8 @@ class Runtime:
         try:
             model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            kind = adapter_for_config(read_config(os.fspath(checkpoint))).kv_cache_kind
+            layout = await mlx.call(lambda: apply_kv_layout(model, kind, max_kv_size=max_kv_size, kv_bits=kv_bits))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
@@ -253,7 +259,7 @@ class Runtime:
             config = read_config(os.fspath(checkpoint))
             tc = adapter_for_config(config).text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
-            prefix = _prefix_cache(pconf, checkpoint, draft, spec)
+            prefix = _prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, prefix=prefix)
@@ -400,15 +406,14 @@ class Runtime:
         )
 
 
-def _prefix_cache(conf, checkpoint, draft, spec=None):
+def _prefix_cache(conf, checkpoint, draft, layout: dict):
     """The PrefixCache for ``conf``; its identity salt names the model, the cache layout and the draft."""
     from mach_runtime.engine.disk_kv_cache import DiskKVCache
     from mach_runtime.engine.prefix_cache import PrefixCache
     from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
 
     draft_fp = model_fingerprint(draft) if draft is not None else None
-    layout = {"format": 1}
-    salt = prefix_salt(model_fingerprint(checkpoint), layout, draft_fp)
+    salt = prefix_salt(model_fingerprint(checkpoint), {"format": 1, **layout}, draft_fp)
     disk = None
     if conf.directory is not None:
         try:

@@ -242,3 +242,50 @@ async def test_prefix_cache_off_keeps_sessions_only(tiny_dir, tmp_path, anyio_ba
         _, u = await _gen(rt, PROMPT)
         s = await rt.stats()
     assert u["cached_tokens"] == 0 and s.prefix_cache.l1.entries == 0 and s.prefix_cache.l2 is None
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])
+async def test_max_kv_size_bounds_live_requests_and_snapshots(family, tiny_dir, tmp_path, anyio_backend):
+    """max_kv_size=16 turns full-attention KV into mlx-lm's RotatingKVCache(16, keep=0) in every lane: output equals
+    greedy decoding over those caches, cold, after an L1 hit and from L2; a wrapped window is an exact-only
+    snapshot."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+    path = _path(family, tiny_dir)
+    model, tok, _, _ = load_moe(path, expert_residency="stacked")
+    cache = [RotatingKVCache(max_size=16, keep=0) if type(c) is KVCache else c for c in make_prompt_cache(model)]
+    logits, ref = model(mx.array([PROMPT]), cache=cache), []
+    for _ in range(N):
+        ref.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = model(mx.array([[ref[-1]]]), cache=cache)
+    ref = _until_eos(ref, set(tok.eos_token_ids))
+    async with Runtime.open(path, max_kv_size=16, prefix_cache_dir=tmp_path, **OPEN) as rt:
+        cold, _ = await _gen(rt, PROMPT)
+        hit, u = await _gen(rt, PROMPT)
+    assert cold == ref and hit == ref and u["cached_tokens"] == len(PROMPT) - 1
+    async with Runtime.open(path, max_kv_size=16, prefix_cache_dir=tmp_path, **OPEN) as rt:
+        l2, u2 = await _gen(rt, PROMPT)
+        s = await rt.stats()
+    assert l2 == ref and s.prefix_cache.l2.hits == 1
+    async with Runtime.open(path, prefix_cache_dir=tmp_path, **OPEN) as rt:  # another layout: another salt
+        _, u3 = await _gen(rt, PROMPT)
+    assert u3["cached_tokens"] == 0
+
+
+async def test_kv_knobs_refused_where_they_cannot_apply(tiny_dir, anyio_backend):
+    from mach_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_bits"):
+        async with Runtime.open(tiny_dir, kv_bits=8, **OPEN):
+            pass
+    with pytest.raises(ConfigError, match="max_kv_size"):
+        async with Runtime.open(tiny_dir, max_kv_size=0, **OPEN):
+            pass
+    with pytest.raises(ConfigError, match="compressed"):
+        async with Runtime.open(os.path.join(os.path.dirname(FAMILIES["gpt_oss"]), "hf_deepseek_v4"),
+                                max_kv_size=64, **OPEN):
+            pass
+    with pytest.raises(ConfigError, match="prefix_block_size"):
+        async with Runtime.open(tiny_dir, expert_residency="stacked", prefix_block_size=0):
+            pass
