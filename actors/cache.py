@@ -147,15 +147,22 @@ class CacheActor(AsyncActor):
         from mach_runtime.engine.prefix_saver import PrefixHit
 
         self.lookups += 1
-        limit = len(msg.prompt_ids) - 1  # the prompt's last token is always fed: its logits start decoding
-        entry, n = self.prefix.lookup(msg.prompt_ids, limit, msg.session_id)
+        entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)
+        disk = self.prefix.disk
+        if disk is not None and self.prefix.shared and (entry is None or n < len(msg.prompt_ids) - 1) \
+                and disk.changed():  # another runtime sharing the directory may have written what we need
+            scanned = await anyio.to_thread.run_sync(disk.scan, self.prefix.known_on_disk())
+            self.prefix.apply_scan(*scanned)
+            entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)
         snap = None
         if entry is not None and entry.tier == "l1":
             snap = self.prefix.take_l1(entry.key, n)
         elif entry is not None:
             key = entry.key
-            snap = await anyio.to_thread.run_sync(self.prefix.load_l2, key)
-            if snap is not None:
+            snap = await anyio.to_thread.run_sync(self.prefix.read_l2, key)
+            if snap is None:
+                self.prefix.forget(key)
+            else:
                 self.prefix.promote(key, snap, n)
         if snap is None:
             return CacheLookupReply(msg.session_id, None, 0)

@@ -34,13 +34,15 @@ import queue
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from msgspec.structs import replace
+
 from mach_runtime.engine.batch import Admission, BatchEngine
-from mach_runtime.engine.prefix_saver import PrefixSaver, restore_prefix, warm_prefill
+from mach_runtime.engine.prefix_saver import PrefixSaver, restore_prefix
 from mach_runtime.errors import MachError
 
+from .decoder_prefix import DecoderPrefixCache
 from .messages import (
     Abort,
-    CacheInsert,
     DecoderStats,
     Finish,
     RequestFailed,
@@ -58,7 +60,7 @@ class _Solo:
     delivered: list  # every token the client has for this request (replayed ones included)
 
 
-class Decoder:
+class Decoder(DecoderPrefixCache):
     name = "decoder"
 
     def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, cache_inbox=None, expert_inbox=None,
@@ -290,8 +292,13 @@ class Decoder:
         return not (done and done[-1] in self.engine.eos | frozenset(p.stop_token_ids))
 
     def _start_solo(self, sub: Submit) -> None:
-        p = sub.params
         kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        sub = self._exact_hit(sub, kv)
+        if sub.resume_ids and not self._wants_spec(sub):  # its one token was the whole answer: the batch ends it
+            handle = self.kv_table.put(kv) if kv is not None else None
+            self._admit([replace(sub, cache_handle=handle)])
+            return
+        p = sub.params
         kv = restore_prefix(kv, self._draft_model())  # a prefix-cache hit: host snapshot -> MLX caches
         # a session's earlier turns (with the draft's context, if stored): only the rest is prefilled
         prefix = (kv, sub.cached_tokens, getattr(kv, "draft_state", None)) if kv is not None else None
@@ -373,6 +380,7 @@ class Decoder:
         """Joins ``subs`` to ``engine`` (the target-only batch, or the spec batch) in one batched prefill."""
         engine = engine if engine is not None else self.engine
         kvs = [self.kv_table.take(s.cache_handle) if s.cache_handle is not None else None for s in subs]
+        subs = [self._exact_hit(s, kv) for s, kv in zip(subs, kvs)]
         kvs = [restore_prefix(kv, self._draft_model()) for kv in kvs]  # prefix-cache hits -> MLX caches
         admissions = []  # (every handle taken first: a crash below leaves none behind in the table)
         for sub, kv in zip(subs, kvs):
@@ -464,55 +472,6 @@ class Decoder:
         )
         tokens = (tuple(sub.prompt_ids) + tuple(seq.generated))[:n] if kv is not None else ()
         self._store_then_finish(kv, tokens, sub.session_id, finish)
-
-    # -- prefix cache ----------------------------------------------------------------------------------------
-    def _store_then_finish(self, kv, tokens, owner, finish) -> None:
-        """Hands a finished request's KV to the Cache actor as a host snapshot, then delivers ``finish``: the
-        Cache actor holds the snapshot before the caller sees the end of the turn (a session's next lookup would
-        otherwise race the insert)."""
-        snap = self.saver.finished(kv, tokens, owner) if kv is not None else None
-        if snap is None:
-            self._post(finish)
-            return
-        handle = self.kv_table.put(snap)
-        self._post(lambda: self.cache_inbox(CacheInsert(owner, handle, tuple(tokens)),
-                                            then=lambda: self.sink(finish)))
-
-    def _emit_snapshot(self, snap, owner) -> None:
-        handle = self.kv_table.put(snap)
-        self._post(lambda: self.cache_inbox(CacheInsert(owner, handle, ())))
-
-    def _emitted(self, request_id: str) -> bool:
-        """The request has emitted its first token, or is no longer running."""
-        for m in list(self.engine.seqs) + (list(self.spec_batch.rows) if self.spec_batch is not None else []):
-            if m.request_id == request_id:
-                return len(m.generated) > 0
-        return True
-
-    def _draft_model(self):
-        return getattr(self.spec, "draft", None) if self.spec is not None else None
-
-    def _warm(self, sub: Submit) -> None:
-        """``warm_prefix``: feeds every prompt token (from the cached prefix on), snapshots the caches with the
-        last logits for the Cache actor, generates nothing."""
-        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
-        self._fault("admit", request_id=sub.request_id)
-        try:
-            kv = restore_prefix(kv, self._draft_model())
-            cached = kv.n_tokens if kv is not None else 0
-            snap = warm_prefill(self.model, sub.prompt_ids, kv, cached)
-        except MachError as e:
-            self._post(RequestFailed(sub.request_id, str(e)))
-            return
-        n = len(sub.prompt_ids)
-        self.counters["prefilled"] += n - cached
-        self.counters["cached"] += cached
-        finish = Finish(request_id=sub.request_id, reason="length", prompt_tokens=n, completion_tokens=0,
-                        cached_tokens=cached, prefilled_tokens=n - cached)
-        handle = self.kv_table.put(snap)
-        self._post(lambda: self.cache_inbox(CacheInsert(None, handle, tuple(sub.prompt_ids)),
-                                            then=lambda: self.sink(finish)))
-        self._flush()
 
     def _abort(self, request_id: str) -> None:
         if self.solo is not None and self.solo.sub.request_id == request_id:

@@ -289,3 +289,27 @@ async def test_kv_knobs_refused_where_they_cannot_apply(tiny_dir, anyio_backend)
     with pytest.raises(ConfigError, match="prefix_block_size"):
         async with Runtime.open(tiny_dir, expert_residency="stacked", prefix_block_size=0):
             pass
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gpt_oss"])
+@pytest.mark.parametrize("spec", [False, True])
+async def test_exact_hit_restores_the_last_logits(family, spec, tiny_dir, refs, drafts, tmp_path, anyio_backend):
+    """A prompt equal to a warmed prefix restores every token and its last logits: the first token comes from them
+    (no forward), then decoding continues (batch or speculative lane); output equals greedy decoding, also for
+    exact-only caches (GatedDeltaNet state, wrapped windows), from L1 and from L2."""
+    ref = refs[family][0]
+    path = _path(family, tiny_dir)
+    kw = dict(draft=drafts[family]) if spec else {}
+    async with Runtime.open(path, prefix_cache_dir=tmp_path, **kw, **OPEN) as rt:
+        await rt.warm_prefix(PROMPT)
+        out, u = await _gen(rt, PROMPT)
+    # (the speculative engine counts feeding the first token, which a batch step does, as its prefill)
+    assert out == ref and u["cached_tokens"] == len(PROMPT) and u["prefilled_tokens"] == (1 if spec else 0)
+    async with Runtime.open(path, prefix_cache_dir=tmp_path, **kw, **OPEN) as rt:
+        toks, u2 = [], None
+        async for c in rt._stream_ids(list(PROMPT), max_tokens=1):
+            toks += c.token_ids
+            u2 = c.usage or u2
+        again, _ = await _gen(rt, PROMPT)
+    assert toks == ref[:1] and u2["cached_tokens"] == len(PROMPT) and u2["completion_tokens"] == 1
+    assert again == ref

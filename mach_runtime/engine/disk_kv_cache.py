@@ -145,6 +145,7 @@ class DiskKVCache:
         self.c = dict(writes=0, write_bytes=0, loads=0, load_bytes=0, evictions=0, corrupt=0, foreign=0,
                       old_format=0)
         self.save_s = [0.0, 0.0]  # total, max
+        self._scanned_mtime = None
         self.load_s = 0.0
 
     # -- locking ---------------------------------------------------------------------------------------------
@@ -169,11 +170,19 @@ class DiskKVCache:
             os.unlink(path)
 
     # -- scan ------------------------------------------------------------------------------------------------
-    def scan(self) -> list[SnapshotHeader]:
-        """Headers of every valid file (reads headers only); bad files are deleted and counted, stale temp
-        files of dead writers removed."""
-        out = []
+    def changed(self) -> bool:
+        """Whether the directory changed (a file written or removed, by anyone) since the last ``scan``."""
+        try:
+            return os.stat(self.dir).st_mtime_ns != self._scanned_mtime
+        except FileNotFoundError:
+            return True
+
+    def scan(self, known=frozenset()) -> tuple[list[SnapshotHeader], set[str]]:
+        """(headers of the valid files not in ``known``, every key present). Reads headers only; bad files are
+        deleted and counted, stale temp files of dead writers removed."""
+        out, present = [], set()
         with self._locked():
+            self._scanned_mtime = os.stat(self.dir).st_mtime_ns
             names = os.listdir(self.dir)
         for name in names:
             p = os.path.join(self.dir, name)
@@ -181,6 +190,9 @@ class DiskKVCache:
                 self._clean_tmp(p, name)
                 continue
             if not name.endswith(SUFFIX):
+                continue
+            if name[: -len(SUFFIX)] in known:
+                present.add(name[: -len(SUFFIX)])
                 continue
             try:
                 with open(p, "rb") as f:
@@ -192,12 +204,13 @@ class DiskKVCache:
                 if h.key + SUFFIX != name:
                     raise CorruptSnapshot("corrupt", f"{p}: file name does not match its key")
                 out.append(h)
+                present.add(h.key)
                 self.token_counts[h.key] = h.n_tokens
             except CorruptSnapshot as e:
                 self._drop(p, e.kind)
             except FileNotFoundError:
                 continue
-        return out
+        return out, present
 
     def _clean_tmp(self, path: str, name: str) -> None:
         try:

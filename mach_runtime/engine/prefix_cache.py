@@ -79,16 +79,20 @@ class PrefixCache:
     # -- index maintenance ------------------------------------------------------------------------------------
     def rescan(self) -> None:
         """(Re)reads the L2 directory's headers into the index (files other runtimes wrote; gone ones dropped)."""
-        if self.disk is None:
-            return
-        seen = set()
-        for h in self.disk.scan():
-            seen.add(h.key)
+        if self.disk is not None:
+            self.apply_scan(*self.disk.scan(self.known_on_disk()))
+
+    def known_on_disk(self) -> set:
+        return {k for k, e in self.index.entries.items() if e.tier == "l2" or k in self.l1 and self.l1[k].on_disk}
+
+    def apply_scan(self, headers, seen) -> None:
+        """Index updates of a ``DiskKVCache.scan`` (run the scan in a worker thread, this on the owner's)."""
+        for h in headers:
             if h.key in self.index:
                 continue
             cuttable = all(layer_cuttable(c, m) for c, m, _ in h.layers)
             self.index.add(IndexEntry(h.key, np.asarray(h.tokens, np.uint32), cuttable, "l2", 0,
-                                      [bytes.fromhex(x) for x in h.block_hashes]))
+                                      [bytes.fromhex(x) for x in h.block_hashes], h.has_logits))
         for key in [k for k, e in self.index.entries.items() if e.tier == "l2" and k not in seen]:
             self.index.remove(key)
         self._drain_disk_evictions()
@@ -105,6 +109,15 @@ class PrefixCache:
         self.disk.evicted_keys.clear()
 
     # -- lookup ---------------------------------------------------------------------------------------------
+    def lookup_request(self, tokens, owner: str | None = None) -> tuple[IndexEntry | None, int]:
+        """A request's lookup: a snapshot of exactly ``tokens`` with their last logits (restores everything: no
+        forward before the first token), else the most of ``tokens[:-1]`` (the last token is fed by a step)."""
+        e, n = self.index.lookup(tokens, len(tokens), None if self.shared else (lambda e: False))
+        if e is not None and n == len(tokens) and e.has_logits and e.n_tokens == n:
+            self.n["lookups"] += 1
+            return e, n
+        return self.lookup(tokens, len(tokens) - 1, owner)
+
     def lookup(self, tokens, limit: int, owner: str | None = None) -> tuple[IndexEntry | None, int]:
         """(entry, n): the snapshot restoring the most of ``tokens[:limit]``; entry.tier says where it is."""
         self.n["lookups"] += 1
@@ -130,12 +143,22 @@ class PrefixCache:
         self.n["l1_tokens"] += n
         return ent.snap
 
-    def load_l2(self, key: str) -> Snapshot | None:
-        """Blocking disk read (worker thread): the snapshot, or None (gone or bad: dropped from the index)."""
+    def read_l2(self, key: str) -> Snapshot | None:
+        """Blocking disk read, safe in a worker thread (touches no index): the snapshot, or None (gone or bad)."""
         self.n["l2_lookups"] += 1
-        snap = self.disk.load(key)
-        if snap is None:
+        return self.disk.load(key)
+
+    def forget(self, key: str) -> None:
+        """An L2 entry whose file is gone or was dropped as bad."""
+        e = self.index.entries.get(key)
+        if e is not None and e.tier == "l2":
             self.index.remove(key)
+
+    def load_l2(self, key: str) -> Snapshot | None:
+        """``read_l2`` + ``forget`` on a miss (single-threaded callers)."""
+        snap = self.read_l2(key)
+        if snap is None:
+            self.forget(key)
         return snap
 
     def promote(self, key: str, snap: Snapshot, n: int) -> None:
@@ -180,7 +203,8 @@ class PrefixCache:
             on_disk = on_disk or old.on_disk
         self.l1[key] = _L1(snap, owner, time.monotonic(), on_disk=on_disk)
         self.l1_bytes += snap.nbytes
-        self.index.add(IndexEntry(key, snap.tokens, snap.cuttable, "l1", snap.nbytes, hashes or []))
+        self.index.add(IndexEntry(key, snap.tokens, snap.cuttable, "l1", snap.nbytes, hashes or [],
+                                  snap.logits is not None))
         return self._evict_l1()
 
     def _value(self, ent: _L1, now: float) -> float:

@@ -100,6 +100,7 @@ class IndexEntry:
     tier: str  # "l1" or "l2" (where the bytes are; an L1 entry may also be on disk)
     nbytes: int
     hashes: list[bytes] = field(default_factory=list)
+    has_logits: bool = False  # holds the last token's logits: an exact hit needs no forward at all
 
     @property
     def n_tokens(self) -> int:
@@ -158,14 +159,15 @@ class PrefixIndex:
         """(entry, n): the entry restoring the most of ``tokens[:limit]`` (n tokens), or (None, 0).
 
         Snapshots shorter than one block are never found (too little to be worth a restore). ``accept(entry)``
-        filters candidates (e.g. a session's own entries only). Among equal n, an L1 entry wins over an L2 one."""
+        filters candidates (e.g. a session's own entries only). Among equal n: a snapshot of exactly n tokens with
+        their logits first (it needs no forward), then an L1 entry over an L2 one."""
         t = _as_u32(tokens)
         limit = min(limit, len(t))
         hashes = self.hashes(t[:limit])
-        best, best_n, seen = None, 0, set()
+        best, best_rank, seen = None, (0,), set()
         B = self.block_size
         for j in range(len(hashes), 0, -1):
-            if best_n >= (j + 1) * B:  # nothing that shares only j blocks can restore more
+            if best_rank[0] >= (j + 1) * B:  # nothing that shares only j blocks can restore more
                 break
             for key in self._by_block.get(hashes[j - 1], ()):
                 if key in seen:
@@ -175,6 +177,7 @@ class PrefixIndex:
                 if accept is not None and not accept(e):
                     continue
                 n = e.usable(t, limit)
-                if n > best_n or (n == best_n and n and best is not None and best.tier != "l1" and e.tier == "l1"):
-                    best, best_n = e, n
-        return (best, best_n) if best_n > 0 else (None, 0)
+                rank = (n, e.has_logits and e.n_tokens == n, e.tier == "l1")
+                if n > 0 and rank > best_rank:
+                    best, best_rank = e, rank
+        return (best, best_rank[0]) if best is not None else (None, 0)

@@ -43,6 +43,25 @@ class PrefixHit:
         return SpecDecKV(caches, n, draft_state)
 
 
+def first_token(hit, sub) -> int | None:
+    """An exact hit (``hit`` restores every prompt token and holds the last logits): the request's first token,
+    sampled from those logits by THE sampler with the request's parameters (position 0), as the forward it
+    replaces would have; None otherwise (or with stop strings, whose hold-back needs the emitter)."""
+    if not isinstance(hit, PrefixHit) or hit.logits is None or sub.resume_ids or sub.params.stop:
+        return None
+    if hit.n_tokens != len(sub.prompt_ids):
+        return None
+    import mlx.core as mx
+
+    from .sampling import sample_batch
+
+    p = sub.params
+    logits = mx.array(hit.logits)[None]
+    if p.temperature > 0:
+        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return int(sample_batch(logits, [(p.temperature, p.top_p, p.top_k, p.seed, 0)]).item())
+
+
 def restore_prefix(kv, draft_model=None):
     """At admission: a ``PrefixHit`` -> MLX caches covering its tokens; other KV objects unchanged."""
     return kv.materialize(draft_model) if isinstance(kv, PrefixHit) else kv
