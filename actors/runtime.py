@@ -374,6 +374,8 @@ class Runtime:
         later conversation that starts with them shares the prefix) and stores its KV with the last logits in the
         prefix cache (L1, and L2 when configured). Returns the usage: prompt_tokens, cached_tokens (already
         cached), prefilled_tokens."""
+        if not self._sup.prefix.shared:
+            raise ConfigError("warm_prefix needs the prefix cache: this runtime was opened with prefix_cache=False")
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             self._encode(prompt)  # validates the messages
             ids = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False))

@@ -237,11 +237,38 @@ async def test_decoder_crash_mid_save_loses_nothing_cached(tiny_dir, refs, tmp_p
 
 
 async def test_prefix_cache_off_keeps_sessions_only(tiny_dir, tmp_path, anyio_backend):
+    from mach_runtime.errors import ConfigError
+
     async with Runtime.open(tiny_dir, prefix_cache=False, **OPEN) as rt:
         await _gen(rt, PROMPT)
         _, u = await _gen(rt, PROMPT)
         s = await rt.stats()
+        async with rt.session(system="You write short Python.") as sess:
+            for user in ("a function that adds", "now one that subtracts"):
+                async for _ in sess.send(user, max_tokens=6):
+                    pass
+        with pytest.raises(ConfigError, match="prefix_cache=False"):
+            await rt.warm_prefix(PROMPT)
     assert u["cached_tokens"] == 0 and s.prefix_cache.l1.entries == 0 and s.prefix_cache.l2 is None
+    assert sess.turns[1].usage["cached_tokens"] > 0  # a session still reuses its own earlier turn
+
+
+async def test_a_session_turn_serves_any_request(tiny_dir, tmp_path, anyio_backend):
+    """Sessions are ordinary users of the cache: another request that starts with a session's history reuses it
+    (and the session's next turn reuses it too); outputs equal greedy decoding."""
+    model, tok, _, _ = load_moe(tiny_dir, expert_residency="stacked")
+    async with Runtime.open(tiny_dir, **OPEN) as rt:
+        async with rt.session() as sess:
+            async for _ in sess.send("write a long function that adds two numbers " * 3, max_tokens=N):
+                pass
+            history = sess._history_ids
+            other = history + OTHER
+            out, u = await _gen(rt, other)
+            async for _ in sess.send("and one that subtracts", max_tokens=N):
+                pass
+    assert out == _until_eos(greedy(model, other, N), set(tok.eos_token_ids))
+    assert u["cached_tokens"] >= len(history) - 1
+    assert sess.turns[1].usage["cached_tokens"] >= len(history) - 1
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])

@@ -171,7 +171,7 @@ class PrefixCache:
     def insert(self, snap: Snapshot, owner: str | None = None) -> tuple[str | None, list]:
         """Stores ``snap`` in L1. Returns (key or None if skipped, [(key, snapshot)] to write to L2: this one when
         L2 is on and it is not on disk yet, plus displaced L1 entries not on disk)."""
-        if snap.n_tokens < (1 if owner is not None else self.block_size):
+        if snap.n_tokens < (1 if owner is not None else self.block_size) or (owner is None and not self.shared):
             self.n["skipped"] += 1
             return None, []
         hashes = self.index.hashes(snap.tokens)
