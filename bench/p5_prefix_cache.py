@@ -269,7 +269,7 @@ def main():
     import anyio
 
     from mach_runtime import load_moe
-    from mach_runtime.cli.main import default_checkpoint
+    from mach_runtime.assets import default_checkpoint
     from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

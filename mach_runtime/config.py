@@ -151,7 +151,3 @@ def resolve_prefix_config(prefix_cache=None, prefix_cache_gb=None, prefix_cache_
     return PrefixCacheConfig(on, int(gb * (1 << 30)), entries, directory if on else None,
                              int(disk_gb * (1 << 30)), block)
 
-
-def mach_home() -> str:
-    """Where mach keeps generated files (the default tiny checkpoint): $MACH_HOME or ~/.cache/mach_runtime."""
-    return os.environ.get("MACH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mach_runtime")

@@ -161,7 +161,7 @@ async def test_hits_with_speculative_decoding(family, tiny_dir, refs, drafts, tm
 async def test_demo_model_with_its_draft_l2_in_a_new_process(tmp_path, anyio_backend):
     """The bundled demo model and its DFlash draft: a chat prompt's KV (with the draft's context) saved by one
     runtime is restored by a fresh runtime in another process; outputs equal greedy decoding."""
-    from mach_runtime.cli.main import default_checkpoint
+    from mach_runtime.assets import default_checkpoint
 
     ckpt = default_checkpoint()
     draft = os.path.join(os.path.dirname(ckpt), "demo-qwen3-moe-dflash")

@@ -1,8 +1,10 @@
 """Single-request generation on the MLX thread: chunked prefill, then a pipelined decode loop.
 
 The decode loop queues the next forward (``mx.async_eval``) before handing out the current token, so the host
-work of one step overlaps the device work of the next. With streaming residency the forward itself reads the
-router's choices back to the host (one sync per MoE layer), so the overlap shrinks to what remains.
+work of one step overlaps the device work of the next. With streaming residency the steps run optimistically
+(``io/optimistic.py``): a step is checked for expert misses after the next one is queued, and a step that
+missed is rolled back and redone with its experts loaded, so the pipelining survives and the tokens do not
+change.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import ConfigError
-from .sampling import validate
+from .emit import Emitter
+from .sampling import KeyedSampler, SamplingParams, check
 
 PREFILL_STEP = 512
 
@@ -45,12 +48,13 @@ class GenerationStats:
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
-    """logprobs[1, V] → token[1]; greedy when temperature is 0."""
-    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
-
-    validate(temperature, top_p, top_k)
-    return mlx_lm_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 min_p: float = 0.0, position: int = 0) -> KeyedSampler:
+    """THE sampler for a single-request loop: each call ``sampler(logits [1, V]) -> token [1]`` draws the next
+    completion position (from ``position``) keyed by (seed, position); greedy when temperature is 0."""
+    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check(p)
+    return KeyedSampler(p, position)
 
 
 def prefill(model, tokens: mx.array, cache, step: int = PREFILL_STEP) -> mx.array:
@@ -72,54 +76,79 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
 
-    def step(y):
+    from ..io.optimistic import guard_for
+
+    guard = guard_for(model, cache)  # streaming residency: each step is checked after the next is queued
+    # draws are keyed by (one draw from the caller's seeded stream, position), so a step redone after a streaming
+    # miss samples exactly what it would have sampled the first time
+    base = int(mx.random.randint(0, 1 << 30, ()).item())
+    pos = [0]
+
+    def step(y, at=None):
+        at = pos[0] if at is None else at
+        pos[0] = at + 1
+        mx.random.seed((base * 1_000_003 + at) & ((1 << 63) - 1))
+        ck = (guard.begin(), at) if guard is not None else None
         logits = model(y[None], cache=cache)[:, -1, :]
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), ck
+
+    def redo(y, ck, tokens):  # a streamed step missed: roll back and recompute it with its misses loaded
+        guard.rollback(ck[0], tokens)
+        with guard.redo():
+            tok, _ = step(y, ck[1])
+        mx.eval(tok)
+        return tok
 
     t0 = time.perf_counter()
     y = prefill(model, mx.array(prompt_ids, dtype=mx.uint32), cache)
-    tok = step(y)
+    tok, ck = step(y)
     mx.eval(tok)
+    if guard is not None and not guard.verify(ck[0]):
+        tok = redo(y, ck, 1)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for n in range(max_tokens):
-        nxt = None
-        if n + 1 < max_tokens:
-            nxt = step(tok)
-            mx.async_eval(nxt)
-        stats.generated_tokens = n + 1
-        stats.decode_seconds = time.perf_counter() - t0
-        yield int(tok.item())
-        tok = nxt
+    try:
+        for n in range(max_tokens):
+            nxt = nck = None
+            if n + 1 < max_tokens:
+                nxt, nck = step(tok)
+                mx.async_eval(nxt, *(guard.outputs() if guard is not None else ()))
+            if guard is not None and ck is not None and not guard.verify(ck[0]):
+                tok = redo(y, ck, 2 if nxt is not None else 1)
+                if nxt is not None:
+                    nxt, nck = step(tok)
+                    mx.async_eval(nxt, *guard.outputs())
+            stats.generated_tokens = n + 1
+            stats.decode_seconds = time.perf_counter() - t0
+            yield int(tok.item())
+            y, tok, ck = tok, nxt, nck
+    finally:
+        if guard is not None:
+            guard.close()
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache=None,
-                    stats: GenerationStats | None = None) -> Iterator[GenerationChunk]:
-    """Text chunks for a prompt (a string, or token ids); stops at eos or ``max_tokens``."""
+                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), cache=None,
+                    stats: GenerationStats | None = None, params: SamplingParams | None = None
+                    ) -> Iterator[GenerationChunk]:
+    """Text chunks for a prompt (a string, or token ids); stops at eos, a stop string or ``max_tokens``.
+    ``seed`` keys the draws exactly as ``Runtime.stream(seed=)`` does; ``params`` replaces the keywords."""
     from mlx_lm.models.cache import make_prompt_cache
 
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if cache is None:
         cache = make_prompt_cache(model)
-    if seed is not None:
-        mx.random.seed(seed)
+    if params is None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+    check(params)
+    params = params.resolved()
     stats = stats if stats is not None else GenerationStats()
-    sampler = make_sampler(temperature, top_p, top_k)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    eos = set(tokenizer.eos_token_ids)
-    last = None
-    for last in generate_tokens(model, ids, cache, sampler, max_tokens, stats):
-        if last in eos:
-            detok.finalize()
-            stats.finish_reason = "stop"
-            yield GenerationChunk(detok.last_segment, last, "stop")
+    emitter = Emitter(tokenizer, params)
+    for tok in generate_tokens(model, ids, cache, KeyedSampler(params), params.max_tokens, stats):
+        text, finish, _ = emitter.push([tok])
+        if finish:
+            stats.finish_reason = finish
+        yield GenerationChunk(text, tok, finish)
+        if finish:
             return
-        detok.add_token(last)
-        if stats.generated_tokens == max_tokens:
-            break
-        yield GenerationChunk(detok.last_segment, last)
-    detok.finalize()
-    stats.finish_reason = "length"
-    yield GenerationChunk(detok.last_segment, last, "length")

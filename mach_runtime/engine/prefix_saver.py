@@ -43,23 +43,20 @@ class PrefixHit:
         return SpecDecKV(caches, n, draft_state)
 
 
-def first_token(hit, sub) -> int | None:
+def first_token(hit, prompt_ids, generated, params) -> int | None:
     """An exact hit (``hit`` restores every prompt token and holds the last logits): the request's first token,
-    sampled from those logits by THE sampler with the request's parameters (position 0), as the forward it
-    replaces would have; None otherwise (or with stop strings, whose hold-back needs the emitter)."""
-    if not isinstance(hit, PrefixHit) or hit.logits is None or sub.resume_ids or sub.params.stop:
+    drawn from those logits by THE sampler with the request's parameters (position 0), as the forward it replaces
+    would have; None otherwise (also for requests whose first draw needs more than the logits: penalties,
+    grammars, logits processors, logprobs)."""
+    if not isinstance(hit, PrefixHit) or hit.logits is None or generated or params.target_only:
         return None
-    if hit.n_tokens != len(sub.prompt_ids):
+    if hit.n_tokens != len(prompt_ids):
         return None
     import mlx.core as mx
 
-    from .sampling import sample_batch
+    from .sampling import sample
 
-    p = sub.params
-    logits = mx.array(hit.logits)[None]
-    if p.temperature > 0:
-        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return int(sample_batch(logits, [(p.temperature, p.top_p, p.top_k, p.seed, 0)]).item())
+    return int(sample(mx.array(hit.logits)[None], params.resolved(), 0).item())
 
 
 def restore_prefix(kv, draft_model=None):
