@@ -264,8 +264,7 @@ def check_open(*, checkpoint=None, draft=None, specdec=None, expert_residency=No
     """Every ``Runtime.open`` argument, checked before anything loads; raises ``ConfigError`` naming it."""
     _path_or_none("checkpoint", checkpoint)
     _path_or_none("draft", draft)
-    if prefix_cache_dir is not None:
-        raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
+    _path_or_none("prefix_cache_dir", prefix_cache_dir)  # the other prefix-cache settings: config.resolve_prefix_config
     if specdec is not None:
         from mach_runtime.engine.specdec.config import BlockSpecDecEngineConfig
 

@@ -62,8 +62,8 @@ class RequestStream:
 
     async def _start(self) -> None:
         sub = self._submit
-        if sub.session_id is not None:
-            # shielded: the Cache actor hands the session's KV over with its reply, which must not be lost to a
+        if sub.session_id is not None or self._rt._sup.prefix.shared:  # the longest cached prefix, L1 or L2
+            # shielded: the Cache actor hands the KV over with its reply, which must not be lost to a
             # cancellation (the handle would leak); a pending cancellation strikes at the next await, and the
             # abort that follows frees the KV with the request
             with anyio.CancelScope(shield=True):
@@ -226,9 +226,11 @@ class Runtime:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
-                   prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
-                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, prefill_chunk: int = 512, **load_kwargs):
+                   prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
+                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, max_kv_size=None,
+                   max_batch: int = 8, max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
+                   restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0,
+                   prefill_chunk: int = 512, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -241,6 +243,13 @@ class Runtime:
             time, the others queued: ``stats().decoder.batching`` says so).
         prefill_chunk: prompt tokens a newcomer prefills per decode step of the running requests (chunked
             prefill: a long prompt delays each running stream by one chunk at a time, not by its whole prefill).
+        prefix_cache (default on; env MACH_PREFIX_CACHE): reuse the KV of any earlier request's longest common
+            prefix (block-hashed, ``prefix_block_size`` tokens per block, default 256) from RAM (L1,
+            ``prefix_cache_gb``, default 2, and ``prefix_cache_max_entries``) and, with ``prefix_cache_dir``, from
+            disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
+            only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
+        max_kv_size: bound every full-attention layer's KV to this many tokens (a rotating window, keep=0), for live
+            requests and snapshots alike. kv_bits: quantized KV is refused (ConfigError): it cannot be batched.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
@@ -253,6 +262,7 @@ class Runtime:
         model, every KV cache and the bank, and parks the MLX thread for the next runtime to reuse.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
+        from mach_runtime.engine.kv_layout import apply_kv_layout
         from mach_runtime.io.load import load_moe
 
         check_open(checkpoint=checkpoint, draft=draft, specdec=specdec, expert_residency=expert_residency,
@@ -266,6 +276,10 @@ class Runtime:
         if unknown:
             raise ConfigError(f"unknown Runtime.open argument(s) {unknown}; besides its own it takes load_moe's: "
                               f"{', '.join(sorted(passed_on))}")
+        from mach_runtime.config import resolve_prefix_config
+
+        pconf = resolve_prefix_config(prefix_cache, prefix_cache_gb, prefix_cache_dir, disk_kv_budget_gb,
+                                      prefix_block_size, prefix_cache_max_entries)
         if checkpoint is None:
             from mach_runtime.assets import default_checkpoint
 
@@ -282,6 +296,8 @@ class Runtime:
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
+            layout = await mlx.call(lambda: apply_kv_layout(model, adapter.kv_cache_kind, max_kv_size=max_kv_size,
+                                                            kv_bits=kv_bits))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
@@ -293,10 +309,11 @@ class Runtime:
                         await mlx.call(batched.warmup)
             tc = adapter.text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"), _vocab_size(tokenizer, tc))
+            prefix = _prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, prefix=prefix)
             del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
             try:
                 async with anyio.create_task_group() as tg:
@@ -424,6 +441,26 @@ class Runtime:
             raise RequestError(f"session_id must be a non-empty string or None, got {session_id!r}")
         return Session(self, system, session_id or f"session-{next(_ids)}")
 
+    async def warm_prefix(self, prompt) -> dict:
+        """Prefills ``prompt`` (text, token ids, or chat messages: rendered without a generation prompt, so a
+        later conversation that starts with them shares the prefix) and stores its KV with the last logits in the
+        prefix cache (L1, and L2 when configured). Returns the usage: prompt_tokens, cached_tokens (already
+        cached), prefilled_tokens."""
+        if not self._sup.prefix.shared:
+            raise ConfigError("warm_prefix needs the prefix cache: this runtime was opened with prefix_cache=False")
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            self._encode(prompt)  # validates the messages
+            ids = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False))
+        else:
+            ids = self._encode(prompt)
+        stream = self._stream_ids(ids, max_tokens=1)
+        stream._submit = msgspec.structs.replace(stream._submit, warm=True)
+        last = None
+        async with stream as s:
+            async for chunk in s:
+                last = chunk
+        return dict(last.usage) if last is not None and last.usage else {}
+
     async def abort(self, request_id: str) -> None:
         """Aborts a live request; raises ``UnknownRequestError`` for an id that is not live."""
         if not isinstance(request_id, str):
@@ -456,7 +493,30 @@ class Runtime:
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
+            prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
         )
+
+
+def _prefix_cache(conf, checkpoint, draft, layout: dict):
+    """The PrefixCache for ``conf``; its identity salt names the model, the cache layout and the draft."""
+    from mach_runtime.engine.disk_kv_cache import DiskKVCache
+    from mach_runtime.engine.prefix_cache import PrefixCache
+    from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
+
+    if draft is not None and not os.path.isdir(os.fspath(draft)):  # a repository id: its local cache snapshot
+        from mach_runtime.io.hf_cache import resolve_checkpoint
+
+        draft = resolve_checkpoint(draft)
+    draft_fp = model_fingerprint(draft) if draft is not None else None
+    salt = prefix_salt(model_fingerprint(checkpoint), {"format": 1, **layout}, draft_fp)
+    disk = None
+    if conf.directory is not None:
+        try:
+            disk = DiskKVCache(conf.directory, salt, conf.block_size, conf.disk_budget_bytes)
+        except OSError as e:
+            raise ConfigError(f"prefix_cache_dir {conf.directory!r}: cannot use it ({e}); give a writable "
+                              "directory") from None
+    return PrefixCache(salt, conf.block_size, conf.l1_bytes, conf.max_entries, disk, shared=conf.enabled)
 
 
 def _on_gpu() -> bool:

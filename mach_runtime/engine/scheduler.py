@@ -80,7 +80,7 @@ def process_fault(e: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int, caps, spec=None, spec_batch=None,
-                 prefill_chunk: int = PREFILL_STEP, on_admit=None):
+                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None):
         self.model, self.tokenizer, self.caps = model, tokenizer, caps
         self.batch = BatchEngine(model, tokenizer, max_batch, prefill_chunk, mergeable=caps.batch)
         self.spec = spec  # BlockSpecDecEngine sharing the model, or None
@@ -89,6 +89,9 @@ class Scheduler:
             self.spec_batch.clear()  # rows a crashed predecessor left behind
         self.prefill_chunk = prefill_chunk
         self.on_admit = on_admit  # on_admit(request_id) before a request's admission (the Decoder's fault hook)
+        # on_prefilled(request_id, extract, tokens, cached) when a fresh prompt's prefill is done: ``extract()`` gives
+        # its single-request caches covering ``tokens`` (the prefix cache snapshots them after the first token)
+        self.on_prefilled = on_prefilled
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.pending: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # admitted (prefilling or running) requests
@@ -293,6 +296,10 @@ class Scheduler:
                 self.counters["cached"] += m.cached_tokens
             if engine is self.spec_batch:
                 self._count_spec(r)
+            if self.on_prefilled is not None and r.usage is None and not r.generated:
+                rid = r.request_id
+                self.on_prefilled(rid, lambda e=engine, i=rid: e._extract(i)[1], tuple(r.prompt_ids[:-1]),
+                                  m.cached_tokens)
             if r.request_id in self._dropped:
                 self._dropped.discard(r.request_id)
                 self._finish(r.request_id, "abort")
