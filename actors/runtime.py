@@ -476,9 +476,9 @@ class Runtime:
             return self._snapshot(closed=True)
         experts = await sup.expert_store.ask(StatsRequest())
         cache = await sup.cache.ask(StatsRequest())
-        return self._snapshot(experts=experts, sessions=cache.sessions)
+        return self._snapshot(experts=experts, sessions=cache.sessions, prefix=cache.prefix)
 
-    def _snapshot(self, *, closed: bool = False, experts=None, sessions: int = 0) -> RuntimeStats:
+    def _snapshot(self, *, closed: bool = False, experts=None, sessions: int = 0, prefix=None) -> RuntimeStats:
         sup = self._sup
         if experts is None:
             experts = sup.store.stats() if sup.store is not None else None
@@ -493,7 +493,7 @@ class Runtime:
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
-            prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
+            prefix_cache=prefix if prefix is not None else sup.prefix.stats(),
         )
 
 
