@@ -28,6 +28,9 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
+
+from .pipe import quiet_on_closed_pipe
 
 VERDICT_RULES = """verdicts (M memory, W non-expert bytes, X expert bytes, O overhead = 0.5 GiB + 5% of resident bytes):
   stacked:   fits if W+X+O <= 80% of M; tight if <= M; else wont_fit
@@ -104,15 +107,16 @@ def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k:
     }
 
 
-def check_checkpoint(path, memory_gb: float | None = None) -> dict:
-    from ..errors import CheckpointError, CheckpointNotFoundError
+def check_checkpoint(path, memory_gb: float | None = None, revision: str | None = None) -> dict:
+    from ..errors import CheckpointError
     from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
     from ..io.expert_layout import find_expert_layout
+    from ..io.load import require_tokenizer_files
     from ..io.safetensors_index import CheckpointIndex
 
-    directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.exists(directory):
-        raise CheckpointNotFoundError(f"{directory}: checkpoint path does not exist")
+    from ..io.hf_cache import resolve_checkpoint
+
+    directory = os.path.abspath(resolve_checkpoint(path, revision))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; pass the checkpoint directory")
     source = os.path.join(directory, "config.json")
@@ -122,6 +126,7 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
     layout = find_expert_layout(index, adapter, tc, source)
+    require_tokenizer_files(Path(directory))  # what load_moe needs beyond the weights
     if memory_gb is None:
         mem = physical_memory_bytes()
         if mem is None:
@@ -207,14 +212,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="mach check", description="preflight a checkpoint (no weights loaded)")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = VERDICT_RULES
-    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a repository id in the "
+                   "local Hugging Face cache")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a repository id (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--memory-gb", type=float, default=None, help="memory to plan for (default: this machine's RAM)")
     return p
 
 
 def run(a) -> int:
-    report = check_checkpoint(a.checkpoint, a.memory_gb)
+    report = check_checkpoint(a.checkpoint, a.memory_gb, a.revision)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -223,6 +230,7 @@ def run(a) -> int:
     return 0
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     from ..errors import MachError
 

@@ -5,17 +5,18 @@ routed-expert tensors (per-expert or stacked layout) → build the family's MLX 
 a ``GatherSwitchGLU`` (stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from
 disk) → load the non-expert weights → return ``(model, tokenizer, store, cache)``.
 
-Nothing is downloaded: the path must be a local checkpoint directory.
+Nothing is downloaded: the path is a local checkpoint directory or a repository id already in the local
+Hugging Face cache (``hf_cache.resolve_checkpoint``).
 """
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
-from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
 from .quant_formats import DEQUANT, dequantize_released
@@ -26,38 +27,79 @@ _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "ui
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _local_dir(path) -> Path:
-    if path is None:
-        raise CheckpointNotFoundError("no checkpoint path given; pass a local checkpoint directory")
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.exists():
-        raise CheckpointNotFoundError(
-            f"{p}: checkpoint path does not exist; pass a local directory holding config.json and "
-            "*.safetensors (mach_runtime never downloads weights)"
-        )
+def _local_dir(path, revision: str | None = None) -> Path:
+    """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
+    from .hf_cache import resolve_checkpoint
+
+    p = resolve_checkpoint(path, revision)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass the checkpoint directory, not a file inside it")
     return p.resolve()
 
 
-def load(path, **kwargs):
-    """mlx-lm's loader for any model mlx-lm supports, restricted to local paths: ``(model, tokenizer)``."""
-    directory = _local_dir(path)
-    read_config(directory)  # clear error for a missing or broken config.json
+def load(path, revision: str | None = None, **kwargs):
+    """mlx-lm's loader for any model mlx-lm supports: ``(model, tokenizer)``. ``path`` is a local directory or a
+    repository id in the local Hugging Face cache (never downloaded); config.json and the safetensors headers
+    are checked first, so a damaged checkpoint is a CheckpointError."""
+    directory = _local_dir(path, revision)
+    config = read_config(directory)  # clear error for a missing or broken config.json
+    CheckpointIndex(directory)  # and for damaged safetensors headers or index
     from mlx_lm import load as mlx_lm_load
 
+    overrides = _mlx_lm_overrides(config, str(directory / "config.json"))
+    if overrides:
+        kwargs["model_config"] = {**overrides, **(kwargs.get("model_config") or {})}
     return mlx_lm_load(str(directory), **kwargs)
 
 
-def _load_tokenizer(directory: Path, config: dict):
-    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+def _mlx_lm_overrides(config: dict, source: str) -> dict:
+    """For a family mach_runtime has an adapter for: the config as the adapter normalises it (transformers 5's
+    aliases and rope spelling, text-only variants), given to mlx-lm as ``model_config`` overrides."""
+    try:
+        adapter = adapter_for_config(config, source)
+    except UnsupportedArchError:
+        return {}
+    tc = adapter.text_config(config, source)
+    if adapter.wrapped or config.get("model_type") in adapter.unwrapped_model_types:
+        return adapter.model_args_dict(config, tc)
+    return {k: v for k, v in adapter.model_args_dict(config, tc).items() if config.get(k, object()) != v}
+
+
+def require_tokenizer_files(directory: Path) -> None:
+    """load_moe needs the model's tokenizer beside the weights (mach check asks the same)."""
+    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(
             f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
             "original model into the checkpoint directory"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = directory / name
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(f.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{f}: the tokenizer file is not valid JSON ({type(e).__name__}: {str(e)[:200]}); "
+                                  "copy the original model's tokenizer files") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{f}: the tokenizer file must hold a JSON object; copy the original model's "
+                                  "tokenizer files")
+
+
+def _load_tokenizer(directory: Path, config: dict):
+    require_tokenizer_files(directory)
     from mlx_lm.utils import load_tokenizer
 
-    return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    try:
+        return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers / tokenizers raise many types for damaged files
+        if type(e).__name__.startswith("StrictDataclass"):  # transformers' typed config validation
+            raise CheckpointError(f"{directory / 'config.json'}: transformers rejects a field's type ({e}); fix "
+                                  "that field or use the model's original config.json") from None
+        raise CheckpointError(
+            f"{directory}: the tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); tokenizer.json / "
+            "tokenizer_config.json are damaged or do not belong to this model: copy the original model's tokenizer "
+            "files") from None
 
 
 def _set_module(root, path: str, module) -> None:
@@ -264,11 +306,27 @@ def _quantize_non_experts(model, config: dict, weights: dict) -> None:
     )
 
 
-def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
+def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, config: dict) -> dict[str, str]:
+    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors;
+    vision / audio tower tensors are skipped with one log line."""
+    names = [n for n in index.names() if n not in layout.expert_tensor_names]
+    skipped = [n for n in names if n.startswith(adapter.skipped_prefixes)] if adapter.skipped_prefixes else []
+    if skipped:
+        towers = sorted({p for p in adapter.skipped_prefixes for n in skipped if n.startswith(p)})
+        print(f"[mach] skipping {len(skipped)} non-text tensors ({', '.join(p + '*' for p in towers)}) of "
+              f"{index.directory}: mach_runtime serves the text model", file=sys.stderr)
+    rename = adapter.rename_for(config) or (lambda n: n)
+    drop = set(skipped)
+    return {rename(n): n for n in names if n not in drop}
+
+
+def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
+                      adapter):
     from mlx.utils import tree_flatten
 
-    weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
-    weights = dequantize_released(weights, index, config)
+    names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
+    raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
+    weights = {k: raw[n] for k, n in names.items() if n in raw}
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
@@ -309,6 +367,7 @@ def load_moe(
     direct_io: bool | None = None,
     dtype=None,
     progress: bool = False,
+    revision: str | None = None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -320,6 +379,8 @@ def load_moe(
         than the experts is capped at the experts); exclusive with an ``expert_cache_gb`` argument.
     eviction_policy: "lru" or "lrfu" (frequency-aware LRU, default); io_threads: reader threads;
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
+    path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
+        (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -327,7 +388,7 @@ def load_moe(
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
     if expert_slots is not None and expert_cache_gb is not None:
         raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
-    directory = _local_dir(path)
+    directory = _local_dir(path, revision)
     source = str(directory / "config.json")
     config = read_config(directory)
     if arch is not None:
@@ -411,7 +472,7 @@ def load_moe(
                 glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast)
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
         mx.eval(model.parameters())
         model.eval()
     except BaseException:
@@ -433,7 +494,7 @@ def load_v4_flash(path, **kwargs):
     ``model.mtp_draft(hidden[:, -1:], next_token[None], mtp_cache)`` with ``mtp_cache = model.make_mtp_cache()``
     gives the logits of the token after ``next_token``.
     """
-    directory = _local_dir(path)
+    directory = _local_dir(path, kwargs.pop("revision", None))
     config = read_config(directory)
     source = str(directory / "config.json")
     adapter = adapter_for_config(config, source)
