@@ -348,6 +348,7 @@ def load_moe(
         (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.models.cache import make_prompt_cache
 
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
@@ -438,8 +439,18 @@ def load_moe(
             _set_module(model, mpath, glu)
             swapped.append(mpath)
         _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
-        mx.eval(model.parameters())
+        if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
+            # so load time and memory before decoding do not grow with the bank (P7)
+            bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
+                           for a in [getattr(t.proj, t.comp)]}
+            mx.eval([a for _, a in tree_flatten(model.parameters()) if id(a) not in bank_arrays])
+        else:
+            mx.eval(model.parameters())
         model.eval()
+        if streaming:
+            from .optimistic import install
+
+            install(model, store)
     except BaseException:
         if store is not None:
             store.close()
