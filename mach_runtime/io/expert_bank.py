@@ -306,6 +306,8 @@ class StreamingExpertStore:
     def _write_slot(self, bank: LayerBank, slot: int, views: list, projs: dict | None = None) -> None:
         """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread.
         ``projs`` redirects the bank's projections (by id) to others of the same shapes (the prefill arena)."""
+        import mlx.core as mx
+
         for i, (key, comp) in enumerate(bank.source.components.items()):
             t = bank.targets[key]
             proj = projs.get(id(t.proj), t.proj) if projs else t.proj
