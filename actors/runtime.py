@@ -476,9 +476,9 @@ class Runtime:
             return self._snapshot(closed=True)
         experts = await sup.expert_store.ask(StatsRequest())
         cache = await sup.cache.ask(StatsRequest())
-        return self._snapshot(experts=experts, sessions=cache.sessions, prefix=cache.prefix)
+        return self._snapshot(experts=experts, cache=cache)
 
-    def _snapshot(self, *, closed: bool = False, experts=None, sessions: int = 0, prefix=None) -> RuntimeStats:
+    def _snapshot(self, *, closed: bool = False, experts=None, cache=None) -> RuntimeStats:
         sup = self._sup
         if experts is None:
             experts = sup.store.stats() if sup.store is not None else None
@@ -486,14 +486,14 @@ class Runtime:
         if closed:  # nothing runs in a closed runtime, whatever its last Decoder held
             dec = msgspec.structs.replace(dec, active=0, queued=0)
         return RuntimeStats(
-            decoder=dec, experts=experts, sessions=sessions,
+            decoder=dec, experts=experts, sessions=cache.sessions if cache is not None else 0,
             live_requests=0 if closed else len(sup.ledger), decoder_restarts=sup.restarts["decoder"],
             expert_store_restarts=sup.restarts["expert_store"], cache_restarts=sup.restarts["cache"],
             restarts=dict(sup.restarts), closed=closed,
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
-            prefix_cache=prefix if prefix is not None else sup.prefix.stats(),
+            prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
         )
 
 

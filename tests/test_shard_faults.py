@@ -27,8 +27,9 @@ def anyio_backend(request):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """The HF fixture as 7 shards (per-expert layout) and the greedy tokens mlx-lm's own model gives."""
-    from mlx_lm import load as mlx_lm_load
+    """The HF fixture as shards (per-expert layout) and the greedy tokens of mlx-lm's own model class (loaded by
+    ``mach_runtime.load``: mlx-lm's loader with the transformers-5 config normalised for it)."""
+    from mach_runtime import load as mlx_lm_load
 
     path = convert(HF_QWEN3_MOE, tmp_path_factory.mktemp("shards") / "ckpt", shard_bytes=150_000)
     model, _ = mlx_lm_load(str(path))
