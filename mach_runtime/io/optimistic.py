@@ -237,7 +237,11 @@ class OptimisticRunner:
                 return out
             trim_caches(cache, tokens)
         self.first_miss = None
-        return self._sync_forward(run)
+        self.store.preloaded = loaded  # their lookups were counted as misses: the sync pass must not count hits
+        try:
+            return self._sync_forward(run)
+        finally:
+            self.store.preloaded = {}
 
 
 class ForwardGuard:
