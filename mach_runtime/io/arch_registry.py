@@ -11,13 +11,30 @@ import json
 import os
 from typing import Any
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedArchError
-from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, MoeArchAdapter, continuous_batching_capability
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, Capabilities, MoeArchAdapter, continuous_batching_capability
 
+_MAX_CONFIG_BYTES = 16 << 20
 __all__ = [
-    "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "MoeArchAdapter", "adapter_for_config", "arch_summary",
-    "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
+    "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "Capabilities", "MoeArchAdapter", "adapter_for_config",
+    "arch_summary", "capabilities_of", "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
 ]
+
+
+def capabilities_of(model) -> Capabilities:
+    """The capability table of a loaded model's family (by its ``model_type``); ``ConfigError`` for a model of no
+    registered family."""
+    found = None
+    for m in (model, getattr(model, "language_model", None)):
+        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
+            if found is None and isinstance(t, str):
+                found = t
+    for a in REGISTRY.values():
+        if found is not None and (found in a.model_types or found in a.unwrapped_model_types
+                                  or found.removesuffix("_text") in a.model_types):
+            return a.capabilities()
+    raise ConfigError(f"{found or type(model).__module__}: not a model of a registered MoE family; the engine "
+                      f"supports {', '.join(REGISTRY)} (see mach-archs)")
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:
@@ -42,11 +59,21 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointNotFoundError(
             f"{path}: config.json not found; a checkpoint directory needs the model's config.json"
         )
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: config.json is not a regular file; put the model's config.json there")
+    if os.path.getsize(path) > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: config.json is {os.path.getsize(path)} bytes, more than a config can be "
+                              f"({_MAX_CONFIG_BYTES}); it is not the model's config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: config.json is not UTF-8 text ({e}); use the model's original "
+                              "config.json") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: config.json cannot be read ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: config.json must hold a JSON object")
     return config
@@ -63,6 +90,16 @@ def adapter_for_config(config: dict, source: str = "config.json") -> MoeArchAdap
         f"{source}: model_type {model_type!r} is not supported; supported model types: "
         f"{', '.join(supported_model_types())} (see `mach-archs`)"
     )
+
+
+def experts_and_top_k(directory: str | os.PathLike) -> tuple[int, int]:
+    """(routed experts per layer, experts per token) of a checkpoint directory, read through its adapter (every
+    config spelling the adapter accepts)."""
+    config = read_config(directory)
+    source = os.path.join(os.fspath(directory), "config.json")
+    adapter = adapter_for_config(config, source)
+    tc = adapter.text_config(config, source)
+    return adapter.num_experts(tc, source), adapter.top_k(tc, source)
 
 
 def detect_arch(config_json_path: str | os.PathLike) -> str:
@@ -87,6 +124,7 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "group": adapter.default_group,
         "model_module": adapter.model_module,
         "continuous_batching": adapter.continuous_batching(),
+        "hidden_taps": adapter.hidden_taps,
         "implemented": adapter.implemented,
     }
 

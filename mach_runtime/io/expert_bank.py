@@ -58,6 +58,8 @@ def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
     a = mx.array(buf.view(DTYPES[st_dtype][1]).reshape(shape))
     if st_dtype == "BF16":
         a = a.view(mx.bfloat16)
+    elif st_dtype == "F8_E4M3":  # FP8 experts with float block scales are held dequantized (expert_layout)
+        a = mx.from_fp8(a, dtype=mx.float32)
     return a if a.dtype == dtype else a.astype(dtype)
 
 
@@ -65,7 +67,8 @@ def apply_transform(a, transform: str):
     """Host-side reshaping of expert components ``a [n, ...]`` to the engine's ``[n, out, in]`` rows.
 
     ``t`` swaps the last two axes of 2-D parts; ``deinterleave`` moves the even rows (gate) before the odd rows
-    (up). MLX ops on the MLX thread; exact (pure data movement).
+    (up); ``blocks:bm:bk:out:in`` repeats FP8 block scales over their rows and 32-wide groups (expert_layout).
+    MLX ops on the MLX thread; exact (pure data movement).
     """
     import mlx.core as mx
 
@@ -75,6 +78,11 @@ def apply_transform(a, transform: str):
                 a = a.swapaxes(-1, -2)
         elif step == "deinterleave":
             a = mx.concatenate([a[:, 0::2], a[:, 1::2]], axis=1)
+        elif step.startswith(("blocks:", "dequant:")):  # block scales [n, gr, gc] -> [n, out, in/32 or in]
+            _, bm, bk, out_dim, in_dim = (int(v) if v.isdigit() else v for v in step.split(":"))
+            per = 32 if step.startswith("blocks:") else 1
+            a = mx.repeat(a, bm, axis=-2)[..., :out_dim, :]
+            a = mx.repeat(a, bk // per, axis=-1)[..., : in_dim // per]
         else:
             raise ValueError(f"unknown expert transform {step!r}")
     return mx.contiguous(a) if transform else a
@@ -88,6 +96,7 @@ class _Target:
     comp: str
     rows: slice
     transform: str = ""
+    multiply: bool = False  # multiply into the slot's rows instead of writing them (float FP8 block scales)
 
 
 class LayerBank:
@@ -306,8 +315,11 @@ class StreamingExpertStore:
             t = bank.targets[key]
             proj = projs.get(id(t.proj), t.proj) if projs else t.proj
             arr = getattr(proj, t.comp)
-            value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, arr.dtype)[None], t.transform)
-            arr[slot, t.rows] = value[0]
+            dt = mx.float32 if t.multiply else arr.dtype
+            value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, dt)[None], t.transform)[0]
+            if t.multiply:  # a scale onto the weight written just before (components are in weight-first order)
+                value = (arr[slot, t.rows].astype(mx.float32) * value).astype(arr.dtype)
+            arr[slot, t.rows] = value
 
     def fill_arena(self, bank: LayerBank, arena, where: dict) -> None:
         """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a

@@ -12,7 +12,7 @@
 * ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
   ``max_ngram`` down to ``min_ngram``) occurred earlier in prompt + completion, propose what followed them.
 
-Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``acceptance.py``).
+Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``sampling.accept``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def load_dflash_draft(path):
         from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
     except ImportError as e:  # pragma: no cover - the [dflash] extra
         raise ConfigError(f"NATIVE_V7 needs dflash-mlx (pip install 'mach_runtime[dflash]'): {e}") from None
-    p = Path(path)
+    from ...io.hf_cache import resolve_checkpoint
+
+    p = resolve_checkpoint(path)  # a local directory or a repository id in the Hugging Face cache
     read_draft_config(p)
     try:
         model, _ = load_model(p, get_model_classes=lambda config: (DFlashDraftModel, DFlashDraftModelArgs))
