@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.call_override import override_call
-
 # forwards with more token rows than this run in sync mode (prefill chunks: their experts rarely all fit)
 MAX_OPTIMISTIC_ROWS = 32
 MAX_BACKOFF = 32
@@ -316,33 +314,56 @@ class ForwardGuard:
             r.pending = []
 
 
-def _optimistic_call(cls: type):
-    def __call__(self, *args, **kwargs):
-        runner = self.__dict__.get("_mach_runner")
-        if runner is None:
-            return cls.__call__(self, *args, **kwargs)
-        inputs = args[0] if args else kwargs.get("inputs")
-        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-        if inputs is None or getattr(inputs, "ndim", 0) < 1:  # e.g. input_embeddings only: take the safe path
-            rows, tokens = MAX_OPTIMISTIC_ROWS + 1, 0
-        else:
-            rows, tokens = int(np.prod(inputs.shape)), int(inputs.shape[-1])
-        return runner.forward(lambda: cls.__call__(self, *args, **kwargs), rows, tokens, cache)
+def _hook_class():
+    from ..engine.hooks import ModuleHook
 
-    return __call__
+    class OptimisticForward(ModuleHook):
+        """Stands in for the decoder stack (``model.model`` / ``language_model.model``): each call goes through
+        the store's ``OptimisticRunner`` (``hook_runner``)."""
+
+        kind = "optimistic"
+
+        def __init__(self, inner, runner):
+            super().__init__(inner)
+            self.hook_runner = runner
+
+        def __call__(self, *args, **kwargs):
+            inputs = args[0] if args else kwargs.get("inputs")
+            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+            if inputs is None or getattr(inputs, "ndim", 0) < 1:  # e.g. input_embeddings only: the safe path
+                rows, tokens = MAX_OPTIMISTIC_ROWS + 1, 0
+            else:
+                rows, tokens = int(np.prod(inputs.shape)), int(inputs.shape[-1])
+            return self.hook_runner.forward(lambda: self.inner(*args, **kwargs), rows, tokens, cache)
+
+    return OptimisticForward
+
+
+def _stack_path(model) -> str:
+    """Where the decoder stack (embedding, layers, norm; not the LM head) lives in a loaded model."""
+    return "language_model.model" if "language_model" in model else "model"
 
 
 def install(model, store) -> OptimisticRunner:
-    """Routes ``model``'s forwards through ``store``'s optimistic runner (streaming residency)."""
-    runner = store.optimistic
-    model.__class__ = override_call(type(model), "optimistic", _optimistic_call)
-    object.__setattr__(model, "_mach_runner", runner)
-    return runner
+    """Routes ``model``'s forwards through ``store``'s optimistic runner (streaming residency): a hook
+    (``engine/hooks.py``) in place of the decoder stack, so the LM head runs once on the verified output."""
+    from ..engine.hooks import install as install_hook
+
+    install_hook(model, _stack_path(model), _hook_class(), store.optimistic)
+    return store.optimistic
 
 
 def guard_for(model, cache) -> ForwardGuard | None:
     """A deferred-verification guard when ``model`` streams optimistically, else None."""
-    runner = getattr(model, "__dict__", {}).get("_mach_runner")
-    if runner is None or not runner.enabled:
+    from ..engine.hooks import ModuleHook
+
+    try:
+        stack = model["language_model"]["model"] if "language_model" in model else model["model"]
+    except (KeyError, TypeError):
         return None
-    return ForwardGuard(runner, cache)
+    while isinstance(stack, ModuleHook):
+        runner = stack.__dict__.get("hook_runner") if getattr(stack, "kind", "") == "optimistic" else None
+        if runner is not None:
+            return ForwardGuard(runner, cache) if runner.enabled else None
+        stack = stack.inner
+    return None
