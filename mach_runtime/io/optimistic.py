@@ -16,8 +16,9 @@ expert resident). Here a forward runs *assuming every expert it routes to is res
 
 Two ways to use it:
 
-* **eager** (any caller, e.g. speculative verify, batched decode): the model's ``__call__`` checks at its own
-  end (one sync per forward instead of one per MoE layer) and returns a verified output;
+* **eager** (any caller, e.g. speculative verify, batched decode): ``load_moe`` puts an ``OptimisticForward`` hook
+  (``engine/hooks.py``) in place of the decoder stack; each call checks at its own end (one sync per forward
+  instead of one per MoE layer) and returns a verified hidden state to the LM head;
 * **deferred** (a pipelined decode loop, ``engine/generate.py``): ``ForwardGuard.begin()`` before a step makes
   the next forward unchecked; the loop queues the following step before it ``verify()``s the earlier one, so the
   host builds step t+1 while the device runs step t, exactly as stacked decoding does. A miss rolls back both
