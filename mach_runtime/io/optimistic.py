@@ -16,9 +16,9 @@ expert resident). Here a forward runs *assuming every expert it routes to is res
 
 Two ways to use it:
 
-* **eager** (any caller, e.g. speculative verify, batched decode): ``load_moe`` puts an ``OptimisticForward`` hook
-  (``engine/hooks.py``) in place of the decoder stack; each call checks at its own end (one sync per forward
-  instead of one per MoE layer) and returns a verified hidden state to the LM head;
+* **eager** (any caller, e.g. speculative verify, batched decode): ``load_moe`` puts a hook (``engine/hooks.py``)
+  in place of the text model; each call checks at its own end (one sync per forward instead of one per MoE
+  layer) and returns a verified output;
 * **deferred** (a pipelined decode loop, ``engine/generate.py``): ``ForwardGuard.begin()`` before a step makes
   the next forward unchecked; the loop queues the following step before it ``verify()``s the earlier one, so the
   host builds step t+1 while the device runs step t, exactly as stacked decoding does. A miss rolls back both
@@ -38,6 +38,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..engine.hooks import ModuleHook, find_hook
+from ..engine.hooks import install as install_hook
 
 # forwards with more token rows than this run in sync mode (prefill chunks: their experts rarely all fit)
 MAX_OPTIMISTIC_ROWS = 32
@@ -315,56 +318,51 @@ class ForwardGuard:
             r.pending = []
 
 
-def _hook_class():
-    from ..engine.hooks import ModuleHook
+class OptimisticHook(ModuleHook):
+    """The text model (the module that runs the decoder layers) with its forwards routed through the store's
+    optimistic runner (``engine/hooks.py``: the one hook mechanism; no class changes)."""
 
-    class OptimisticForward(ModuleHook):
-        """Stands in for the decoder stack (``model.model`` / ``language_model.model``): each call goes through
-        the store's ``OptimisticRunner`` (``hook_runner``)."""
+    kind = "optimistic"
 
-        kind = "optimistic"
+    def __init__(self, inner, runner):
+        super().__init__(inner)
+        self.hook_runner = runner
 
-        def __init__(self, inner, runner):
-            super().__init__(inner)
-            self.hook_runner = runner
-
-        def __call__(self, *args, **kwargs):
-            inputs = args[0] if args else kwargs.get("inputs")
-            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-            if inputs is None or getattr(inputs, "ndim", 0) < 1:  # e.g. input_embeddings only: the safe path
-                rows, tokens = MAX_OPTIMISTIC_ROWS + 1, 0
-            else:
-                rows, tokens = int(np.prod(inputs.shape)), int(inputs.shape[-1])
-            return self.hook_runner.forward(lambda: self.inner(*args, **kwargs), rows, tokens, cache)
-
-    return OptimisticForward
+    def __call__(self, *args, **kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        if inputs is None or getattr(inputs, "ndim", 0) < 1:  # e.g. input_embeddings only: take the safe path
+            rows, tokens = MAX_OPTIMISTIC_ROWS + 1, 0
+        else:
+            rows, tokens = int(np.prod(inputs.shape)), int(inputs.shape[-1])
+        return self.hook_runner.forward(lambda: self.inner(*args, **kwargs), rows, tokens, cache)
 
 
-def _stack_path(model) -> str:
-    """Where the decoder stack (embedding, layers, norm; not the LM head) lives in a loaded model."""
+def _text_model_path(model) -> str:
+    """Where the decoder layers' runner sits: ``model`` (most families) or ``language_model.model``."""
     return "language_model.model" if "language_model" in model else "model"
 
 
 def install(model, store) -> OptimisticRunner:
-    """Routes ``model``'s forwards through ``store``'s optimistic runner (streaming residency): a hook
-    (``engine/hooks.py``) in place of the decoder stack, so the LM head runs once on the verified output."""
-    from ..engine.hooks import install as install_hook
+    """Routes ``model``'s forwards through ``store``'s optimistic runner (streaming residency)."""
+    return install_hook(model, _text_model_path(model), OptimisticHook, store.optimistic).hook_runner
 
-    install_hook(model, _stack_path(model), _hook_class(), store.optimistic)
-    return store.optimistic
+
+def runner_of(model) -> OptimisticRunner | None:
+    """The optimistic runner installed on ``model``, or None."""
+    try:
+        node = model
+        for part in _text_model_path(model).split("."):
+            node = node[part]
+    except (KeyError, TypeError):
+        return None
+    hook = find_hook(node, OptimisticHook)
+    return None if hook is None else hook.hook_runner
 
 
 def guard_for(model, cache) -> ForwardGuard | None:
     """A deferred-verification guard when ``model`` streams optimistically, else None."""
-    from ..engine.hooks import ModuleHook
-
-    try:
-        stack = model["language_model"]["model"] if "language_model" in model else model["model"]
-    except (KeyError, TypeError):
+    runner = runner_of(model)
+    if runner is None or not runner.enabled:
         return None
-    while isinstance(stack, ModuleHook):
-        runner = stack.__dict__.get("hook_runner") if getattr(stack, "kind", "") == "optimistic" else None
-        if runner is not None:
-            return ForwardGuard(runner, cache) if runner.enabled else None
-        stack = stack.inner
-    return None
+    return ForwardGuard(runner, cache)
