@@ -226,6 +226,8 @@ class OptimisticRunner:
             needed = np.unique(inds)
             if len(needed) > bank.group_slots:
                 break
+            for observe in self.store.routing_observers:  # told before the bank is touched, as in sync mode
+                observe(bank, inds)
             loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
             rec = ForwardRecord(-1)
             self._recording = rec
