@@ -59,22 +59,7 @@ class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
-# --- Decoder → Supervisor -----------------------------------------------------------------------------
-
-
-class ActorCrashed(msgspec.Struct, frozen=True, tag=True):
-    actor: str
-    error: str
-
-
 # --- ExpertStore actor ---------------------------------------------------------------------------------
-
-
-class Prefetch(msgspec.Struct, frozen=True, tag=True):
-    """Read these experts of this MoE layer (bank index) into staging ahead of need."""
-
-    bank: int
-    experts: tuple[int, ...]
 
 
 class StepRouting(msgspec.Struct, frozen=True, tag=True):
@@ -153,5 +138,5 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
 
 DecoderMessage = Submit | Abort | Shutdown
 OutputMessage = TokenOutput | Finish | RequestFailed
-ExpertStoreMessage = Prefetch | StepRouting | StatsRequest
+ExpertStoreMessage = StepRouting | StatsRequest
 CacheMessage = CacheLookup | CacheInsert | CacheRelease | StatsRequest

@@ -228,6 +228,10 @@ class Runtime:
             from mach_runtime.assets import default_checkpoint
 
             checkpoint = default_checkpoint()
+        else:  # a local directory or a repository id in the Hugging Face cache (mlx-lm's resolution, offline)
+            from mach_runtime.io.hf_cache import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         mlx = MLXThread()

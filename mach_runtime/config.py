@@ -99,7 +99,3 @@ def resolve_store_config(
     direct, where = _raw("direct_io", direct_io)
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
 
-
-def mach_home() -> str:
-    """Where mach keeps generated files (the default tiny checkpoint): $MACH_HOME or ~/.cache/mach_runtime."""
-    return os.environ.get("MACH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mach_runtime")

@@ -65,11 +65,13 @@ def convert(src: Path, dst: Path, *, layout: str = "per_expert", dtype: str | No
 def quantize(src: Path, dst: Path, bits: int = 4, group_size: int = 32, shard_bytes=None) -> Path:
     """mlx-lm's own quantization of src into an MLX stacked quantized checkpoint at dst."""
     from mlx.utils import tree_flatten
-    from mlx_lm import load
     from mlx_lm.utils import quantize_model
 
-    model, _ = load(str(src))
+    from mach_runtime.io.load import _mlx_lm_overrides, load
+
+    model, _ = load(str(src))  # mlx-lm's loader, given the config spelled the way mlx-lm reads it
     cfg = json.loads((src / "config.json").read_text())
+    cfg = {**cfg, **_mlx_lm_overrides(cfg, str(src / "config.json"))}  # the export mlx-lm itself reads back
     model, cfg = quantize_model(model, cfg, group_size=group_size, bits=bits)
     _copy_meta(src, dst, cfg)
     save_weights(dst, dict(tree_flatten(model.parameters())), shard_bytes)
@@ -107,3 +109,18 @@ def detokenize(tok, ids) -> str:
         d.add_token(t)
     d.finalize()
     return d.text
+
+
+def small_forwards(model, prompt) -> list:
+    """Logits of a prefill over ``prompt``, two 1-token steps and a 6-token block (the shapes a decode and a
+    speculative verify run), through one prompt cache."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([list(prompt)]), cache=cache)]
+    for t in (7, 11):
+        out.append(model(mx.array([[t]]), cache=cache))
+    out.append(model(mx.array([[3, 1, 4, 1, 5, 9]]), cache=cache))
+    mx.eval(out)
+    return out

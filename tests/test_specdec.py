@@ -522,7 +522,7 @@ def test_bucketed_kv_cache_equals_plain_cache(qwen3):
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from mach_runtime.engine.specdec.target import KV_BUCKET, bucket_kv_caches
+    from mach_runtime.engine.specdec.verify_cache import KV_BUCKET, bucket_kv_caches
 
     model = qwen3[0]
     plain, bucketed = make_prompt_cache(model), make_prompt_cache(model)

@@ -140,7 +140,7 @@ def test_wrapped_window_snapshot_and_rerun_is_lossless(family, targets, monkeypa
     has wrapped and re-runs the accepted tokens: the snapshot/restore of rotating caches is exact too."""
     from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-    from mach_runtime.engine.specdec.target import exact_rotating_caches
+    from mach_runtime.engine.specdec.verify_cache import exact_rotating_caches
 
     model, tok, refs = targets[family]
     cache = make_prompt_cache(model)

@@ -47,7 +47,8 @@ from ..kv_prefix import fit_prefix
 from .compiled_draft import CompiledDraft
 from .compiled_verify import CompiledVerify
 from .gdn_tape import GDNTape
-from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
+from .target import Checkpoint, TargetOps, rollback
+from .verify_cache import bucket_kv_caches, exact_rotating_caches, plain_caches
 
 
 class BlockSpecDecEngine:
@@ -443,29 +444,4 @@ class SpecDecRun:
         draft_state = None
         if drafter is not None and self._engine._runs == number:  # no later request has restarted the drafter
             draft_state = drafter.snapshot(n)
-        return SpecDecKV(_plain_caches(cache), n, draft_state)
-
-
-def _plain_caches(cache) -> list:
-    """The engine's verify-ready cache classes switched back to mlx-lm's own (in place)."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    from . import target
-
-    for c in cache:
-        if target._BUCKETED is not None and type(c) is target._BUCKETED:
-            c.__class__ = KVCache  # same state; the buffer may run past ``offset`` (never read)
-        elif target._EXACT_ROTATING is not None and type(c) is target._EXACT_ROTATING:
-            rows = c.keys.shape[2] if c.keys is not None else 0
-            short = min(c.offset, c.max_size) - rows
-            if short > 0 and c._idx == rows:
-                # a wrapped window trimmed after a multi-token update holds max_size - 1 rows in temporal order;
-                # mlx-lm's class (and BatchRotatingKVCache.merge) expects max_size once wrapped. A zero row in the
-                # oldest slot is never read: the next token overwrites it before attending.
-                pad = lambda a: mx.concatenate(
-                    [a[..., : c.keep, :], mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype), a[..., c.keep :, :]],
-                    axis=2)
-                c.keys, c.values = pad(c.keys), pad(c.values)
-                c._idx = c.keys.shape[2]
-            c.__class__ = RotatingKVCache
-    return list(cache)
+        return SpecDecKV(plain_caches(cache), n, draft_state)
