@@ -16,8 +16,9 @@ expert resident). Here a forward runs *assuming every expert it routes to is res
 
 Two ways to use it:
 
-* **eager** (any caller, e.g. speculative verify, batched decode): the model's ``__call__`` checks at its own
-  end (one sync per forward instead of one per MoE layer) and returns a verified output;
+* **eager** (any caller, e.g. speculative verify, batched decode): ``load_moe`` puts a hook (``engine/hooks.py``)
+  in place of the text model; each call checks at its own end (one sync per forward instead of one per MoE
+  layer) and returns a verified output;
 * **deferred** (a pipelined decode loop, ``engine/generate.py``): ``ForwardGuard.begin()`` before a step makes
   the next forward unchecked; the loop queues the following step before it ``verify()``s the earlier one, so the
   host builds step t+1 while the device runs step t, exactly as stacked decoding does. A miss rolls back both
@@ -225,6 +226,8 @@ class OptimisticRunner:
             needed = np.unique(inds)
             if len(needed) > bank.group_slots:
                 break
+            for observe in self.store.routing_observers:  # told before the bank is touched, as in sync mode
+                observe(bank, inds)
             loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
             rec = ForwardRecord(-1)
             self._recording = rec
@@ -238,7 +241,11 @@ class OptimisticRunner:
                 return out
             trim_caches(cache, tokens)
         self.first_miss = None
-        return self._sync_forward(run)
+        self.store.preloaded = loaded  # their lookups were counted as misses: the sync pass must not count hits
+        try:
+            return self._sync_forward(run)
+        finally:
+            self.store.preloaded = {}
 
 
 class ForwardGuard:
