@@ -5,9 +5,11 @@ collector's reach, so the collections that decoding's short-lived arrays trigger
 decode ran ~10 % faster with gc off). The freeze is process-wide, so it is counted: the last runtime to close
 unfreezes, and what was frozen goes back to the oldest generation, collectable once unreachable.
 
-A runtime freezes at its first request, not at open: in ``for ...: async with Runtime.open(ck) as rt:`` the
-previous runtime is still named by ``rt`` while the next one loads, and freezing then kept its (cyclic) garbage
-out of the collector's reach for good (~51 MB a cycle on the demo model, docs/benchmarks.md).
+Before, the freeze was never undone: in ``for ...: async with Runtime.open(ck) as rt:`` the previous runtime is
+still named by ``rt`` while the next one loads, so each freeze kept the previous runtime out of the collector's
+reach for good (~51 MB a cycle on the demo model, docs/benchmarks.md). Now a closed runtime has dropped its model
+and KV (freed by reference counting, frozen or not), and what the freeze kept of it becomes collectable once the
+runtimes that froze it have closed: at most one closed runtime's shell waits, however many cycles run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ _frozen_by = 0  # open runtimes that froze the collector
 
 
 def gc_freeze() -> None:
-    """Collects, then freezes what is alive (once per runtime, at its first request)."""
+    """Collects, then freezes what is alive (once per runtime, after it loaded)."""
     global _frozen_by
     with _lock:
         _frozen_by += 1

@@ -211,16 +211,7 @@ class Runtime:
         self._limits = limits
         self._spec = spec
         self._spec_batch = spec_batch
-        self._froze_gc = False
         self._final_stats: RuntimeStats | None = None  # set at close
-
-    def _freeze_gc(self) -> None:
-        """At the first request: the model's many long-lived objects leave the collector's reach, so the
-        collections that decoding's short-lived arrays trigger stay short (on the H100 the spec decode ran
-        ~10 % faster with gc off). Undone when the last open runtime closes."""
-        if not self._froze_gc:
-            self._froze_gc = True
-            gc_freeze()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @classmethod
@@ -257,8 +248,8 @@ class Runtime:
             seconds before the runtime gives up (``RuntimeFailedError``).
 
         Every argument is checked before anything loads (``request_schema.check_open``: ``ConfigError``).
-        At the first request the process's garbage collector is collected once and frozen (``gc.freeze()``);
-        the last open runtime to close unfreezes it, so a closed runtime is collectable. Closing releases the
+        After loading, the process's garbage collector is collected once and frozen (``gc.freeze()``); the last
+        open runtime to close unfreezes it, so a closed runtime is collectable. Closing releases the
         model, every KV cache and the bank, and parks the MLX thread for the next runtime to reuse.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
@@ -290,6 +281,7 @@ class Runtime:
             checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
         mlx = MLXThread.acquire()
         store = sup = rt = None
+        froze = False
         try:
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
@@ -315,6 +307,8 @@ class Runtime:
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
                              prefill_chunk=prefill_chunk, prefix=prefix)
             del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
+            gc_freeze()  # (actors/gc_scope.py) undone by the last open runtime's close
+            froze = True
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
@@ -334,8 +328,8 @@ class Runtime:
                 if rt is not None:
                     rt._final_stats = rt._snapshot(closed=True)
                     rt._spec = rt._spec_batch = None
-                    if rt._froze_gc:
-                        gc_unfreeze()
+                if froze:
+                    gc_unfreeze()
                 idle = sup is None or sup.mlx_idle  # a Decoder stuck in a step (past shutdown's wait) keeps it
                 try:
                     if sup is not None and idle:  # the model, KV caches, engines: dropped on the MLX thread
@@ -394,7 +388,6 @@ class Runtime:
         )
         rid = p.request_id if p.request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
-        self._freeze_gc()
         return RequestStream(self, sub, on_chunk)
 
     def _specdec_choice(self, mode, policy):
