@@ -59,6 +59,12 @@ class KVTable:
         with self._lock:
             self._dropped.clear()
 
+    def clear(self) -> None:
+        """Drops every handle (the runtime is closing); the arrays are freed by the next ``collect``."""
+        with self._lock:
+            self._dropped.extend(self._items.values())
+            self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)
 

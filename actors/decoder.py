@@ -69,8 +69,19 @@ class Decoder(DecoderPrefixCache):
     def send(self, msg) -> None:
         self.mailbox.put(msg)
 
+    def release(self) -> None:
+        """After shutdown (MLX thread): drops the scheduler (model, engines, KV of leftover requests); the
+        counters stay for ``stats()``."""
+        if self.sched is not None:
+            self._final_stats = self.stats()
+            if self.sched.solo is not None:
+                self.sched.solo.run.close()
+            self.sched = None
+
     def stats(self) -> DecoderStats:
         s = self.sched
+        if s is None:
+            return self._final_stats
         c = s.counters
         return DecoderStats(
             active=s.active, queued=len(s.pending), max_batch=s.batch.max_batch, steps=c["steps"],
@@ -145,7 +156,7 @@ class Decoder(DecoderPrefixCache):
     def _post(self, e) -> None:
         if e.error is not None:
             self._sessions.pop(e.request_id, None)
-            self._outbox.append(RequestFailed(e.request_id, e.error))
+            self._outbox.append(RequestFailed(e.request_id, e.error, e.error_type))
         elif e.finish is None:
             self._outbox.append(TokenOutput(e.request_id, e.index, e.token_ids, e.logprobs))
         else:

@@ -58,6 +58,16 @@ class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     request_id: str
     message: str
+    error: str = "RequestError"  # the mach_runtime.errors class the caller gets (e.g. CheckpointError)
+
+    def exception(self) -> Exception:
+        """The exception to raise in the caller's task (by name: messages carry no objects)."""
+        from mach_runtime import errors
+
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.MachError)):
+            cls = errors.RequestError
+        return cls(self.message)
 
 
 # --- ExpertStore actor ---------------------------------------------------------------------------------
@@ -141,6 +151,9 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
     decoder_restarts: int
     expert_store_restarts: int
     prefetch: dict[str, int]
+    cache_restarts: int = 0
+    restarts: dict[str, int] = msgspec.field(default_factory=dict)  # every actor's restarts, by actor name
+    closed: bool = False  # the runtime has shut down (closed by its owner, or failed past its restart limit)
     specdec: dict | None = None  # BlockSpecDecEngine.stats() when the runtime has speculative decoding
     specdec_batch: dict | None = None  # BatchedSpecDecoder.stats() when the runtime has a spec batch
     prefix_cache: object = None  # PrefixCacheStats: lookups, per-tier hits / tokens restored / bytes / evictions

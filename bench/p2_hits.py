@@ -53,7 +53,7 @@ def run_variant(name, ckpt, ids, a):
 
     def once(n):
         mx.random.seed(a.seed)
-        return C.timed_tokens(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), n), n)
+        return C.timed_tokens(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), n), n)
 
     once(min(8, a.new_tokens))  # warm-up (the first forward of a shape compiles kernels)
     s0 = store.stats() if name != "stacked" else None

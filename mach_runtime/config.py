@@ -5,6 +5,7 @@ Nothing else in the project reads ``os.environ``; callers ask this module.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -84,8 +85,8 @@ def resolve_store_config(
             gb = float(gb)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expert_cache_gb must be a number of GB, got {gb!r}") from None
-        if not gb > 0:
-            raise ConfigError(f"{where}: expert_cache_gb must be > 0, got {gb!r}")
+        if not (gb > 0 and math.isfinite(gb)):
+            raise ConfigError(f"{where}: expert_cache_gb must be > 0 and finite (GiB), got {gb!r}")
 
     policy, where = _raw("eviction_policy", eviction_policy)
     policy = str(policy).strip().lower()

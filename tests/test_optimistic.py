@@ -26,7 +26,7 @@ def _stacked(tiny_dir):
 
 def _decode(model, temperature, n=24, prompt=PROMPT):
     mx.random.seed(11)
-    return list(generate_tokens(model, prompt, make_prompt_cache(model), make_sampler(temperature), n))
+    return list(generate_tokens(model, prompt, make_prompt_cache(model), make_sampler(temperature, seed=11), n))
 
 
 def _streaming(tiny_dir, slots, warm=False):
@@ -120,7 +120,7 @@ def test_abandoned_decode_loop_does_not_confuse_the_next(tiny_dir):
     want = _decode(_stacked(tiny_dir), 1.0)
     model, store = _streaming(tiny_dir, 5)
     try:
-        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0), 24)
+        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0, seed=11), 24)
         for _ in range(5):
             next(gen)  # left suspended with a step queued
         assert _decode(model, 1.0) == want
@@ -227,7 +227,7 @@ def test_pinning_from_a_routing_trace(tiny_dir, tmp_path):
     try:
         pinned = store.pin_from_trace(path, per_layer=5)
         assert all(len(v) == 2 for v in pinned.values())  # capped at slots - top-k = 2
-        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0), 24)
+        gen = generate_tokens(model, PROMPT, make_prompt_cache(model), make_sampler(1.0, seed=11), 24)
         mx.random.seed(11)
         got = []
         for t in gen:

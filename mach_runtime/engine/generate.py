@@ -79,15 +79,16 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
     from ..io.optimistic import guard_for
 
     guard = guard_for(model, cache)  # streaming residency: each step is checked after the next is queued
-    # draws are keyed by (one draw from the caller's seeded stream, position), so a step redone after a streaming
-    # miss samples exactly what it would have sampled the first time
-    base = int(mx.random.randint(0, 1 << 30, ()).item())
+    # THE sampler's draws are keyed by (seed, completion position): a step redone after a streaming miss is told
+    # its position again and samples exactly what it would have sampled the first time
+    start = getattr(sampler, "position", None)
     pos = [0]
 
     def step(y, at=None):
         at = pos[0] if at is None else at
         pos[0] = at + 1
-        mx.random.seed((base * 1_000_003 + at) & ((1 << 63) - 1))
+        if start is not None:
+            sampler.position = start + at
         ck = (guard.begin(), at) if guard is not None else None
         logits = model(y[None], cache=cache)[:, -1, :]
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), ck

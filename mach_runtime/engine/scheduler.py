@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from ..errors import error_name
 from .batch import PREFILL_STEP, Admission, BatchEngine
 from .emit import StopRule
 
@@ -59,6 +60,7 @@ class Event:
     usage: dict | None = None  # with finish: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
     kv: tuple | None = None  # with finish of a store_kv request: (caches, the tokens they cover)
     error: str | None = None  # the request failed alone (the message names the cause)
+    error_type: str = "RequestError"  # with error: the errors.py class the caller gets (errors.error_name)
     logprobs: tuple | None = None  # per token when the request asked: (logprob, ((top id, logprob), ...))
 
 
@@ -190,7 +192,8 @@ class Scheduler:
         if len(reqs) == 1:
             r = reqs[0]
             self.counters["failed"] += 1
-            self._events.append(Event(r.request_id, error=f"request {r.request_id!r} failed: {type(e).__name__}: {e}"))
+            self._events.append(Event(r.request_id, error=f"request {r.request_id!r} failed: {type(e).__name__}: {e}",
+                                      error_type=error_name(e)))
             return
         self.counters["isolated_retries"] += len(reqs)
         for r in reversed(reqs):  # unknown culprit: each retried alone, ahead of the queue

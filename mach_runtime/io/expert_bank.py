@@ -158,6 +158,7 @@ class StreamingExpertStore:
         # the prefill arena (prefill_arena.py): slots shared by every layer for long prompts; 0 disables it
         self.arena_slots = slots
         self.arena = None
+        self.preloaded: dict[int, set] = {}  # bank index -> experts an optimistic retry loaded before sync mode
         self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
         from .optimistic import OptimisticRunner
 
@@ -233,7 +234,11 @@ class StreamingExpertStore:
         bank.last_used = tuple(needed.tolist())
         if self.trace is not None:
             self.trace.append((bank.source.layer, bank.last_used))
-        self.hits += int((bank.lut[needed] >= 0).sum())
+        hits = int((bank.lut[needed] >= 0).sum())
+        pre = self.preloaded.pop(bank.index, None) if self.preloaded else None
+        if pre:  # loaded (and counted as misses) by an optimistic retry of this same forward
+            hits -= len(pre.intersection(needed.tolist()))
+        self.hits += hits
         self.load_missing(bank, needed)
         bank.policy.step(needed.tolist())
 
@@ -306,6 +311,8 @@ class StreamingExpertStore:
     def _write_slot(self, bank: LayerBank, slot: int, views: list, projs: dict | None = None) -> None:
         """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread.
         ``projs`` redirects the bank's projections (by id) to others of the same shapes (the prefill arena)."""
+        import mlx.core as mx
+
         for i, (key, comp) in enumerate(bank.source.components.items()):
             t = bank.targets[key]
             proj = projs.get(id(t.proj), t.proj) if projs else t.proj

@@ -10,17 +10,23 @@ kernel's readahead otherwise pulled 1.8x the wanted bytes through the page cache
 Staging buffers are page-aligned and reused: ``release()`` gives a request's buffers back once their bytes have
 been copied (``StagingPool``), so steady streaming allocates nothing per miss. ``read_iter`` hands each request's
 buffers out as soon as its ranges are in, so the caller copies one expert to the device while the next is read.
+
+A shard that is missing, not a regular file, unreadable or shorter than its header says when it is read (moved,
+deleted or truncated after the checkpoint was opened) raises a ``CheckpointError`` naming the file; its handle is
+forgotten, so the next read opens the path again and succeeds once the file is back.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError
+from .file_kind import not_a_file_error
 
 _ALIGN = 4096
 
@@ -96,6 +102,7 @@ class ExpertReader:
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mach-io")
         self._fds: dict[str, int] = {}
+        self._stale: list[int] = []  # handles of files that failed a read: closed at close() (a reader may still use one)
         self._lock = threading.Lock()
         self.direct_requested = direct
         self.direct = direct and (hasattr(os, "O_DIRECT") or hasattr(__import__("fcntl"), "F_NOCACHE"))
@@ -115,12 +122,27 @@ class ExpertReader:
             return fd
 
     def _open(self, path: str) -> int:
+        fd = self._open_fd(path)
+        try:  # O_NONBLOCK made opening a FIFO return at once instead of waiting for a writer; reads block as usual
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise not_a_file_error(path, mode, "a safetensors shard")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_fd(self, path: str) -> int:
+        nonblock = getattr(os, "O_NONBLOCK", 0)
         if self.direct and hasattr(os, "O_DIRECT"):
             try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+                return os.open(path, os.O_RDONLY | os.O_DIRECT | nonblock)
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                raise
             except OSError:  # e.g. tmpfs does not support O_DIRECT: fall back to buffered reads
                 self.direct = False
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | nonblock)
         if not self.direct and hasattr(os, "posix_fadvise"):
             try:  # random access: no readahead (it read 1.8x the wanted bytes)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -134,9 +156,28 @@ class ExpertReader:
         return fd
 
     # -- reads -------------------------------------------------------------------------------------------
+    def _forget(self, path: str, fd: int) -> None:
+        """Drops a failed file's handle: the next read opens the path again (the file may be back by then)."""
+        with self._lock:
+            if self._fds.get(path) == fd:
+                del self._fds[path]
+                self._stale.append(fd)
+
     def _read_range(self, path: str, offset: int, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
-        """(staging buffer, view of the wanted bytes in it)."""
-        fd = self._fd(path)
+        """(staging buffer, view of the wanted bytes in it); a failure is a ``CheckpointError`` naming the file."""
+        try:
+            fd = self._fd(path)
+        except OSError as e:
+            raise _file_error(path, e) from None
+        try:
+            return self._pread(fd, path, offset, nbytes)
+        except (OSError, CheckpointError) as e:
+            self._forget(path, fd)
+            if isinstance(e, CheckpointError):
+                raise
+            raise _file_error(path, e) from None
+
+    def _pread(self, fd: int, path: str, offset: int, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
         direct = self.direct and hasattr(os, "O_DIRECT")
         if direct:
             start = offset - offset % _ALIGN
@@ -160,7 +201,7 @@ class ExpertReader:
                 self.pool.give(buf)
                 raise CheckpointError(
                     f"{path}: unexpected end of file reading {nbytes} bytes at offset {offset}; "
-                    "the file was truncated after the checkpoint was opened"
+                    "the file was truncated after the checkpoint was opened; put the complete file back"
                 )
             done += n
         return buf, buf[offset - start : offset - start + nbytes]
@@ -219,11 +260,44 @@ class ExpertReader:
             got = [self._read_range(*r) for r, _ in runs]
             return _split(got, runs), [b for b, _ in got]
 
-        return self._pool.submit(job)
+        return _Prefetch(self, ranges, job, self._pool.submit(job))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._stale]:
                 os.close(fd)
             self._fds.clear()
+            self._stale.clear()
+
+
+class _Prefetch:
+    """A background read of one expert. A read that failed (its file was missing or short then) is not an error
+    by itself: ``result()`` reads again on the calling thread, and that read decides."""
+
+    def __init__(self, reader: ExpertReader, ranges, job, future):
+        self._reader, self._ranges, self._job, self._future = reader, ranges, job, future
+
+    def result(self):
+        try:
+            return self._future.result()
+        except CheckpointError:
+            self._reader._count(sum(n for _, _, n in self._ranges))
+            return self._job()
+
+    def __getattr__(self, name):  # done(), cancel(), ... of the underlying future
+        return getattr(self._future, name)
+
+
+def _file_error(path: str, e: OSError) -> CheckpointError:
+    """A ``CheckpointError`` naming the file for an OS error met while opening or reading an expert's shard."""
+    if isinstance(e, FileNotFoundError):
+        return CheckpointNotFoundError(
+            f"{path}: the shard is gone (moved or deleted after the checkpoint was opened); put it back: requests "
+            "that need its experts fail until it is there again"
+        )
+    if isinstance(e, IsADirectoryError):
+        return CheckpointError(f"{path}: is a directory, not a safetensors shard; put the file itself there")
+    if isinstance(e, PermissionError):
+        return CheckpointError(f"{path}: permission denied reading the shard; make it readable")
+    return CheckpointError(f"{path}: cannot read the shard ({e.strerror or e}); check the file and the disk")

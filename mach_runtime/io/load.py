@@ -19,11 +19,10 @@ from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
-from .quant_formats import DEQUANT, dequantize_released
+from .quant_formats import MX_DTYPES as _MX_DTYPES
+from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
 from .safetensors_index import CheckpointIndex
 
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
-              "F8_E4M3": "bfloat16"}  # FP8 experts with float block scales are held dequantized (bf16 by default)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -148,40 +147,6 @@ def _float_cast(layout: ExpertLayout, dtype):
     return None
 
 
-def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
-    """Bytes one expert occupies in memory once loaded (after any float cast), averaged over the MoE layers
-    (mixed quantization gives layers different sizes; every layer has the same number of slots)."""
-    import math
-
-    import mlx.core as mx
-
-    total = 0
-    for src in layout.layers:
-        for c in src.components.values():
-            if _multiplied(c):
-                continue  # float FP8 block scales are multiplied into the weight, not held
-            dt = getattr(mx, _MX_DTYPES[c.dtype])
-            if target is not None and mx.issubdtype(dt, mx.floating) and c.comp != "global_scale":
-                dt = target
-            total += math.prod(_transformed_shape(c.shape, c.transform)) * dt.size
-            if c.comp == "global_scale":  # held per output row
-                total += (_held_rows(src, c) - 1) * dt.size
-    return -(-total // max(1, len(layout.layers)))
-
-
-def _multiplied(c) -> bool:
-    """A component multiplied into its part's weight at load (float FP8 block scales: ``dequant:`` transform)."""
-    return c.transform.startswith(DEQUANT + ":")
-
-
-def _held_rows(src: ExpertLayerSource, c) -> int:
-    """Output rows of the part a component belongs to (a global scale is held once per row)."""
-    if c.rows:
-        return c.rows[1] - c.rows[0]
-    w = src.components[(c.part, "weight")]
-    return _transformed_shape(w.shape, w.transform)[0]
-
-
 def _build_projections(src: ExpertLayerSource, make_array, cast, stacked: bool = True):
     """(gate_up, down) projections; gate rows then up rows along the output axis of ``gate_up``.
 
@@ -212,7 +177,7 @@ def _projection(src, comps, make_array, cast, stacked, quant):
     kwargs = {}
     for comp in sorted({c.comp for c in comps}, key=lambda c: (c != "weight", c)):  # weight first: scales may
         parts = sorted((c for c in comps if c.comp == comp), key=lambda c: (c.rows or (0, 0))[0])  # multiply it
-        if all(_multiplied(c) for c in parts):
+        if all(multiplied(c) for c in parts):
             if stacked:
                 scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
                 held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
@@ -220,7 +185,7 @@ def _projection(src, comps, make_array, cast, stacked, quant):
             continue
         arrays = [make_array(c) for c in parts]
         if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
-            arrays = [mx.contiguous(mx.broadcast_to(a[:, None], (a.shape[0], _held_rows(src, c))))
+            arrays = [mx.contiguous(mx.broadcast_to(a[:, None], (a.shape[0], held_rows(src, c))))
                       for a, c in zip(arrays, parts)]
         a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
         kwargs[comp] = a if comp == "global_scale" else cast(a)
@@ -275,7 +240,7 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
         rows = slice(*c.rows) if c.rows else slice(None)
         if src.split_gate_up and c.part in ("gate", "up"):  # each its own projection, all of its rows
             proj, rows = getattr(gate_up, c.part), slice(None)
-        if _multiplied(c):
+        if multiplied(c):
             targets[key] = _Target(proj, "weight", rows, c.transform, multiply=True)
         else:
             targets[key] = _Target(proj, c.comp, rows, c.transform)
@@ -439,7 +404,7 @@ def load_moe(
             if expert_slots is not None:
                 slots = StreamingExpertStore.check_slots(layout, expert_slots)
             else:
-                bank_bytes = _bank_expert_bytes(layout, target)
+                bank_bytes = bank_expert_bytes(layout, target)
                 budget = settings.expert_cache_gb
                 if budget is None:
                     budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)

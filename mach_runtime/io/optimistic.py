@@ -16,8 +16,9 @@ expert resident). Here a forward runs *assuming every expert it routes to is res
 
 Two ways to use it:
 
-* **eager** (any caller, e.g. speculative verify, batched decode): the model's ``__call__`` checks at its own
-  end (one sync per forward instead of one per MoE layer) and returns a verified output;
+* **eager** (any caller, e.g. speculative verify, batched decode): ``load_moe`` puts a hook (``engine/hooks.py``)
+  in place of the text model; each call checks at its own end (one sync per forward instead of one per MoE
+  layer) and returns a verified output;
 * **deferred** (a pipelined decode loop, ``engine/generate.py``): ``ForwardGuard.begin()`` before a step makes
   the next forward unchecked; the loop queues the following step before it ``verify()``s the earlier one, so the
   host builds step t+1 while the device runs step t, exactly as stacked decoding does. A miss rolls back both
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.call_override import override_call
+from ..engine.hooks import ModuleHook, find_hook
+from ..engine.hooks import install as install_hook
 
 # forwards with more token rows than this run in sync mode (prefill chunks: their experts rarely all fit)
 MAX_OPTIMISTIC_ROWS = 32
@@ -224,6 +226,8 @@ class OptimisticRunner:
             needed = np.unique(inds)
             if len(needed) > bank.group_slots:
                 break
+            for observe in self.store.routing_observers:  # told before the bank is touched, as in sync mode
+                observe(bank, inds)
             loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
             rec = ForwardRecord(-1)
             self._recording = rec
@@ -237,7 +241,11 @@ class OptimisticRunner:
                 return out
             trim_caches(cache, tokens)
         self.first_miss = None
-        return self._sync_forward(run)
+        self.store.preloaded = loaded  # their lookups were counted as misses: the sync pass must not count hits
+        try:
+            return self._sync_forward(run)
+        finally:
+            self.store.preloaded = {}
 
 
 class ForwardGuard:
@@ -312,33 +320,51 @@ class ForwardGuard:
             r.pending = []
 
 
-def _optimistic_call(cls: type):
+class OptimisticHook(ModuleHook):
+    """The text model (the module that runs the decoder layers) with its forwards routed through the store's
+    optimistic runner (``engine/hooks.py``: the one hook mechanism; no class changes)."""
+
+    kind = "optimistic"
+
+    def __init__(self, inner, runner):
+        super().__init__(inner)
+        self.hook_runner = runner
+
     def __call__(self, *args, **kwargs):
-        runner = self.__dict__.get("_mach_runner")
-        if runner is None:
-            return cls.__call__(self, *args, **kwargs)
         inputs = args[0] if args else kwargs.get("inputs")
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
         if inputs is None or getattr(inputs, "ndim", 0) < 1:  # e.g. input_embeddings only: take the safe path
             rows, tokens = MAX_OPTIMISTIC_ROWS + 1, 0
         else:
             rows, tokens = int(np.prod(inputs.shape)), int(inputs.shape[-1])
-        return runner.forward(lambda: cls.__call__(self, *args, **kwargs), rows, tokens, cache)
+        return self.hook_runner.forward(lambda: self.inner(*args, **kwargs), rows, tokens, cache)
 
-    return __call__
+
+def _text_model_path(model) -> str:
+    """Where the decoder layers' runner sits: ``model`` (most families) or ``language_model.model``."""
+    return "language_model.model" if "language_model" in model else "model"
 
 
 def install(model, store) -> OptimisticRunner:
     """Routes ``model``'s forwards through ``store``'s optimistic runner (streaming residency)."""
-    runner = store.optimistic
-    model.__class__ = override_call(type(model), "optimistic", _optimistic_call)
-    object.__setattr__(model, "_mach_runner", runner)
-    return runner
+    return install_hook(model, _text_model_path(model), OptimisticHook, store.optimistic).hook_runner
+
+
+def runner_of(model) -> OptimisticRunner | None:
+    """The optimistic runner installed on ``model``, or None."""
+    try:
+        node = model
+        for part in _text_model_path(model).split("."):
+            node = node[part]
+    except (KeyError, TypeError):
+        return None
+    hook = find_hook(node, OptimisticHook)
+    return None if hook is None else hook.hook_runner
 
 
 def guard_for(model, cache) -> ForwardGuard | None:
     """A deferred-verification guard when ``model`` streams optimistically, else None."""
-    runner = getattr(model, "__dict__", {}).get("_mach_runner")
+    runner = runner_of(model)
     if runner is None or not runner.enabled:
         return None
     return ForwardGuard(runner, cache)

@@ -24,6 +24,10 @@ BLOCKS = "blocks"  # transform prefix: ue8m0 block scales -> per-row, per-32 gro
 DEQUANT = "dequant"
 
 
+MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+             "F8_E4M3": "bfloat16"}  # FP8 experts with float block scales are held dequantized (bf16 by default)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int
@@ -178,3 +182,41 @@ def dequantized_non_expert_extra(index: CheckpointIndex, expert_names) -> int:
         elems = math.prod(t.shape) * (2 if t.dtype == "I8" else 1)
         extra += elems * _HELD_FLOAT_BYTES - t.nbytes - scale.nbytes
     return extra
+
+
+def bank_expert_bytes(layout, target) -> int:
+    """Bytes one expert occupies in memory once loaded (after any float cast), averaged over the MoE layers
+    (mixed quantization gives layers different sizes; every layer has the same number of slots)."""
+    import math
+
+    import mlx.core as mx
+
+    from .expert_layout import _transformed_shape as transformed_shape
+
+    total = 0
+    for src in layout.layers:
+        for c in src.components.values():
+            if multiplied(c):
+                continue  # float FP8 block scales are multiplied into the weight, not held
+            dt = getattr(mx, MX_DTYPES[c.dtype])
+            if target is not None and mx.issubdtype(dt, mx.floating) and c.comp != "global_scale":
+                dt = target
+            total += math.prod(transformed_shape(c.shape, c.transform)) * dt.size
+            if c.comp == "global_scale":  # held per output row
+                total += (held_rows(src, c) - 1) * dt.size
+    return -(-total // max(1, len(layout.layers)))
+
+
+def multiplied(c) -> bool:
+    """A component multiplied into its part's weight at load (float FP8 block scales: ``dequant:`` transform)."""
+    return c.transform.startswith(DEQUANT + ":")
+
+
+def held_rows(src, c) -> int:
+    """Output rows of the part a component belongs to (a global scale is held once per row)."""
+    if c.rows:
+        return c.rows[1] - c.rows[0]
+    from .expert_layout import _transformed_shape
+
+    w = src.components[(c.part, "weight")]
+    return _transformed_shape(w.shape, w.transform)[0]

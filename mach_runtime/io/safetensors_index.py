@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from .file_kind import require_regular_file
 
 # safetensors dtype name -> (bytes per element, numpy dtype name used to view the raw bytes)
 DTYPES = {
@@ -120,8 +121,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Parses one safetensors file's header (bounded in size and nesting, every field typed) and checks every
     tensor lies inside the file without overlapping another."""
     path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"{path}: safetensors file not found")
+    require_regular_file(path, f"{path}: safetensors file not found")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -205,11 +205,8 @@ class CheckpointIndex:
                 )
         files = sorted(set(self._weight_map.values()))
         for f in files:
-            if not (self.directory / f).is_file():
-                raise CheckpointNotFoundError(
-                    f"{self.directory / f}: shard listed in {index.name} is missing; copy every shard "
-                    f"({len(files)} files) into {self.directory}"
-                )
+            require_regular_file(self.directory / f, f"{self.directory / f}: shard listed in {index.name} is "
+                                 f"missing; copy every shard ({len(files)} files) into {self.directory}")
         return files
 
     def _check_index_matches(self, index: Path) -> None:
