@@ -107,13 +107,13 @@ BAD_OPEN = [
 ]
 
 
-@pytest.mark.parametrize("kw,match", BAD_REQUESTS, ids=[str(k) for k, _ in BAD_REQUESTS])
+@pytest.mark.parametrize("kw,match", BAD_REQUESTS, ids=[f"{i}-{sorted(k)[0]}" for i, (k, _) in enumerate(BAD_REQUESTS)])
 def test_bad_request_arguments_name_the_field(kw, match):
     with pytest.raises(RequestError, match=match):
         check_request(kw, VOCAB)
 
 
-@pytest.mark.parametrize("kw,match", BAD_OPEN, ids=[str(k) for k, _ in BAD_OPEN])
+@pytest.mark.parametrize("kw,match", BAD_OPEN, ids=[f"{i}-{sorted(k)[0]}" for i, (k, _) in enumerate(BAD_OPEN)])
 def test_bad_open_arguments_name_the_field(kw, match):
     with pytest.raises(ConfigError, match=match):
         check_open(**kw)
