@@ -206,7 +206,8 @@ class Decoder:
         if len(subs) == 1:  # stays where it runs, but a target-only request left in the spec batch is pipelined
             spec = self._wants_spec(subs[0])
             want = ("solo" if spec else "batch") if lane is None else ("batch" if lane == "spec" and not spec else lane)
-        elif subs and len(subs) <= self.spec_batch.max_batch and any(self._wants_spec(s) for s in subs):
+        elif (subs and len(subs) <= self.spec_batch.max_batch and any(self._wants_spec(s) for s in subs)
+              and not any(s.params.target_only for s in subs)):  # the spec batch samples none of those extras
             want = "spec"
         else:
             want = "batch"
@@ -416,7 +417,8 @@ class Decoder:
         self.counters["generated"] += len(outs)
         self._report_routing()
         self._fault("step", steps=self.counters["steps"])
-        self._outbox.extend(TokenOutput(o.request_id, o.index, (o.token,), o.text) for o in outs)
+        self._outbox.extend(TokenOutput(o.request_id, o.index, (o.token,), o.text,
+                                        (o.logprobs,) if o.logprobs is not None else None) for o in outs)
         for o in outs:
             if o.finish_reason is not None:
                 self._finish(o.request_id, o.finish_reason)

@@ -20,6 +20,22 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos ids
     specdec: str | None = None  # speculative decoding mode (native_v7 / prompt_lookup); None = batched target-only
     specdec_policy: str | None = None  # block policy override (fixed / opencode-sampled-v1 / residency-aware)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    presence_penalty: float = 0.0  # OpenAI penalties over the generated tokens, on the raw logits
+    frequency_penalty: float = 0.0
+    logprobs: bool = False  # report each token's log-probability (the model's own distribution)
+    top_logprobs: int = 0  # ... and the k most likely alternatives at each position
+    grammar: str | None = None  # an llguidance grammar (engine/constraints.py) every token must follow
+
+    @property
+    def host_bound(self) -> bool:
+        """The next token's logits need this request's newest token on the host (penalties, a grammar)."""
+        return self.grammar is not None or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def target_only(self) -> bool:
+        """Uses what only the target-only batch implements (speculative lanes route such requests there)."""
+        return self.host_bound or self.min_p > 0 or self.logprobs
 
 
 # --- Runtime/Supervisor → Decoder ---------------------------------------------------------------------
@@ -52,6 +68,8 @@ class TokenOutput(msgspec.Struct, frozen=True, tag=True):
     index: int  # position of token_ids[0] in the request's completion
     token_ids: tuple[int, ...]
     text: str
+    # per token, when the request asked for logprobs: (its logprob, ((top token id, logprob), ...))
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):

@@ -286,16 +286,26 @@ class Runtime:
 
     def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
                     stop_token_ids=(), request_id=None, session_id=None, specdec="default", specdec_policy=None,
-                    on_chunk=None) -> RequestStream:
+                    on_chunk=None, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0, logprobs=False,
+                    top_logprobs=0, grammar=None) -> RequestStream:
+        """See ``stream``. Sampling extras: ``min_p``; OpenAI ``presence_penalty`` / ``frequency_penalty`` over the
+        generated tokens; ``logprobs`` (+ ``top_logprobs`` alternatives) on each chunk; ``grammar``: an llguidance
+        grammar string (``mach_runtime.engine.constraints.json_schema_grammar(schema)`` / ``lark_grammar``) every
+        token must follow. Requests using any of these decode in the target-only batch (speculative lanes do not
+        implement them), so they are exact against the (constrained) target."""
         self._sup.check_open()
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         try:
-            validate(temperature, top_p, top_k)
-        except ConfigError as e:
+            validate(temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, top_logprobs)
+        except (ConfigError, TypeError) as e:
             raise RequestError(str(e)) from None
+        if grammar is not None:
+            from mach_runtime.engine.constraints import check_grammar
+
+            check_grammar(grammar, self.tokenizer)
         ctx = self._limits.max_context
         if ctx is not None and len(ids) + max_tokens > ctx:
             raise RequestError(
@@ -309,7 +319,11 @@ class Runtime:
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
             seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
             stop_token_ids=tuple(stop_token_ids), specdec=specdec, specdec_policy=specdec_policy,
+            min_p=float(min_p), presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+            logprobs=bool(logprobs), top_logprobs=int(top_logprobs), grammar=grammar,
         )
+        if params.target_only and specdec is not None:  # lossless: the target-only batch implements them exactly
+            params = msgspec.structs.replace(params, specdec=None, specdec_policy=None)
         rid = request_id if request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
         return RequestStream(self, sub, on_chunk)

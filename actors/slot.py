@@ -24,6 +24,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     index: int  # position of token_ids[0] in the completion
     finish_reason: str | None = None  # None until the last chunk
     usage: dict | None = None  # on the last chunk: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
+    # per token when the request asked for logprobs: (logprob, ((top token id, logprob), ...))
+    logprobs: tuple | None = None
 
 
 def _set_all(events) -> None:
@@ -44,6 +46,7 @@ class OutputSlot:
         self._lock = threading.Lock()
         self._ids: list[int] = []
         self._text: list[str] = []
+        self._logprobs: list | None = None
         self._index = 0  # completion position of the first pending token
         self._finish: tuple[str, dict] | None = None
         self._error: BaseException | None = None
@@ -55,10 +58,12 @@ class OutputSlot:
         event, self._event = self._event, None
         return event
 
-    def push(self, token_ids, text: str):
+    def push(self, token_ids, text: str, logprobs=None):
         with self._lock:
             self._ids.extend(token_ids)
             self._text.append(text)
+            if logprobs is not None:
+                self._logprobs = (self._logprobs or []) + list(logprobs)
             return self._take_event()
 
     def finish(self, reason: str, usage: dict):
@@ -89,6 +94,7 @@ class OutputSlot:
                     raise self._error
                 if self._ids or self._finish is not None:
                     ids, text = tuple(self._ids), "".join(self._text)
+                    lps, self._logprobs = self._logprobs, None
                     chunk_index = self._index
                     self._index += len(ids)
                     self._ids.clear()
@@ -97,6 +103,6 @@ class OutputSlot:
                     if reason is not None:
                         self._done = True
                     return Chunk(request_id=self.request_id, text=text, token_ids=ids, index=chunk_index,
-                                 finish_reason=reason, usage=usage)
+                                 finish_reason=reason, usage=usage, logprobs=tuple(lps) if lps else None)
                 event = self._event = anyio.Event()
             await event.wait()

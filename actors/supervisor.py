@@ -219,7 +219,7 @@ class Supervisor:
                     raise RuntimeError(f"token for {msg.request_id} at {msg.index}, expected {len(e.delivered)}")
                 e.delivered.extend(msg.token_ids)
                 e.delivered_chars += len(msg.text)
-                return e.slot.push(msg.token_ids, msg.text)
+                return e.slot.push(msg.token_ids, msg.text, msg.logprobs)
             del self.ledger[msg.request_id]
         if isinstance(msg, Finish):
             return e.slot.finish(msg.reason, {

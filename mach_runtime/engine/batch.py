@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConfigError
+from .constraints import constraint_for
 from .kv_prefix import fit_prefix
-from .sampling import sample_batch, validate
+from .sampling import apply_bitmask, penalize, sample_batch, token_logprobs, validate
 
 PREFILL_STEP = 512
 
@@ -29,6 +31,7 @@ class StepOutput:
     token: int
     text: str  # text released by this token (stop-string prefixes are held back)
     finish_reason: str | None
+    logprobs: tuple | None = None  # (logprob, ((top id, logprob), ...)) when the request asked for them
 
 
 @dataclass
@@ -59,11 +62,12 @@ class _Seq:
     sent_chars: int = 0  # characters of detok.text already released
     cached_tokens: int = 0
     prefilled_tokens: int = 0
+    constraint: object = None  # GrammarConstraint (engine/constraints.py) when the request has a grammar
 
     def row(self, ahead: int = 0):
         """Sampling parameters of this row; ``ahead`` tokens are generated but not yet read back."""
         p = self.params
-        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated) + ahead)
+        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated) + ahead, p.min_p)
 
 
 def _hold_back(text: str, stops) -> int:
@@ -164,6 +168,7 @@ class BatchEngine(BatchMembership):
         self.pipeline = pipeline
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
+        self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -186,7 +191,8 @@ class BatchEngine(BatchMembership):
             raise RuntimeError("batch is full")
         todos, caches, seqs = [], [], []
         for a in admissions:
-            validate(a.params.temperature, a.params.top_p, a.params.top_k)
+            p = a.params
+            validate(p.temperature, p.top_p, p.top_k, p.min_p, p.presence_penalty, p.frequency_penalty, p.top_logprobs)
             tokens = list(a.prompt_ids) + list(a.resume_ids)
             if not tokens:
                 raise ConfigError("the prompt is empty: give at least one token")
@@ -207,7 +213,8 @@ class BatchEngine(BatchMembership):
         detok = self.tokenizer.detokenizer  # a fresh streaming detokenizer per access
         detok.reset()
         seq = _Seq(a.request_id, len(a.prompt_ids), a.params, self.eos | frozenset(a.params.stop_token_ids), detok,
-                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached)
+                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
+                   constraint=constraint_for(a.params, self.tokenizer, a.resume_ids))
         for t in a.resume_ids:  # a replayed request continues its text exactly where it left off
             seq.generated.append(t)
             if t not in seq.stop_ids:
@@ -230,7 +237,7 @@ class BatchEngine(BatchMembership):
             return
         self.seqs = [self.seqs[i] for i in keep]
         if not keep:
-            self.cache, self._inflight, self._inflight_rows = None, None, []
+            self.cache, self._inflight, self._inflight_rows, self._inflight_lp = None, None, [], None
             return
         for c in self.cache:
             c.filter(keep)
@@ -238,6 +245,8 @@ class BatchEngine(BatchMembership):
             kept = {id(s) for s in self.seqs}
             rows = [i for i, s in enumerate(self._inflight_rows) if id(s) in kept]
             self._inflight = self._inflight[mx.array(rows)] if rows else None
+            if self._inflight_lp is not None:
+                self._inflight_lp = tuple(a[mx.array(rows)] for a in self._inflight_lp) if rows else None
             self._inflight_rows = [self._inflight_rows[i] for i in rows]
 
     def extract_kv(self, request_id: str):
@@ -263,11 +272,35 @@ class BatchEngine(BatchMembership):
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
         logits = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
         rows = [s.row(1 if id(s) in pos else 0) for s in self.seqs]
+        raw = logits
+        logits = self._processed(logits)
         if any(r[0] > 0 for r in rows):  # greedy needs no normalisation
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         self._inflight = sample_batch(logits, rows)
         self._inflight_rows = list(self.seqs)
-        mx.async_eval(self._inflight)
+        k = max((s.params.top_logprobs for s in self.seqs if s.params.logprobs), default=-1)
+        self._inflight_lp = token_logprobs(raw, self._inflight, k) if k >= 0 else None
+        mx.async_eval(self._inflight, *(self._inflight_lp or ()))
+
+    def _processed(self, logits: mx.array) -> mx.array:
+        """Penalties and grammar masks of the rows that have them (such rows are never pipelined: their state
+        includes the newest token, read back)."""
+        seqs = self.seqs
+        if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
+            logits = mx.stack([penalize(logits[i], s.generated, s.params.presence_penalty, s.params.frequency_penalty)
+                               for i, s in enumerate(seqs)])
+        constrained = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:
+            words = max(c.words for _, c in constrained)
+            bitmask = np.full((len(seqs), max(words, (logits.shape[-1] + 31) // 32)), -1, dtype=np.int32)
+            for i, c in constrained:
+                bitmask[i, :] = 0
+                c.fill(bitmask[i, : c.words])
+            logits = apply_bitmask(logits, bitmask)
+        return logits
+
+    def _host_bound(self) -> bool:
+        return any(s.params.host_bound for s in self.seqs)
 
     @property
     def in_flight(self) -> bool:
@@ -288,20 +321,27 @@ class BatchEngine(BatchMembership):
             return []
         if self._inflight is None:
             self._launch()
-        cur, rows = self._inflight, self._inflight_rows
-        self._inflight, self._inflight_rows = None, []
-        if self.pipeline and launch_next:
+        cur, rows, lp = self._inflight, self._inflight_rows, self._inflight_lp
+        self._inflight, self._inflight_rows, self._inflight_lp = None, [], None
+        if self.pipeline and launch_next and not self._host_bound():
             self._launch(cur, rows)
         if on_launched is not None:  # the caller's host work overlaps the device's (e.g. delivering outputs)
             on_launched()
         tokens = cur.tolist()
+        lps = [a.tolist() for a in lp] if lp is not None else None
         self.steps += 1
         out = []
-        for s, t in zip(rows, tokens):
+        for i, (s, t) in enumerate(zip(rows, tokens)):
             index = len(s.generated)
             s.generated.append(t)
             s.next_token = t
-            out.append(self._emit(s, index, t))
+            if s.constraint is not None:
+                s.constraint.advance(t)
+            o = self._emit(s, index, t)
+            if lps is not None and s.params.logprobs:
+                k = s.params.top_logprobs
+                o.logprobs = (lps[0][i], tuple(zip(lps[1][i][:k], lps[2][i][:k])))
+            out.append(o)
         return out
 
     def _emit(self, s: _Seq, index: int, t: int) -> StepOutput:
