@@ -20,6 +20,7 @@ _ENV = {
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
+    "api_key": ("MACH_API_KEY", None),
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -103,3 +104,9 @@ def resolve_store_config(
 def mach_home() -> str:
     """Where mach keeps generated files (the default tiny checkpoint): $MACH_HOME or ~/.cache/mach_runtime."""
     return os.environ.get("MACH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mach_runtime")
+
+
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
+    key, _ = _raw("api_key", api_key)
+    return key or None
