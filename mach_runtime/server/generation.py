@@ -242,18 +242,26 @@ async def first_delta(gen):
 
 
 async def collect(request, gen):
+    """Every Delta of a non-streaming request, aborting it if the client disconnects meanwhile."""
     parts, token_ids, lps, finish, usage = [], [], [], None, None
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_disconnect, request, scope)
-            async for d in gen:
-                parts += d.parts
-                token_ids += d.token_ids
-                lps += d.logprobs or ()
-                if d.finish is not None:
-                    finish, usage = d.finish, d.usage
-            tg.cancel_scope.cancel()
-    await gen.aclose()
+    first = await first_delta(gen)  # a bad request answers with its status before anything runs
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_disconnect, request, scope)
+                async for d in chain(first, gen):
+                    parts += d.parts
+                    token_ids += d.token_ids
+                    lps += d.logprobs or ()
+                    if d.finish is not None:
+                        finish, usage = d.finish, d.usage
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # an APIError from the stream, not a group of one
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        await gen.aclose()
     if finish is None:  # the client left: nobody reads this
         raise APIError(499, "client closed the request")
     return parts, token_ids, lps, finish, usage
