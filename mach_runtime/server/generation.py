@@ -157,34 +157,40 @@ class SSEResponse(Response):
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(k.encode(), str(v).encode()) for k, v in self.sse_headers.items()]})
-        gone = False
-        async with anyio.create_task_group() as tg:
+        gone = told = False
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def watch():
-                nonlocal gone
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        gone = True
-                        tg.cancel_scope.cancel()
-                        return
+                async def watch():
+                    nonlocal gone
+                    while True:
+                        msg = await receive()
+                        if msg["type"] == "http.disconnect":
+                            gone = True
+                            tg.cancel_scope.cancel()
+                            return
 
-            tg.start_soon(watch)
-            try:
-                async for ev in self.events:
-                    await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except anyio.get_cancelled_exc_class():
-                if not gone and self.on_cancel is not None:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                        for ev in self.on_cancel():
-                            await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                raise
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self.events.aclose()
-            tg.cancel_scope.cancel()
+                tg.start_soon(watch)
+                try:
+                    async for ev in self.events:
+                        await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except anyio.get_cancelled_exc_class():
+                    if not gone and self.on_cancel is not None:
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                            for ev in self.on_cancel():
+                                await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
+                            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                            told = True
+                    raise
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.events.aclose()
+                tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            if told:  # the ASGI server cancelled us at its shutdown timeout and the client has been told: done
+                return
+            raise
 
 
 async def watch_disconnect(request, scope: anyio.CancelScope) -> None:
