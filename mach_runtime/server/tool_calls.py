@@ -54,6 +54,7 @@ class ToolCallParser:
         self.id_prefix = id_prefix
         self._buf = ""
         self._inside = False
+        self._after_call = False  # the newline(s) separating a closed block from what follows are dropped
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> list:
@@ -62,6 +63,9 @@ class ToolCallParser:
         out = []
         while True:
             if not self._inside:
+                if self._after_call:
+                    self._buf = self._buf.lstrip("\n")
+                    self._after_call = not self._buf
                 i = self._buf.find(OPEN)
                 if i < 0:
                     keep = _partial_suffix(self._buf, OPEN)
@@ -83,7 +87,8 @@ class ToolCallParser:
             else:
                 self.calls.append(call)
                 out.append(call)
-            self._buf = self._buf[j + len(CLOSE):].lstrip("\n") if call is not None else self._buf[j + len(CLOSE):]
+            self._buf = self._buf[j + len(CLOSE):]
+            self._after_call = call is not None
             self._inside = False
 
     def finish(self) -> list:
@@ -96,7 +101,7 @@ class ToolCallParser:
             if call is not None:
                 self.calls.append(call)
                 return [call]
-            return [OPEN + rest] if rest or True else []
+            return [OPEN + rest]
         return [rest] if rest else []
 
 
