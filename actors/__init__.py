@@ -1,4 +1,4 @@
-"""The concurrency layer (anyio + msgspec): actors that own the engine's pieces and exchange messages.
-
-Filled in by the actor-runtime work; the engine in ``mach_runtime`` is usable on its own meanwhile.
+"""The concurrency layer (anyio + msgspec): the Supervisor and the ExpertStore, Cache and Decoder actors around
+the engine, and ``Runtime``, the embedded async API. Depends on ``mach_runtime``; ``mach_runtime`` never imports
+it at import time (tests/test_imports.py).
 """

@@ -3,8 +3,8 @@
 The bank's slot tables and slot writes are used synchronously by each ``DiskSwitchGLU`` on the MLX thread (a miss
 must be resident before the layer can compute). This actor works *around* that path: after every decode step the
 Decoder reports which experts each layer used (``StepRouting``); a predictor turns that history into guesses for
-the next step and the actor starts background reads of guessed experts that are not resident (``Prefetch``), so
-a later miss finds its bytes already in memory. Bytes only: slots are written on the MLX thread.
+the next step and the actor starts background reads of guessed experts that are not resident
+(``StreamingExpertStore.prefetch``), so a later miss finds its bytes already in memory. Bytes only: slots are written on the MLX thread.
 
 Predictors plug in through ``observe(step)`` / ``predict()``. ``RecentExpertsPredictor(window=1)`` is "the
 previous token's experts per layer"; with a window of several tokens it re-fetches experts that were evicted
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 
 from .actor import AsyncActor
-from .messages import Prefetch, StatsRequest, StepRouting
+from .messages import StatsRequest, StepRouting
 
 
 class RecentExpertsPredictor:
@@ -74,8 +74,6 @@ class ExpertStoreActor(AsyncActor):
                     if experts:
                         self.store.prefetch(bank, experts)
             return None
-        if isinstance(msg, Prefetch):
-            return self.store.prefetch(msg.bank, msg.experts) if self.streaming else 0
         if isinstance(msg, StatsRequest):
             return self.store.stats()
         raise TypeError(f"ExpertStore actor got an unexpected message {type(msg).__name__}")

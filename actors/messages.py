@@ -9,33 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0  # always set: the Runtime draws one when the caller gives none, so replays are exact
-    stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence
-    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos ids
-    specdec: str | None = None  # speculative decoding mode (native_v7 / prompt_lookup); None = batched target-only
-    specdec_policy: str | None = None  # block policy override (fixed / opencode-sampled-v1 / residency-aware)
-    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
-    presence_penalty: float = 0.0  # OpenAI penalties over the generated tokens, on the raw logits
-    frequency_penalty: float = 0.0
-    logprobs: bool = False  # report each token's log-probability (the model's own distribution)
-    top_logprobs: int = 0  # ... and the k most likely alternatives at each position
-    grammar: str | None = None  # an llguidance grammar (engine/constraints.py) every token must follow
-
-    @property
-    def host_bound(self) -> bool:
-        """The next token's logits need this request's newest token on the host (penalties, a grammar)."""
-        return self.grammar is not None or self.presence_penalty != 0 or self.frequency_penalty != 0
-
-    @property
-    def target_only(self) -> bool:
-        """Uses what only the target-only batch implements (speculative lanes route such requests there)."""
-        return self.host_bound or self.min_p > 0 or self.logprobs
+from mach_runtime.engine.params import SamplingParams  # THE request-parameter type (re-exported)
 
 
 # --- Runtime/Supervisor → Decoder ---------------------------------------------------------------------
@@ -46,7 +20,6 @@ class Submit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     resume_ids: tuple[int, ...] = ()  # tokens already delivered (re-admission after a Decoder restart)
-    resume_chars: int | None = None  # how much of their text was delivered (None: all; less: a held-back stop prefix)
     session_id: str | None = None
     cache_handle: int | None = None  # KV handed over by the Cache actor (reused prefix)
     cached_tokens: int = 0  # how many leading prompt tokens that KV covers
@@ -54,6 +27,7 @@ class Submit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
     request_id: str
+    reason: str = "abort"  # "stop": the ledger found a stop string (the request ends normally, its KV kept)
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag=True):
@@ -66,8 +40,7 @@ class Shutdown(msgspec.Struct, frozen=True, tag=True):
 class TokenOutput(msgspec.Struct, frozen=True, tag=True):
     request_id: str
     index: int  # position of token_ids[0] in the request's completion
-    token_ids: tuple[int, ...]
-    text: str
+    token_ids: tuple[int, ...]  # ids only: the ledger detokenizes (engine.emit.Emitter)
     # per token, when the request asked for logprobs: (its logprob, ((top token id, logprob), ...))
     logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
@@ -86,22 +59,7 @@ class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
-# --- Decoder → Supervisor -----------------------------------------------------------------------------
-
-
-class ActorCrashed(msgspec.Struct, frozen=True, tag=True):
-    actor: str
-    error: str
-
-
 # --- ExpertStore actor ---------------------------------------------------------------------------------
-
-
-class Prefetch(msgspec.Struct, frozen=True, tag=True):
-    """Read these experts of this MoE layer (bank index) into staging ahead of need."""
-
-    bank: int
-    experts: tuple[int, ...]
 
 
 class StepRouting(msgspec.Struct, frozen=True, tag=True):
@@ -160,6 +118,10 @@ class DecoderStats(msgspec.Struct, frozen=True, kw_only=True):
     spec_batch_cycles: int = 0  # draft/verify cycles of the spec batch (Runtime.open(spec_batch=N))
     spec_batch_moves: int = 0  # requests moved out of the spec batch or the target-only batch into the other
     spec_batch_histogram: dict[int, int] = msgspec.field(default_factory=dict)  # spec batch rows -> cycles
+    batching: str = "continuous"  # or "one at a time: <why>" where the family's caches cannot merge
+    prefill_chunks: int = 0  # prefill chunks run between decode steps
+    failed: int = 0  # requests failed alone by a fault of their own
+    isolated_retries: int = 0  # requests retried alone after a failure of a group with an unknown culprit
 
 
 class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,5 +138,5 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
 
 DecoderMessage = Submit | Abort | Shutdown
 OutputMessage = TokenOutput | Finish | RequestFailed
-ExpertStoreMessage = Prefetch | StepRouting | StatsRequest
+ExpertStoreMessage = StepRouting | StatsRequest
 CacheMessage = CacheLookup | CacheInsert | CacheRelease | StatsRequest

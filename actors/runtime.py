@@ -195,7 +195,7 @@ class Runtime:
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
                    restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, **load_kwargs):
+                   spec_batch: int = 0, prefill_chunk: int = 512, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -203,7 +203,11 @@ class Runtime:
         spec_batch: with ``draft``/``specdec``, N >= 2 runs 2..N concurrent requests (at least one speculative)
             together in a ``BatchedSpecDecoder`` (batched verification) instead of the target-only batch; more
             than N use the target-only batch, a lone request the single-request engine. 0 (default): off.
-            Families whose caches it cannot roll back per row (sliding windows, compressed KV) fall back to 0.
+            Families whose capabilities rule out per-row rollback (``spec_batch=False``: sliding windows,
+            compressed KV) run without it (0), as do families that cannot batch at all (those run one request at a
+            time, the others queued: ``stats().decoder.batching`` says so).
+        prefill_chunk: prompt tokens a newcomer prefills per decode step of the running requests (chunked
+            prefill: a long prompt delays each running stream by one chunk at a time, not by its whole prefill).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
 
@@ -221,18 +225,23 @@ class Runtime:
             raise ConfigError(f"spec_batch must be 0 (off) or an integer in 2..max_batch ({max_batch}), "
                               f"got {spec_batch!r}")
         if checkpoint is None:
-            from mach_runtime.cli.main import default_checkpoint
+            from mach_runtime.assets import default_checkpoint
 
             checkpoint = default_checkpoint()
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         mlx = MLXThread()
         store = None
         try:
             model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+            config = read_config(os.fspath(checkpoint))
+            adapter = adapter_for_config(config)
+            caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
-                if spec_batch >= 2:
+                if spec_batch >= 2 and caps.batch and caps.spec_batch:
                     batched = await mlx.call(lambda: _spec_batch(model, tokenizer, store, spec, spec_batch))
                 if warmup or (warmup is None and await mlx.call(_on_gpu)):
                     await mlx.call(spec.warmup)
@@ -242,12 +251,12 @@ class Runtime:
             # short-lived arrays trigger stay short (on the H100 the spec decode ran ~10 % faster with gc off)
             gc.collect()
             gc.freeze()
-            config = read_config(os.fspath(checkpoint))
-            tc = adapter_for_config(config).text_config(config)
+            tc = adapter.text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"))
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
-                             predictor=predictor, spec=spec, spec_batch=batched)
+                             predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
+                             prefill_chunk=prefill_chunk)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
@@ -284,15 +293,16 @@ class Runtime:
             return list(prompt)
         raise RequestError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
-    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-                    stop_token_ids=(), request_id=None, session_id=None, specdec="default", specdec_policy=None,
-                    on_chunk=None, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0, logprobs=False,
-                    top_logprobs=0, grammar=None) -> RequestStream:
+    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
+                    stop=None, stop_token_ids=(), request_id=None, session_id=None, specdec="default",
+                    specdec_policy=None, logits_processors=(), on_chunk=None, presence_penalty=0.0,
+                    frequency_penalty=0.0, logprobs=False, top_logprobs=0, grammar=None) -> RequestStream:
         """See ``stream``. Sampling extras: ``min_p``; OpenAI ``presence_penalty`` / ``frequency_penalty`` over the
         generated tokens; ``logprobs`` (+ ``top_logprobs`` alternatives) on each chunk; ``grammar``: an llguidance
         grammar string (``mach_runtime.engine.constraints.json_schema_grammar(schema)`` / ``lark_grammar``) every
-        token must follow. Requests using any of these decode in the target-only batch (speculative lanes do not
-        implement them), so they are exact against the (constrained) target."""
+        token must follow; ``logits_processors``: ``fn(tokens, logits) -> logits`` hooks. Requests using any of
+        these decode in the target-only batch (the speculative lanes do not implement them), exactly against the
+        (constrained) target."""
         self._sup.check_open()
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
@@ -315,15 +325,16 @@ class Runtime:
             stop = [stop]
         stop = tuple(s for s in (stop or ()) if s)
         specdec, specdec_policy = self._specdec_choice(specdec, specdec_policy)
+        if not all(isinstance(s, str) for s in stop):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
         params = SamplingParams(
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-            seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
+            min_p=float(min_p), seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
             stop_token_ids=tuple(stop_token_ids), specdec=specdec, specdec_policy=specdec_policy,
-            min_p=float(min_p), presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
-            logprobs=bool(logprobs), top_logprobs=int(top_logprobs), grammar=grammar,
+            processors=tuple(logits_processors), presence_penalty=float(presence_penalty),
+            frequency_penalty=float(frequency_penalty), logprobs=bool(logprobs), top_logprobs=int(top_logprobs),
+            grammar=grammar,
         )
-        if params.target_only and specdec is not None:  # lossless: the target-only batch implements them exactly
-            params = msgspec.structs.replace(params, specdec=None, specdec_policy=None)
         rid = request_id if request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
         return RequestStream(self, sub, on_chunk)
@@ -404,12 +415,9 @@ def _spec_engine(model, tokenizer, store, draft, config):
 
 
 def _spec_batch(model, tokenizer, store, spec, n: int):
-    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config, or None where the
-    family's caches cannot be rolled back per row (then the runtime batches target-only, as without it)."""
+    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config (only where the family's
+    capabilities allow ``spec_batch``)."""
     from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
 
-    try:
-        return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
-                                  target=spec.target)
-    except ConfigError:
-        return None
+    return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
+                              target=spec.target)

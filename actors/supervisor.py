@@ -5,11 +5,15 @@ one_for_one: a crashed actor is rebuilt alone, at most ``intensity`` times withi
 semantics); past that the Supervisor shuts everything down and fails every live request with
 ``RuntimeFailedError``.
 
-The ledger (request id → prompt, params, tokens already delivered, output slot) lives here, not in the Decoder,
-so a Decoder crash loses nothing: the restarted Decoder re-admits every live request as prompt + delivered
-tokens, and generation continues at the next position. Delivery is keyed by (request id, position), so no token
-is delivered twice. ``fault_hook(actor, point, info)`` is called by the actors at fixed points; tests raise from
-it to crash an actor exactly there.
+The ledger (request id → prompt, params, tokens already delivered, output slot, emitter) lives here, not in the
+Decoder, so a Decoder crash loses nothing: the restarted Decoder re-admits every live request as prompt +
+delivered tokens, and generation continues at the next position. Delivery is keyed by (request id, position), so
+no token is delivered twice. The Decoder sends token ids; each entry's ``engine.emit.Emitter`` detokenizes them
+and checks stop strings (a stop string ends the request: the Decoder is told with ``Abort(reason="stop")``).
+An abort is recorded here the moment it is asked for: the stream ends at once and no restart re-admits it. A
+request that failed by a fault of its own (``RequestFailed``) leaves the ledger and is never re-admitted.
+``fault_hook(actor, point, info)`` is called by the actors at fixed points; tests raise from it to crash an actor
+exactly there (or, at the Decoder's "admit", to fail one request).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from mach_runtime.engine.emit import Emitter
 from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequestError
 
 from .cache import CacheActor, KVTable
@@ -35,14 +40,15 @@ from .slot import OutputSlot, wake
 class LedgerEntry:
     submit: Submit
     slot: OutputSlot
+    emitter: Emitter
     delivered: list[int] = field(default_factory=list)
-    delivered_chars: int = 0  # text delivered with them (a partial stop-string match may still be held back)
+    ending: str | None = None  # the emitter ended it ("stop" / "length"); the Decoder's Finish brings the usage
 
 
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
                  fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None,
-                 spec_batch=None):
+                 spec_batch=None, caps=None, prefill_chunk: int | None = None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
@@ -51,6 +57,8 @@ class Supervisor:
         self.predictor = predictor
         self.spec = spec  # BlockSpecDecEngine (MLX-thread object, shared by every Decoder incarnation) or None
         self.spec_batch = spec_batch  # BatchedSpecDecoder, likewise shared (each Decoder clears it first), or None
+        self.caps = caps  # the family's Capabilities (io.arch_registry)
+        self.prefill_chunk = prefill_chunk
         self.kv_table = KVTable()
         self.max_sessions = max_sessions
         self.ledger: dict[str, LedgerEntry] = {}
@@ -121,11 +129,10 @@ class Supervisor:
             cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
-            spec_batch=self.spec_batch,
+            spec_batch=self.spec_batch, caps=self.caps, prefill_chunk=self.prefill_chunk,
         )
         if self.decoder is not None:  # statistics survive a restart
-            d.counters, d.histogram = self.decoder.counters, self.decoder.histogram
-            d.spec_histogram = self.decoder.spec_histogram
+            d.adopt_stats(self.decoder)
         self.decoder = d
 
         def exited(result, error, d=d):
@@ -151,12 +158,13 @@ class Supervisor:
             self.restarts["decoder"] += 1
             self._start_decoder()
             with self._lock:
-                live = list(self.ledger.values())
+                live = [e for e in self.ledger.values() if e.ending is None]
+                ended = [self.ledger.pop(k) for k, e in list(self.ledger.items()) if e.ending is not None]
+            wake(self._token, [self._end(e, e.ending, 0, 0) for e in ended])  # they had ended already
             for e in live:  # re-admit: prompt + what the client already has; fresh KV (no session reuse)
                 s = e.submit
                 self.decoder.send(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
-                                         resume_ids=tuple(e.delivered), resume_chars=e.delivered_chars,
-                                         session_id=s.session_id))
+                                         resume_ids=tuple(e.delivered), session_id=s.session_id))
 
     def _give_up(self, name: str, error: BaseException) -> None:
         self.failed = RuntimeFailedError(
@@ -187,18 +195,21 @@ class Supervisor:
         with self._lock:
             if sub.request_id in self.ledger:
                 raise RequestError(f"request_id {sub.request_id!r} is already in use by a live request")
-            self.ledger[sub.request_id] = LedgerEntry(sub, slot)
+            self.ledger[sub.request_id] = LedgerEntry(sub, slot, Emitter(self.tokenizer, sub.params))
         self.decoder.send(sub)
         return slot
 
     def abort(self, request_id: str, *, missing_ok: bool = False) -> None:
+        """Records the abort (the stream ends now; no restart re-admits the request), then tells the Decoder."""
         with self._lock:
-            known = request_id in self.ledger
-        if not known:
+            e = self.ledger.pop(request_id, None)
+        if e is None:
             if missing_ok:
                 return
             raise UnknownRequestError(f"no live request with id {request_id!r} (finished, aborted or never submitted)")
-        self.decoder.send(Abort(request_id))
+        wake(self._token, [self._end(e, e.ending or "abort", 0, 0)])
+        if self.decoder is not None and not self.closed:
+            self.decoder.send(Abort(request_id))
 
     def deliver(self, msgs) -> None:
         """Output from the Decoder (MLX thread; one message or a step's list): into the ledger and the
@@ -208,25 +219,46 @@ class Supervisor:
         wake(self._token, [self._apply(m) for m in msgs])
 
     def _apply(self, msg):
+        stop = False
         with self._lock:
             e = self.ledger.get(msg.request_id)
             if e is None:
-                return None  # already finished or failed
+                return None  # already finished, aborted or failed
             if isinstance(msg, TokenOutput):
-                if msg.index < len(e.delivered):
-                    return None  # replayed position: the client has it already
-                if msg.index != len(e.delivered):
+                if e.ending is not None:
+                    return None  # ended by the emitter: the Decoder's Finish is on its way
+                skip = len(e.delivered) - msg.index  # replayed positions: the client has them already
+                if skip < 0:
                     raise RuntimeError(f"token for {msg.request_id} at {msg.index}, expected {len(e.delivered)}")
-                e.delivered.extend(msg.token_ids)
-                e.delivered_chars += len(msg.text)
-                return e.slot.push(msg.token_ids, msg.text, msg.logprobs)
-            del self.ledger[msg.request_id]
+                new = msg.token_ids[skip:]
+                if not new:
+                    return None
+                text, finish, kept = e.emitter.push(new)
+                e.delivered.extend(new[:kept])
+                if finish is not None:
+                    e.ending = finish
+                    stop = True  # the Decoder may not know (a stop string): tell it
+                lps = msg.logprobs[skip : skip + kept] if msg.logprobs is not None else None
+                event = e.slot.push(new[:kept], text, lps)
+            else:
+                del self.ledger[msg.request_id]
+        if isinstance(msg, TokenOutput):
+            if stop and self.decoder is not None:
+                self.decoder.send(Abort(msg.request_id, reason="stop"))
+            return event
         if isinstance(msg, Finish):
-            return e.slot.finish(msg.reason, {
-                "prompt_tokens": msg.prompt_tokens, "completion_tokens": msg.completion_tokens,
-                "cached_tokens": msg.cached_tokens, "prefilled_tokens": msg.prefilled_tokens,
-            })
-        return e.slot.fail(RequestError(msg.message))  # RequestFailed
+            return self._end(e, e.ending or msg.reason, msg.cached_tokens, msg.prefilled_tokens)
+        return e.slot.fail(RequestError(msg.message))  # RequestFailed: its own fault, never re-admitted
+
+    @staticmethod
+    def _end(e: LedgerEntry, reason: str, cached: int, prefilled: int):
+        """Finishes an entry's slot (it has left the ledger): the text still held back, then the usage."""
+        text = e.emitter.close(reason)
+        pushed = e.slot.push((), text) if text else None  # (the consumer's wake-up event, taken by the push)
+        usage = {"prompt_tokens": len(e.submit.prompt_ids), "completion_tokens": len(e.delivered),
+                 "cached_tokens": cached, "prefilled_tokens": prefilled}
+        finished = e.slot.finish(reason, usage)
+        return pushed or finished
 
     # -- shutdown ------------------------------------------------------------------------------------------
     async def shutdown(self) -> None:

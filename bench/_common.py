@@ -158,7 +158,7 @@ def safetensors_files(ckpt) -> list[str]:
 
 def ensure_tiny_checkpoint(root: Path, name: str, **kwargs) -> Path:
     """make_tiny_checkpoint into root/name, reused when the same arguments made it before."""
-    from mach_runtime.io.tiny import make_tiny_checkpoint
+    from mach_runtime.testing.tiny import make_tiny_checkpoint
 
     out = root / name
     marker = out / "bench_params.json"

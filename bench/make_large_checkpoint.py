@@ -284,7 +284,7 @@ def write_shard(path, specs, seed, progress):
 
 def write_tokenizer(out, vocab_size):
     """The project's tiny byte-level BPE (trained on a few stdlib sources), in the Hugging Face layout."""
-    from mach_runtime.io.tiny import make_tokenizer
+    from mach_runtime.testing.tiny import make_tokenizer
 
     vocab, eos = make_tokenizer(Path(out), vocab_size)
     return eos, vocab

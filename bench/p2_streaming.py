@@ -144,8 +144,6 @@ def window(snaps, times, a, b, k, layers):
 
 
 def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=True) -> dict:
-    import mlx.core as mx
-
     from mach_runtime import load_moe
     from mach_runtime.engine.generate import GenerationStats, generate_tokens, make_sampler
 
@@ -161,8 +159,8 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     snaps = []
     gstats = GenerationStats()
     t0 = time.perf_counter()
-    mx.random.seed(a.seed)
-    toks, times = C.timed_tokens(generate_tokens(model, ids, cache, make_sampler(a.temperature), n_new, gstats),
+    toks, times = C.timed_tokens(generate_tokens(model, ids, cache, make_sampler(a.temperature, seed=a.seed), n_new,
+                                                 gstats),
                                  n_new, on_token=lambda i: snaps.append(store.stats()))
     end = store.stats()
     n = len(toks)
@@ -191,7 +189,6 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     import math
     from collections import Counter, defaultdict
 
-    import mlx.core as mx
 
     from mach_runtime import load_moe
     from mach_runtime.engine.generate import generate_tokens, make_sampler
@@ -199,8 +196,7 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     model, _, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=1e6, direct_io=True)
     apply_routing(model, a.routing, E)
     store.start_trace()
-    mx.random.seed(a.seed)
-    list(generate_tokens(model, ids, cache, make_sampler(a.temperature), n_new))
+    list(generate_tokens(model, ids, cache, make_sampler(a.temperature, seed=a.seed), n_new))
     per_layer = defaultdict(list)
     for layer, experts in store.trace:
         per_layer[layer].append(set(experts))
@@ -224,7 +220,6 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
 
 
 def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
-    import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     from mach_runtime import load_moe
@@ -235,13 +230,12 @@ def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
     load_s = time.perf_counter() - t0
     apply_routing(model, a.routing, store.stats().num_experts)
     for _ in range(warmup):
-        list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), min(n_new, 8)))
+        list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), min(n_new, 8)))
     tps = []
     toks = None
     for _ in range(2):
-        mx.random.seed(a.seed)
         toks, times = C.timed_tokens(
-            generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature), n_new), n_new)
+            generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), n_new), n_new)
         tps.append(C.decode_tps(times))
     store.close()
     del model

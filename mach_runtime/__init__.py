@@ -24,7 +24,7 @@ _EXPORTS = {
     "BlockSpecDecEngine": "mach_runtime.engine.specdec",
     "BlockSpecDecEngineConfig": "mach_runtime.engine.specdec",
     "BlockSpecDecEngineMode": "mach_runtime.engine.specdec",
-    "make_tiny_checkpoint": "mach_runtime.io.tiny",
+    "make_tiny_checkpoint": "mach_runtime.testing.tiny",
     "Runtime": "actors.runtime",
     "MachError": "mach_runtime.errors",
     "CheckpointError": "mach_runtime.errors",

@@ -101,11 +101,6 @@ def resolve_store_config(
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
 
 
-def mach_home() -> str:
-    """Where mach keeps generated files (the default tiny checkpoint): $MACH_HOME or ~/.cache/mach_runtime."""
-    return os.environ.get("MACH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mach_runtime")
-
-
 def resolve_api_key(api_key: str | None = None) -> str | None:
     """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
     key, _ = _raw("api_key", api_key)

@@ -59,19 +59,6 @@ def corpus_files(split: str = "train", root: Path | None = None) -> list[CorpusF
     return out
 
 
-def heldout_text(max_chars: int | None = None, root: Path | None = None) -> str:
-    """The held-out files concatenated (separated by DOC_SEPARATOR), optionally cut to ``max_chars``."""
-    parts, n = [], 0
-    for f in corpus_files("heldout", root):
-        t = f.read()
-        parts.append(t)
-        n += len(t)
-        if max_chars is not None and n >= max_chars:
-            break
-    text = DOC_SEPARATOR.join(parts)
-    return text if max_chars is None else text[:max_chars]
-
-
 def heldout_prompts(tokenizer, n: int, prompt_tokens: int, skip: int = 256, min_after: int = 256) -> list[tuple[str, list[int]]]:
     """``n`` held-out prompts as (relpath, token ids): tokens [skip, skip + prompt_tokens) of ``n`` evenly spaced
     held-out files among those with at least ``min_after`` tokens after the prompt. The distribution the demo

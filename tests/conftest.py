@@ -26,7 +26,7 @@ def hf_reference():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random tiny qwen3_moe checkpoint (HF per-expert layout, fp32) with 16 experts, top-4."""
-    from mach_runtime.io.tiny import make_tiny_checkpoint
+    from mach_runtime.testing.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(
         tmp_path_factory.mktemp("tiny") / "ckpt", hidden=64, layers=2, experts=16, top_k=4, moe_inter=32,

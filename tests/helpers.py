@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mach_runtime.io.tiny import save_weights
+from mach_runtime.testing.tiny import save_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_QWEN3_MOE = FIXTURES / "hf_qwen3_moe"
@@ -107,3 +107,18 @@ def detokenize(tok, ids) -> str:
         d.add_token(t)
     d.finalize()
     return d.text
+
+
+def small_forwards(model, prompt) -> list:
+    """Logits of a prefill over ``prompt``, two 1-token steps and a 6-token block (the shapes a decode and a
+    speculative verify run), through one prompt cache."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([list(prompt)]), cache=cache)]
+    for t in (7, 11):
+        out.append(model(mx.array([[t]]), cache=cache))
+    out.append(model(mx.array([[3, 1, 4, 1, 5, 9]]), cache=cache))
+    mx.eval(out)
+    return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from mach_runtime import load_moe
 from mach_runtime.engine.compiled_moe import compile_moe_blocks, moe_blocks
@@ -16,6 +15,7 @@ from mach_runtime.io.gather_switch_glu import (
     SMALL_EXPERTS_SORT_THRESHOLD, SORT_THRESHOLD, GatherSwitchGLU, switch_glu,
 )
 from tests.family_helpers import FAMILIES
+from tests.helpers import small_forwards
 from mach_runtime.assets import demo_model_path
 
 DEMO = demo_model_path()
@@ -23,15 +23,8 @@ MODELS = {"qwen3_moe": DEMO, **FAMILIES}
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 8, 9, 10]
 
 
-def _forwards(model) -> list[mx.array]:
-    """Logits of a prefill (long enough to stay uncompiled at max_rows=8), 1-token steps and a 6-token block."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array([PROMPT]), cache=cache)]
-    for t in (7, 11):
-        out.append(model(mx.array([[t]]), cache=cache))
-    out.append(model(mx.array([[3, 1, 4, 1, 5, 9]]), cache=cache))
-    mx.eval(out)
-    return out
+def _forwards(model) -> list:
+    return small_forwards(model, PROMPT)
 
 
 class _Counting:
@@ -53,8 +46,8 @@ def test_compiled_blocks_equal_the_models_own_code(family):
     assert compile_moe_blocks(model, max_rows=8) == n  # idempotent: no double wrapping
     counters = []
     for b in blocks:
-        c = _Counting(b._mach_compiled_fn)
-        object.__setattr__(b, "_mach_compiled_fn", c)
+        c = _Counting(b.hook_fn)
+        b.hook_fn = c
         counters.append(c)
     got = _forwards(model)
     for a, b in zip(ref, got):

@@ -43,17 +43,19 @@ def budget(layout, slots: int) -> float:
 
 def record_indices(model) -> dict:
     """Wraps every routed-expert module so the indices it receives are recorded per layer."""
+    from mach_runtime.engine.hooks import ModuleHook, install
+
     seen = {}
-    for L, layer in enumerate(model.model.layers):
-        glu = layer.mlp.experts
-        cls = type(glu)
 
-        class Recording(cls):
-            def __call__(self, x, indices, _L=L):
-                seen.setdefault(_L, []).append(np.array(indices).reshape(-1, indices.shape[-1]))
-                return super().__call__(x, indices)
+    class Recording(ModuleHook):
+        kind = "test_record_indices"
 
-        glu.__class__ = Recording
+        def __call__(self, x, indices):
+            seen.setdefault(self.hook_layer, []).append(np.array(indices).reshape(-1, indices.shape[-1]))
+            return self.inner(x, indices)
+
+    for L in range(len(model.model.layers)):
+        install(model, f"model.layers.{L}.mlp.experts", Recording).hook_layer = L
     return seen
 
 

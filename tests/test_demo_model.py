@@ -11,7 +11,7 @@ import pytest
 
 from mach_runtime import load_moe
 from mach_runtime.assets import demo_model_path
-from mach_runtime.io.trace_replay import (
+from mach_runtime.analysis.trace_replay import (
     RoutingTrace,
     default_slot_sizes,
     replay,

@@ -164,7 +164,7 @@ def test_qwen3_moe_transformers5_fused_layout(hf_reference, tmp_path, residency)
     """qwen3_moe saved the way transformers 5 holds it (fused ``experts.gate_up_proj [E, 2I, H]``) also loads."""
     import mlx.core as mx
 
-    from mach_runtime.io.tiny import save_weights
+    from mach_runtime.testing.tiny import save_weights
 
     src = hf_reference["path"]
     dst = tmp_path / "fused"

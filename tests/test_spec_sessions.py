@@ -180,8 +180,8 @@ def test_draft_state_resumes_the_drafters_context(models):
 def test_wrapped_window_trimmed_short_becomes_a_plain_cache(models):
     """A wrapped sliding window trimmed back to max_size - 1 rows (possible only between a rollback and its re-run)
     still converts to a plain RotatingKVCache the batch can merge and continue exactly."""
-    from mach_runtime.engine.specdec.engine import _plain_caches
     from mach_runtime.engine.specdec.target import TargetOps
+    from mach_runtime.engine.specdec.verify_cache import plain_caches
 
     model, tok, ref = models["gpt_oss"]
     ops = TargetOps(model)
@@ -191,7 +191,7 @@ def test_wrapped_window_trimmed_short_becomes_a_plain_cache(models):
     for c in cache:
         c.trim(3)
     assert any(c.keys.shape[2] < c.max_size <= c.offset for c in cache if hasattr(c, "max_size"))
-    kv = _plain_caches(cache)
+    kv = plain_caches(cache)
     be = BatchEngine(model, tok, 2)
     be.add("x", tuple(PROMPT), SamplingParams(max_tokens=10), kv=kv, cached_tokens=len(PROMPT) - 1)
     be.add("y", tuple(PROMPT[:20]), SamplingParams(max_tokens=6))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
-from mach_runtime.engine.specdec.acceptance import filtered_logprobs, sampled_accept
+from mach_runtime.engine.sampling import SamplingParams
+from mach_runtime.engine.sampling import filtered_logprobs as _filtered
 from mach_runtime.engine.specdec.draft import DFlashDrafter, Drafter, save_dflash_draft
 from mach_runtime.engine.specdec.policies import (
     FixedPolicy,
@@ -262,38 +263,9 @@ def test_target_only_fallback_above_context(qwen3, qwen3_draft_dir):
     assert 0 < s["specdec_cycles"] <= 11 and s["specdec_target_only_steps"] > 20
 
 
-# -- sampling --------------------------------------------------------------------------------------------------
-class _P:
-    def __init__(self, temperature=1.0, top_p=1.0, top_k=0, seed=0):
-        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
-
-
-def test_rejection_sampling_is_lossless_unit():
-    """Synthetic verify rows; position 0's emitted token must follow p0 whatever the draft proposes."""
-    rng = np.random.default_rng(0)
-    logits = mx.array(rng.normal(size=(3, 6)).astype(np.float32) * 1.5)
-    p0 = np.exp(np.array(filtered_logprobs(logits, 0.8, 1.0, 0))[0])
-    for draft0 in (int(np.argmax(p0)), int(np.argmin(p0))):
-        counts = Counter()
-        n = 2000
-        for seed in range(n):
-            acc, nxt = sampled_accept(logits, [draft0, 1], _P(0.8, seed=seed), 0)
-            counts[draft0 if acc >= 1 else nxt] += 1
-        emp = np.array([counts[i] / n for i in range(6)])
-        assert 0.5 * np.abs(emp - p0).sum() < 0.045, (draft0, emp, p0)
-
-
-def test_filtered_logprobs_match_plain_sampler():
-    from mach_runtime.engine.sampling import _filtered_logits
-
-    rng = np.random.default_rng(1)
-    row = mx.array(rng.normal(size=(50,)).astype(np.float32))
-    for t, p, k in ((0.7, 1.0, 0), (1.0, 0.8, 0), (1.3, 1.0, 5), (0.9, 0.6, 10)):
-        ours = np.array(filtered_logprobs(row[None], t, p, k)[0])
-        plain = np.array(_filtered_logits(row, t, p, k))
-        assert np.array_equal(np.isfinite(ours), np.isfinite(plain))
-        plain = plain - np.logaddexp.reduce(plain[np.isfinite(plain)])
-        assert np.allclose(ours[np.isfinite(ours)], plain[np.isfinite(plain)], atol=1e-5)
+# -- sampling (THE sampler's own tests: tests/test_sampling.py) -------------------------------------------------
+def filtered_logprobs(logits, temperature, top_p, top_k):
+    return _filtered(logits, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k))
 
 
 class _SecondChoice(Drafter):
@@ -550,7 +522,7 @@ def test_bucketed_kv_cache_equals_plain_cache(qwen3):
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from mach_runtime.engine.specdec.target import KV_BUCKET, bucket_kv_caches
+    from mach_runtime.engine.specdec.verify_cache import KV_BUCKET, bucket_kv_caches
 
     model = qwen3[0]
     plain, bucketed = make_prompt_cache(model), make_prompt_cache(model)

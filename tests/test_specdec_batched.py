@@ -170,8 +170,9 @@ def test_mix_of_spec_lookup_and_target_only_rows(qwen3):
 
 
 def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
-    """Perfect drafts (whole blocks accepted); each row stops at its own token / string mid-block and leaves
-    while the others go on. Nothing past a stop is released."""
+    """Perfect drafts (whole blocks accepted); each row stops at its own token mid-block and leaves while the
+    others go on. Nothing past a stop is released. Stop strings are the front end's (``emit.Emitter`` over the
+    ids): the row with one runs on, and the emitter cuts its text at the stop."""
     model, tok, refs = qwen3
     dec, draft = _decoder(model, tok, block=8)
     stops = {}
@@ -188,11 +189,10 @@ def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
                 if full[j : j + 3].strip() and full.find(full[j : j + 3]) == j)
     dec.add("r4", PROMPTS[4], SpecParams(max_tokens=N, ignore_eos=True, stop=(stop,)),
             drafter=_oracle(dec, draft, refs[4], 4, corrupt=0.0))
-    texts, toks, reasons, trimmed = {}, {}, {}, 0
+    toks, reasons, trimmed = {}, {}, 0
     while dec.rows:
         for o in dec.step():
             toks.setdefault(o.request_id, []).extend(o.token_ids)
-            texts[o.request_id] = texts.get(o.request_id, "") + o.text
             if o.finish_reason:
                 reasons[o.request_id] = o.finish_reason
                 # the KV handed to a session covers delivered tokens only (not those accepted past the stop)
@@ -204,8 +204,12 @@ def test_stop_tokens_and_strings_inside_accepted_blocks(qwen3):
                 dec.remove(o.request_id)
     for i, j in stops.items():
         assert toks[f"r{i}"] == refs[i][: j + 1] and reasons[f"r{i}"] == "stop"
-    assert texts["r4"] == full[: full.find(stop)] and reasons["r4"] == "stop"
-    assert stop in detokenize(tok, toks["r4"]) and stop not in detokenize(tok, toks["r4"][:-1])
+    from mach_runtime.engine.emit import Emitter
+
+    assert toks["r4"] == refs[4] and reasons["r4"] == "length"
+    text, finish, kept = Emitter(tok, SpecParams(max_tokens=N, ignore_eos=True, stop=(stop,))).push(toks["r4"])
+    assert text == full[: full.find(stop)] and finish == "stop"
+    assert stop in detokenize(tok, toks["r4"][:kept]) and stop not in detokenize(tok, toks["r4"][: kept - 1])
     assert dec.stats()["acceptance_length_histogram"][-1] >= 3  # whole blocks were accepted
     assert trimmed >= 1  # a stop inside an accepted block: the cache held tokens past it
 

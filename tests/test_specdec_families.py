@@ -140,7 +140,7 @@ def test_wrapped_window_snapshot_and_rerun_is_lossless(family, targets, monkeypa
     has wrapped and re-runs the accepted tokens: the snapshot/restore of rotating caches is exact too."""
     from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-    from mach_runtime.engine.specdec.target import exact_rotating_caches
+    from mach_runtime.engine.specdec.verify_cache import exact_rotating_caches
 
     model, tok, refs = targets[family]
     cache = make_prompt_cache(model)
@@ -244,7 +244,7 @@ def test_deepseek_v4_prompt_lookup_and_no_hidden_taps():
     assert s["specdec_accepted"] > 0 and s["specdec_rerun_tokens"] > 0  # compressed caches: snapshot + re-run
     ops = TargetOps(model)
     assert ops.num_layers == model.args.num_hidden_layers  # the MTP blocks are not target layers
-    with pytest.raises(ConfigError, match="deepseek_v4.*hc_mult residual streams"):
+    with pytest.raises(ConfigError, match="deepseek_v4.*hidden_taps=False"):
         BlockSpecDecEngine(model, tok, random_draft(ops.num_layers, [0, 1], hidden=32))
 
 
@@ -257,5 +257,5 @@ def test_unsupported_family_is_a_config_error(targets):
         lm_head = gpt_oss.lm_head
         model = gpt_oss.model
 
-    with pytest.raises(ConfigError, match="llama.*supports qwen3_moe, qwen3_5_moe, gpt_oss, gemma4"):
+    with pytest.raises(ConfigError, match="llama.*supports qwen3_moe, qwen3_5_moe, gpt_oss, gemma4, deepseek_v4"):
         TargetOps(Other())

@@ -1,0 +1,1 @@
+"""The command-line programs: ``mach`` and ``mach-archs`` (discovery commands import no MLX)."""

@@ -9,17 +9,10 @@ import argparse
 import sys
 import time
 
+from ..assets import default_checkpoint
 from ..errors import MachError
 
-DEFAULT_TINY = "tiny-qwen3-moe"
 DEFAULT_PROMPT = "def fibonacci(n):"  # ends on a token boundary the demo model saw in training
-
-
-def default_checkpoint() -> str:
-    """The bundled default: the project's own trained demo model, shipped inside the package (offline)."""
-    from ..assets import demo_model_path
-
-    return str(demo_model_path())
 
 
 def _cmd_generate(a) -> int:
@@ -63,7 +56,7 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_make_tiny(a) -> int:
-    from ..io.tiny import make_tiny_checkpoint
+    from ..testing.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(
         a.out, layout=a.layout, dtype=a.dtype, quant_bits=a.quant_bits,

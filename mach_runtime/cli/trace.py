@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..io.trace_replay import POLICIES, RoutingTrace, default_slot_sizes, replay, routing_stats, sweep
+from ..analysis.trace_replay import POLICIES, RoutingTrace, default_slot_sizes, replay, routing_stats, sweep
 
 
 def heldout_stream(tokenizer, checkpoint=None) -> list[int]:
@@ -97,8 +97,7 @@ def record_generation(model, store, prompt_ids: list[int], max_tokens: int, temp
 
     from ..engine.generate import make_sampler
 
-    mx.random.seed(seed)
-    sampler = make_sampler(temperature)
+    sampler = make_sampler(temperature, seed=seed)
     cache = make_prompt_cache(model)
     store.start_trace()
     logits = None

@@ -1,12 +1,15 @@
 """Continuous batching on the MLX thread: requests join and leave a running batch between decode steps.
 
-A new request is prefilled alone (batch of one, chunked, reusing a prefix KV when one is handed over) up to but
-not including its last token; its cache is then merged into the running batch's caches (mlx-lm's batch caches:
-left-padded KV, batched recurrent state). Every ``step()`` feeds each request's pending token, samples each row
-with its own parameters, detokenizes, checks stop conditions and reports the new tokens. A finished or aborted
-request is filtered out of the batch at once, freeing its slot for the next step.
+Joining is two-phase so a long prompt never stalls the running rows for its whole prefill: ``begin(admissions)``
+merges the newcomers' caches (empty, or a reused prefix KV) into a ``Prefill`` whose ``advance()`` runs ONE chunk
+of their prompts (right-padded: k newcomers cost one prefill), and ``join(prefill)`` adds them to the batch once
+it is done; the scheduler interleaves chunks with decode steps. ``add_many`` does all three at once.
 
-Synchronous and single-threaded by design: the Decoder actor calls it from the one MLX thread.
+Every ``step()`` feeds each row its pending token, samples every row with THE sampler (``sampling.sample_rows``:
+keyed by (seed, completion position)) and ends rows on token-level conditions (``emit.StopRule``); text and stop
+strings are the front end's (``emit.Emitter``). A finished row stays until it is removed.
+
+Synchronous and single-threaded by design: the scheduler calls it from the one MLX thread.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from .constraints import constraint_for
+from .emit import StopRule
 from .kv_prefix import fit_prefix
-from .sampling import apply_bitmask, penalize, sample_batch, token_logprobs, validate
+from .sampling import apply_bitmask, check, penalize, sample_rows, token_logprobs
 
 PREFILL_STEP = 512
 
@@ -29,66 +33,57 @@ class StepOutput:
     request_id: str
     index: int  # position of this token in the completion
     token: int
-    text: str  # text released by this token (stop-string prefixes are held back)
-    finish_reason: str | None
+    finish_reason: str | None  # token-level: "stop" (a stop token) or "length"
     logprobs: tuple | None = None  # (logprob, ((top id, logprob), ...)) when the request asked for them
 
 
 @dataclass
 class Admission:
-    """A request joining the batch: ``kv`` (single-request caches) covers ``prompt_ids[:cached_tokens]``;
-    ``resume_ids`` are completion tokens already delivered (a replay after a Decoder restart, a move between
-    lanes); ``resume_chars`` how much of their text the client has (None: all; less where a partial stop-string
-    match was held back)."""
+    """A request joining a batch: ``kv`` (single-request caches) covers ``prompt_ids[:cached_tokens]``;
+    ``resume_ids`` are completion tokens already delivered (a replay after a crash, a move between lanes)."""
 
     request_id: str
     prompt_ids: tuple
-    params: object  # SamplingParams
+    params: object  # sampling.SamplingParams
     resume_ids: tuple = ()
     kv: object = None
     cached_tokens: int = 0
-    resume_chars: int | None = None
 
 
 @dataclass
 class _Seq:
     request_id: str
-    prompt_len: int
-    params: object  # SamplingParams
-    stop_ids: frozenset
-    detok: object
+    prompt: tuple
+    params: object  # SamplingParams, seed resolved
+    rule: StopRule
     generated: list = field(default_factory=list)
     next_token: int = 0
-    sent_chars: int = 0  # characters of detok.text already released
     cached_tokens: int = 0
     prefilled_tokens: int = 0
+    finish: str | None = None
     constraint: object = None  # GrammarConstraint (engine/constraints.py) when the request has a grammar
 
-    def row(self, ahead: int = 0):
-        """Sampling parameters of this row; ``ahead`` tokens are generated but not yet read back."""
-        p = self.params
-        return (p.temperature, p.top_p, p.top_k, p.seed, len(self.generated) + ahead, p.min_p)
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    def row(self, ahead=None):
+        """(params, completion position[, history]) of this row's next draw; ``ahead``: the lazy token of a step
+        in flight (generated, not yet read back)."""
+        pos = len(self.generated) + (ahead is not None)
+        if not self.params.processors:  # (``ahead`` is then just True)
+            return self.params, pos
+        hist = mx.array(list(self.prompt) + self.generated, dtype=mx.uint32)
+        return self.params, pos, hist if ahead is None else mx.concatenate([hist, ahead.astype(mx.uint32)])
 
 
-def _hold_back(text: str, stops) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def prefill_rows(cache, todos: list[list[int]], step: int, forward) -> None:
-    """Feeds each row's ``todos[i]`` into the batch caches ``cache`` in one forward per chunk of ``step`` tokens:
-    rows of different lengths are right-padded and the caches told so (mlx-lm's ``prepare`` / ``finalize``, as its
-    BatchGenerator does: the padding ends up as masked left padding), so k new requests cost one prefill, not k.
-    ``forward(tokens [B, T], start)`` runs one chunk over ``cache`` and returns an array to evaluate with it, or
-    None."""
+def prefill_chunks(cache, todos: list[list[int]], step: int, forward):
+    """Feeds each row's ``todos[i]`` into the batch caches ``cache``, ONE forward of ``step`` tokens per ``next``
+    (a generator: the caller interleaves chunks with other work). Rows of different lengths are right-padded and
+    the caches told so (mlx-lm's ``prepare`` / ``finalize``, as its BatchGenerator does). ``forward(tokens [B, T],
+    start)`` runs one chunk over ``cache`` and returns an array to evaluate with it, or None."""
     lengths = [len(t) for t in todos]
-    width = max(lengths)
+    width = max(lengths) if lengths else 0
     if width == 0:
         return
     padding = [width - n for n in lengths]
@@ -99,10 +94,44 @@ def prefill_rows(cache, todos: list[list[int]], step: int, forward) -> None:
     for start in range(0, width, step):
         out = forward(rows[:, start : start + step], start)
         mx.eval([c.state for c in cache] + ([out] if out is not None else []))
-    if any(padding):
-        for c in cache:
-            c.finalize()
-        mx.eval([c.state for c in cache])
+        last = start + step >= width
+        if last and any(padding):
+            for c in cache:
+                c.finalize()
+            mx.eval([c.state for c in cache])
+        yield min(step, width - start), last
+
+
+def prefill_rows(cache, todos, step: int, forward) -> None:
+    """``prefill_chunks`` run to the end."""
+    for _ in prefill_chunks(cache, todos, step, forward):
+        pass
+
+
+class Prefill:
+    """Newcomers being prefilled: their merged caches, their records and the chunks still to run."""
+
+    def __init__(self, members: list, cache, chunks):
+        self.members = members
+        self.cache = cache
+        self._chunks = chunks
+        self.done = chunks is None
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [m.request_id for m in self.members]
+
+    def advance(self) -> int:
+        """Runs one chunk; returns the tokens per row it fed (0 once done)."""
+        if self.done:
+            return 0
+        n, last = next(self._chunks, (0, True))
+        self.done = last
+        return n
+
+    def finish(self) -> None:
+        while not self.done:
+            self.advance()
 
 
 class BatchMembership:
@@ -138,6 +167,19 @@ class BatchMembership:
             for c, m in zip(self.cache, merged):
                 c.extend(m)
 
+    def join(self, prefill: Prefill) -> list:
+        """Adds a finished ``Prefill``'s rows to the batch; returns their records."""
+        prefill.finish()
+        if len(self._members()) + len(prefill.members) > self.max_batch:
+            raise RuntimeError("batch is full")
+        self._join_caches(prefill.cache)
+        self._members().extend(prefill.members)
+        return prefill.members
+
+    def add_many(self, admissions: list, *args) -> list:
+        """Prefills requests in one batched forward per chunk and joins them (see ``begin``)."""
+        return self.join(self.begin(admissions, *args))
+
     def remove(self, request_id: str):
         """Drops the request's row (its cache rows too); returns its record, or None if it is not here."""
         members = self._members()
@@ -153,10 +195,20 @@ class BatchMembership:
         return i, [c.extract(i) for c in self.cache]
 
 
+def merge_caches(caches: list) -> list:
+    """Single-request caches (one list per request) → per-layer batch caches."""
+    return [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+
+
 class BatchEngine(BatchMembership):
-    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True):
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True,
+                 mergeable: bool = True):
+        """``mergeable=False``: the family's caches cannot merge into batch caches (its capabilities say
+        ``batch=False``): one request at a time, on its own caches."""
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.mergeable = mergeable
+        max_batch = max_batch if mergeable else 1
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -178,22 +230,15 @@ class BatchEngine(BatchMembership):
         """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
         return self.add_many([Admission(request_id, prompt_ids, params, tuple(resume_ids), kv, cached_tokens)])[0]
 
-    def add_many(self, admissions: list["Admission"]) -> list[_Seq]:
-        """Prefills several requests in one batched forward per chunk and joins them to the batch.
-
-        Prompts of different lengths are right-padded and the caches told so (mlx-lm's ``prepare`` /
-        ``finalize``, as its BatchGenerator does), so k new requests cost one prefill, not k. Checks every
-        request before any work: a bad one raises and nothing is admitted.
-        """
+    def begin(self, admissions: list[Admission]) -> Prefill:
+        """The newcomers' ``Prefill`` (nothing run yet). Checks every request first: a bad one raises and nothing
+        is admitted."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        if len(self.seqs) + len(admissions) > self.max_batch:
-            raise RuntimeError("batch is full")
         todos, caches, seqs = [], [], []
         for a in admissions:
-            p = a.params
-            validate(p.temperature, p.top_p, p.top_k, p.min_p, p.presence_penalty, p.frequency_penalty, p.top_logprobs)
-            tokens = list(a.prompt_ids) + list(a.resume_ids)
+            check(a.params)
+            tokens = [int(t) for t in list(a.prompt_ids) + list(a.resume_ids)]
             if not tokens:
                 raise ConfigError("the prompt is empty: give at least one token")
             # a reused KV is cut to what the request shares, but the last token is always fed by a step
@@ -202,35 +247,21 @@ class BatchEngine(BatchMembership):
                 kv, cached = make_prompt_cache(self.model), 0
             todos.append(tokens[cached:-1])
             caches.append(kv)
-            seqs.append(self._new_seq(a, tokens, cached))
-        merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
-        self._prefill(merged, todos)
-        self._join_caches(merged)
-        self.seqs.extend(seqs)
-        return seqs
-
-    def _new_seq(self, a: "Admission", tokens: list[int], cached: int) -> _Seq:
-        detok = self.tokenizer.detokenizer  # a fresh streaming detokenizer per access
-        detok.reset()
-        seq = _Seq(a.request_id, len(a.prompt_ids), a.params, self.eos | frozenset(a.params.stop_token_ids), detok,
-                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
-                   constraint=constraint_for(a.params, self.tokenizer, a.resume_ids))
-        for t in a.resume_ids:  # a replayed request continues its text exactly where it left off
-            seq.generated.append(t)
-            if t not in seq.stop_ids:
-                detok.add_token(t)
-        full = len(detok.text)
-        seq.sent_chars = full if a.resume_chars is None else max(0, min(a.resume_chars, full))
-        seq.next_token = tokens[-1]
-        return seq
-
-    def _prefill(self, cache, todos: list[list[int]]) -> None:
-        """Feeds each row's ``todos[i]`` into the batch caches ``cache`` (right-padded, in chunks)."""
+            p = a.params.resolved()
+            seq = _Seq(a.request_id, tuple(a.prompt_ids), p, StopRule(p, self.eos), [int(t) for t in a.resume_ids],
+                       tokens[-1], cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
+                       constraint=constraint_for(p, self.tokenizer, a.resume_ids))
+            if seq.generated:  # a replayed request that had in fact ended before the crash
+                seq.finish = seq.rule.finish(seq.generated[-1], len(seq.generated))
+            seqs.append(seq)
+        if not self.mergeable and len(caches) > 1:
+            raise ConfigError("this family's caches cannot be batched: admit one request at a time")
+        merged = merge_caches(caches) if self.mergeable else caches[0]
 
         def forward(tokens, start):
-            self.model(tokens, cache=cache)  # the logits are never evaluated
+            self.model(tokens, cache=merged)  # the logits are never evaluated
 
-        prefill_rows(cache, todos, self.prefill_step, forward)
+        return Prefill(seqs, merged, prefill_chunks(merged, todos, self.prefill_step, forward))
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):
@@ -240,7 +271,7 @@ class BatchEngine(BatchMembership):
             self.cache, self._inflight, self._inflight_rows, self._inflight_lp = None, None, [], None
             return
         for c in self.cache:
-            c.filter(keep)
+            c.filter(keep)  # (a single-row cache that cannot merge never keeps fewer rows: it empties above)
         if self._inflight is not None:  # drop the removed rows from the step in flight too
             kept = {id(s) for s in self.seqs}
             rows = [i for i, s in enumerate(self._inflight_rows) if id(s) in kept]
@@ -249,10 +280,17 @@ class BatchEngine(BatchMembership):
                 self._inflight_lp = tuple(a[mx.array(rows)] for a in self._inflight_lp) if rows else None
             self._inflight_rows = [self._inflight_rows[i] for i in rows]
 
+    def clear(self) -> None:
+        """Drops every row (after a failed step: the caches are not to be trusted)."""
+        self.seqs, self.cache, self._inflight, self._inflight_rows, self._inflight_lp = [], None, None, [], None
+
     def extract_kv(self, request_id: str):
         """(caches, n): the request's cache as single-request caches, covering its first ``n`` tokens
         (prompt + generated; the newest token is covered only if a step in flight already fed it)."""
-        i, kv = self._extract(request_id)
+        if not self.mergeable:
+            i, kv = 0, list(self.cache)
+        else:
+            i, kv = self._extract(request_id)
         n = next((c.offset for c in kv if isinstance(getattr(c, "offset", None), int)), None)
         s = self.seqs[i]
         return kv, (n if n is not None else s.prompt_len + len(s.generated) - 1)
@@ -270,13 +308,10 @@ class BatchEngine(BatchMembership):
         if fresh:
             parts.append(mx.array(fresh, dtype=mx.uint32))
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
-        logits = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
-        rows = [s.row(1 if id(s) in pos else 0) for s in self.seqs]
-        raw = logits
-        logits = self._processed(logits)
-        if any(r[0] > 0 for r in rows):  # greedy needs no normalisation
-            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        self._inflight = sample_batch(logits, rows)
+        raw = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        rows = [s.row((cur[pos[id(s)] : pos[id(s)] + 1] if s.params.processors else True) if id(s) in pos else None)
+                for s in self.seqs]
+        self._inflight = sample_rows(self._processed(raw), rows)
         self._inflight_rows = list(self.seqs)
         k = max((s.params.top_logprobs for s in self.seqs if s.params.logprobs), default=-1)
         self._inflight_lp = token_logprobs(raw, self._inflight, k) if k >= 0 else None
@@ -299,9 +334,6 @@ class BatchEngine(BatchMembership):
             logits = apply_bitmask(logits, bitmask)
         return logits
 
-    def _host_bound(self) -> bool:
-        return any(s.params.host_bound for s in self.seqs)
-
     @property
     def in_flight(self) -> bool:
         """A step is queued whose tokens no ``step`` has read back yet (its rows' caches already hold their
@@ -309,7 +341,7 @@ class BatchEngine(BatchMembership):
         return self._inflight is not None
 
     def step(self, on_launched=None, launch_next: bool = True) -> list[StepOutput]:
-        """One batched decode step: the tokens of every row of the step in flight.
+        """One batched decode step: the tokens of every running row of the step in flight.
 
         With ``pipeline`` on, the next step is queued before this one's tokens are read back, so building the
         next graph on the host overlaps the device's work (as mlx-lm's generators do). A row that finishes
@@ -317,13 +349,15 @@ class BatchEngine(BatchMembership):
         ``launch_next=False`` queues none (a batch about to hand its rows' KV over: each cache then covers all
         but the row's newest token, which the next engine feeds).
         """
+        if any(s.finish for s in self.seqs):  # rows that ended (e.g. replayed complete) and nobody removed
+            self._filter([i for i, s in enumerate(self.seqs) if not s.finish])
         if not self.seqs:
             return []
         if self._inflight is None:
             self._launch()
         cur, rows, lp = self._inflight, self._inflight_rows, self._inflight_lp
         self._inflight, self._inflight_rows, self._inflight_lp = None, [], None
-        if self.pipeline and launch_next and not self._host_bound():
+        if self.pipeline and launch_next and not any(s.params.host_bound for s in self.seqs):
             self._launch(cur, rows)
         if on_launched is not None:  # the caller's host work overlaps the device's (e.g. delivering outputs)
             on_launched()
@@ -337,35 +371,10 @@ class BatchEngine(BatchMembership):
             s.next_token = t
             if s.constraint is not None:
                 s.constraint.advance(t)
-            o = self._emit(s, index, t)
+            s.finish = s.rule.finish(t, len(s.generated))
+            o = StepOutput(s.request_id, index, t, s.finish)
             if lps is not None and s.params.logprobs:
                 k = s.params.top_logprobs
                 o.logprobs = (lps[0][i], tuple(zip(lps[1][i][:k], lps[2][i][:k])))
             out.append(o)
         return out
-
-    def _emit(self, s: _Seq, index: int, t: int) -> StepOutput:
-        stops = s.params.stop
-        if t in s.stop_ids:
-            s.detok.finalize()
-            text = s.detok.text[s.sent_chars :]  # held-back stop-string prefixes are released
-            s.sent_chars += len(text)
-            return StepOutput(s.request_id, index, t, text, "stop")
-        s.detok.add_token(t)
-        finish = "length" if len(s.generated) >= s.params.max_tokens else None
-        if finish:
-            s.detok.finalize()
-        full = s.detok.text
-        if stops:
-            start = max(0, s.sent_chars - max(len(x) for x in stops))
-            hits = [full.find(x, start) for x in stops]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                end = min(hits)
-                text = full[s.sent_chars : max(end, s.sent_chars)]
-                s.sent_chars = max(end, s.sent_chars)
-                return StepOutput(s.request_id, index, t, text, "stop")
-        release = len(full) if finish else len(full) - _hold_back(full, stops)
-        text = full[s.sent_chars : max(release, s.sent_chars)]
-        s.sent_chars = max(release, s.sent_chars)
-        return StepOutput(s.request_id, index, t, text, finish)

@@ -14,7 +14,8 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import ConfigError
-from .sampling import validate
+from .emit import Emitter
+from .sampling import KeyedSampler, SamplingParams, check
 
 PREFILL_STEP = 512
 
@@ -45,12 +46,13 @@ class GenerationStats:
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
-    """logprobs[1, V] → token[1]; greedy when temperature is 0."""
-    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
-
-    validate(temperature, top_p, top_k)
-    return mlx_lm_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 min_p: float = 0.0, position: int = 0) -> KeyedSampler:
+    """THE sampler for a single-request loop: each call ``sampler(logits [1, V]) -> token [1]`` draws the next
+    completion position (from ``position``) keyed by (seed, position); greedy when temperature is 0."""
+    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    check(p)
+    return KeyedSampler(p, position)
 
 
 def prefill(model, tokens: mx.array, cache, step: int = PREFILL_STEP) -> mx.array:
@@ -94,32 +96,27 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache=None,
-                    stats: GenerationStats | None = None) -> Iterator[GenerationChunk]:
-    """Text chunks for a prompt (a string, or token ids); stops at eos or ``max_tokens``."""
+                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), cache=None,
+                    stats: GenerationStats | None = None, params: SamplingParams | None = None
+                    ) -> Iterator[GenerationChunk]:
+    """Text chunks for a prompt (a string, or token ids); stops at eos, a stop string or ``max_tokens``.
+    ``seed`` keys the draws exactly as ``Runtime.stream(seed=)`` does; ``params`` replaces the keywords."""
     from mlx_lm.models.cache import make_prompt_cache
 
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if cache is None:
         cache = make_prompt_cache(model)
-    if seed is not None:
-        mx.random.seed(seed)
+    if params is None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+    check(params)
+    params = params.resolved()
     stats = stats if stats is not None else GenerationStats()
-    sampler = make_sampler(temperature, top_p, top_k)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    eos = set(tokenizer.eos_token_ids)
-    last = None
-    for last in generate_tokens(model, ids, cache, sampler, max_tokens, stats):
-        if last in eos:
-            detok.finalize()
-            stats.finish_reason = "stop"
-            yield GenerationChunk(detok.last_segment, last, "stop")
+    emitter = Emitter(tokenizer, params)
+    for tok in generate_tokens(model, ids, cache, KeyedSampler(params), params.max_tokens, stats):
+        text, finish, _ = emitter.push([tok])
+        if finish:
+            stats.finish_reason = finish
+        yield GenerationChunk(text, tok, finish)
+        if finish:
             return
-        detok.add_token(last)
-        if stats.generated_tokens == max_tokens:
-            break
-        yield GenerationChunk(detok.last_segment, last)
-    detok.finalize()
-    stats.finish_reason = "length"
-    yield GenerationChunk(detok.last_segment, last, "length")

@@ -9,125 +9,31 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedArchError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, Capabilities, MoeArchAdapter, continuous_batching_capability
 
-SWIGLU_VARIANTS = ("plain_swiglu", "silu_limited", "plain_geglu")
-KV_CACHE_KINDS = ("standard", "hybrid_gdn", "compressed", "rotating")
-
-
-@dataclass(frozen=True)
-class MoeArchAdapter:
-    """What the engine needs to know about one MoE family.
-
-    Expert tensor names are declared as ``ExpertScheme``s (``expert_schemes.py``): one per real on-disk layout
-    (HF per-expert, HF fused 3-D, MLX ``switch_mlp`` stacked); the loader picks the one the checkpoint has.
-    """
-
-    key: str  # registry key
-    model_types: tuple[str, ...]  # config.json model_type values this adapter accepts
-    model_module: str  # module with the family's Model / ModelArgs classes
-    swiglu_variant: str  # plain_swiglu | silu_limited | plain_geglu
-    has_expert_bias: bool
-    wrapped: bool  # config nested under text_config
-    stacked: bool  # whether the upstream axis-0 stacked layout loads directly
-    kv_cache_kind: str  # standard | hybrid_gdn | compressed | rotating
-    specdec_kind: str  # how speculative decoding rolls back this family's caches
-    default_bits: int  # default routed-expert quantization fallback
-    default_group: int
-    expert_schemes: tuple  # ExpertScheme, in detection order
-    switch_module_template: str  # module path of the routed MLP in the MLX model, e.g. "model.layers.{layer}.mlp.switch_mlp"
-    # config.json field names (after unwrapping text_config)
-    num_experts_field: str
-    top_k_field: str
-    moe_intermediate_field: str
-    moe_layers: Callable[[dict], list[int]] = field(compare=False, default=None)
-    # the dict given to ModelArgs.from_dict: model_config(config, text_config); None -> the text config
-    model_config: Callable[[dict, dict], dict] | None = field(compare=False, default=None)
-    # extra keyword arguments of the expert activation, from the text config (e.g. gpt-oss's swiglu limit)
-    activation_params: Callable[[dict], dict] | None = field(compare=False, default=None)
-    # the text config adjusted to the checkpoint's tensors: checkpoint_config(tc, has_tensor) (deepseek_v4 drops
-    # MTP layers whose tensors the checkpoint lacks); applied by load_moe and mach check before the layout
-    checkpoint_config: Callable[[dict, Callable[[str], bool]], dict] | None = field(compare=False, default=None)
-    # expert_tensor_alias(tc)(name): the checkpoint's name for a tensor name the schemes build (layers stored
-    # under another prefix, e.g. deepseek_v4's MTP layer n+i under mtp.{i}); None: names as built
-    expert_tensor_alias: Callable[[dict], Callable[[str], str]] | None = field(compare=False, default=None)
-    rotating_keep: int = 0  # tokens a rotating KV cache keeps at the front (mlx-lm's RotatingKVCache keep)
-    implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
-    unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
-    notes: str = ""
-
-    def text_config(self, config: dict, source: str = "config.json") -> dict:
-        """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
-        if not self.wrapped or config.get("model_type") in self.unwrapped_model_types:
-            return config
-        inner = config.get("text_config")
-        if not isinstance(inner, dict):
-            raise CheckpointError(
-                f"{source}: model_type {config.get('model_type')!r} keeps its settings under 'text_config', "
-                "which is missing; use the checkpoint's original config.json"
-            )
-        return inner
-
-    def required_int(self, text_config: dict, name: str, source: str = "config.json") -> int:
-        value = text_config.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
-        return value
-
-    def num_experts(self, tc: dict, source: str = "config.json") -> int:
-        return self.required_int(tc, self.num_experts_field, source)
-
-    def top_k(self, tc: dict, source: str = "config.json") -> int:
-        return self.required_int(tc, self.top_k_field, source)
-
-    def moe_intermediate(self, tc: dict, source: str = "config.json") -> int:
-        return self.required_int(tc, self.moe_intermediate_field, source)
-
-    def hidden_size(self, tc: dict, source: str = "config.json") -> int:
-        return self.required_int(tc, "hidden_size", source)
-
-    def resolve_config(self, tc: dict, has_tensor: Callable[[str], bool]) -> dict:
-        return self.checkpoint_config(tc, has_tensor) if self.checkpoint_config else tc
-
-    def model_args_dict(self, config: dict, tc: dict) -> dict:
-        return self.model_config(config, tc) if self.model_config else tc
-
-    def activation_kwargs(self, tc: dict) -> dict:
-        return self.activation_params(tc) if self.activation_params else {}
-
-    def continuous_batching(self) -> bool:
-        """Whether the family's caches can be batched per row (see ``continuous_batching_capability``)."""
-        return continuous_batching_capability(self.kv_cache_kind, self.rotating_keep)[0]
-
-    def model_classes(self):
-        """(Model, ModelArgs) of the family (imports MLX)."""
-        import importlib
-
-        module = importlib.import_module(self.model_module)
-        return module.Model, module.ModelArgs
+__all__ = [
+    "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "Capabilities", "MoeArchAdapter", "adapter_for_config",
+    "arch_summary", "capabilities_of", "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
+]
 
 
-def continuous_batching_capability(kv_cache_kind: str, keep: int = 0) -> tuple[bool, str]:
-    """(possible, reason). The rule: batching needs caches that can be cloned and merged per row.
-
-    * ``standard`` (KVCache) and ``hybrid_gdn`` (KVCache + ArraysCache recurrent state): yes, both merge into
-      batch caches;
-    * ``compressed`` (DeepSeek-V4 compressed/indexed attention caches): no, they have no per-row merge;
-    * ``rotating`` (sliding-window RotatingKVCache): only when ``keep == 0`` (no pinned prefix), because a
-      batched rotating cache rotates every row identically.
-    """
-    if kv_cache_kind in ("standard", "hybrid_gdn"):
-        return True, f"{kv_cache_kind} caches merge into batch caches"
-    if kv_cache_kind == "compressed":
-        return False, "compressed attention caches cannot be merged per row"
-    if kv_cache_kind == "rotating":
-        if keep == 0:
-            return True, "rotating (sliding-window) caches with keep=0 batch"
-        return False, f"rotating caches with keep={keep} cannot be batched (only keep=0)"
-    return False, f"unknown kv_cache_kind {kv_cache_kind!r}"
+def capabilities_of(model) -> Capabilities:
+    """The capability table of a loaded model's family (by its ``model_type``); ``ConfigError`` for a model of no
+    registered family."""
+    found = None
+    for m in (model, getattr(model, "language_model", None)):
+        for t in (getattr(m, "model_type", None), getattr(getattr(m, "args", None), "model_type", None)):
+            if found is None and isinstance(t, str):
+                found = t
+    for a in REGISTRY.values():
+        if found is not None and (found in a.model_types or found in a.unwrapped_model_types
+                                  or found.removesuffix("_text") in a.model_types):
+            return a.capabilities()
+    raise ConfigError(f"{found or type(model).__module__}: not a model of a registered MoE family; the engine "
+                      f"supports {', '.join(REGISTRY)} (see mach-archs)")
 
 
 def _load_adapters() -> dict[str, MoeArchAdapter]:
@@ -197,6 +103,7 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "group": adapter.default_group,
         "model_module": adapter.model_module,
         "continuous_batching": adapter.continuous_batching(),
+        "hidden_taps": adapter.hidden_taps,
         "implemented": adapter.implemented,
     }
 

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
-from .arch_registry import MoeArchAdapter
+from .adapter import MoeArchAdapter
 from .expert_schemes import U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
 from .safetensors_index import CheckpointIndex, TensorInfo
 

@@ -20,6 +20,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .yarn import yarn_inv_freq
+
 NEG_INF = float("-inf")
 
 
@@ -65,18 +67,7 @@ def rope_inv_freq(params: dict, rope_dim: int) -> tuple[mx.array, float]:
         else:
             attention_factor = get_mscale(factor)
 
-    def correction_dim(rot):
-        return (rope_dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if params.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, rope_dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = mx.clip((mx.arange(rope_dim // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
-    extrapolation = 1.0 - ramp
-    inv = (1.0 / (factor * pos)) * (1 - extrapolation) + (1.0 / pos) * extrapolation
+    inv = yarn_inv_freq(rope_dim, base, factor, orig, beta_fast, beta_slow, params.get("truncate", True))
     return inv, float(attention_factor)
 
 

@@ -2,7 +2,7 @@
 
 Several requests (rows) decode at once on one set of mlx-lm batch caches of the target. Each row has its own
 drafter (a per-request ``DFlashDrafter`` context, prompt lookup, a custom drafter, or none = target-only), its own
-block policy, sampling parameters, stop handling (``output.TokenEmitter``) and stats. One ``step()``:
+block policy, sampling parameters, token-level ends (``output.Committer``) and stats. One ``step()``:
 
 1. each row picks its block length b_i (its policy; 1 = no drafts: target-only rows, the context-length fallback,
    ``max_tokens``) and its drafter proposes b_i − 1 tokens after the row's staged token (lazily: DFlash drafts are
@@ -14,7 +14,7 @@ block policy, sampling parameters, stop handling (``output.TokenEmitter``) and s
 3. ONE target forward verifies [B, b] on the batch caches, capturing the drafters' tapped hidden states (with
    ``config.bucket_kv`` over bucketed KV lengths, ``target.bucket_batch_caches``: static shapes for MLX's CUDA);
 4. each row accepts its own prefix (greedy: longest prefix equal to the target's argmax + bonus; sampled: the
-   rejection rule of ``acceptance.py`` with per-request keys (seed, completion position), so a row's randomness
+   rule of THE sampler (``sampling.sample``: draws keyed by (seed, completion position)), so a row's randomness
    does not depend on its batch mates);
 5. per-row rollback of the b − keep_i rejected positions (keep_i = accepted_i + 1):
    * attention (``BatchKVCache``): every row is trimmed by m = min_i(b − keep_i) (one write index), the rest r_i
@@ -27,13 +27,13 @@ block policy, sampling parameters, stop handling (``output.TokenEmitter``) and s
      a tape (or where it cannot replay) the recurrent state is restored from a snapshot, attention trimmed back to
      the cycle start, and every row's kept tokens re-run in one right-padded forward with ``lengths``
      (``specdec_rerun_tokens``);
-6. each row commits its accepted tokens + bonus (truncated at a stop / stop string / max_tokens), its drafter
+6. each row commits its accepted tokens + bonus (truncated at a stop token / max_tokens), its drafter
    observes the kept hidden rows, the bonus becomes its next staged token.
 
 Greedy rows are token-identical to plain greedy decoding of the target alone (tests/test_specdec_batched.py).
 
 Rows join between steps (``add_many``: the newcomers' caches — empty, or a reused prefix KV with the draft's
-context where it brings one — merged and prefilled together by ``batch.prefill_rows`` up to their last token, the
+context where it brings one — merged and prefilled together by ``batch.prefill_chunks`` up to their last token, the
 first staged one, each DFlash drafter observing its own rows; then merged into the running caches) and leave
 between steps (``remove``; finished rows nobody removed leave at the next ``step``). The API mirrors
 ``engine.batch.BatchEngine`` (``Admission``, ``add_many``, ``step``, ``remove``, ``extract_kv``, ``has``,
@@ -48,7 +48,6 @@ here: the constructor raises ``ConfigError`` (fall back to ``BatchEngine``).
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,40 +55,24 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
-from ..batch import Admission, BatchMembership, prefill_rows
+from ..batch import Admission, BatchMembership, Prefill, merge_caches, prefill_chunks
 from ..kv_prefix import fit_prefix
-from ..sampling import validate
-from . import target as _target
-from .acceptance import Sampling, greedy_accept, sampled_accept
+from ..emit import StopRule
+from ..sampling import SamplingParams, accept, check, sample
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, batchable_dflash, batched_dflash_logits, check_draft
 from .engine import SpecDecKV
 from .gdn_tape import GDNTape
-from .output import TokenEmitter
+from .output import Committer
+from .row_rollback import RowRollback
 from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
-from .target import Checkpoint, TargetOps, bucket_batch_caches, drop_front, rollback
+from .target import Checkpoint, TargetOps, bucket_batch_caches
 
 __all__ = ["BatchedSpecDecoder", "SpecParams", "SpecStepOutput", "Admission"]
 
 
-@dataclass(frozen=True)
-class SpecParams:
-    """Per-request parameters (duck-type compatible with ``actors.messages.SamplingParams``).
-
-    ``specdec``: "native_v7" (DFlash), "prompt_lookup", "target_only" or None (= target-only, as in the
-    Decoder); ``specdec_policy`` overrides the config's block policy; ``ignore_eos`` decodes past eos."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = 0
-    stop: tuple = ()
-    stop_token_ids: tuple = ()
-    specdec: str | None = None
-    specdec_policy: str | None = None
-    ignore_eos: bool = False
+SpecParams = SamplingParams  # the one request-parameter type (kept under this name for callers)
 
 
 @dataclass
@@ -97,7 +80,6 @@ class SpecStepOutput:
     request_id: str
     index: int  # position of token_ids[0] in the request's completion (replayed tokens included)
     token_ids: tuple  # the tokens this step committed for the row, truncated at a stop
-    text: str  # text released by them (stop-string prefixes are held back)
     finish_reason: str | None
 
 
@@ -106,9 +88,7 @@ class _Row:
     request_id: str
     prompt_len: int
     params: object
-    sampling: Sampling
-    stop_ids: frozenset
-    emitter: TokenEmitter
+    emitter: Committer
     drafter: Drafter | None
     policy: object
     history: list  # prompt + completion (replayed tokens included); the last one is staged (not in the cache)
@@ -137,7 +117,7 @@ def _mode(params, custom: Drafter | None) -> BlockSpecDecEngineMode:
         raise RequestError(f"specdec: unknown speculative decoding mode {m!r}; use one of {names}") from None
 
 
-class BatchedSpecDecoder(BatchMembership):
+class BatchedSpecDecoder(RowRollback, BatchMembership):
     """Batched speculative decoding over a loaded MoE target (``load_moe``) and an optional DFlash draft."""
 
     def __init__(self, model, tokenizer, draft=None, *, config: BlockSpecDecEngineConfig | None = None,
@@ -172,17 +152,15 @@ class BatchedSpecDecoder(BatchMembership):
     def _check_caches(self) -> tuple[list[int], list[int]]:
         from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-        attn, recurrent = [], []
-        for i, c in enumerate(make_prompt_cache(self.model)):
-            if type(c) is KVCache:
-                attn.append(i)
-            elif type(c) is ArraysCache:
-                recurrent.append(i)
-            else:
-                raise ConfigError(f"{self.target.family}: batched speculative decoding cannot roll back "
-                                  f"{type(c).__name__} caches per row (only full-attention KVCache and GatedDeltaNet "
-                                  "ArraysCache layers: qwen3_moe, qwen3_5_moe); use target-only batching "
-                                  "(BatchEngine) or BlockSpecDecEngine for one request")
+        caches = make_prompt_cache(self.model)
+        if not self.target.caps.spec_batch:  # the family's capability table (io.arch_registry)
+            kinds = sorted({type(c).__name__ for c in caches} - {"KVCache", "ArraysCache"})
+            raise ConfigError(f"{self.target.family}: batched speculative decoding cannot roll back {', '.join(kinds)} "
+                              "caches per row (capabilities: spec_batch=False; only full-attention KVCache and "
+                              "GatedDeltaNet ArraysCache layers); use target-only batching (BatchEngine) or "
+                              "BlockSpecDecEngine for one request")
+        attn = [i for i, c in enumerate(caches) if type(c) is KVCache]
+        recurrent = [i for i, c in enumerate(caches) if type(c) is ArraysCache]
         return attn, recurrent
 
     # -- membership (``active``, ``full``, ``has``, ``remove``: ``BatchMembership``) -----------------------------
@@ -199,49 +177,25 @@ class BatchedSpecDecoder(BatchMembership):
         return self.add_many([Admission(request_id, tuple(prompt_ids), params, tuple(resume_ids), kv, cached_tokens)],
                              [drafter])[0]
 
-    def add_many(self, admissions: list[Admission], drafters: list | None = None) -> list[_Row]:
-        """Prefills requests (each alone, chunked, capturing its drafter's hidden states) and joins them.
-
-        ``params`` of an admission: ``SpecParams`` or the Decoder's ``SamplingParams`` (``specdec`` picks the
-        row's drafter; None = target-only). ``drafters[i]``: a custom drafter for admission i (tests: oracle
-        drafts), used in the NATIVE_V7 slot. A prefix ``kv`` (``Admission.kv``, covering ``cached_tokens``) spares
-        its tokens' prefill; a DFlash row then resumes the draft's context from the KV's ``draft_state`` (a
-        ``SpecDecKV`` handed over by ``handover`` or ``SpecDecRun.handover``) or, without one, drafts from the
-        tokens after it only (lossless; acceptance may be lower at first). Checks every request before any work:
-        a bad one raises and nothing is admitted."""
-        if not admissions:
-            return []
+    def begin(self, admissions: list[Admission], drafters: list | None = None) -> Prefill:
+        """The newcomers' ``Prefill`` (``batch.BatchMembership.join`` adds them once it is done; ``add_many`` does
+        both). ``drafters[i]``: a custom drafter for admission i (tests: oracle drafts), in the NATIVE_V7 slot;
+        ``params.specdec`` picks the others (None = target-only). A prefix ``kv`` (``Admission.kv``, covering
+        ``cached_tokens``) spares its tokens' prefill; a DFlash row then resumes the draft's context from the KV's
+        ``draft_state`` (a ``SpecDecKV`` from ``handover`` or ``SpecDecRun.handover``) or, without one, drafts
+        from the tokens after it only (lossless; acceptance may be lower at first). Each chunk captures the rows'
+        hidden states for their drafters. Checks every request before any work: a bad one raises."""
         drafters = list(drafters) if drafters is not None else [None] * len(admissions)
         if len(drafters) != len(admissions):
             raise ValueError("drafters: one entry per admission")
-        if len(self.rows) + len(admissions) > self.max_batch:
-            raise RuntimeError("batch is full")
         plans = []
         for a, custom in zip(admissions, drafters):
             p = a.params
-            validate(p.temperature, p.top_p, p.top_k)
+            check(p)
             tokens = [int(t) for t in list(a.prompt_ids) + list(a.resume_ids)]
             if not tokens:
                 raise RequestError("the prompt is empty: give at least one token")
-            if p.max_tokens <= 0:
-                raise RequestError(f"max_tokens must be > 0, got {p.max_tokens}")
-            mode = _mode(p, custom)
-            drafter = None
-            if mode == BlockSpecDecEngineMode.NATIVE_V7:
-                if custom is not None:
-                    drafter = custom
-                elif self.draft is not None:
-                    drafter = DFlashDrafter(self.draft, self.target, self.config.draft_sink, self.config.draft_window)
-                else:
-                    raise ConfigError("mode NATIVE_V7 needs a DFlash draft; this decoder has none "
-                                      "(use prompt_lookup or target_only)")
-            elif mode == BlockSpecDecEngineMode.PROMPT_LOOKUP:
-                drafter = custom if custom is not None else self.lookup
-            if drafter is not None and drafter.needs_hidden:
-                ids = tuple(int(i) for i in drafter.capture_layer_ids)
-                if self.capture and ids != self.capture:
-                    raise ConfigError(f"a drafter captures layers {ids}; this batch captures {self.capture}")
-            plans.append((a, tokens, drafter))
+            plans.append((a, tokens, self._drafter(p, custom)))
         rows, caches, todos = [], [], []
         for a, tokens, drafter in plans:
             if drafter is not None and drafter.needs_hidden and not self.capture:
@@ -251,29 +205,40 @@ class BatchedSpecDecoder(BatchMembership):
             rows.append(row)
             caches.append(cache)
             todos.append(todo)
-        merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+        merged = merge_caches(caches)
         if self.config.bucket_kv:
             bucket_batch_caches(merged)
-        self._prefill(merged, todos, rows)
-        self._join_caches(merged)
-        self.rows.extend(rows)
-        return rows
-
-    def _prefill(self, cache, todos: list[list[int]], rows: list[_Row]) -> None:
-        """The newcomers' ``todos`` through their merged caches (``prefill_rows``: right-padded, in chunks), each
-        hidden-state drafter handed its own row of the captured hidden states."""
         hidden = [r.drafter is not None and r.drafter.needs_hidden for r in rows]
         capture = self.capture if any(hidden) else ()
 
         def forward(tokens, start):
-            _, h = self.target.forward_batch(tokens, cache, capture, logits="none")
+            _, h = self.target.forward_batch(tokens, merged, capture, logits="none")
             for i, r in enumerate(rows):
                 valid = min(len(todos[i]) - start, tokens.shape[1])
                 if hidden[i] and valid > 0:
                     r.drafter.observe(h[i, :valid])
             return h
 
-        prefill_rows(cache, todos, self.config.prefill_step, forward)
+        return Prefill(rows, merged, prefill_chunks(merged, todos, self.config.prefill_step, forward))
+
+    def _drafter(self, p, custom):
+        mode = _mode(p, custom)
+        drafter = None
+        if mode == BlockSpecDecEngineMode.NATIVE_V7:
+            if custom is not None:
+                drafter = custom
+            elif self.draft is not None:
+                drafter = DFlashDrafter(self.draft, self.target, self.config.draft_sink, self.config.draft_window)
+            else:
+                raise ConfigError("mode NATIVE_V7 needs a DFlash draft; this decoder has none "
+                                  "(use prompt_lookup or target_only)")
+        elif mode == BlockSpecDecEngineMode.PROMPT_LOOKUP:
+            drafter = custom if custom is not None else self.lookup
+        if drafter is not None and drafter.needs_hidden:
+            ids = tuple(int(i) for i in drafter.capture_layer_ids)
+            if self.capture and ids != self.capture:
+                raise ConfigError(f"a drafter captures layers {ids}; this batch captures {self.capture}")
+        return drafter
 
     def _new_row(self, a: Admission, tokens: list[int], drafter: Drafter | None):
         """The row of admission ``a``, its single-request cache (empty, or the prefix ``kv`` fitted to the tokens
@@ -290,21 +255,17 @@ class BatchedSpecDecoder(BatchMembership):
             if cached:  # the draft's context for the cached tokens, where the KV brings one (a ``SpecDecKV``)
                 context |= bool(drafter.resume(getattr(a.kv, "draft_state", None), cached))
         resume = [int(t) for t in a.resume_ids]
-        ignore_eos = bool(getattr(p, "ignore_eos", False))
-        stop_ids = (frozenset() if ignore_eos else self.eos) | frozenset(p.stop_token_ids)
-        stops = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
-        emitter = TokenEmitter(self.tokenizer, stop_ids, stops, max(1, p.max_tokens - len(resume)))
-        emitter.replay(resume, a.resume_chars)  # a replayed request continues its text exactly where it left off
-        seed = p.seed if p.seed is not None else random.getrandbits(62)
+        p = p.resolved()
         policy = None
         if drafter is not None:
-            policy = make_policy(getattr(p, "specdec_policy", None) or self.config.policy, self.config.block_size,
+            policy = make_policy(p.specdec_policy or self.config.policy, self.config.block_size,
                                  store=self.store, prompt_len=len(tokens), memory=self._policy_memory)
-        row = _Row(a.request_id, len(a.prompt_ids), p, Sampling(p.temperature, p.top_p, p.top_k, int(seed)),
-                   stop_ids, emitter, drafter, policy, list(tokens), list(resume), self._new_stats(),
-                   cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached, context=context)
-        if resume and (resume[-1] in stop_ids or len(resume) >= p.max_tokens):
-            row.finish = "stop" if resume[-1] in stop_ids else "length"  # already over: leaves at the next step
+        rule = StopRule(p, self.eos)
+        row = _Row(a.request_id, len(a.prompt_ids), p, Committer(rule, len(resume)), drafter, policy, list(tokens),
+                   list(resume), self._new_stats(), cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
+                   context=context)
+        if resume:  # a replayed request that had in fact ended: leaves at the next step
+            row.finish = rule.finish(resume[-1], len(resume))
         return row, kv, todo
 
     def _filter(self, keep: list[int]) -> None:
@@ -440,9 +401,15 @@ class BatchedSpecDecoder(BatchMembership):
         recording = self.tape.recording() if ckpt is not None and self.tape is not None else contextlib.nullcontext()
         with recording:
             logits, hidden = self.target.forward_batch(tokens, self.cache, capture)
-        sampled = any(r.sampling.temperature > 0 for r in rows)
-        choice = mx.argmax(logits, axis=-1)
-        wait = [tokens, choice, *([hidden] if hidden is not None else []), *([logits] if sampled else [])]
+        # THE sampler's token at every block position of every row (argmax when greedy): acceptance keeps the
+        # longest prefix of drafts equal to them (``sampling.accept``); rows with logits processors need their
+        # drafts on the host first
+        if all(r.params.greedy for r in rows):
+            choice = mx.argmax(logits, axis=-1)
+        else:
+            choice = mx.stack([mx.argmax(logits[i], axis=-1).astype(mx.uint32) if r.params.processors
+                               else sample(logits[i], r.params, len(r.generated)) for i, r in enumerate(rows)])
+        wait = [tokens, choice, *([hidden] if hidden is not None else [])]
         if on_launched is not None:
             mx.async_eval(*wait)
             on_launched()
@@ -451,10 +418,15 @@ class BatchedSpecDecoder(BatchMembership):
         accepted = []  # (accepted drafts, next token) per row
         for i, r in enumerate(rows):
             drafts = tok_rows[i][1 : r.b]
-            if r.sampling.temperature == 0:
-                accepted.append(greedy_accept(choice_rows[i][: r.b], drafts))
+            if r.params.processors:
+                hist = r.history  # its last token is the staged one
+                accepted.append(accept(logits[i, : r.b], drafts, r.params, len(r.generated),
+                                       [hist + drafts[:j] for j in range(r.b)]))
             else:
-                accepted.append(sampled_accept(logits[i, : r.b], drafts, r.sampling, len(r.generated)))
+                acc = 0
+                while acc < len(drafts) and drafts[acc] == choice_rows[i][acc]:
+                    acc += 1
+                accepted.append((acc, choice_rows[i][acc]))
         keeps = [a + 1 for a, _ in accepted]
         rerun = self._rollback(tokens, b, keeps, ckpt)
         bytes_read = (self.store.stats().bytes_read - before) if self.store is not None else 0
@@ -481,77 +453,9 @@ class BatchedSpecDecoder(BatchMembership):
             r.drafts = None
             if chunk.finish_reason:
                 r.finish = chunk.finish_reason
-            out.append(SpecStepOutput(r.request_id, index, tuple(chunk.token_ids), chunk.text, chunk.finish_reason))
+            out.append(SpecStepOutput(r.request_id, index, tuple(chunk.token_ids), chunk.finish_reason))
         self._compact()
         return out
-
-    # -- rollback -----------------------------------------------------------------------------------------
-    def _rollback(self, tokens: mx.array, b: int, keeps: list[int], ckpt) -> bool:
-        """Undoes each row's rejected tail (b − keeps[i] positions). Returns True if the kept tokens were
-        re-run (recurrent state restored from ``ckpt``)."""
-        if min(keeps) >= b:
-            if self.tape is not None:
-                self.tape.clear()
-            return False
-        rerun = False
-        if self._recurrent:
-            tape = self.tape
-            if tape is not None and all(tape.can_replay(self.cache[i], b, rows=True) for i in self._recurrent):
-                keep_arr = mx.array(keeps, dtype=mx.int32)
-                for i in self._recurrent:
-                    self.tape.replay_rows(self.cache[i], keep_arr, max(keeps))
-            else:
-                rerun = True
-            if self.tape is not None:
-                self.tape.clear()
-        if rerun:
-            self._rerun(tokens, b, keeps, ckpt)
-        else:
-            self._trim_rows([b - k for k in keeps])
-        return rerun
-
-    def _trim_rows(self, excess: list[int]) -> None:
-        """Drops the last ``excess[i]`` positions of row i from every attention cache (see the module doc)."""
-        m = min(excess)
-        extra = [e - m for e in excess]
-        roll = any(extra)
-        for j in self._attn:
-            c = self.cache[j]
-            if m:
-                c.trim(m)
-            if roll:
-                c.prepare(right_padding=extra)
-                c.finalize()
-
-    def _compact(self) -> None:
-        """Slices off the left padding every row has (as ``BatchKVCache.filter`` does; ``target.drop_front``), in
-        whole ``KV_BUCKET``s (rarely: a bucketed buffer is copied to keep its capacity). Row i's padding is ``_idx``
-        minus its cached tokens, known on the host."""
-        if not self._attn or not self.rows:
-            return
-        first = self.cache[self._attn[0]]
-        lp = min(first.size() - (len(r.history) - 1) for r in self.rows)
-        lp -= lp % _target.KV_BUCKET
-        if lp <= 0:
-            return
-        self.counters["compactions"] += 1
-        for j in self._attn:
-            drop_front(self.cache[j], lp)
-
-    def _rerun(self, tokens: mx.array, b: int, keeps: list[int], ckpt) -> None:
-        """Recurrent state back to the cycle start (snapshot), attention trimmed to it, then each row's kept
-        tokens run again in one right-padded forward (``lengths`` for the recurrent layers, the padding rolled to
-        the left of the attention rows by ``finalize``)."""
-        rollback(self.cache, ckpt, b, 0)  # restores the snapshots, trims the others by b
-        kmax = max(keeps)
-        for j in self._attn:
-            self.cache[j].prepare(right_padding=[kmax - k for k in keeps])
-        for j in self._recurrent:
-            self.cache[j].prepare(lengths=keeps)
-        self.target.forward_batch(tokens[:, :kmax], self.cache, (), logits="none")
-        for c in self.cache:
-            c.finalize()
-        mx.eval([c.state for c in self.cache])
 
     # -- convenience ----------------------------------------------------------------------------------------
     def run(self, on_output=None) -> dict[str, list[int]]:

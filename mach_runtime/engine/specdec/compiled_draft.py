@@ -2,8 +2,8 @@
 
 Each cycle the draft appends the hidden states of the tokens the last verify committed to its context (projection,
 K/V, RoPE per draft layer), then runs its layers over ``[staged, MASK × n]`` and the target's head. Built op by
-op, that is dozens of small kernels per draft layer: on a GPU the host building and encoding them is the cost
-(1.2–1.8 ms of a ~4–5 ms cycle on an H100 for the demo pair), not the arithmetic. ``CompiledDraft`` traces it
+op, that is dozens of small kernels per draft layer: on a GPU the host building and encoding them is the cost,
+not the arithmetic (docs/benchmarks.md, "Measurements the code's design rests on"). ``CompiledDraft`` traces it
 once per block length with every shape static:
 
 * the context lives in ``RingDraftCache`` buffers of fixed capacity (``draft_cache.py``); the rows to append are
@@ -11,15 +11,14 @@ once per block length with every shape static:
   rows are written to the ring's trash slot;
 * attention runs over all sink + window ring rows plus the block, with the rows past the valid count masked: one
   graph per block length for the whole request (a span that grew with the context would compile a new graph
-  every 64 tokens, ~0.1 s each on a GPU; attending over ~1K masked rows costs the GPU next to nothing).
+  every 64 tokens; attending over ~1K masked rows costs the GPU next to nothing).
 
 The drafts equal the op-by-op pass's up to float rounding (masked padding changes the reduction length); they are
 only proposals, verified by the target, so output is unchanged either way (tests/test_compiled_draft.py).
 
 Scope: dflash-mlx's full-attention draft layers with plain RoPE (what ``batchable_dflash`` accepts) and a context
 to append of at most ``pad`` rows (after a prefill the drafter appends the prompt's rows op by op first), on a GPU
-only: MLX's CPU matmuls cost in proportion to their rows, so there the padded rows cost more than the graph saves
-(demo pair, 2-core CPU: 67.6 ms compiled vs 64.1 ms op by op per draft pass).
+only: MLX's CPU matmuls cost in proportion to their rows, so there the padded rows cost more than the graph saves.
 """
 
 from __future__ import annotations

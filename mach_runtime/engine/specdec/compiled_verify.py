@@ -1,11 +1,10 @@
 """The verify forward as one compiled graph (qwen3_moe, stacked residency, bucketed KV caches).
 
-A speculative cycle on a GPU is bound by the host: building the verify's graph in Python (~0.9 ms for the 8-layer
-demo target) and MLX encoding one CUDA-graph node per primitive. ``mx.compile`` of the whole verify forward, with
-each layer's KV buffer as explicit state, replays the traced graph without Python and fuses its elementwise
-chains. Measured on an H100 (demo pair, 16-token verify): graph build 0.92 -> 0.41 ms, evaluation 3.39 -> 2.91 ms;
-NATIVE_V7 +6 % tok/s (median of 5 interleaved rounds). The logits, captured hidden states and caches are bitwise
-those of the model's own forward (tests/test_compiled_verify.py).
+A speculative cycle on a GPU is bound by the host: building the verify's graph in Python and MLX encoding one
+CUDA-graph node per primitive. ``mx.compile`` of the whole verify forward, with each layer's KV buffer as explicit
+state, replays the traced graph without Python and fuses its elementwise chains (timings: docs/benchmarks.md,
+"Measurements the code's design rests on"). The logits, captured hidden states and caches equal those of the
+model's own forward (tests/test_compiled_verify.py).
 
 What makes the forward compilable: the cache offset enters as an array (RoPE takes array offsets, the K/V rows are
 written with ``mx.slice_update`` at an array start), and every shape is static per (block length, attended span):
@@ -25,7 +24,7 @@ import mlx.core as mx
 
 from ...io.disk_switch_glu import DiskSwitchGLU
 from ..graph_cache import GraphCache
-from . import target as _target
+from . import verify_cache as _vc
 
 MAX_GRAPHS = 64
 
@@ -52,20 +51,20 @@ class CompiledVerify:
         self.ops = target_ops
         self.inner = target_ops.inner
         self._fns = GraphCache(MAX_GRAPHS, target_ops.model)
-        self.enabled = (target_ops.family == "qwen3_moe" and target_ops._final is None
+        self.enabled = (target_ops.caps.compiled_verify and target_ops._final is None
                         and not any(isinstance(m, DiskSwitchGLU) for _, m in target_ops.model.named_modules())
                         and all(_attention_ok(layer) for layer in target_ops.layers))
 
     def applies(self, tokens: mx.array, cache, logits: str) -> bool:
         if not self.enabled or logits != "all" or tokens.size < 2 or len(cache) != len(self.ops.layers):
             return False
-        bucketed = _target._BUCKETED
+        bucketed = _vc._BUCKETED
         return bucketed is not None and all(type(c) is bucketed and c.keys is not None for c in cache)
 
     def forward(self, tokens: mx.array, cache, capture=()):
         T = int(tokens.size)
         offset = cache[0].offset
-        span = _target.kv_bucket(offset + T)
+        span = _vc.kv_bucket(offset + T)
         capture = tuple(capture)
         for c in cache:
             c.reserve(span, c.keys, c.values)

@@ -12,7 +12,7 @@
 * ``PromptLookupDrafter``: draft-free (CopySpec-style prompt lookup). If the last n tokens (n from
   ``max_ngram`` down to ``min_ngram``) occurred earlier in prompt + completion, propose what followed them.
 
-Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``acceptance.py``).
+Drafts are deterministic, so the acceptance rule uses a one-hot q (see ``sampling.accept``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ The cycle (per request, after a prefill that also captures the draft's target-la
 2. the drafter proposes b − 1 tokens after the staged token (the last committed token, not yet fed);
 3. ONE target forward verifies ``[staged, d1 … d(b−1)]`` (capturing the tapped layers);
 4. acceptance: greedy = longest prefix equal to the target's argmax + the bonus token; sampled = speculative
-   rejection sampling (``acceptance.py``), lossless in distribution;
+   the keyed sampler's tokens at the block positions, accepted while they equal the drafts (``sampling.accept``:
+   distribution-exact, and token-identical to plain sampling with the same seed);
 5. rollback of the rejected tail: attention KV trimmed (sliding windows exactly, wrapped or not); GatedDeltaNet
    state recomputed for the accepted tokens by replaying the recurrence recorded during the verify
    (``gdn_tape.py``), or, where a tape cannot replay, restored from a snapshot and the accepted tokens re-run
@@ -27,7 +28,6 @@ re-prefilling anything).
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from pathlib import Path
 from typing import Iterator
@@ -35,11 +35,11 @@ from typing import Iterator
 import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
-from ..sampling import validate
-from .acceptance import Sampling, device_token, first_token, greedy_accept, sampled_accept
+from ..emit import Emitter, StopRule
+from ..sampling import SamplingParams, accept, check, sample
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, load_dflash_draft
-from .output import SpecDecChunk, TokenEmitter
+from .output import Committer, SpecDecChunk
 from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
 from ..compiled_moe import compile_moe_blocks
@@ -47,7 +47,8 @@ from ..kv_prefix import fit_prefix
 from .compiled_draft import CompiledDraft
 from .compiled_verify import CompiledVerify
 from .gdn_tape import GDNTape
-from .target import Checkpoint, TargetOps, bucket_kv_caches, exact_rotating_caches, rollback
+from .target import Checkpoint, TargetOps, rollback
+from .verify_cache import bucket_kv_caches, exact_rotating_caches, plain_caches
 
 
 class BlockSpecDecEngine:
@@ -135,7 +136,7 @@ class BlockSpecDecEngine:
     def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=None, stop_token_ids=(), mode=None,
                  policy: str | None = None, ignore_eos: bool = False, prefix=None, resume_ids=(),
-                 resume_chars: int | None = None) -> "SpecDecRun":
+                 params: SamplingParams | None = None, text: bool = True) -> "SpecDecRun":
         """Chunks of one request (one per cycle); the last has ``finish_reason`` "stop" or "length".
 
         ``mode`` / ``policy`` override the engine's config for this request; ``ignore_eos`` decodes past the
@@ -153,43 +154,51 @@ class BlockSpecDecEngine:
 
         ``resume_ids``: completion tokens the caller already has (a request moved here from another engine, or
         replayed): they follow the prompt (the prefix may cover them), are not counted in ``max_tokens``, and the
-        text continues from them; ``resume_chars`` is how much of their text the caller has (None: all of it),
-        so text held back for a partial stop-string match is released, or cut at a stop, as if nothing had moved.
+        sampling positions continue after them.
+
+        ``params``: a ``SamplingParams`` in place of the keywords (its ``max_tokens`` counts ``resume_ids`` too, as
+        everywhere in the runtime). ``text=False``: chunks carry token ids only and the run ends on token-level
+        conditions (stop tokens, ``max_tokens``): the runtime's scheduler, whose front end detokenizes.
 
         Returns a ``SpecDecRun``: iterate it for the chunks (nothing runs before the first ``next``); once it
         has ended or been closed, ``handover()`` gives its KV for a later request or the batch.
         """
+        resume = [int(t) for t in resume_ids]
+        if params is None:
+            if max_tokens <= 0:
+                raise RequestError(f"max_tokens must be > 0, got {max_tokens}")
+            params = SamplingParams(max_tokens=len(resume) + max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+                                    stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, specdec=mode,
+                                    specdec_policy=policy)
         run = SpecDecRun(self)
-        run._gen = self._generate(run, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, mode=mode,
-                                  policy=policy, ignore_eos=ignore_eos, prefix=prefix,
-                                  resume=([int(t) for t in resume_ids], resume_chars))
+        run._gen = self._generate(run, prompt, params.resolved(), resume, text, prefix)
         return run
 
-    def _generate(self, run: "SpecDecRun", prompt, *, max_tokens, temperature, top_p, top_k, seed, stop,
-                  stop_token_ids, mode, policy, ignore_eos, prefix, resume) -> Iterator[SpecDecChunk]:
+    def _generate(self, run: "SpecDecRun", prompt, params: SamplingParams, resume: list[int], text: bool,
+                  prefix) -> Iterator[SpecDecChunk]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        ids += resume[0]
+        ids += resume
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
+        check(params)
+        max_tokens = params.max_tokens - len(resume)  # new tokens
         if max_tokens <= 0:
-            raise RequestError(f"max_tokens must be > 0, got {max_tokens}")
-        validate(temperature, top_p, top_k)
+            raise RequestError(f"max_tokens must exceed the {len(resume)} tokens already delivered")
+        mode, policy = params.specdec, params.specdec_policy
         mode = self.config.mode if mode is None else BlockSpecDecEngineMode(mode)
         drafter = None if mode == BlockSpecDecEngineMode.TARGET_ONLY else self._drafters.get(mode)
         if mode != BlockSpecDecEngineMode.TARGET_ONLY and drafter is None:
             raise ConfigError(f"mode {mode.name} needs a draft model; this engine has none")
-        if isinstance(stop, str):
-            stop = (stop,)
-        params = Sampling(temperature, top_p, top_k, random.getrandbits(62) if seed is None else int(seed))
         pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids),
                           memory=self._policy_memory)
         self.last_policy = pol
         cfg = self.config
-        eos = set() if ignore_eos else set(self.tokenizer.eos_token_ids)
-        emitter = TokenEmitter(self.tokenizer, eos | set(stop_token_ids), stop, max_tokens)
-        if resume[0]:
-            emitter.replay(resume[0], resume[1])
+        text_out = None
+        if text:
+            text_out = Emitter(self.tokenizer, params)
+            text_out.push(resume)  # the caller has their text
+        emitter = Committer(StopRule(params, self.tokenizer.eos_token_ids), len(resume), text_out)
         cache, cached, draft_state = self._prefix_cache(prefix, len(ids))
         capture = drafter.capture_layer_ids if drafter is not None and drafter.needs_hidden else ()
         if drafter is not None:
@@ -201,15 +210,15 @@ class BlockSpecDecEngine:
         logits = self.target.prefill(ids[cached:], cache, cfg.prefill_step, capture,
                                      drafter.observe if capture else None)
         run._extent = len(ids)  # tokens in the cache
-        pos0 = len(resume[0])  # completion positions (sampling keys) continue after the resumed tokens
-        staged = first_token(logits, params, pos0)
+        pos0 = len(resume)  # completion positions (sampling keys) continue after the resumed tokens
+        staged = int(sample(logits[None], params, pos0, [ids]).item())
         self._stats.add_prompt_commit()
         chunk = emitter.push([staged])
         yield chunk
         if chunk.finish_reason:
             return
         # target-only steps (TARGET_ONLY, or a policy's choice of b = 1) run pipelined where every cache can trim
-        pipelined = self.pipeline_target_only and self.prefetcher is None and all(c.is_trimmable() for c in cache)
+        pipelined = self.pipeline_target_only and self.prefetcher is None and not params.processors and all(c.is_trimmable() for c in cache)
         history = ids + [staged]
         n_ids = len(ids)
 
@@ -252,15 +261,16 @@ class BlockSpecDecEngine:
             with self.tape.recording() if ckpt is not None and self.tape is not None else contextlib.nullcontext():
                 vlogits, vhidden = self.target.forward(block, cache, capture)
             # one host sync per cycle: drafts, the target's choices and the captured hidden states together
-            if temperature == 0:
-                choice = mx.argmax(vlogits, axis=-1)
-                mx.eval(block, choice, vhidden)
-                drafts = block.tolist()[1:] if drafts is None else drafts
-                acc, nxt = greedy_accept(choice.tolist(), drafts)
-            else:
+            if params.processors:
                 mx.eval(block, vlogits, vhidden)
                 drafts = block.tolist()[1:] if drafts is None else drafts
-                acc, nxt = sampled_accept(vlogits, drafts, params, pos0 + n_out)
+                acc, nxt = accept(vlogits, drafts, params, pos0 + n_out,
+                                  [history + drafts[:i] for i in range(len(drafts) + 1)])
+            else:
+                choice = sample(vlogits, params, pos0 + n_out)  # THE sampler's token at every block position
+                mx.eval(block, choice, vhidden)
+                drafts = block.tolist()[1:] if drafts is None else drafts
+                acc, nxt = _accept_prefix(choice.tolist(), drafts)
             rerun = 0
             if rollback(cache, ckpt, b, acc + 1, tape=self.tape):
                 rerun = acc + 1
@@ -301,7 +311,7 @@ class BlockSpecDecEngine:
             logits, hidden = self.target.forward(token, cache, capture, logits="last")
             if drafter is not None and hidden is not None:
                 drafter.observe(hidden)  # lazy: read when the draft next runs
-            y = device_token(logits, params, position)
+            y = sample(logits, params, position, [history] if params.processors else None)
             mx.async_eval(y)
             run._verified(None, None, 0)  # one more token fed into the cache
             return y, (store.stats().bytes_read - before) if store is not None else 0
@@ -344,6 +354,15 @@ class BlockSpecDecEngine:
                         bucket_kv_caches(caches)
                     return caches, want, draft_state
         return self.target.make_cache(self.config.bucket_kv), 0, None
+
+
+def _accept_prefix(choice: list[int], drafts: list[int]) -> tuple[int, int]:
+    """(accepted drafts, next token): the longest prefix of drafts equal to the sampler's tokens ``choice`` at
+    their positions, then the sampler's own token (see ``sampling.accept``)."""
+    acc = 0
+    while acc < len(drafts) and drafts[acc] == choice[acc]:
+        acc += 1
+    return acc, choice[acc]
 
 
 class SpecDecKV(list):
@@ -392,12 +411,6 @@ class SpecDecRun:
     def close(self) -> None:
         self._gen.close()
 
-    @property
-    def sent_chars(self) -> int | None:
-        """Characters of the completion text (``resume_ids``' included) released to the caller so far; None
-        before the prefill or after ``handover``."""
-        return None if self._state is None else self._state[2].sent
-
     # -- bookkeeping from the generator ---------------------------------------------------------------------
     def _begin(self, ids, cache, emitter, drafter, cached: int) -> None:
         self._engine._runs += 1
@@ -431,29 +444,4 @@ class SpecDecRun:
         draft_state = None
         if drafter is not None and self._engine._runs == number:  # no later request has restarted the drafter
             draft_state = drafter.snapshot(n)
-        return SpecDecKV(_plain_caches(cache), n, draft_state)
-
-
-def _plain_caches(cache) -> list:
-    """The engine's verify-ready cache classes switched back to mlx-lm's own (in place)."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    from . import target
-
-    for c in cache:
-        if target._BUCKETED is not None and type(c) is target._BUCKETED:
-            c.__class__ = KVCache  # same state; the buffer may run past ``offset`` (never read)
-        elif target._EXACT_ROTATING is not None and type(c) is target._EXACT_ROTATING:
-            rows = c.keys.shape[2] if c.keys is not None else 0
-            short = min(c.offset, c.max_size) - rows
-            if short > 0 and c._idx == rows:
-                # a wrapped window trimmed after a multi-token update holds max_size - 1 rows in temporal order;
-                # mlx-lm's class (and BatchRotatingKVCache.merge) expects max_size once wrapped. A zero row in the
-                # oldest slot is never read: the next token overwrites it before attending.
-                pad = lambda a: mx.concatenate(
-                    [a[..., : c.keep, :], mx.zeros((*a.shape[:2], short, a.shape[3]), a.dtype), a[..., c.keep :, :]],
-                    axis=2)
-                c.keys, c.values = pad(c.keys), pad(c.values)
-                c._idx = c.keys.shape[2]
-            c.__class__ = RotatingKVCache
-    return list(cache)
+        return SpecDecKV(plain_caches(cache), n, draft_state)

@@ -17,11 +17,12 @@ with the same per-token rows a re-run would feed it, so the state is the re-run'
 row-count dependence (bitwise on MLX CPU; tests/test_gdn_tape.py). ``q`` is not kept: the state does not depend
 on it (only the discarded output does), so replay passes ``k`` in its place.
 
-Hooks (no re-implementation, no global monkeypatching): each GDN layer's class is swapped, per instance, for a
-subclass whose ``__call__`` is the original function when unarmed (one dict lookup) and, when armed, the original
-function's code bound to a private copy of its module globals in which ``gated_delta_update`` is routed through
-a recorder; the layer's ``conv1d`` child gets a per-instance subclass that keeps its input when armed. Parameter
-names do not change (same instances, same children).
+Hooks (no re-implementation, no global monkeypatching, no class swapping; ``engine/hooks.py``): each GDN layer
+is wrapped in a ``GDNTapeHook`` whose ``__call__`` calls the layer when unarmed (one dict lookup) and, when armed,
+runs the layer class's own ``__call__`` code bound to a private copy of its module globals in which
+``gated_delta_update`` is routed through a recorder; the layer's ``conv1d`` child is wrapped in a
+``ConvInputHook`` that keeps its input when armed. Parameter names do not change (hooks carry the original's
+tree).
 
 Memory per token and GDN layer (bf16 activations): conv row ``2·key_dim + value_dim`` + k ``key_dim`` + v
 ``value_dim`` + a, b ``2·Hv`` elements, plus K-1 conv rows once per layer. Qwen3.5-35B-A3B (key_dim 2048,
@@ -31,7 +32,7 @@ released on the next recording or ``clear``.
 
 Use (engine)::
 
-    tape = GDNTape(target_ops)                      # once per model; swaps the GDN layer classes
+    tape = GDNTape(target_ops)                      # installs the GDN hooks (once per model)
     ckpt = Checkpoint(cache)
     with tape.recording():
         vlogits, vh = target_ops.forward(block, cache, capture)
@@ -48,35 +49,32 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 
-_ARMED: dict[int, "_Slot"] = {}  # id(GDN layer) and id(its conv1d) -> slot, while a recording is armed
+from ..hooks import ModuleHook, install, unwrap
+
+_ARMED: dict[int, "_Slot"] = {}  # id(GDN hook) and id(its conv hook) -> slot, while a recording is armed
 _CURRENT: list["_Slot"] = []  # the slot of the GDN layer whose armed call is running
-_RECORDING: dict[type, type] = {}  # GDN class -> recording subclass
-_CONV: dict[type, type] = {}  # conv class -> input-keeping subclass
+_ROUTED: dict[type, tuple] = {}  # GDN class -> (its __call__ over private globals, those globals, cache position)
 _SIGNATURES: dict = {}  # gated_delta_update function -> its signature
 _UPDATE = "gated_delta_update"
 _PER_TOKEN = ("q", "k", "v", "a", "b", "mask")  # gated_delta_update arguments with a time axis (axis 1)
 
 
-def _base(cls: type) -> type:
-    return getattr(cls, "_mach_gdn_base", cls)
-
-
 def is_gdn_layer(module) -> bool:
     """A GatedDeltaNet layer of the mlx-lm shape this tape understands (qwen3_5, qwen3_next): a ``conv1d``
-    child, ``conv_kernel_size``, and a ``__call__`` that calls the module-level ``gated_delta_update``."""
-    if not isinstance(module, nn.Module) or not isinstance(getattr(module, "conv1d", None), nn.Conv1d):
+    child, ``conv_kernel_size``, and a ``__call__`` that calls the module-level ``gated_delta_update``. A layer
+    under a ``GDNTapeHook`` counts (the hook is found again, not stacked)."""
+    module = unwrap(module)
+    if not isinstance(module, nn.Module) or not isinstance(unwrap(getattr(module, "conv1d", None)), nn.Conv1d):
         return False
     if not isinstance(getattr(module, "conv_kernel_size", None), int):
         return False
-    call = getattr(_base(type(module)), "__call__", None)
+    call = getattr(type(module), "__call__", None)
     code = getattr(call, "__code__", None)
     return code is not None and _UPDATE in code.co_names and _UPDATE in call.__globals__
 
 
-def _recording_class(cls: type) -> type:
-    if getattr(cls, "_mach_gdn_base", None) is not None:
-        return cls
-    if cls not in _RECORDING:
+def _routed(cls: type) -> tuple:
+    if cls not in _ROUTED:
         base_call = cls.__call__
         routed_globals = dict(base_call.__globals__)
         routed = types.FunctionType(base_call.__code__, routed_globals, base_call.__name__,
@@ -84,38 +82,37 @@ def _recording_class(cls: type) -> type:
         routed.__kwdefaults__ = base_call.__kwdefaults__
         params = list(inspect.signature(base_call).parameters)
         cache_pos = params.index("cache") - 1 if "cache" in params else None  # among the args after self
-
-        def __call__(self, *args, **kwargs):
-            slot = _ARMED.get(id(self))
-            if slot is None:
-                return base_call(self, *args, **kwargs)
-            cache = kwargs.get("cache")
-            if cache is None and cache_pos is not None and len(args) > cache_pos:
-                cache = args[cache_pos]
-            return slot.call(routed, self, cache, args, kwargs)
-
-        _RECORDING[cls] = type(cls.__name__, (cls,), {
-            "__call__": __call__, "_mach_gdn_base": cls, "_mach_gdn_routed_globals": routed_globals,
-            "__module__": cls.__module__,
-        })
-    return _RECORDING[cls]
+        _ROUTED[cls] = (routed, routed_globals, cache_pos)
+    return _ROUTED[cls]
 
 
-def _conv_class(cls: type) -> type:
-    if getattr(cls, "_mach_gdn_base", None) is not None:
-        return cls
-    if cls not in _CONV:
-        base_call = cls.__call__
+class GDNTapeHook(ModuleHook):
+    """A GatedDeltaNet layer whose recurrence arguments are recorded while a ``GDNTape`` records."""
 
-        def __call__(self, x, *args, **kwargs):
-            slot = _ARMED.get(id(self))
-            if slot is not None:
-                slot.conv_input = x
-            return base_call(self, x, *args, **kwargs)
+    kind = "gdn_tape"
 
-        _CONV[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mach_gdn_base": cls,
-                                                 "__module__": cls.__module__})
-    return _CONV[cls]
+    def __call__(self, *args, **kwargs):
+        slot = _ARMED.get(id(self))
+        if slot is None:
+            return self.inner(*args, **kwargs)
+        layer = self.inner
+        routed, _, cache_pos = _routed(type(layer))
+        cache = kwargs.get("cache")
+        if cache is None and cache_pos is not None and len(args) > cache_pos:
+            cache = args[cache_pos]
+        return slot.call(routed, layer, cache, args, kwargs)
+
+
+class ConvInputHook(ModuleHook):
+    """A GDN layer's ``conv1d`` that keeps its input (the conv window rows) while a ``GDNTape`` records."""
+
+    kind = "gdn_conv_input"
+
+    def __call__(self, x, *args, **kwargs):
+        slot = _ARMED.get(id(self))
+        if slot is not None:
+            slot.conv_input = x
+        return self.inner(x, *args, **kwargs)
 
 
 def _routed_update(*args, **kwargs):
@@ -162,7 +159,7 @@ class _Slot:
         self.conv_input = self.update = None
 
     def original_update(self):
-        return _base(type(self.layer)).__call__.__globals__[_UPDATE]  # the module's current one
+        return type(unwrap(self.layer)).__call__.__globals__[_UPDATE]  # the module's current one
 
     def call(self, routed, layer, cache, args, kwargs):
         self.conv_input = self.update = None
@@ -191,15 +188,17 @@ class GDNTape:
     """Records the GatedDeltaNet layers of a target during a verify forward and replays any prefix of it."""
 
     def __init__(self, target):
-        """``target``: a ``TargetOps`` or a model (anything with ``.layers``). Installs the per-instance hooks
-        (idempotent; unarmed they cost one dict lookup per GDN layer call)."""
-        self.layers = []
+        """``target``: a ``TargetOps`` or a model (anything with ``.layers``). Installs the GDN hooks (idempotent:
+        hooks already there are shared; unarmed they cost one dict lookup per GDN layer call)."""
+        self.layers = []  # the GDNTapeHook of every GDN layer
         for layer in target.layers:
-            for _, m in layer.named_modules():
+            for path, m in layer.named_modules():
                 if is_gdn_layer(m):
-                    m.__class__ = _recording_class(type(m))
-                    m.conv1d.__class__ = _conv_class(type(m.conv1d))
-                    self.layers.append(m)
+                    hook = m if isinstance(m, GDNTapeHook) else install(layer, path, GDNTapeHook) if path else None
+                    if hook is None:
+                        raise ValueError("GDNTape: give the decoder layers that hold the GatedDeltaNet layers")
+                    install(hook, "conv1d", ConvInputHook)
+                    self.layers.append(hook)
         self._slots = [_Slot(self, m) for m in self.layers]
         self._entries: dict[int, _Entry] = {}
 
@@ -211,13 +210,13 @@ class GDNTape:
         """Arms the recording for the forwards run inside; the previous record is dropped on entry."""
         self._entries = {}
         armed = {}
-        for cls in {type(slot.layer) for slot in self._slots}:
-            g = cls._mach_gdn_routed_globals
-            g.update(_base(cls).__call__.__globals__)  # follow the module's current names
+        for cls in {type(unwrap(slot.layer)) for slot in self._slots}:
+            g = _routed(cls)[1]
+            g.update(cls.__call__.__globals__)  # follow the module's current names
             g[_UPDATE] = _routed_update
         for slot in self._slots:
             armed[id(slot.layer)] = slot
-            armed[id(slot.layer.conv1d)] = slot
+            armed[id(slot.layer["conv1d"])] = slot
         _ARMED.update(armed)
         try:
             yield self

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme
 
 
@@ -82,4 +82,7 @@ ADAPTER = MoeArchAdapter(
     activation_params=_activation_params,
     checkpoint_config=_checkpoint_config,
     expert_tensor_alias=_expert_tensor_alias,
+    # its decoder layers output hc_mult residual streams [T, hc, H] (collapsed only by the final hc_head), and no
+    # DFlash draft defines which [T, H] features to read from them
+    hidden_taps=False,
 )

@@ -8,7 +8,7 @@ HF checkpoints: ``model.language_model.layers.L.experts.gate_up_proj [E, 2I, H]`
 
 from __future__ import annotations
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, switch_scheme
 
 

@@ -12,7 +12,7 @@ weight), ``_scales``, ``_bias``. MLX exports use ``experts.gate_proj``…
 
 from __future__ import annotations
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, mxfp4_scheme, switch_scheme
 
 

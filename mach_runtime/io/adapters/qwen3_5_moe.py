@@ -9,7 +9,7 @@ rows first) and ``experts.down_proj [E, H, I]``; MLX exports use ``language_mode
 from __future__ import annotations
 
 from ...errors import CheckpointError
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..arch_registry import MoeArchAdapter
+from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
 
 
@@ -38,4 +38,5 @@ ADAPTER = MoeArchAdapter(
     top_k_field="num_experts_per_tok",
     moe_intermediate_field="moe_intermediate_size",
     moe_layers=_moe_layers,
+    compiled_verify=True,
 )

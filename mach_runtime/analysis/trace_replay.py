@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .eviction import make_policy
+from ..io.eviction import make_policy
 
 TRACE_FORMAT = "mach-routing-trace/1"
 POLICIES = ("lru", "lrfu", "belady")

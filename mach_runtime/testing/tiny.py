@@ -1,10 +1,9 @@
 """Builds small random qwen3_moe checkpoints in every real layout, offline.
 
-Used by the tests (each layout: HF per-expert, MLX stacked, MLX quantized, single file or sharded) and by
-``mach make-tiny`` / the default checkpoint of ``mach generate`` until the trained demo model exists. Weights
-come from mlx-lm's own qwen3_moe model (random init, router scaled up so routing is decisive); the tokenizer
-is a byte-level BPE trained on a fixed list of the Python standard library's sources, so nothing is
-downloaded and the result is reproducible.
+Used by the tests (each layout: HF per-expert, MLX stacked, MLX quantized, single file or sharded), the
+benchmarks and ``mach make-tiny``. Weights come from mlx-lm's own qwen3_moe model (random init, router scaled up
+so routing is decisive); the tokenizer is a byte-level BPE trained on a fixed list of the Python standard
+library's sources, so nothing is downloaded and the result is reproducible.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Offline analysis of what the runtime records (routing traces); pure Python, no MLX."""

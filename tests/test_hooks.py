@@ -1,0 +1,158 @@
+"""The one hook mechanism (engine/hooks.py): what a speculative engine installs on the shared model is listed by
+``installed_hooks``, no module changes class, the parameter tree (names and arrays) stays the model's own, writes
+through the model reach the original modules, outputs are unchanged, and ``remove_hooks`` restores the model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+
+from mach_runtime import load_moe
+from mach_runtime.assets import demo_model_path
+from mach_runtime.engine.hooks import ModuleHook, installed_hooks, remove_hooks, unwrap
+from tests.family_helpers import FAMILIES
+from tests.helpers import small_forwards
+
+DEMO = demo_model_path()
+DRAFT = DEMO.parent / "demo-qwen3-moe-dflash"
+PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 8, 9, 10]
+
+
+def _classes(model) -> dict:
+    return {path: type(unwrap(m)) for path, m in model.named_modules()}
+
+
+def _tree(model) -> list:
+    return [(k, id(v)) for k, v in tree_flatten(model.parameters())]
+
+
+def _forwards(model) -> list:
+    return small_forwards(model, PROMPT)
+
+
+def test_spec_engine_lists_its_hooks_and_changes_no_class():
+    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+    from mach_runtime.engine.specdec.draft import load_dflash_draft
+
+    model, tok, store, _ = load_moe(DEMO, expert_residency="stacked")
+    classes, tree = _classes(model), _tree(model)
+    ref = _forwards(model)
+    assert installed_hooks(model) == []
+    draft = load_dflash_draft(DRAFT)
+    engine = BlockSpecDecEngine(model, tok, draft, store=store,
+                                config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7))
+    hooks = installed_hooks(model)
+    taps = sorted(int(h["path"].split(".")[2]) for h in hooks if h["kind"] == "tap")
+    assert taps == sorted(set(int(i) for i in draft.target_layer_ids))
+    assert all(h["path"] == f"model.layers.{i}" and h["wraps"] == "Qwen3MoeDecoderLayer"
+               for h, i in zip([h for h in hooks if h["kind"] == "tap"], taps))
+    moe = [h for h in hooks if h["kind"] == "compiled_moe"]
+    assert [h["path"] for h in moe] == sorted(f"model.layers.{i}.mlp" for i in range(len(model.model.layers)))
+    assert {h["kind"] for h in hooks} == {"tap", "compiled_moe"}  # qwen3_moe: no GatedDeltaNet layers
+    # the same modules, of the same classes, with the same parameter names and arrays
+    assert _classes(model) == classes and _tree(model) == tree
+    assert all(type(m) is c for path, m in model.named_modules() if not isinstance(m, ModuleHook)
+               for c in [classes[path]])
+    # a second engine over the same model shares the hooks (nothing wrapped twice)
+    BlockSpecDecEngine(model, tok, draft, store=store)
+    assert installed_hooks(model) == hooks
+    got = _forwards(model)  # the model's own forward through the hooks (compiled MoE blocks for small calls)
+    # compiled blocks may fuse elementwise chains differently on a GPU backend: dtype epsilon x depth (bitwise on
+    # MLX CPU, tests/test_compiled_moe.py); the taps add no arithmetic
+    tol = 8 * float(mx.finfo(ref[0].dtype).eps) * len(model.model.layers)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and mx.allclose(a, b, rtol=tol, atol=tol).item()
+    out = "".join(c.text for c in engine.generate(PROMPT, max_tokens=8, temperature=0.0))
+    assert out
+    assert remove_hooks(model) == len(hooks)
+    # (array ids are not compared after decoding: mx.compile(inputs=...) puts equal arrays back after tracing)
+    assert installed_hooks(model) == [] and _classes(model) == classes
+    assert [k for k, _ in _tree(model)] == [k for k, _ in tree]
+    assert all(not isinstance(m, ModuleHook) for _, m in model.named_modules())
+
+
+def test_taps_change_no_output_and_record_the_layer_outputs():
+    from mach_runtime.engine.specdec.target import TargetOps
+
+    model, _, _, _ = load_moe(DEMO, expert_residency="stacked")
+    ref = _forwards(model)
+    ops = TargetOps(model)
+    ops.tap([1, 3])
+    assert [(h["path"], h["kind"]) for h in installed_hooks(model)] == [("model.layers.1", "tap"),
+                                                                       ("model.layers.3", "tap")]
+    got = _forwards(model)
+    for a, b in zip(ref, got):  # the same code runs: bitwise
+        assert mx.array_equal(a, b).item()
+    # the captured hidden states are the layers' own outputs (a forward over the layers by hand)
+    tokens = mx.array(PROMPT, dtype=mx.uint32)
+    _, hidden = ops.forward(tokens, make_prompt_cache(model), capture=(1, 3))
+    cache = make_prompt_cache(model)
+    h = model.model.embed_tokens(tokens[None])
+    mask = "causal"
+    outs = {}
+    for i, layer in enumerate(model.model.layers):
+        h = unwrap(layer)(h, mask, cache[i])
+        outs[i] = h
+    expect = mx.concatenate([outs[1], outs[3]], axis=-1)[0]
+    assert mx.array_equal(hidden, expect).item()
+
+
+def test_writes_through_the_model_reach_the_original_modules():
+    from mach_runtime.engine.compiled_moe import compile_moe_blocks, moe_blocks
+
+    model, _, _, _ = load_moe(DEMO, expert_residency="stacked")
+    compile_moe_blocks(model)
+    hook = moe_blocks(model)[0]
+    assert isinstance(hook, ModuleHook) and hook.kind == "compiled_moe"
+    w = hook.gate.weight
+    model.update({"model": {"layers": [{"mlp": {"gate": {"weight": w * 2}}}]}}, strict=False)
+    assert hook.inner.gate.weight is hook.gate.weight  # a child module: shared
+    model.train()
+    assert hook.inner.training and hook.training
+    model.eval()
+    assert not hook.inner.training
+    hook.extra = mx.zeros((2,))  # an array set through the hook lands in the original's tree too
+    assert "extra" in hook.inner and hook.inner.extra is hook.extra
+    hook.plain = 3  # a plain attribute as well
+    assert hook.inner.plain == 3
+
+
+def test_gdn_tape_hooks_are_listed_and_removable():
+    from mach_runtime.engine.specdec.gdn_tape import GDNTape
+    from mach_runtime.engine.specdec.target import TargetOps
+
+    model, _, _, _ = load_moe(FAMILIES["qwen3_5_moe"], expert_residency="stacked")
+    classes, tree = _classes(model), _tree(model)
+    ref = _forwards(model)
+    tape = GDNTape(TargetOps(model))
+    assert len(tape) > 0
+    hooks = installed_hooks(model)
+    gdn = [h for h in hooks if h["kind"] == "gdn_tape"]
+    conv = [h for h in hooks if h["kind"] == "gdn_conv_input"]
+    assert len(gdn) == len(conv) == len(tape)
+    assert all(h["wraps"] == "GatedDeltaNet" for h in gdn) and all(h["wraps"] == "Conv1d" for h in conv)
+    assert [c["path"] for c in conv] == [g["path"] + ".conv1d" for g in gdn]
+    assert GDNTape(TargetOps(model)).layers == tape.layers  # installed once, shared
+    assert _classes(model) == classes and _tree(model) == tree
+    got = _forwards(model)
+    for a, b in zip(ref, got):  # unarmed hooks run the layers' own code: bitwise
+        assert mx.array_equal(a, b).item()
+    assert remove_hooks(model, "gdn_conv_input") == len(conv)
+    assert {h["kind"] for h in installed_hooks(model)} == {"gdn_tape"}
+    assert remove_hooks(model) == len(gdn)
+    assert installed_hooks(model) == [] and _classes(model) == classes
+
+
+@pytest.mark.parametrize("residency", ["streaming"])
+def test_streaming_residency_installs_no_compiled_blocks(residency):
+    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+
+    model, tok, store, _ = load_moe(DEMO, expert_residency=residency, expert_slots=8)
+    try:
+        BlockSpecDecEngine(model, tok, store=store,
+                           config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
+        assert installed_hooks(model) == []
+    finally:
+        store.close()
