@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import queue
 
-from mach_runtime.engine.scheduler import Request, Scheduler
+from mach_runtime.engine.prefix_saver import PrefixSaver
+from mach_runtime.engine.scheduler import Scheduler
 
+from .decoder_prefix import DecoderPrefixCache
 from .messages import (
     Abort,
-    CacheInsert,
     DecoderStats,
     Finish,
     RequestFailed,
@@ -33,12 +34,12 @@ from .messages import (
 )
 
 
-class Decoder:
+class Decoder(DecoderPrefixCache):
     name = "decoder"
 
     def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, caps, cache_inbox=None,
                  expert_inbox=None, fault_hook=None, routing_source=None, spec=None, spec_batch=None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.caps = caps
@@ -52,8 +53,12 @@ class Decoder:
         self._outbox: list = []  # outputs not yet handed to the sink (messages, or callables run in order)
         self._sessions: dict[str, str | None] = {}  # live request -> its session (KV stored at its finish)
         kw = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+        # prefix cache: snapshots of prefilled prompts (after their first token) and of finished requests go to the
+        # Cache actor as host arrays; prefix_min_tokens None = only sessions' own turns are kept
+        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault) if cache_inbox else None
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, caps=caps, spec=spec, spec_batch=spec_batch,
-                               on_admit=lambda rid: self._fault("admit", request_id=rid), **kw)
+                               on_admit=lambda rid: self._fault("admit", request_id=rid),
+                               on_prefilled=self._prefilled if self.saver is not None else None, **kw)
 
     # -- statistics survive a restart -------------------------------------------------------------------------
     def adopt_stats(self, old: "Decoder") -> None:
@@ -64,8 +69,19 @@ class Decoder:
     def send(self, msg) -> None:
         self.mailbox.put(msg)
 
+    def release(self) -> None:
+        """After shutdown (MLX thread): drops the scheduler (model, engines, KV of leftover requests); the
+        counters stay for ``stats()``."""
+        if self.sched is not None:
+            self._final_stats = self.stats()
+            if self.sched.solo is not None:
+                self.sched.solo.run.close()
+            self.sched = None
+
     def stats(self) -> DecoderStats:
         s = self.sched
+        if s is None:
+            return self._final_stats
         c = s.counters
         return DecoderStats(
             active=s.active, queued=len(s.pending), max_batch=s.batch.max_batch, steps=c["steps"],
@@ -116,18 +132,20 @@ class Decoder:
                 if isinstance(m, Shutdown):
                     self._flush()
                     return
-                if isinstance(m, Submit):
+                if isinstance(m, Submit) and m.warm:
+                    self._warm(m)
+                elif isinstance(m, Submit):
                     kv = self.kv_table.take(m.cache_handle) if m.cache_handle is not None else None
-                    sched.submit(Request(m.request_id, m.prompt_ids, m.params, m.resume_ids, kv,
-                                         m.cached_tokens if kv is not None else 0,
-                                         m.session_id is not None and self.cache_inbox is not None))
                     self._sessions[m.request_id] = m.session_id
+                    sched.submit(self._request(m, kv))  # a prefix-cache hit restored (decoder_prefix.py)
                 elif isinstance(m, Abort):
                     sched.abort(m.request_id, m.reason)
             events = sched.step(self._flush)
             stepped = any(e.token_ids for e in events)
             for e in events:
                 self._post(e)
+            if self.saver is not None and self.saver.pending:
+                self.saver.poll(self._emitted)  # after the first token: never on a request's critical path
             if stepped:
                 self._report_routing()
                 self._fault("step", steps=sched.counters["steps"] + sched.counters["spec_cycles"]
@@ -138,7 +156,7 @@ class Decoder:
     def _post(self, e) -> None:
         if e.error is not None:
             self._sessions.pop(e.request_id, None)
-            self._outbox.append(RequestFailed(e.request_id, e.error))
+            self._outbox.append(RequestFailed(e.request_id, e.error, e.error_type))
         elif e.finish is None:
             self._outbox.append(TokenOutput(e.request_id, e.index, e.token_ids, e.logprobs))
         else:
@@ -147,13 +165,10 @@ class Decoder:
             finish = Finish(request_id=e.request_id, reason=e.finish, prompt_tokens=u["prompt_tokens"],
                             completion_tokens=u["completion_tokens"], cached_tokens=u["cached_tokens"],
                             prefilled_tokens=u["prefilled_tokens"])
-            if e.kv is not None and session is not None:
-                kv, tokens = e.kv
-                # the Cache actor must hold the KV before the caller sees the end of the turn (its next turn's
-                # lookup would otherwise race the insert): the Finish follows the insert on the event loop
-                handle = self.kv_table.put(kv)
-                self._outbox.append(lambda: self.cache_inbox(CacheInsert(session, handle, tuple(tokens)),
-                                                             then=lambda: self.sink(finish)))
+            if self.saver is not None:
+                self.saver.drop(e.request_id)  # an admission capture not handed over yet: the finish covers it
+            if e.kv is not None:
+                self._store_then_finish(*e.kv, session, finish)  # as a host snapshot, before the Finish
             else:
                 self._outbox.append(finish)
 

@@ -23,6 +23,7 @@ class Submit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     session_id: str | None = None
     cache_handle: int | None = None  # KV handed over by the Cache actor (reused prefix)
     cached_tokens: int = 0  # how many leading prompt tokens that KV covers
+    warm: bool = False  # warm_prefix: prefill every prompt token, snapshot it (with the last logits), generate none
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
@@ -57,6 +58,16 @@ class Finish(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     request_id: str
     message: str
+    error: str = "RequestError"  # the mach_runtime.errors class the caller gets (e.g. CheckpointError)
+
+    def exception(self) -> Exception:
+        """The exception to raise in the caller's task (by name: messages carry no objects)."""
+        from mach_runtime import errors
+
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.MachError)):
+            cls = errors.RequestError
+        return cls(self.message)
 
 
 # --- ExpertStore actor ---------------------------------------------------------------------------------
@@ -72,22 +83,30 @@ class StepRouting(msgspec.Struct, frozen=True, tag=True):
 
 
 class CacheLookup(msgspec.Struct, frozen=True, tag=True):
-    session_id: str
+    """The longest cached prefix of ``prompt_ids`` (any request's; a session's own when sharing is off)."""
+
+    session_id: str | None
     prompt_ids: tuple[int, ...]
 
 
 class CacheLookupReply(msgspec.Struct, frozen=True, tag=True):
-    session_id: str
-    handle: int | None  # KV handle to hand to the Decoder, None on a miss
-    cached_tokens: int  # leading prompt tokens the KV covers
+    session_id: str | None
+    handle: int | None  # KVTable handle of a PrefixHit to hand to the Decoder, None on a miss
+    cached_tokens: int  # leading prompt tokens it restores
+    tier: str | None = None  # "l1" | "l2"
 
 
 class CacheInsert(msgspec.Struct, frozen=True, tag=True):
-    """The Decoder stored a finished request's KV under ``handle``; it covers ``token_ids``."""
+    """The Decoder put a host KV snapshot (``kv_snapshot.Snapshot``) under ``handle``; it covers ``token_ids``
+    (after a request's first token, at its end, or a warmed prefix). ``session_id``: the session that owns it."""
 
-    session_id: str
+    session_id: str | None
     handle: int
     token_ids: tuple[int, ...]
+
+
+class CacheFlush(msgspec.Struct, frozen=True, tag=True):
+    """Shutdown: write every L1 snapshot not on disk yet and wait for the L2 writes."""
 
 
 class CacheRelease(msgspec.Struct, frozen=True, tag=True):
@@ -132,11 +151,15 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
     decoder_restarts: int
     expert_store_restarts: int
     prefetch: dict[str, int]
+    cache_restarts: int = 0
+    restarts: dict[str, int] = msgspec.field(default_factory=dict)  # every actor's restarts, by actor name
+    closed: bool = False  # the runtime has shut down (closed by its owner, or failed past its restart limit)
     specdec: dict | None = None  # BlockSpecDecEngine.stats() when the runtime has speculative decoding
     specdec_batch: dict | None = None  # BatchedSpecDecoder.stats() when the runtime has a spec batch
+    prefix_cache: object = None  # PrefixCacheStats: lookups, per-tier hits / tokens restored / bytes / evictions
 
 
 DecoderMessage = Submit | Abort | Shutdown
 OutputMessage = TokenOutput | Finish | RequestFailed
 ExpertStoreMessage = StepRouting | StatsRequest
-CacheMessage = CacheLookup | CacheInsert | CacheRelease | StatsRequest
+CacheMessage = CacheLookup | CacheInsert | CacheRelease | CacheFlush | StatsRequest

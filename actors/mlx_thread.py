@@ -4,10 +4,18 @@ MLX is not thread-safe and its streams are thread-local, so every ``mx`` call of
 long-lived thread: the model is loaded there and the Decoder's loop runs there. Async code hands it work with
 ``await mlx.call(fn)``; the thread answers by scheduling a callback on the caller's event loop, which works the
 same under asyncio and trio (``call_soon``). anyio's worker-thread pool is never used for MLX.
+
+A runtime takes its MLX thread with ``MLXThread.acquire()`` and hands it back with ``release()`` when it closes:
+the thread then waits, idle, for the next runtime of the process. Ending it instead would leak an OS thread per
+open/close: MLX (0.32.4) starts a worker thread for every stream a thread uses, and ``mx.clear_streams()`` does
+not end it (measured: each short-lived thread that evaluates one op leaves one OS thread behind). Reusing the
+thread reuses its streams, so a process that opens and closes runtimes in a loop keeps a flat thread count; at
+most as many MLX threads exist as runtimes were ever open at once. Idle threads release their streams at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 
@@ -50,6 +58,40 @@ def _release_streams() -> None:
 
 class MLXThread:
     """A single daemon thread running submitted jobs in order."""
+
+    _idle: list["MLXThread"] = []  # threads of closed runtimes, waiting for the next one (see the module doc)
+    _idle_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls) -> "MLXThread":
+        """An idle MLX thread of a closed runtime, or a new one."""
+        with cls._idle_lock:
+            while cls._idle:
+                t = cls._idle.pop()
+                if t._thread.is_alive():
+                    return t
+        return cls()
+
+    def release(self, idle: bool = False) -> None:
+        """Hands the thread back for reuse: at once if the caller knows it is ``idle`` (its last job returned),
+        else once every job queued on it has run (a thread stuck in a job never comes back: the next runtime
+        then starts its own)."""
+        if idle:
+            self._park()
+        else:
+            self.submit(self._park)
+
+    def _park(self) -> None:
+        with self._idle_lock:
+            self._idle.append(self)
+
+    @classmethod
+    def _stop_idle(cls) -> None:
+        """At exit: idle threads release their MLX streams while Python still runs."""
+        with cls._idle_lock:
+            idle, cls._idle[:] = list(cls._idle), []
+        for t in idle:
+            t.stop()
 
     def __init__(self, name: str = "mach-mlx"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -96,3 +138,6 @@ class MLXThread:
         self._jobs.put(None)
         if not self.is_current():
             self._thread.join(timeout=30)
+
+
+atexit.register(MLXThread._stop_idle)

@@ -17,7 +17,7 @@ before the next decode step. Errors arrive as exceptions from the iterator.
 from __future__ import annotations
 
 import contextlib
-import gc
+import inspect
 import itertools
 import os
 import secrets
@@ -27,10 +27,11 @@ import anyio
 import msgspec
 
 from mach_runtime.errors import ConfigError, RequestError
-from mach_runtime.engine.sampling import validate
 
+from .gc_scope import gc_freeze, gc_unfreeze
 from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
 from .mlx_thread import MLXThread
+from .request_schema import check_messages, check_open, check_request, check_token_ids, prompt_kind
 from .slot import Chunk
 from .supervisor import Supervisor
 
@@ -61,10 +62,20 @@ class RequestStream:
 
     async def _start(self) -> None:
         sub = self._submit
-        if sub.session_id is not None:
-            reply = await self._rt._sup.cache.ask(CacheLookup(sub.session_id, sub.prompt_ids))
+        if sub.session_id is not None or self._rt._sup.prefix.shared:  # the longest cached prefix, L1 or L2
+            # shielded: the Cache actor hands the KV over with its reply, which must not be lost to a
+            # cancellation (the handle would leak); a pending cancellation strikes at the next await, and the
+            # abort that follows frees the KV with the request
+            with anyio.CancelScope(shield=True):
+                reply = await self._rt._sup.cache.ask(CacheLookup(sub.session_id, sub.prompt_ids))
             if reply.handle is not None:
                 sub = msgspec.structs.replace(sub, cache_handle=reply.handle, cached_tokens=reply.cached_tokens)
+                try:
+                    self._slot = self._rt._sup.submit(sub)
+                except BaseException:
+                    self._rt._sup.kv_table.drop(reply.handle)
+                    raise
+                return
         self._slot = self._rt._sup.submit(sub)
 
     async def __anext__(self) -> Chunk:
@@ -154,6 +165,8 @@ class Session:
 
     def send(self, user: str, **params) -> RequestStream:
         """Streams the assistant's reply to ``user``; the turn is recorded when the last chunk arrives."""
+        if not isinstance(user, str):
+            raise RequestError(f"the user message must be a string, got {type(user).__name__}")
         ids, text = self._prompt_ids(user)
         parts: list[Chunk] = []
 
@@ -179,6 +192,16 @@ class Session:
 @dataclass
 class _Limits:
     max_context: int | None
+    vocab_size: int | None  # token ids a request may use: the tokenizer's and the embedding's, whichever is fewer
+
+
+def _vocab_size(tokenizer, text_config: dict) -> int | None:
+    sizes = [n for n in (text_config.get("vocab_size"),) if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    try:
+        sizes.append(len(tokenizer))
+    except TypeError:
+        pass
+    return min(sizes) if sizes else None
 
 
 class Runtime:
@@ -188,14 +211,26 @@ class Runtime:
         self._limits = limits
         self._spec = spec
         self._spec_batch = spec_batch
+        self._froze_gc = False
+        self._final_stats: RuntimeStats | None = None  # set at close
+
+    def _freeze_gc(self) -> None:
+        """At the first request: the model's many long-lived objects leave the collector's reach, so the
+        collections that decoding's short-lived arrays trigger stay short (on the H100 the spec decode ran
+        ~10 % faster with gc off). Undone when the last open runtime closes."""
+        if not self._froze_gc:
+            self._froze_gc = True
+            gc_freeze()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
-                   prefix_cache_dir=None, max_batch: int = 8, max_sessions: int = 64, fault_hook=None,
-                   restart_intensity: int = 3, restart_period: float = 60.0, predictor=None, warmup=None,
-                   spec_batch: int = 0, prefill_chunk: int = 512, **load_kwargs):
+                   prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
+                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, max_kv_size=None,
+                   max_batch: int = 8, max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
+                   restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0,
+                   prefill_chunk: int = 512, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -208,36 +243,61 @@ class Runtime:
             time, the others queued: ``stats().decoder.batching`` says so).
         prefill_chunk: prompt tokens a newcomer prefills per decode step of the running requests (chunked
             prefill: a long prompt delays each running stream by one chunk at a time, not by its whole prefill).
+        prefix_cache (default on; env MACH_PREFIX_CACHE): reuse the KV of any earlier request's longest common
+            prefix (block-hashed, ``prefix_block_size`` tokens per block, default 256) from RAM (L1,
+            ``prefix_cache_gb``, default 2, and ``prefix_cache_max_entries``) and, with ``prefix_cache_dir``, from
+            disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
+            only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
+        max_kv_size: bound every full-attention layer's KV to this many tokens (a rotating window, keep=0), for live
+            requests and snapshots alike. kv_bits: quantized KV is refused (ConfigError): it cannot be batched.
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
+        max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
+        restart_intensity / restart_period: an actor is restarted at most that many times within that many
+            seconds before the runtime gives up (``RuntimeFailedError``).
 
-        After loading, the process's garbage collector is collected once and frozen (``gc.freeze()``): objects
-        alive then (the model's) are never scanned again, which keeps decode-time collections short.
+        Every argument is checked before anything loads (``request_schema.check_open``: ``ConfigError``).
+        At the first request the process's garbage collector is collected once and frozen (``gc.freeze()``);
+        the last open runtime to close unfreezes it, so a closed runtime is collectable. Closing releases the
+        model, every KV cache and the bank, and parks the MLX thread for the next runtime to reuse.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
+        from mach_runtime.engine.kv_layout import apply_kv_layout
         from mach_runtime.io.load import load_moe
 
-        if prefix_cache_dir is not None:
-            raise ConfigError("prefix_cache_dir (the on-disk L2 prefix cache) is not supported by the Runtime yet")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if not isinstance(spec_batch, int) or spec_batch < 0 or spec_batch == 1 or spec_batch > max_batch:
-            raise ConfigError(f"spec_batch must be 0 (off) or an integer in 2..max_batch ({max_batch}), "
-                              f"got {spec_batch!r}")
+        check_open(checkpoint=checkpoint, draft=draft, specdec=specdec, expert_residency=expert_residency,
+                   expert_cache_gb=expert_cache_gb, prefix_cache_dir=prefix_cache_dir, max_batch=max_batch,
+                   max_sessions=max_sessions, fault_hook=fault_hook, restart_intensity=restart_intensity,
+                   restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch,
+                   prefill_chunk=prefill_chunk)
+        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb"}
+        passed_on.add("revision")  # of a repository id in the Hugging Face cache
+        unknown = sorted(set(load_kwargs) - passed_on)
+        if unknown:
+            raise ConfigError(f"unknown Runtime.open argument(s) {unknown}; besides its own it takes load_moe's: "
+                              f"{', '.join(sorted(passed_on))}")
+        from mach_runtime.config import resolve_prefix_config
+
+        pconf = resolve_prefix_config(prefix_cache, prefix_cache_gb, prefix_cache_dir, disk_kv_budget_gb,
+                                      prefix_block_size, prefix_cache_max_entries)
         if checkpoint is None:
             from mach_runtime.assets import default_checkpoint
 
             checkpoint = default_checkpoint()
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        mlx = MLXThread()
-        store = None
+        else:  # a local directory or a repository id in the Hugging Face cache (mlx-lm's resolution, offline)
+            from mach_runtime.io.hf_cache import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
+        mlx = MLXThread.acquire()
+        store = sup = rt = None
         try:
-            model, tokenizer, store, _ = await mlx.call(lambda: load_moe(
+            model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
+            layout = await mlx.call(lambda: apply_kv_layout(model, adapter.kv_cache_kind, max_kv_size=max_kv_size,
+                                                            kv_bits=kv_bits))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
@@ -247,21 +307,20 @@ class Runtime:
                     await mlx.call(spec.warmup)
                     if batched is not None:
                         await mlx.call(batched.warmup)
-            # the model's many long-lived objects leave the collector's reach, so the collections that decoding's
-            # short-lived arrays trigger stay short (on the H100 the spec decode ran ~10 % faster with gc off)
-            gc.collect()
-            gc.freeze()
             tc = adapter.text_config(config)
-            limits = _Limits(tc.get("max_position_embeddings"))
+            limits = _Limits(tc.get("max_position_embeddings"), _vocab_size(tokenizer, tc))
+            prefix = _prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, prefix=prefix)
+            del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
             try:
                 async with anyio.create_task_group() as tg:
                     await sup.start(tg)
                     try:
-                        yield cls(sup, tokenizer, limits, spec, batched)
+                        rt = cls(sup, tokenizer, limits, sup.spec, sup.spec_batch)
+                        yield rt
                     finally:
                         with anyio.CancelScope(shield=True):
                             await sup.shutdown()
@@ -271,72 +330,71 @@ class Runtime:
                     raise group.exceptions[0] from None
                 raise
         finally:
-            if store is not None:
-                store.close()
-            mlx.stop()
+            with anyio.CancelScope(shield=True):
+                if rt is not None:
+                    rt._final_stats = rt._snapshot(closed=True)
+                    rt._spec = rt._spec_batch = None
+                    if rt._froze_gc:
+                        gc_unfreeze()
+                idle = sup is None or sup.mlx_idle  # a Decoder stuck in a step (past shutdown's wait) keeps it
+                try:
+                    if sup is not None and idle:  # the model, KV caches, engines: dropped on the MLX thread
+                        await mlx.call(sup.release)
+                finally:
+                    if store is not None:
+                        store.close()
+                    store = None
+                    mlx.release(idle=idle)
 
     # -- requests ------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
+        """Token ids of a checked prompt (``request_schema``: text, chat messages or in-vocabulary token ids)."""
         tok = self.tokenizer
-        if isinstance(prompt, str):
+        kind = prompt_kind(prompt)
+        if kind == "text":
             return tok.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            for i, m in enumerate(prompt):
-                if "role" not in m or "content" not in m:
-                    raise RequestError(f"messages[{i}] needs 'role' and 'content'")
-            return list(tok.apply_chat_template(list(prompt), add_generation_prompt=True))
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = getattr(tok, "vocab_size", None)
-            bad = [t for t in prompt if t < 0 or (vocab is not None and t >= len(tok))]
-            if bad:
-                raise RequestError(f"prompt token ids out of range: {bad[:5]}")
-            return list(prompt)
-        raise RequestError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
+        if kind == "tokens":
+            return list(check_token_ids("prompt", prompt, self._limits.vocab_size))
+        messages = check_messages(prompt)
+        try:
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as e:  # the template's own checks (e.g. roles that must alternate)
+            raise RequestError(f"messages: the chat template rejected them ({type(e).__name__}: {e})") from None
 
-    def _stream_ids(self, ids, *, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
-                    stop=None, stop_token_ids=(), request_id=None, session_id=None, specdec="default",
-                    specdec_policy=None, logits_processors=(), on_chunk=None, presence_penalty=0.0,
-                    frequency_penalty=0.0, logprobs=False, top_logprobs=0, grammar=None) -> RequestStream:
-        """See ``stream``. Sampling extras: ``min_p``; OpenAI ``presence_penalty`` / ``frequency_penalty`` over the
-        generated tokens; ``logprobs`` (+ ``top_logprobs`` alternatives) on each chunk; ``grammar``: an llguidance
-        grammar string (``mach_runtime.engine.constraints.json_schema_grammar(schema)`` / ``lark_grammar``) every
-        token must follow; ``logits_processors``: ``fn(tokens, logits) -> logits`` hooks. Requests using any of
-        these decode in the target-only batch (the speculative lanes do not implement them), exactly against the
+    def _stream_ids(self, ids, *, session_id=None, on_chunk=None, **params) -> RequestStream:
+        """See ``stream``; ``params`` are checked by ``request_schema.check_request``. Sampling extras: ``min_p``;
+        OpenAI ``presence_penalty`` / ``frequency_penalty`` over the generated tokens; ``logprobs`` (+
+        ``top_logprobs`` alternatives) on each chunk; ``grammar``: an llguidance grammar string
+        (``mach_runtime.engine.constraints.json_schema_grammar(schema)`` / ``lark_grammar``) every token must
+        follow; ``logits_processors``: ``fn(tokens, logits) -> logits`` hooks. Requests using any of these decode
+        in the target-only batch (the speculative lanes do not implement them), exactly against the
         (constrained) target."""
         self._sup.check_open()
+        p = check_request(params, self._limits.vocab_size)  # before anything is queued
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
-        if not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        try:
-            validate(temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, top_logprobs)
-        except (ConfigError, TypeError) as e:
-            raise RequestError(str(e)) from None
-        if grammar is not None:
+        if p.grammar is not None:
             from mach_runtime.engine.constraints import check_grammar
 
-            check_grammar(grammar, self.tokenizer)
+            check_grammar(p.grammar, self.tokenizer)
         ctx = self._limits.max_context
-        if ctx is not None and len(ids) + max_tokens > ctx:
+        if ctx is not None and len(ids) + p.max_tokens > ctx:
             raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {ctx} tokens"
+                f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's context of {ctx} "
+                "tokens; shorten the prompt or lower max_tokens"
             )
-        if isinstance(stop, str):
-            stop = [stop]
-        stop = tuple(s for s in (stop or ()) if s)
-        specdec, specdec_policy = self._specdec_choice(specdec, specdec_policy)
-        if not all(isinstance(s, str) for s in stop):
-            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        specdec, specdec_policy = self._specdec_choice(p.specdec, p.specdec_policy)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-            min_p=float(min_p), seed=int(seed) if seed is not None else secrets.randbits(62), stop=stop,
-            stop_token_ids=tuple(stop_token_ids), specdec=specdec, specdec_policy=specdec_policy,
-            processors=tuple(logits_processors), presence_penalty=float(presence_penalty),
-            frequency_penalty=float(frequency_penalty), logprobs=bool(logprobs), top_logprobs=int(top_logprobs),
-            grammar=grammar,
+            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+            seed=p.seed if p.seed is not None else secrets.randbits(62), stop=p.stop,
+            stop_token_ids=p.stop_token_ids, specdec=specdec, specdec_policy=specdec_policy,
+            processors=p.logits_processors, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
+            grammar=p.grammar,
         )
-        rid = request_id if request_id is not None else f"req-{next(_ids)}"
+        rid = p.request_id if p.request_id is not None else f"req-{next(_ids)}"
         sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
+        self._freeze_gc()
         return RequestStream(self, sub, on_chunk)
 
     def _specdec_choice(self, mode, policy):
@@ -377,24 +435,88 @@ class Runtime:
                           usage=last.usage)
 
     def session(self, system: str | None = None, session_id: str | None = None) -> Session:
+        if system is not None and not isinstance(system, str):
+            raise RequestError(f"system must be a string or None, got {type(system).__name__}")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise RequestError(f"session_id must be a non-empty string or None, got {session_id!r}")
         return Session(self, system, session_id or f"session-{next(_ids)}")
+
+    async def warm_prefix(self, prompt) -> dict:
+        """Prefills ``prompt`` (text, token ids, or chat messages: rendered without a generation prompt, so a
+        later conversation that starts with them shares the prefix) and stores its KV with the last logits in the
+        prefix cache (L1, and L2 when configured). Returns the usage: prompt_tokens, cached_tokens (already
+        cached), prefilled_tokens."""
+        if not self._sup.prefix.shared:
+            raise ConfigError("warm_prefix needs the prefix cache: this runtime was opened with prefix_cache=False")
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            self._encode(prompt)  # validates the messages
+            ids = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False))
+        else:
+            ids = self._encode(prompt)
+        stream = self._stream_ids(ids, max_tokens=1)
+        stream._submit = msgspec.structs.replace(stream._submit, warm=True)
+        last = None
+        async with stream as s:
+            async for chunk in s:
+                last = chunk
+        return dict(last.usage) if last is not None and last.usage else {}
 
     async def abort(self, request_id: str) -> None:
         """Aborts a live request; raises ``UnknownRequestError`` for an id that is not live."""
+        if not isinstance(request_id, str):
+            raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
         self._sup.abort(request_id)
 
     async def stats(self) -> RuntimeStats:
+        """Counters of every actor; after close, the final counters with ``closed=True`` and nothing live."""
+        if self._final_stats is not None:
+            return self._final_stats
         sup = self._sup
-        experts = await sup.expert_store.ask(StatsRequest()) if not sup.closed else sup.store.stats()
-        cache = await sup.cache.ask(StatsRequest()) if not sup.closed else None
+        if sup.closed:  # failed (past the restart limit) or closing
+            return self._snapshot(closed=True)
+        experts = await sup.expert_store.ask(StatsRequest())
+        cache = await sup.cache.ask(StatsRequest())
+        return self._snapshot(experts=experts, cache=cache)
+
+    def _snapshot(self, *, closed: bool = False, experts=None, cache=None) -> RuntimeStats:
+        sup = self._sup
+        if experts is None:
+            experts = sup.store.stats() if sup.store is not None else None
+        dec = sup.decoder.stats()
+        if closed:  # nothing runs in a closed runtime, whatever its last Decoder held
+            dec = msgspec.structs.replace(dec, active=0, queued=0)
         return RuntimeStats(
-            decoder=sup.decoder.stats(), experts=experts, sessions=cache.sessions if cache else 0,
-            live_requests=len(sup.ledger), decoder_restarts=sup.restarts["decoder"],
-            expert_store_restarts=sup.restarts["expert_store"],
+            decoder=dec, experts=experts, sessions=cache.sessions if cache is not None else 0,
+            live_requests=0 if closed else len(sup.ledger), decoder_restarts=sup.restarts["decoder"],
+            expert_store_restarts=sup.restarts["expert_store"], cache_restarts=sup.restarts["cache"],
+            restarts=dict(sup.restarts), closed=closed,
             prefetch={"prefetched": getattr(experts, "prefetched", 0), "used": getattr(experts, "prefetch_used", 0)},
             specdec=self._spec.stats() if self._spec is not None else None,
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
+            prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
         )
+
+
+def _prefix_cache(conf, checkpoint, draft, layout: dict):
+    """The PrefixCache for ``conf``; its identity salt names the model, the cache layout and the draft."""
+    from mach_runtime.engine.disk_kv_cache import DiskKVCache
+    from mach_runtime.engine.prefix_cache import PrefixCache
+    from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
+
+    if draft is not None and not os.path.isdir(os.fspath(draft)):  # a repository id: its local cache snapshot
+        from mach_runtime.io.hf_cache import resolve_checkpoint
+
+        draft = resolve_checkpoint(draft)
+    draft_fp = model_fingerprint(draft) if draft is not None else None
+    salt = prefix_salt(model_fingerprint(checkpoint), {"format": 1, **layout}, draft_fp)
+    disk = None
+    if conf.directory is not None:
+        try:
+            disk = DiskKVCache(conf.directory, salt, conf.block_size, conf.disk_budget_bytes)
+        except OSError as e:
+            raise ConfigError(f"prefix_cache_dir {conf.directory!r}: cannot use it ({e}); give a writable "
+                              "directory") from None
+    return PrefixCache(salt, conf.block_size, conf.l1_bytes, conf.max_entries, disk, shared=conf.enabled)
 
 
 def _on_gpu() -> bool:

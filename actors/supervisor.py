@@ -18,6 +18,7 @@ exactly there (or, at the Decoder's "admit", to fail one request).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequest
 from .cache import CacheActor, KVTable
 from .decoder import Decoder
 from .expert_store import ExpertStoreActor
-from .messages import Abort, Finish, Shutdown, Submit, TokenOutput
+from .messages import Abort, CacheFlush, Finish, Shutdown, Submit, TokenOutput
 from .mlx_thread import MLXThread, call_soon, loop_token
 from .slot import OutputSlot, wake
 
@@ -48,7 +49,7 @@ class LedgerEntry:
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
                  fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None,
-                 spec_batch=None, caps=None, prefill_chunk: int | None = None):
+                 spec_batch=None, caps=None, prefill_chunk: int | None = None, prefix=None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
@@ -60,6 +61,11 @@ class Supervisor:
         self.caps = caps  # the family's Capabilities (io.arch_registry)
         self.prefill_chunk = prefill_chunk
         self.kv_table = KVTable()
+        if prefix is None:  # sessions only (prefix_cache=False): a private L1, no disk
+            from mach_runtime.engine.prefix_cache import PrefixCache
+
+            prefix = PrefixCache(b"", shared=False)
+        self.prefix = prefix  # PrefixCache: L1 (+ L2); outlives Cache actor restarts
         self.max_sessions = max_sessions
         self.ledger: dict[str, LedgerEntry] = {}
         self._lock = threading.Lock()  # ledger: the MLX thread delivers, the event loop submits/aborts
@@ -67,6 +73,7 @@ class Supervisor:
         self.restarts = {"decoder": 0, "expert_store": 0, "cache": 0}
         self.failed: BaseException | None = None
         self.closed = False
+        self.mlx_idle = True  # after shutdown: whether the MLX thread left the decoder loop in time
         self.decoder: Decoder | None = None
         self.expert_store: ExpertStoreActor | None = None
         self.cache: CacheActor | None = None
@@ -91,7 +98,7 @@ class Supervisor:
 
     def _new_cache(self):
         old = self.cache
-        self.cache = CacheActor(self.kv_table, self.max_sessions)
+        self.cache = CacheActor(self.kv_table, self.prefix, self.max_sessions)
         self.cache.fault_hook = self.fault_hook
         if old is not None:  # a crashed Cache actor's sessions are gone: free their KV; keep the mailbox
             old.close()
@@ -130,6 +137,7 @@ class Supervisor:
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
             spec_batch=self.spec_batch, caps=self.caps, prefill_chunk=self.prefill_chunk,
+            prefix_min_tokens=self.prefix.block_size if self.prefix.shared else None,
         )
         if self.decoder is not None:  # statistics survive a restart
             d.adopt_stats(self.decoder)
@@ -156,6 +164,7 @@ class Supervisor:
                 self._give_up("decoder", error)
                 return
             self.restarts["decoder"] += 1
+            self._drop_orphaned_kv(d)
             self._start_decoder()
             with self._lock:
                 live = [e for e in self.ledger.values() if e.ending is None]
@@ -163,8 +172,22 @@ class Supervisor:
             wake(self._token, [self._end(e, e.ending, 0, 0) for e in ended])  # they had ended already
             for e in live:  # re-admit: prompt + what the client already has; fresh KV (no session reuse)
                 s = e.submit
+                if s.cache_handle is not None:  # the session KV it was admitted with: not reused, so freed
+                    self.kv_table.drop(s.cache_handle)
                 self.decoder.send(Submit(request_id=s.request_id, prompt_ids=s.prompt_ids, params=s.params,
-                                         resume_ids=tuple(e.delivered), session_id=s.session_id))
+                                         resume_ids=tuple(e.delivered), session_id=s.session_id, warm=s.warm))
+
+    def _drop_orphaned_kv(self, dead: Decoder) -> None:
+        """KV handles of Submits a crashed Decoder never took from its mailbox: freed (the ledger re-admits them)."""
+        subs = []
+        while True:
+            try:
+                subs.append(dead.mailbox.get_nowait())
+            except Exception:  # queue.Empty
+                break
+        for m in subs:
+            if isinstance(m, Submit) and m.cache_handle is not None:
+                self.kv_table.drop(m.cache_handle)
 
     def _give_up(self, name: str, error: BaseException) -> None:
         self.failed = RuntimeFailedError(
@@ -248,7 +271,7 @@ class Supervisor:
             return event
         if isinstance(msg, Finish):
             return self._end(e, e.ending or msg.reason, msg.cached_tokens, msg.prefilled_tokens)
-        return e.slot.fail(RequestError(msg.message))  # RequestFailed: its own fault, never re-admitted
+        return e.slot.fail(msg.exception())  # RequestFailed: its own fault (of the type it raised), never re-admitted
 
     @staticmethod
     def _end(e: LedgerEntry, reason: str, cached: int, prefilled: int):
@@ -270,11 +293,26 @@ class Supervisor:
             done = anyio.Event()
             self.mlx.submit(lambda: None, lambda r, e: call_soon(self._token, done.set))
             await done.wait()  # the MLX thread has left the decoder loop
+        self.mlx_idle = done.is_set()
         self._fail_all(self.failed or RuntimeFailedError("the runtime was closed before the request finished"))
+        if self.cache is not None and self.prefix.disk is not None:  # L1 snapshots not on disk yet: write them
+            with anyio.move_on_after(60), contextlib.suppress(RuntimeFailedError):
+                await self.cache.ask(CacheFlush())
         if self.cache is not None:
             self.cache.close()
-        self.kv_table.collect()
+        self.kv_table.clear()  # whatever KV is left (sessions, handed-over prefixes) dies with the runtime
         self._exits_send.close()
         for actor in (self.expert_store, self.cache):
             if actor is not None:
                 actor.close_mailbox()
+
+    def release(self) -> None:
+        """After shutdown, on the MLX thread: drops the model, the engines and every KV cache, so a closed
+        runtime that its caller still names holds no memory (its counters stay for ``stats()``)."""
+        if self.decoder is not None:
+            self.decoder.release()
+        if self.spec_batch is not None:
+            self.spec_batch.clear()
+        self.kv_table.clear()
+        self.kv_table.collect()
+        self.model = self.spec = self.spec_batch = self.predictor = None

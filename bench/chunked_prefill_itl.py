@@ -110,6 +110,7 @@ def main():
     for rep in range(a.repeats):
         for name, chunk in (variants if rep % 2 == 0 else variants[::-1]):
             results[name].append(anyio.run(measure, ckpt, a.long_tokens, chunk))
+            print(f"[{name}] {json.dumps(results[name][-1])}", flush=True)
         if a.baseline_src:
             env = {**os.environ, "PYTHONPATH": a.baseline_src}
             out = subprocess.run([sys.executable, __file__, "--one", "1", "--long-tokens", str(a.long_tokens)],
@@ -118,6 +119,7 @@ def main():
             if not line:
                 sys.exit(f"baseline run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
             results["baseline-src"].append(json.loads(line[0][7:]))
+            print(f"[baseline-src] {json.dumps(results['baseline-src'][-1])}", flush=True)
     rows = []
     for name, rs in results.items():
         med = {k: C.median([r[k] for r in rs]) for k in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms", "ttft_long_s",

@@ -34,7 +34,8 @@ Checkpoints (``--ckpt``):
 * any directory path.
 
 Routing (``--routing``): ``model`` uses the checkpoint's own random routers; ``uniform`` replaces every router
-by N(0, 1) logits per token (uniform, memoryless routing). The script traces the decode routing and prints its
+by pseudo-random logits hashed from the hidden state (uniform, memoryless routing, and a pure function, so a
+forward redone after a miss routes the same). The script traces the decode routing and prints its
 locality (repeat@1: share of a step's experts the previous step used; cover@8: share found in the previous 8
 steps) next to uniform's and Qwen3-30B-A3B's published values (0.45 / 0.80).
 
@@ -96,30 +97,34 @@ def bank_bytes_per_expert(ckpt: Path, expert_bytes: int) -> int:
 
 
 class UniformGate:
-    """Stands in for a MoE block's router (``mlp.gate``): logits drawn from N(0, 1) per token, ignoring the
-    hidden state, so routing is uniform and independent from token to token — the true floor for the hit
-    rate (~ slots / experts). Draws come from MLX's global PRNG in graph-construction order, so the same seed
-    gives the same routing (and tokens) in stacked and streaming residency."""
+    """Stands in for a MoE block's router (``mlp.gate``): pseudo-random logits, uniform over the experts and
+    independent from token to token — the true floor for the hit rate (~ slots / experts). They are a pure
+    function of the hidden state (a hash: ``frac(43758.5453 * sin(12.9898 * x @ P))`` with a fixed random
+    projection P), not PRNG draws, so a forward that streaming residency redoes after a miss routes exactly as
+    the first time, and stacked and streaming residency route alike."""
 
-    def __init__(self, experts: int):
-        self.experts = experts
+    def __init__(self, experts: int, layer: int):
+        self.experts, self.layer, self.proj = experts, layer, None
 
     def __call__(self, x):
         import mlx.core as mx
 
-        return mx.random.normal((*x.shape[:-1], self.experts))
+        if self.proj is None:
+            self.proj = mx.random.normal((x.shape[-1], self.experts), key=mx.random.key(1000 + self.layer))
+        h = mx.sin((x.astype(mx.float32) @ self.proj) * 12.9898) * 43758.5453
+        return h - mx.floor(h)
 
 
 def apply_routing(model, routing: str, experts: int) -> None:
     if routing == "model":
         return
     n = 0
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "switch_mlp"):
             if "gate" in mlp:
                 del mlp["gate"]  # drop the router's weights from the module tree
-            object.__setattr__(mlp, "gate", UniformGate(experts))  # plain attribute: not a parameter
+            object.__setattr__(mlp, "gate", UniformGate(experts, i))  # plain attribute: not a parameter
             n += 1
     if not n:
         raise SystemExit("--routing uniform: found no MoE block with a gate to replace")

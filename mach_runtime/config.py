@@ -5,6 +5,7 @@ Nothing else in the project reads ``os.environ``; callers ask this module.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ _ENV = {
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
     "api_key": ("MACH_API_KEY", None),
+    "prefix_cache": ("MACH_PREFIX_CACHE", True),
+    "prefix_cache_gb": ("MACH_PREFIX_CACHE_GB", 2.0),
+    "prefix_cache_max_entries": ("MACH_PREFIX_CACHE_MAX_ENTRIES", 64),
+    "prefix_cache_dir": ("MACH_PREFIX_CACHE_DIR", None),
+    "disk_kv_budget_gb": ("MACH_DISK_KV_BUDGET_GB", 20.0),
+    "prefix_block_size": ("MACH_PREFIX_BLOCK_SIZE", 256),
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -79,8 +86,8 @@ def resolve_store_config(
             gb = float(gb)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expert_cache_gb must be a number of GB, got {gb!r}") from None
-        if not gb > 0:
-            raise ConfigError(f"{where}: expert_cache_gb must be > 0, got {gb!r}")
+        if not (gb > 0 and math.isfinite(gb)):
+            raise ConfigError(f"{where}: expert_cache_gb must be > 0 and finite (GiB), got {gb!r}")
 
     policy, where = _raw("eviction_policy", eviction_policy)
     policy = str(policy).strip().lower()
@@ -99,6 +106,53 @@ def resolve_store_config(
 
     direct, where = _raw("direct_io", direct_io)
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """Resolved prefix-cache settings (``Runtime.open``): L1 in RAM, L2 on disk when ``directory`` is set."""
+
+    enabled: bool  # False: only a session's own turns are reused, nothing goes to disk
+    l1_bytes: int
+    max_entries: int
+    directory: str | None
+    disk_budget_bytes: int
+    block_size: int
+
+
+def _number(name: str, value, cast, minimum, where: str):
+    try:
+        v = cast(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not v >= minimum:
+        raise ConfigError(f"{where}: {name} must be >= {minimum}, got {value!r}")
+    return v
+
+
+def resolve_prefix_config(prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
+                          prefix_block_size=None, prefix_cache_max_entries=None) -> PrefixCacheConfig:
+    """Every prefix-cache setting from arguments, then ``MACH_*`` env vars, then defaults."""
+    on, where = _raw("prefix_cache", prefix_cache)
+    on = _as_bool(on, where)
+    gb, where = _raw("prefix_cache_gb", prefix_cache_gb)
+    gb = _number("prefix_cache_gb", gb, float, 0.0, where)
+    entries, where = _raw("prefix_cache_max_entries", prefix_cache_max_entries)
+    entries = _number("prefix_cache_max_entries", entries, int, 1, where)
+    directory, where = _raw("prefix_cache_dir", prefix_cache_dir)
+    if directory is not None:
+        directory = os.path.expanduser(os.fspath(directory))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ConfigError(f"{where}: prefix_cache_dir {directory!r} exists and is not a directory")
+    disk_gb, where = _raw("disk_kv_budget_gb", disk_kv_budget_gb)
+    disk_gb = _number("disk_kv_budget_gb", disk_gb, float, 0.0, where)
+    block, where = _raw("prefix_block_size", prefix_block_size)
+    block = _number("prefix_block_size", block, int, 1, where)
+    if isinstance(prefix_block_size, float):
+        raise ConfigError(f"{where}: prefix_block_size must be an integer, got {prefix_block_size!r}")
+    return PrefixCacheConfig(on, int(gb * (1 << 30)), entries, directory if on else None,
+                             int(disk_gb * (1 << 30)), block)
+
 
 
 def resolve_api_key(api_key: str | None = None) -> str | None:

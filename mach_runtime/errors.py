@@ -48,3 +48,10 @@ class UnknownRequestError(RequestError, KeyError):
 
 class RuntimeFailedError(MachError, RuntimeError):
     """The runtime gave up (an actor crashed more often than its restart limit allows) or was shut down."""
+
+
+def error_name(exc: BaseException) -> str:
+    """The name of ``exc``'s class if it is one of this module's errors (a request failed by it is reported to
+    its caller as that class: a vanished shard stays a ``CheckpointNotFoundError``), else "RequestError"."""
+    cls = type(exc)
+    return cls.__name__ if isinstance(exc, MachError) and globals().get(cls.__name__) is cls else "RequestError"

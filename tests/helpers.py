@@ -65,11 +65,13 @@ def convert(src: Path, dst: Path, *, layout: str = "per_expert", dtype: str | No
 def quantize(src: Path, dst: Path, bits: int = 4, group_size: int = 32, shard_bytes=None) -> Path:
     """mlx-lm's own quantization of src into an MLX stacked quantized checkpoint at dst."""
     from mlx.utils import tree_flatten
-    from mlx_lm import load
     from mlx_lm.utils import quantize_model
 
-    model, _ = load(str(src))
+    from mach_runtime.io.load import _mlx_lm_overrides, load
+
+    model, _ = load(str(src))  # mlx-lm's loader, given the config spelled the way mlx-lm reads it
     cfg = json.loads((src / "config.json").read_text())
+    cfg = {**cfg, **_mlx_lm_overrides(cfg, str(src / "config.json"))}  # the export mlx-lm itself reads back
     model, cfg = quantize_model(model, cfg, group_size=group_size, bits=bits)
     _copy_meta(src, dst, cfg)
     save_weights(dst, dict(tree_flatten(model.parameters())), shard_bytes)

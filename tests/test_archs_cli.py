@@ -164,6 +164,10 @@ def _crafted_deepseek_v4(dst: Path, layers=4, experts=64, hidden=1024, inter=512
 def test_deepseek_v4_registered_checked(tmp_path):
     path = _crafted_deepseek_v4(tmp_path / "v4")
     assert detect_arch(path / "config.json") == "deepseek_v4"
+    with pytest.raises(CheckpointError, match="no tokenizer files"):  # load_moe would refuse it too
+        check_checkpoint(path, memory_gb=0.75)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).write_bytes((HF_QWEN3_MOE / f).read_bytes())
     r = check_checkpoint(path, memory_gb=0.75)
     assert r["arch"] == "deepseek_v4" and r["loadable"]
     assert r["layout"] == "per_expert" and r["scheme"] == "upstream_per_expert"
@@ -176,8 +180,6 @@ def test_deepseek_v4_registered_checked(tmp_path):
     assert json.loads(out)["stacked"]["verdict"] == "fits"
     from mach_runtime import load_moe
 
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (path / f).write_bytes((HF_QWEN3_MOE / f).read_bytes())
     with pytest.raises(CheckpointError, match="weights do not match the deepseek_v4 model"):
         load_moe(path)  # header-only crafted checkpoint: the attention / router tensors are missing
     from mach_runtime import load_v4_flash

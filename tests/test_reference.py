@@ -71,7 +71,8 @@ def test_other_layouts_match_transformers(hf_reference, tmp_path, layout, shard_
 def test_half_precision_checkpoint_matches_mlx_lm(hf_reference, tmp_path, dtype, residency):
     """bf16/fp16 HF checkpoints load; on the CPU they compute in fp32 (MLX's CPU gather_mm is fp32-only)."""
     from mlx.utils import tree_map
-    from mlx_lm import load as mlx_lm_load
+
+    from mach_runtime import load as mlx_lm_load  # mlx-lm's loader, the config normalised for it
 
     path = convert(hf_reference["path"], tmp_path / "ckpt", dtype=dtype)
     ref_model, _ = mlx_lm_load(str(path))

@@ -150,7 +150,8 @@ async def test_cli_seed_equals_runtime_seed(anyio_backend, tiny_dir):
 
     prompt = "def fib(n):"
     r = subprocess.run([sys.executable, "-m", "mach_runtime.cli.main", "generate", str(tiny_dir), "--prompt", prompt,
-                        "--max-tokens", "12", "--temp", "0.9", "--top-p", "0.95", "--seed", "7", "--no-streaming"],
+                        "--max-tokens", "12", "--temp", "0.9", "--top-p", "0.95", "--seed", "7", "--no-streaming",
+                        "--ignore-chat-template", "--verbose", "False"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     async with Runtime.open(tiny_dir, expert_residency="stacked") as rt:

@@ -45,7 +45,7 @@ def test_chat_stream_equals_non_stream_with_usage(oai):
     assert full.object == "chat.completion" and full.choices[0].finish_reason in ("length", "stop")
     u = full.usage
     assert u.completion_tokens <= 24 and u.total_tokens == u.prompt_tokens + u.completion_tokens
-    assert u.prompt_tokens_details.cached_tokens == 0
+    assert 0 <= u.prompt_tokens_details.cached_tokens < u.prompt_tokens
     chunks = list(oai.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=24, temperature=0, stream=True,
                                               stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -217,8 +217,16 @@ def test_operations_endpoints(server, oai):
     assert stats["decoder"]["completed"] >= 1 and stats["decode_path"] == "batched-target"
     cache = httpx.get(base + "/v1/cache/stats", timeout=30).json()
     assert cache["streaming_summary"]["residency"] == "stacked"
-    warm = httpx.post(base + "/v1/cache/warm_prefix", json={"prompt": "x"}, timeout=30)
-    assert warm.status_code == 501 and "prefix cache" in warm.json()["error"]["message"]
+    system = {"role": "system", "content": "You are a careful Python programmer. " * 20}
+    warm = httpx.post(base + "/v1/cache/warm_prefix", json={"messages": [system]}, timeout=120)
+    assert warm.status_code == 200, warm.text
+    assert warm.json()["usage"]["prompt_tokens"] > 100
+    r = oai.chat.completions.create(model=MODEL, messages=[system, PROMPT[0]], max_tokens=4, temperature=0)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert 100 < cached < r.usage.prompt_tokens  # the warmed prefix was reused, not prefilled again
+    assert httpx.get(base + "/v1/cache/stats", timeout=30).json()["prefix_cache"]["l1"]["hits"] >= 1
+    bad = httpx.post(base + "/v1/cache/warm_prefix", json={}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
     metrics = httpx.get(base + "/metrics", timeout=30).text
     for name in ("mach_time_to_first_token_seconds_bucket", "mach_inter_token_latency_seconds_bucket",
                  "mach_generation_tokens_total", "mach_queue_depth", "mach_expert_bank_hit_rate",
@@ -226,5 +234,5 @@ def test_operations_endpoints(server, oai):
         assert name in metrics, name
     log = server[2].read_text()
     for key in ("startup mode", "expert_residency=stacked", "startup bank", "decode_path=batched-target",
-                "prefix_cache=off", "startup capabilities", "kv_cache_kind=standard"):
+                "prefix_cache=l1", "startup capabilities", "kv_cache_kind=standard"):
         assert key in log, key

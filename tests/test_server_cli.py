@@ -68,15 +68,23 @@ def test_demo_model_api_key_and_sigterm_mid_stream(tmp_path):
     assert last.get("error", {}).get("code") == "shutting_down" or last["choices"][0]["finish_reason"] == "length"
 
 
-def test_flags_the_runtime_cannot_honour_fail_clearly(tmp_path):
+def test_prefix_cache_flags_reach_runtime_open(tmp_path):
     from mach_runtime import Runtime
-    import inspect
+    from mach_runtime.errors import ConfigError
+    from mach_runtime.server.production_app import runtime_kwargs
+    from mach_runtime.server.settings import ServerSettings
 
-    if "disk_kv_dir" in inspect.signature(Runtime.open).parameters:
-        pytest.skip("this Runtime has the prefix cache")
-    r = subprocess.run([sys.executable, "-m", "mach_runtime.cli.serve", "--no-streaming", "--disk-kv-dir",
-                        str(tmp_path), "--port", "1"], capture_output=True, text=True, timeout=240)
-    assert r.returncode != 0 and "--disk-kv-dir" in (r.stderr + r.stdout) and "prefix cache" in r.stderr + r.stdout
+    s = ServerSettings(streaming=True, prefix_cache=True, disk_kv_dir=str(tmp_path), disk_kv_budget_gb=0.5)
+    kw = runtime_kwargs(s, Runtime.open)
+    assert kw["prefix_cache"] is True and kw["prefix_cache_dir"] == str(tmp_path) and kw["disk_kv_budget_gb"] == 0.5
+    assert kw["expert_residency"] == "streaming"
+
+    def open_without_prefix_cache(checkpoint=None, *, draft=None, expert_residency=None, expert_cache_gb=None,
+                                  max_batch=8):
+        pass  # the signature of a Runtime build without the prefix cache
+
+    with pytest.raises(ConfigError, match="--disk-kv-dir"):
+        runtime_kwargs(s, open_without_prefix_cache)
 
 
 def test_streaming_and_no_streaming_are_required():

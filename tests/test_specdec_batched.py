@@ -72,11 +72,11 @@ def test_oracle_partial_acceptance_per_row_is_lossless(family, bucket, request, 
     different counts every step (per-row KV roll, growing left padding, per-row RoPE offsets). ``bucket``: the
     KV length multi-token forwards attend over is rounded up to it (4: the common left padding is also sliced
     off often, and the batched prefill runs in chunks of 5); None: plain BatchKVCache."""
-    from mach_runtime.engine.specdec import target
+    from mach_runtime.engine.specdec import verify_cache
 
     model, tok, refs = request.getfixturevalue(family)
     if bucket is not None:
-        monkeypatch.setattr(target, "KV_BUCKET", bucket)
+        monkeypatch.setattr(verify_cache, "KV_BUCKET", bucket)
     tapes = (True, False) if family == "hybrid" else (True,)  # hybrid: tape replay per row, or snapshot + re-run
     for tape in tapes:
         dec, draft = _decoder(model, tok, layers=(0, 1) if family == "qwen3" else (0, 2), gdn_tape=tape,

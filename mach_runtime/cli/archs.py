@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from .pipe import quiet_on_closed_pipe
+
 COLUMNS = (
     ("arch", "arch"),
     ("model_type", "model_type"),
@@ -44,6 +46,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mach-archs", description="MoE architectures mach_runtime can serve")
     p.add_argument("--json", action="store_true", help="print registry_summary() as JSON")

@@ -28,6 +28,9 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
+
+from .pipe import quiet_on_closed_pipe
 
 VERDICT_RULES = """verdicts (M memory, W non-expert bytes, X expert bytes, O overhead = 0.5 GiB + 5% of resident bytes):
   stacked:   fits if W+X+O <= 80% of M; tight if <= M; else wont_fit
@@ -104,15 +107,16 @@ def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k:
     }
 
 
-def check_checkpoint(path, memory_gb: float | None = None) -> dict:
-    from ..errors import CheckpointError, CheckpointNotFoundError
+def check_checkpoint(path, memory_gb: float | None = None, revision: str | None = None) -> dict:
+    from ..errors import CheckpointError
     from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
     from ..io.expert_layout import find_expert_layout
+    from ..io.load import require_tokenizer_files
     from ..io.safetensors_index import CheckpointIndex
 
-    directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.exists(directory):
-        raise CheckpointNotFoundError(f"{directory}: checkpoint path does not exist")
+    from ..io.hf_cache import resolve_checkpoint
+
+    directory = os.path.abspath(resolve_checkpoint(path, revision))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; pass the checkpoint directory")
     source = os.path.join(directory, "config.json")
@@ -122,6 +126,7 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
     layout = find_expert_layout(index, adapter, tc, source)
+    require_tokenizer_files(Path(directory))  # what load_moe needs beyond the weights
     if memory_gb is None:
         mem = physical_memory_bytes()
         if mem is None:
@@ -132,12 +137,17 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
 
             raise ConfigError(f"--memory-gb must be positive, got {memory_gb}")
         mem = int(memory_gb * GIB)
+    from ..io.quant_formats import dequantized_non_expert_extra, held_expert_bytes
+
     total = index.total_bytes()
     experts = layout.total_expert_bytes
     weights = total - experts
+    # bytes once loaded: released FP8 / FP4 formats are expanded or dequantized (io/quant_formats.py)
+    held_experts = held_expert_bytes(layout)
+    held_weights = weights + dequantized_non_expert_extra(index, layout.expert_tensor_names)
     quant = config.get("quantization") or {}
     params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
-    v = verdicts(weights, experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
+    v = verdicts(held_weights, held_experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
     ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
     q = layout.quant
     return {
@@ -148,6 +158,9 @@ def check_checkpoint(path, memory_gb: float | None = None) -> dict:
         "layout": layout.layout,
         "scheme": layout.scheme,
         "expert_quantization": None if q is None else {"bits": q.bits, "group_size": q.group_size, "mode": q.mode},
+        # every format the routed projections use (per-module quantization mixes them across layers / projections)
+        "expert_formats": sorted({"float" if x is None else f"{x.mode} {x.bits}-bit g{x.group_size}"
+                                  for src in layout.layers for x in (src.quants or {"": src.quant}).values()}),
         "expert_dtype": next(iter(layout.layers[0].components.values())).dtype,
         "moe_layers": len(layout.layers),
         "num_experts": layout.num_experts,
@@ -178,7 +191,8 @@ def format_report(r: dict) -> str:
         f"checkpoint      {r['checkpoint']}",
         f"arch            {r['arch']} (model_type {r['model_type']}){'' if r['loadable'] else '  [not loadable yet]'}",
         f"layout          {r['layout']} ({r['scheme']}), experts {r['expert_dtype']}"
-        + (f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
+        + (f", mixed: {' / '.join(r['expert_formats'])}" if len(r.get("expert_formats", ())) > 1
+           else f", {q['mode']} {q['bits']}-bit g{q['group_size']}" if q else ""),
         f"experts         {r['moe_layers']} MoE layers x {r['num_experts']} experts, top-{r['top_k']}; "
         f"{_gib(r['expert_bytes'])} per expert",
         f"parameters      {r['params']:,} ({r['expert_params']:,} in routed experts)",
@@ -198,14 +212,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="mach check", description="preflight a checkpoint (no weights loaded)")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = VERDICT_RULES
-    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a repository id in the "
+                   "local Hugging Face cache")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a repository id (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--memory-gb", type=float, default=None, help="memory to plan for (default: this machine's RAM)")
     return p
 
 
 def run(a) -> int:
-    report = check_checkpoint(a.checkpoint, a.memory_gb)
+    report = check_checkpoint(a.checkpoint, a.memory_gb, a.revision)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -214,6 +230,7 @@ def run(a) -> int:
     return 0
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     from ..errors import MachError
 

@@ -140,23 +140,22 @@ async def _run(ckpt, slots, requests, policy, out) -> dict:
 def run_demo(checkpoint=None, *, slots: int | None = None, requests: list[DemoRequest] | None = None,
              policy: str | None = None, out=None, backend: str = "asyncio") -> dict:
     """Runs the demo and returns its summary (tokens, seconds, tok/s, hit rate, bytes read, bank size)."""
-    import json
-    from pathlib import Path
-
     import anyio
 
     from ..assets import demo_model_path
 
     out = out or sys.stdout
-    ckpt = Path(checkpoint) if checkpoint else demo_model_path()
+    from ..io.arch_registry import experts_and_top_k
+    from ..io.hf_cache import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint) if checkpoint else demo_model_path()
     requests = list(requests) if requests is not None else [DemoRequest(p, seed=i) for i, p in enumerate(DEMO_PROMPTS)]
-    cfg = json.loads((ckpt / "config.json").read_text())
-    E, k = int(cfg["num_experts"]), int(cfg["num_experts_per_tok"])
+    E, k = experts_and_top_k(ckpt)
     return anyio.run(_run, ckpt, slots or max(k, E // 4), requests, policy, out, backend=backend)
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory or a repository id in the local Hugging Face cache (default: the bundled demo model)")
     p.add_argument("--slots", type=int, default=None, help="bank slots per MoE layer (default: a quarter of the experts)")
     p.add_argument("--eviction-policy", choices=("lru", "lrfu"), default=None)
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")

@@ -151,7 +151,7 @@ def format_stats(st: dict) -> str:
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory or a repository id in the local Hugging Face cache (default: the bundled demo model)")
     p.add_argument("--out", default="trace.json", help="where to write the trace (JSON)")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to decode")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (fresh KV cache each)")
@@ -170,10 +170,12 @@ def run(a) -> int:
     from ..assets import demo_model_path
     from ..io.load import load_moe
 
-    ckpt = a.checkpoint or str(demo_model_path())
-    cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    E = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"))
-    slots = a.slots or max(int(cfg.get("num_experts_per_tok", 1)), E // 4)
+    from ..io.arch_registry import experts_and_top_k
+    from ..io.hf_cache import resolve_checkpoint
+
+    ckpt = str(resolve_checkpoint(a.checkpoint)) if a.checkpoint else str(demo_model_path())
+    E, k = experts_and_top_k(ckpt)
+    slots = a.slots or max(k, E // 4)
     model, tok, store, _ = load_moe(ckpt, expert_residency="streaming", expert_slots=slots,
                                     eviction_policy=a.policy)
     try:

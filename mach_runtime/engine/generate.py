@@ -1,8 +1,10 @@
 """Single-request generation on the MLX thread: chunked prefill, then a pipelined decode loop.
 
 The decode loop queues the next forward (``mx.async_eval``) before handing out the current token, so the host
-work of one step overlaps the device work of the next. With streaming residency the forward itself reads the
-router's choices back to the host (one sync per MoE layer), so the overlap shrinks to what remains.
+work of one step overlaps the device work of the next. With streaming residency the steps run optimistically
+(``io/optimistic.py``): a step is checked for expert misses after the next one is queued, and a step that
+missed is rolled back and redone with its experts loaded, so the pipelining survives and the tokens do not
+change.
 """
 
 from __future__ import annotations
@@ -74,25 +76,56 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
 
-    def step(y):
+    from ..io.optimistic import guard_for
+
+    guard = guard_for(model, cache)  # streaming residency: each step is checked after the next is queued
+    # THE sampler's draws are keyed by (seed, completion position): a step redone after a streaming miss is told
+    # its position again and samples exactly what it would have sampled the first time
+    start = getattr(sampler, "position", None)
+    pos = [0]
+
+    def step(y, at=None):
+        at = pos[0] if at is None else at
+        pos[0] = at + 1
+        if start is not None:
+            sampler.position = start + at
+        ck = (guard.begin(), at) if guard is not None else None
         logits = model(y[None], cache=cache)[:, -1, :]
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), ck
+
+    def redo(y, ck, tokens):  # a streamed step missed: roll back and recompute it with its misses loaded
+        guard.rollback(ck[0], tokens)
+        with guard.redo():
+            tok, _ = step(y, ck[1])
+        mx.eval(tok)
+        return tok
 
     t0 = time.perf_counter()
     y = prefill(model, mx.array(prompt_ids, dtype=mx.uint32), cache)
-    tok = step(y)
+    tok, ck = step(y)
     mx.eval(tok)
+    if guard is not None and not guard.verify(ck[0]):
+        tok = redo(y, ck, 1)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for n in range(max_tokens):
-        nxt = None
-        if n + 1 < max_tokens:
-            nxt = step(tok)
-            mx.async_eval(nxt)
-        stats.generated_tokens = n + 1
-        stats.decode_seconds = time.perf_counter() - t0
-        yield int(tok.item())
-        tok = nxt
+    try:
+        for n in range(max_tokens):
+            nxt = nck = None
+            if n + 1 < max_tokens:
+                nxt, nck = step(tok)
+                mx.async_eval(nxt, *(guard.outputs() if guard is not None else ()))
+            if guard is not None and ck is not None and not guard.verify(ck[0]):
+                tok = redo(y, ck, 2 if nxt is not None else 1)
+                if nxt is not None:
+                    nxt, nck = step(tok)
+                    mx.async_eval(nxt, *guard.outputs())
+            stats.generated_tokens = n + 1
+            stats.decode_seconds = time.perf_counter() - t0
+            yield int(tok.item())
+            y, tok, ck = tok, nxt, nck
+    finally:
+        if guard is not None:
+            guard.close()
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, temperature: float = 0.0,

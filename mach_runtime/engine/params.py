@@ -6,6 +6,8 @@ import random
 
 import msgspec
 
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for at each position (OpenAI's limit)
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """A request's parameters (the one type: Runtime, messages, engines, benchmarks)."""

@@ -26,10 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
-from .params import SamplingParams
+from .params import MAX_TOP_LOGPROBS, SamplingParams  # noqa: F401  (MAX_TOP_LOGPROBS: re-exported)
 
 _M64 = (1 << 64) - 1
-MAX_TOP_LOGPROBS = 20
 
 
 def validate(temperature: float, top_p: float, top_k: int, min_p: float = 0.0, presence_penalty: float = 0.0,

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from ..errors import error_name
 from .batch import PREFILL_STEP, Admission, BatchEngine
 from .emit import StopRule
 
@@ -59,6 +60,7 @@ class Event:
     usage: dict | None = None  # with finish: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
     kv: tuple | None = None  # with finish of a store_kv request: (caches, the tokens they cover)
     error: str | None = None  # the request failed alone (the message names the cause)
+    error_type: str = "RequestError"  # with error: the errors.py class the caller gets (errors.error_name)
     logprobs: tuple | None = None  # per token when the request asked: (logprob, ((top id, logprob), ...))
 
 
@@ -78,7 +80,7 @@ def process_fault(e: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int, caps, spec=None, spec_batch=None,
-                 prefill_chunk: int = PREFILL_STEP, on_admit=None):
+                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None):
         self.model, self.tokenizer, self.caps = model, tokenizer, caps
         self.batch = BatchEngine(model, tokenizer, max_batch, prefill_chunk, mergeable=caps.batch)
         self.spec = spec  # BlockSpecDecEngine sharing the model, or None
@@ -87,6 +89,9 @@ class Scheduler:
             self.spec_batch.clear()  # rows a crashed predecessor left behind
         self.prefill_chunk = prefill_chunk
         self.on_admit = on_admit  # on_admit(request_id) before a request's admission (the Decoder's fault hook)
+        # on_prefilled(request_id, extract, tokens, cached) when a fresh prompt's prefill is done: ``extract()`` gives
+        # its single-request caches covering ``tokens`` (the prefix cache snapshots them after the first token)
+        self.on_prefilled = on_prefilled
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.pending: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # admitted (prefilling or running) requests
@@ -187,7 +192,8 @@ class Scheduler:
         if len(reqs) == 1:
             r = reqs[0]
             self.counters["failed"] += 1
-            self._events.append(Event(r.request_id, error=f"request {r.request_id!r} failed: {type(e).__name__}: {e}"))
+            self._events.append(Event(r.request_id, error=f"request {r.request_id!r} failed: {type(e).__name__}: {e}",
+                                      error_type=error_name(e)))
             return
         self.counters["isolated_retries"] += len(reqs)
         for r in reversed(reqs):  # unknown culprit: each retried alone, ahead of the queue
@@ -290,6 +296,10 @@ class Scheduler:
                 self.counters["cached"] += m.cached_tokens
             if engine is self.spec_batch:
                 self._count_spec(r)
+            if self.on_prefilled is not None and r.usage is None and not r.generated:
+                rid = r.request_id
+                self.on_prefilled(rid, lambda e=engine, i=rid: e._extract(i)[1], tuple(r.prompt_ids[:-1]),
+                                  m.cached_tokens)
             if r.request_id in self._dropped:
                 self._dropped.discard(r.request_id)
                 self._finish(r.request_id, "abort")

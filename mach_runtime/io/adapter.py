@@ -79,21 +79,35 @@ class MoeArchAdapter:
     rotating_keep: int = 0  # tokens a rotating KV cache keeps at the front (mlx-lm's RotatingKVCache keep)
     implemented: bool = True  # False: registered (metadata, mach check) but load_moe cannot build it yet
     unwrapped_model_types: tuple[str, ...] = ()  # text-only variants of a wrapped family (config not nested)
+    # normalize(tc, source) -> tc: every spelling the family's configs use (transformers 4.x / 5.x aliases, rope
+    # spellings) turned into the one the MLX ModelArgs reads, fields checked (adapters/config_rules.normalizer)
+    normalize: Callable[[dict, str], dict] | None = field(compare=False, default=None)
+    # checkpoint tensors that are not the text model (vision / audio towers): skipped at load with one log line
+    skipped_prefixes: tuple[str, ...] = ()
+    # weight_rename(config)(name): a non-expert tensor's name as the MLX model's sanitize expects it (text-only
+    # checkpoints of wrapped families); None: names as stored
+    weight_rename: Callable[[dict], Callable[[str], str] | None] | None = field(compare=False, default=None)
     notes: str = ""
     hidden_taps: bool = True  # decoder layers output [T, H] hidden states (what a DFlash draft reads)
     compiled_verify: bool = False  # plain attention + MoE decoder layers: the verify compiles whole
 
     def text_config(self, config: dict, source: str = "config.json") -> dict:
-        """The model's own config dict (unwrapped from ``text_config`` for wrapped families)."""
-        if not self.wrapped or config.get("model_type") in self.unwrapped_model_types:
-            return config
-        inner = config.get("text_config")
-        if not isinstance(inner, dict):
-            raise CheckpointError(
-                f"{source}: model_type {config.get('model_type')!r} keeps its settings under 'text_config', "
-                "which is missing; use the checkpoint's original config.json"
-            )
-        return inner
+        """The model's own config dict, normalised and checked: unwrapped from ``text_config`` for wrapped
+        families (a flat config of a wrapped family is accepted too), spelled as the family's MLX model reads it."""
+        inner = config
+        if self.wrapped and config.get("model_type") not in self.unwrapped_model_types:
+            inner = config.get("text_config")
+            if inner is None and "num_hidden_layers" in config:  # flat: the text settings at the top level
+                inner = config
+            if not isinstance(inner, dict):
+                raise CheckpointError(
+                    f"{source}: model_type {config.get('model_type')!r} keeps its settings under 'text_config', "
+                    "which is missing or not a JSON object; use the checkpoint's original config.json"
+                )
+        return self.normalize(inner, source) if self.normalize else inner
+
+    def rename_for(self, config: dict) -> Callable[[str], str] | None:
+        return self.weight_rename(config) if self.weight_rename else None
 
     def required_int(self, text_config: dict, name: str, source: str = "config.json") -> int:
         value = text_config.get(name)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
 from .adapter import KV_CACHE_KINDS, SWIGLU_VARIANTS, Capabilities, MoeArchAdapter, continuous_batching_capability
 
+_MAX_CONFIG_BYTES = 16 << 20
 __all__ = [
     "KV_CACHE_KINDS", "REGISTRY", "SWIGLU_VARIANTS", "Capabilities", "MoeArchAdapter", "adapter_for_config",
     "arch_summary", "capabilities_of", "continuous_batching_capability", "detect_arch", "read_config", "registry_summary", "supported_model_types",
@@ -58,11 +59,21 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointNotFoundError(
             f"{path}: config.json not found; a checkpoint directory needs the model's config.json"
         )
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: config.json is not a regular file; put the model's config.json there")
+    if os.path.getsize(path) > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: config.json is {os.path.getsize(path)} bytes, more than a config can be "
+                              f"({_MAX_CONFIG_BYTES}); it is not the model's config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: config.json is not UTF-8 text ({e}); use the model's original "
+                              "config.json") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: config.json cannot be read ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: config.json must hold a JSON object")
     return config
@@ -79,6 +90,16 @@ def adapter_for_config(config: dict, source: str = "config.json") -> MoeArchAdap
         f"{source}: model_type {model_type!r} is not supported; supported model types: "
         f"{', '.join(supported_model_types())} (see `mach-archs`)"
     )
+
+
+def experts_and_top_k(directory: str | os.PathLike) -> tuple[int, int]:
+    """(routed experts per layer, experts per token) of a checkpoint directory, read through its adapter (every
+    config spelling the adapter accepts)."""
+    config = read_config(directory)
+    source = os.path.join(os.fspath(directory), "config.json")
+    adapter = adapter_for_config(config, source)
+    tc = adapter.text_config(config, source)
+    return adapter.num_experts(tc, source), adapter.top_k(tc, source)
 
 
 def detect_arch(config_json_path: str | os.PathLike) -> str:

@@ -1,11 +1,18 @@
 """DiskSwitchGLU: the routed-expert MLP in streaming residency.
 
 Same contract as ``GatherSwitchGLU`` (``(x[..., D], indices[..., k]) -> y[..., k, D]``), but the weights it
-multiplies are the layer's *bank* of slots, not all experts. Per call it reads the router's choices to the host
-once (the one sync per layer streaming needs), makes those experts resident (hits are free, misses are read from
-disk into slots), remaps expert ids to slot ids and runs the gather matmuls on the bank.
+multiplies are the layer's *bank* of slots, not all experts. Two paths:
 
-When a call needs more distinct experts than the bank has slots (a long prefill), the tokens are split into
+* **optimistic** (the default for decode steps and short forwards, ``optimistic.py``): the slot ids are computed
+  on the device from the bank's expert -> slot table (``slot_of``, a missing expert maps to slot 0) and the
+  routing is recorded; nothing waits on the host. The forward is checked once at its end and redone in sync mode
+  when any layer missed.
+* **sync**: reads the router's choices to the host (one sync per layer), makes those experts resident (hits are
+  free, misses are read from disk into slots), remaps expert ids to slot ids and runs the gather matmuls.
+
+A long sync-mode call (a prefill chunk) that would evict from the bank goes through the prefill arena instead
+(``prefill_arena.py``), so the decode bank keeps its hot set. Otherwise, when a call needs more distinct experts
+than the bank has slots, the tokens are split into
 consecutive groups whose distinct experts fit, and each group is computed — and evaluated, so its slots may be
 overwritten — before the next group loads. Any bank with at least top-k slots therefore gives the same result as
 stacked residency.
@@ -19,6 +26,7 @@ import numpy as np
 
 from .expert_bank import LayerBank, StreamingExpertStore
 from .gather_switch_glu import ExpertProjection, activation_for, switch_glu
+from .prefill_arena import arena_forward, wants_arena
 
 
 def token_groups(inds: np.ndarray, slots: int) -> list[tuple[int, int]]:
@@ -56,15 +64,24 @@ class DiskSwitchGLU(nn.Module):
         self._activation = activation_for(swiglu_variant, **act)
         self._store = store
         self._bank = bank
+        self.slot_of = bank.device_table()  # expert -> slot on the device (int32 [E]); a module array, not a weight
+        bank.glu = self
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        rec = self._store.optimistic.recording
+        if rec is not None:  # optimistic: no host sync; checked once per forward
+            self._store.optimistic.record(self._bank, indices)
+            return switch_glu(x, self.slot_of[indices], self.gate_up, self.down, self._activation, self.inter)
         lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         inds = np.array(indices).reshape(-1, k)  # the host readback (one sync per layer)
+        self._store.count_sync()
         for observe in self._store.routing_observers:
             observe(self._bank, inds)
         xf = x.reshape(-1, D)
+        if wants_arena(self._store, self._bank, inds):  # a long prompt: keep the decode bank's hot set
+            return arena_forward(self, xf, inds).reshape(*lead, k, D)
         outs = []
-        groups = token_groups(inds, self._bank.slots)
+        groups = token_groups(inds, self._bank.group_slots)
         for gi, (a, b) in enumerate(groups):
             chunk = inds[a:b]
             self._store.ensure(self._bank, np.unique(chunk))

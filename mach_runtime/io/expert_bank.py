@@ -45,6 +45,10 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     direct_io: bool
     prefetched: int = 0  # experts read ahead of need (bytes_read counts them too)
     prefetch_used: int = 0  # misses served from prefetched bytes (no wait on the disk)
+    host_syncs: int = 0  # routing readbacks: one per MoE layer in sync mode, one per verified optimistic forward
+    optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
+    redone_forwards: int = 0  # of those, forwards that missed and were redone (retried, else sync mode)
+    retried_forwards: int = 0  # optimistic retries after loading a missed layer's experts
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -54,6 +58,8 @@ def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
     a = mx.array(buf.view(DTYPES[st_dtype][1]).reshape(shape))
     if st_dtype == "BF16":
         a = a.view(mx.bfloat16)
+    elif st_dtype == "F8_E4M3":  # FP8 experts with float block scales are held dequantized (expert_layout)
+        a = mx.from_fp8(a, dtype=mx.float32)
     return a if a.dtype == dtype else a.astype(dtype)
 
 
@@ -61,7 +67,8 @@ def apply_transform(a, transform: str):
     """Host-side reshaping of expert components ``a [n, ...]`` to the engine's ``[n, out, in]`` rows.
 
     ``t`` swaps the last two axes of 2-D parts; ``deinterleave`` moves the even rows (gate) before the odd rows
-    (up). MLX ops on the MLX thread; exact (pure data movement).
+    (up); ``blocks:bm:bk:out:in`` repeats FP8 block scales over their rows and 32-wide groups (expert_layout).
+    MLX ops on the MLX thread; exact (pure data movement).
     """
     import mlx.core as mx
 
@@ -71,6 +78,11 @@ def apply_transform(a, transform: str):
                 a = a.swapaxes(-1, -2)
         elif step == "deinterleave":
             a = mx.concatenate([a[:, 0::2], a[:, 1::2]], axis=1)
+        elif step.startswith(("blocks:", "dequant:")):  # block scales [n, gr, gc] -> [n, out, in/32 or in]
+            _, bm, bk, out_dim, in_dim = (int(v) if v.isdigit() else v for v in step.split(":"))
+            per = 32 if step.startswith("blocks:") else 1
+            a = mx.repeat(a, bm, axis=-2)[..., :out_dim, :]
+            a = mx.repeat(a, bk // per, axis=-1)[..., : in_dim // per]
         else:
             raise ValueError(f"unknown expert transform {step!r}")
     return mx.contiguous(a) if transform else a
@@ -84,6 +96,7 @@ class _Target:
     comp: str
     rows: slice
     transform: str = ""
+    multiply: bool = False  # multiply into the slot's rows instead of writing them (float FP8 block scales)
 
 
 class LayerBank:
@@ -99,10 +112,24 @@ class LayerBank:
         self.policy = make_policy(policy)
         self.last_used: tuple[int, ...] = ()  # distinct experts of the latest step
         self.targets: dict[tuple[str, str], _Target] = targets  # (proj, comp) -> bank target
+        self.version = 0  # bumped whenever the expert -> slot table changes
+        self.pinned: set[int] = set()  # experts never evicted (StreamingExpertStore.pin_from_trace)
+        self.glu = None  # the DiskSwitchGLU computing over this bank (holds the device copy of the table)
+
+    def device_table(self):
+        """The expert -> slot table as a device array; a missing expert maps to slot 0 (see optimistic.py)."""
+        import mlx.core as mx
+
+        return mx.array(np.maximum(self.lut, 0))
 
     @property
     def resident(self) -> int:
         return self.slots - len(self.free)
+
+    @property
+    def group_slots(self) -> int:
+        """Slots a token group may fill: all but the pinned experts'."""
+        return self.slots - len(self.pinned)
 
 
 class StreamingExpertStore:
@@ -128,6 +155,14 @@ class StreamingExpertStore:
         # told every MoE call's per-token routing (bank, host int array [tokens, top_k]) on the MLX thread before
         # the bank is touched; the store's stats do not see them (e.g. draft-informed prefetch learns from them)
         self.routing_observers: list = []
+        # the prefill arena (prefill_arena.py): slots shared by every layer for long prompts; 0 disables it
+        self.arena_slots = slots
+        self.arena = None
+        self.preloaded: dict[int, set] = {}  # bank index -> experts an optimistic retry loaded before sync mode
+        self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
+        from .optimistic import OptimisticRunner
+
+        self.optimistic = OptimisticRunner(self)
 
     @staticmethod
     def slots_for_budget(layout: ExpertLayout, budget_gb: float, bank_expert_bytes: int) -> int:
@@ -158,6 +193,36 @@ class StreamingExpertStore:
         self.banks.append(bank)
         return bank
 
+    def pin_from_trace(self, path, per_layer: int) -> dict[int, list[int]]:
+        """Loads and pins, in every bank, the ``per_layer`` experts a ``mach trace`` file routed to most often
+        (at most slots - top-k, so any token still fits); pinned experts are never evicted. Returns
+        {layer: pinned experts}."""
+        from ..analysis.trace_replay import RoutingTrace
+        from ..errors import ConfigError
+
+        try:
+            trace = RoutingTrace.load(path)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: cannot read a routing trace to pin experts from ({e}); record one with "
+                              "`mach trace CKPT --out trace.json`") from None
+        if trace.num_experts != self.layout.num_experts:
+            raise ConfigError(f"{path}: the trace has {trace.num_experts} experts per layer, this model "
+                              f"{self.layout.num_experts}: it was recorded on another model")
+        n = max(0, min(int(per_layer), self.slots - self.layout.top_k))
+        per = trace.per_layer()
+        out = {}
+        for bank in self.banks:
+            counts = np.zeros(self.layout.num_experts, dtype=np.int64)
+            for experts in per.get(bank.source.layer, []):
+                counts[list(experts)] += 1
+            hot = [int(e) for e in np.argsort(-counts, kind="stable")[:n] if counts[e] > 0]
+            bank.pinned = set()
+            if hot:
+                self.ensure(bank, np.array(sorted(hot)))
+            bank.pinned = set(hot)
+            out[bank.source.layer] = sorted(hot)
+        return out
+
     def start_trace(self) -> None:
         """Records (layer, distinct experts) of every bank step from now on, for offline policy replay."""
         self.trace = []
@@ -169,60 +234,146 @@ class StreamingExpertStore:
         bank.last_used = tuple(needed.tolist())
         if self.trace is not None:
             self.trace.append((bank.source.layer, bank.last_used))
-        missing = needed[bank.lut[needed] < 0]
-        self.hits += len(needed) - len(missing)
-        if len(missing):
-            self._load(bank, missing, set(needed.tolist()))
+        hits = int((bank.lut[needed] >= 0).sum())
+        pre = self.preloaded.pop(bank.index, None) if self.preloaded else None
+        if pre:  # loaded (and counted as misses) by an optimistic retry of this same forward
+            hits -= len(pre.intersection(needed.tolist()))
+        self.hits += hits
+        self.load_missing(bank, needed)
         bank.policy.step(needed.tolist())
 
-    def _load(self, bank: LayerBank, missing: np.ndarray, needed: set) -> None:
-        import mlx.core as mx
+    def count_sync(self) -> None:
+        self.host_syncs += 1
 
-        # choose free slots, then victims, without touching the tables: a failed read leaves the bank intact
+    def account_hits(self, bank: LayerBank, inds: np.ndarray, loaded=()) -> None:
+        """Bookkeeping of a verified optimistic MoE call (every expert was resident): what ``ensure`` does,
+        after the fact (``loaded``: experts this forward's retry loaded, already counted as misses); routing
+        observers are told too."""
+        for observe in self.routing_observers:
+            observe(bank, inds)
+        # sorted distinct experts, as ensure() steps the policy; one row (decode) needs no np.unique
+        needed = sorted(set(inds[0].tolist())) if inds.shape[0] == 1 else np.unique(inds).tolist()
+        bank.last_used = tuple(needed)
+        if self.trace is not None:
+            self.trace.append((bank.source.layer, bank.last_used))
+        self.hits += len(needed) - len(loaded)
+        bank.policy.step(needed)
+
+    def load_missing(self, bank: LayerBank, needed: np.ndarray) -> list[int]:
+        """Makes ``needed`` resident, counting only the misses (a retried optimistic forward accounts its hits
+        when it verifies); returns the experts it loaded."""
+        missing = needed[bank.lut[needed] < 0]
+        if len(missing):
+            try:
+                self._load(bank, missing, set(needed.tolist()))
+            finally:
+                bank.version += 1
+                if bank.glu is not None:
+                    bank.glu.slot_of = bank.device_table()
+        return missing.tolist()
+
+    def _load(self, bank: LayerBank, missing: np.ndarray, needed: set) -> None:
+        # free slots first, then victims; each expert is written to the device as soon as its bytes are in,
+        # while the others are still being read. A failed read leaves the bank consistent: experts already
+        # written are resident, the victims are gone, the unused slots are free again.
         n_free = min(len(bank.free), len(missing))
         slots = bank.free[len(bank.free) - n_free :][::-1]
-        victims, exclude = [], set(needed)
+        victims, exclude = [], set(needed) | bank.pinned
         for _ in range(len(missing) - n_free):
             victim = bank.policy.victim(exclude)
             exclude.add(victim)
             victims.append(victim)
         slots += [int(bank.lut[v]) for v in victims]
-        t0 = time.perf_counter()
-        bufs = self._read(bank, missing.tolist())
-        self.read_seconds += time.perf_counter() - t0
+        experts = missing.tolist()
+        slot_of = dict(zip(experts, slots))
         del bank.free[len(bank.free) - n_free :]
         for v in victims:
             bank.policy.remove(v)
             bank.lut[v] = -1
+            bank.slot_expert[bank.slot_expert == v] = -1
         self.evictions += len(victims)
-        for e, slot in zip(missing.tolist(), slots):
-            bank.lut[e] = slot
-            bank.slot_expert[slot] = e
-        self.misses += len(missing)
+        t0 = time.perf_counter()
+        try:
+            for e, views, bufs in self._read_iter(bank, experts):
+                wait = time.perf_counter() - t0
+                self.read_seconds += wait
+                self._write_slot(bank, slot_of[e], views)  # device copy while the other reads run
+                self.reader.release(bufs)
+                bank.lut[e] = slot_of[e]
+                bank.slot_expert[slot_of[e]] = e
+                self.misses += 1
+                t0 = time.perf_counter()
+        finally:
+            for e in experts:  # slots whose expert never arrived go back to the free list
+                if bank.lut[e] < 0 and slot_of[e] not in bank.free:
+                    bank.free.append(slot_of[e])
+
+    def _write_slot(self, bank: LayerBank, slot: int, views: list, projs: dict | None = None) -> None:
+        """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread.
+        ``projs`` redirects the bank's projections (by id) to others of the same shapes (the prefill arena)."""
+        import mlx.core as mx
+
         for i, (key, comp) in enumerate(bank.source.components.items()):
             t = bank.targets[key]
-            arr = getattr(t.proj, t.comp)
-            values = mx.stack([to_mx(b[i], comp.dtype, comp.shape, arr.dtype) for b in bufs])
-            values = apply_transform(values, t.transform)
-            # one slice update per slot: a scatter over the slot list is ~3x slower on MLX's CPU backend
-            # (measured 367 vs 119 ms per token at a 12.5 % bank) and no faster on CUDA
-            for j, slot in enumerate(slots):
-                arr[slot, t.rows] = values[j]
+            proj = projs.get(id(t.proj), t.proj) if projs else t.proj
+            arr = getattr(proj, t.comp)
+            dt = mx.float32 if t.multiply else arr.dtype
+            value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, dt)[None], t.transform)[0]
+            if t.multiply:  # a scale onto the weight written just before (components are in weight-first order)
+                value = (arr[slot, t.rows].astype(mx.float32) * value).astype(arr.dtype)
+            arr[slot, t.rows] = value
 
-    def _read(self, bank: LayerBank, experts: list[int]) -> list[list[np.ndarray]]:
-        """Bytes of each expert: from prefetch staging when it is there, else read now."""
+    def fill_arena(self, bank: LayerBank, arena, where: dict) -> None:
+        """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a
+        device copy (hits), the others from disk (misses), those also into free bank slots while any are left
+        (never evicting). See prefill_arena.py."""
+        bank.last_used = tuple(sorted(where))
+        if self.trace is not None:
+            self.trace.append((bank.source.layer, bank.last_used))
+        pairs = {(id(t.proj), t.comp): (t.proj, t.comp) for t in bank.targets.values()}
+        resident = [e for e in where if bank.lut[e] >= 0]
+        missing = [e for e in where if bank.lut[e] < 0]
+        for e in resident:
+            for proj, comp in pairs.values():
+                getattr(arena.projs[id(proj)], comp)[where[e]] = getattr(proj, comp)[int(bank.lut[e])]
+        self.hits += len(resident)
+        if not missing:
+            return
+        added = []
+        t0 = time.perf_counter()
+        try:
+            for e, views, bufs in self._read_iter(bank, missing):
+                self.read_seconds += time.perf_counter() - t0
+                self._write_slot(bank, where[e], views, arena.projs)
+                if bank.free:  # a free decode slot: keep it too (warms a cold bank, evicts nothing)
+                    slot = bank.free.pop()
+                    self._write_slot(bank, slot, views)
+                    bank.lut[e], bank.slot_expert[slot] = slot, e
+                    added.append(e)
+                self.reader.release(bufs)
+                self.misses += 1
+                t0 = time.perf_counter()
+        finally:
+            if added:
+                bank.policy.step(added)
+                bank.version += 1
+                if bank.glu is not None:
+                    bank.glu.slot_of = bank.device_table()
+
+    def _read_iter(self, bank: LayerBank, experts: list[int]):
+        """(expert, views, staging buffers) for each expert: prefetched bytes first, then fresh reads as they
+        complete."""
         with self._staged_lock:
             staged = {e: self._staged.pop((bank.index, e), None) for e in experts}
         cold = [e for e in experts if staged[e] is None]
-        fresh = dict(zip(cold, self.reader.read([bank.source.ranges(e) for e in cold]))) if cold else {}
-        out = []
         for e in experts:
             if staged[e] is not None:
-                out.append(staged[e].result())
+                views, bufs = staged[e].result()
                 self.prefetch_used += 1
-            else:
-                out.append(fresh[e])
-        return out
+                yield e, views, bufs
+        if cold:
+            for i, views, bufs in self.reader.read_iter([bank.source.ranges(e) for e in cold]):
+                yield cold[i], views, bufs
 
     def prefetch(self, bank_index: int, experts) -> int:
         """Starts background reads of ``experts`` of one bank that are neither resident nor staged.
@@ -264,9 +415,14 @@ class StreamingExpertStore:
             direct_io=self.reader.direct,
             prefetched=self.prefetched,
             prefetch_used=self.prefetch_used,
+            host_syncs=self.host_syncs,
+            retried_forwards=self.optimistic.retried_forwards,
+            optimistic_forwards=self.optimistic.optimistic_forwards,
+            redone_forwards=self.optimistic.redone_forwards,
         )
 
     def close(self) -> None:
+        self.arena = None
         with self._staged_lock:
             self._staged.clear()
         self.reader.close()

@@ -11,8 +11,22 @@ Which names a family uses is declared by its adapter as ``ExpertScheme``s (``exp
 scheme whose probe tensor exists wins. A component may need a host-side transform (transpose, de-interleave)
 to become rows of the engine's fused ``gate_up`` / ``down`` projections.
 
-Components are ``weight`` plus, for quantized checkpoints, ``scales`` and ``biases`` (affine), and ``bias`` for
-families with expert biases. No MLX here: the discovery commands use this module too.
+Components are ``weight`` plus, for quantized checkpoints, ``scales`` and ``biases`` (affine) or ``global_scale``
+(nvfp4 with a per-expert tensor scale), and ``bias`` for families with expert biases. No MLX here: the discovery
+commands use this module too.
+
+**Quantization is per projection.** Each layer's ``gate_up`` and ``down`` projections carry their own
+``QuantSpec`` recovered from the stored shapes (as mlx-lm's ``infer_quant_config`` does), so mlx-lm's mixed
+recipes (``mixed_3_6``: 6-bit ``down_proj`` in some layers, 3-bit elsewhere) and per-module overrides load in
+both residencies; the streaming bank of a layer holds each projection in its own format.
+
+**Released low-precision formats** (DeepSeek-V4-Flash; ``quant_formats.py``) map onto MLX's quantized layouts
+without dequantizing: FP4 (e2m1, two per byte, ``I8 [out, in/2]``) with ue8m0 ``.scale [out, in/32]`` *is*
+mxfp4 (the bytes are viewed as ``U32 [out, in/8]``); FP8 (``F8_E4M3 [out, in]``) with ue8m0 block scales
+``[ceil(out/bm), ceil(in/bk)]`` becomes mxfp8 (the same bytes as ``U32 [out, in/4]``; each block scale repeated
+over its rows and its 32-wide groups, exact because a ue8m0 scale is a power of two shared by the block). FP8
+with float block scales (DeepSeek-V3 / Qwen3-FP8 ``weight_scale_inv``) has no exact MX layout: its weight is held
+dequantized, the scale component multiplied into it (transform ``dequant:...``).
 """
 
 from __future__ import annotations
@@ -23,18 +37,12 @@ from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from .adapter import MoeArchAdapter
-from .expert_schemes import U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
+from .expert_schemes import SCALE_ALIASES, U8_BLOCKS_AS_U32, ExpertScheme, ExpertTensorSpec
+from .quant_formats import BLOCKS, DEQUANT, QuantSpec, released_format
 from .safetensors_index import CheckpointIndex, TensorInfo
 
-COMPONENTS = ("weight", "scales", "biases", "bias")
+COMPONENTS = ("weight", "scales", "biases", "global_scale", "bias")
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str = "affine"
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,24 @@ class ExpertLayerSource:
     layer: int
     num_experts: int
     components: dict[tuple[str, str], ExpertComponent]
-    quant: QuantSpec | None
+    quant: QuantSpec | None  # the gate_up projection's (kept for callers that assume one format per layer)
+    # target ("gate_up" | "down"), or part ("gate" | "up" | "down") when gate and up differ -> QuantSpec | None
+    quants: dict = dataclasses.field(default_factory=dict)
+
+    def quant_of(self, target: str) -> QuantSpec | None:
+        """QuantSpec of a target ("gate_up" | "down") or part ("gate" | "up" | "down")."""
+        if not self.quants:
+            return self.quant
+        if target in self.quants:
+            return self.quants[target]
+        if target == "gate_up":  # split: gate and up differ; the gate's
+            return self.quants.get("gate")
+        return self.quants.get("gate_up")
+
+    @property
+    def split_gate_up(self) -> bool:
+        """Gate and up stored in different formats (per-module quantization): computed as two projections."""
+        return "gate" in self.quants
 
     @property
     def expert_bytes(self) -> int:
@@ -86,8 +111,12 @@ class ExpertLayout:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (all its components) as stored on disk; equal in every layer."""
-        return self.layers[0].expert_bytes if self.layers else 0
+        """Bytes of one expert (all its components) as stored on disk: equal in every layer, except with
+        per-module quantization (mixed recipes), where it is the mean over the layers (rounded up) and
+        ``ExpertLayerSource.expert_bytes`` gives each layer's own."""
+        if not self.layers:
+            return 0
+        return -(-sum(layer.expert_bytes for layer in self.layers) // len(self.layers))
 
     @property
     def total_expert_bytes(self) -> int:
@@ -121,6 +150,8 @@ def _infer_quant(name: str, weight: TensorInfo, scales: TensorInfo, in_dims: int
 def _expected_shape(comp: str, out_dim: int, in_dim: int, quant: QuantSpec | None) -> tuple[int, ...]:
     if comp == "bias":
         return (out_dim,)
+    if comp == "global_scale":
+        return ()
     if quant is None:
         return (out_dim, in_dim)
     if comp == "weight":
@@ -132,6 +163,12 @@ def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...
     """Per-expert shape after the host-side transform (a transpose swaps the last two axes of 2-D parts)."""
     if "t" in transform.split("+") and len(shape) == 2:
         return (shape[1], shape[0])
+    if transform.startswith(BLOCKS + ":"):
+        _, _, _, out_dim, in_dim = transform.split(":")
+        return (int(out_dim), int(in_dim) // 32)
+    if transform.startswith(DEQUANT + ":"):
+        _, _, _, out_dim, in_dim = transform.split(":")
+        return (int(out_dim), int(in_dim))
     return tuple(shape)
 
 
@@ -171,22 +208,38 @@ def _view(info: TensorInfo, view: str | None) -> TensorInfo:
     return dataclasses.replace(info, dtype="U32", shape=(*info.shape[:-2], info.shape[-2] * info.shape[-1] // 4))
 
 
+def _suffixes(spec: ExpertTensorSpec, comp: str) -> tuple[str, ...]:
+    suffix = spec.components[comp]
+    return (suffix, *SCALE_ALIASES.get(suffix, ())) if comp == "scales" else (suffix,)
+
+
 def _component(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, alias=str):
     """(infos, sources, tensor_names, stored shape) of one component, or None when absent."""
     view = spec.views.get(comp)
+    for suffix in _suffixes(spec, comp):
+        found = _component_named(index, spec, layer, comp, E, alias, suffix, view)
+        if found is not None:
+            return found
+    return None
+
+
+def _component_named(index, spec: ExpertTensorSpec, layer: int, comp: str, E: int, alias, suffix: str, view):
+    def name(expert=None):
+        return alias(spec.template.format(layer=layer, expert=expert) + suffix)
+
     if not spec.per_expert:
-        tname = alias(spec.name(layer, comp))
+        tname = name()
         if tname not in index:
             return None
         info = _view(index[tname], view)
-        if len(info.shape) < 2 or info.shape[0] != E:
+        if len(info.shape) < 1 or info.shape[0] != E:
             raise CheckpointError(
                 f"{info.file}: stacked expert tensor {tname!r} has shape {list(info.shape)}; "
                 f"its first axis must be the {E} experts"
             )
         stride = info.nbytes // E
         return [info], tuple((info.file, info.offset + e * stride) for e in range(E)), (tname,), tuple(info.shape[1:])
-    tnames = [alias(spec.name(layer, comp, e)) for e in range(E)]
+    tnames = [name(e) for e in range(E)]
     present = [t in index for t in tnames]
     if not any(present):
         return None
@@ -221,36 +274,52 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
     layers, names = [], set()
     for layer in moe_layers:
         comps: dict[tuple[str, str], ExpertComponent] = {}
-        quant = None
+        part_quant: dict[str, QuantSpec | None] = {}
         for spec in scheme.tensors:
             out_dim, in_dim, rows = _part_dims(spec.part, H, inter)
+            found = {}
             for comp in COMPONENTS:
                 if comp not in spec.components:
                     continue
-                found = _component(index, spec, layer, comp, E, alias)
-                if found is None:
+                f = _component(index, spec, layer, comp, E, alias)
+                if f is None:
                     if comp == "weight":
                         want = alias(spec.name(layer, comp, 0 if spec.per_expert else None))
                         raise CheckpointError(f"{index.directory}: missing expert tensor {want!r}")
                     continue
-                infos, sources, tensor_names, shape = found
-                if comp == "weight":
-                    weight_info = infos[0]
-                if comp == "scales":
-                    w = comps[(spec.part, "weight")]
-                    quant_here = _infer_quant(w.tensor_names[0], weight_info, infos[0], in_dim)
-                    if quant is not None and quant_here != quant:
-                        raise CheckpointError(f"{infos[0].file}: layer {layer} mixes expert quantizations")
-                    quant = quant_here
+                found[comp] = f
+            # (dtype, shape, transform) per component as the engine holds it
+            held = {comp: (f[0][0].dtype, f[3], spec.transform) for comp, f in found.items()}
+            quant = None
+            if "scales" in found:
+                w, s = found["weight"], found["scales"]
+                released = released_format(w[2][0], w[0][0], w[3], s[0][0], s[3], out_dim, in_dim, tc, spec.transform)
+                if released is not None:
+                    wd, ws, sd, ss, st, quant = released
+                    held["weight"] = (wd, ws, spec.transform)
+                    held["scales"] = (sd, ss if not st else s[3], st)
+                else:
+                    quant = _infer_quant(w[2][0], w[0][0], s[0][0], in_dim)
+            part_quant[spec.part] = quant
+            for comp, (infos, sources, tensor_names, shape) in found.items():
+                dtype, hshape, transform = held[comp]
+                nbytes = math.prod(shape) * infos[0].itemsize  # bytes as stored (a view keeps them)
                 comps[(spec.part, comp)] = ExpertComponent(
-                    spec.part, comp, infos[0].dtype, shape, math.prod(shape) * infos[0].itemsize, sources,
-                    tensor_names, spec.target, rows, spec.transform,
+                    spec.part, comp, dtype, tuple(hshape), nbytes, sources, tensor_names, spec.target, rows, transform,
                 )
                 names.update(tensor_names)
-        # shapes are checked once quantization is known (weights come before scales in COMPONENTS)
+        quants = {}
+        for part, q in part_quant.items():
+            quants["down" if part == "down" else "gate_up"] = q
+        if "gate" in part_quant and part_quant["gate"] != part_quant.get("up"):
+            # per-module quantization gave gate and up different formats (e.g. mlx-lm's dynamic_quant): they
+            # cannot share one fused projection, so each keeps its own
+            quants = {"gate": part_quant["gate"], "up": part_quant.get("up"), "down": quants.get("down")}
+        # shapes are checked once quantization is known
         for (part, comp), c in comps.items():
             out_dim, in_dim, _ = _part_dims(part, H, inter)
-            want = _expected_shape(comp, out_dim, in_dim, quant if comp != "bias" else None)
+            q = quants[part] if part in quants else quants["down" if part == "down" else "gate_up"]
+            want = _expected_shape(comp, out_dim, in_dim, q if comp != "bias" else None)
             if _transformed_shape(c.shape, c.transform) != want:
                 stored = list(_transformed_shape(want, c.transform))
                 raise CheckpointError(
@@ -258,15 +327,21 @@ def find_expert_layout(index: CheckpointIndex, adapter: MoeArchAdapter, tc: dict
                     f"{list(c.shape)} per expert, expected {stored} from config.json "
                     f"(hidden_size={H}, {adapter.moe_intermediate_field}={inter}); config and weights do not match"
                 )
-            if comp == "weight" and quant is None and c.dtype not in _FLOAT_DTYPES:
+            dequant = comp == "weight" and c.dtype == "F8_E4M3" and (part, "scales") in comps
+            if comp == "weight" and q is None and c.dtype not in _FLOAT_DTYPES and not dequant:
                 raise CheckpointError(
                     f"{index[c.tensor_names[0]].file}: expert tensor {c.tensor_names[0]!r} is {c.dtype} without "
                     "scales; unquantized experts must be F32, F16 or BF16"
+                )
+            if comp == "global_scale" and (q is None or q.mode != "nvfp4"):
+                raise CheckpointError(
+                    f"{index[c.tensor_names[0]].file}: {c.tensor_names[0]!r}: a global scale belongs to nvfp4 "
+                    f"weights, these are {q}"
                 )
         if adapter.has_expert_bias != any(comp == "bias" for _, comp in comps):
             raise CheckpointError(
                 f"{index.directory}: layer {layer}: {adapter.key} experts "
                 f"{'need' if adapter.has_expert_bias else 'have no'} per-expert biases"
             )
-        layers.append(ExpertLayerSource(layer, E, comps, quant))
+        layers.append(ExpertLayerSource(layer, E, comps, quants.get("gate_up", quants.get("gate")), quants))
     return ExpertLayout(scheme.layout, tuple(layers), E, top_k, H, inter, frozenset(names), scheme.name)

@@ -18,7 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # component name -> tensor-name suffix
-MLX_COMPONENTS = {"weight": ".weight", "scales": ".scales", "biases": ".biases", "bias": ".bias"}
+MLX_COMPONENTS = {"weight": ".weight", "scales": ".scales", "biases": ".biases", "bias": ".bias",
+                  "global_scale": ".global_scale"}  # global_scale: nvfp4's per-expert tensor scale (MLX exports)
+# other names of the ``scales`` component (tried in order when ``.scales`` is absent): DeepSeek-V4's released
+# checkpoints (``w1.scale``: ue8m0 block scales of FP8 / FP4 weights) and DeepSeek-V3-style FP8 (``weight_scale_inv``)
+SCALE_ALIASES = {".scales": (".scale", ".weight_scale_inv")}
 HF_FUSED_COMPONENTS = {"weight": "", "bias": "_bias"}  # e.g. experts.gate_up_proj, experts.gate_up_proj_bias
 # OpenAI mxfp4 (gpt-oss hub checkpoints): *_blocks U8 [.., out, in/32, 16] (= MLX's U32 [.., out, in/8]),
 # *_scales U8 [.., out, in/32] (e8m0), *_bias

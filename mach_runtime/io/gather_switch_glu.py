@@ -23,18 +23,23 @@ SORT_THRESHOLD = 64
 # SMALL_EXPERTS_SORT_THRESHOLD rows (prefill chunks) instead.
 SMALL_EXPERTS_BYTES = 16 << 20
 SMALL_EXPERTS_SORT_THRESHOLD = 256
+# nvfp4 with a tensor ("global") scale g: weight = e2m1 * e4m3 block scale * g / (448 * 6) (MLX's dequantize)
+NVFP4_GLOBAL_SCALE = 1.0 / (448.0 * 6.0)
 
 
 class ExpertProjection(nn.Module):
     """One projection of E experts (or E bank slots): ``weight [E, out, in]`` or its quantized form."""
 
-    def __init__(self, weight: mx.array, scales=None, biases=None, bias=None, quant: QuantSpec | None = None):
+    def __init__(self, weight: mx.array, scales=None, biases=None, bias=None, quant: QuantSpec | None = None,
+                 global_scale=None):
         super().__init__()
         self.weight = weight
         if scales is not None:
             self.scales = scales
         if biases is not None:
             self.biases = biases
+        if global_scale is not None:  # nvfp4 tensor scale, one per (expert, output row): [E, out] float32
+            self.global_scale = global_scale
         if bias is not None:
             self.bias = bias
         self.quant = quant
@@ -54,11 +59,29 @@ class ExpertProjection(nn.Module):
                 mode=q.mode,
                 sorted_indices=sorted_indices,
             )
+            if "global_scale" in self:
+                # nvfp4's tensor scale multiplies every dequantized weight of an expert by g / (448 * 6), so it
+                # scales the expert's output rows: applied here because gather_qmm takes it only on the GPU (and
+                # gate and up, fused into one projection, have a scale each)
+                y = y * mx.expand_dims(self["global_scale"][idx] * NVFP4_GLOBAL_SCALE, -2).astype(y.dtype)
         else:
             y = mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][idx], -2)
         return y
+
+
+class SplitProjection(nn.Module):
+    """Gate and up as two projections when they are stored in different formats (per-module quantization, e.g.
+    mlx-lm's dynamic_quant giving one of them more bits): the same ``[..., 2I]`` output as a fused projection."""
+
+    def __init__(self, gate: ExpertProjection, up: ExpertProjection):
+        super().__init__()
+        self.gate = gate
+        self.up = up
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.concatenate([self.gate(x, idx, sorted_indices), self.up(x, idx, sorted_indices)], axis=-1)
 
 
 def silu_limited(gate, up, alpha: float = 1.702, limit: float = 7.0, up_offset: float = 1.0):

@@ -5,57 +5,100 @@ routed-expert tensors (per-expert or stacked layout) → build the family's MLX 
 a ``GatherSwitchGLU`` (stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from
 disk) → load the non-expert weights → return ``(model, tokenizer, store, cache)``.
 
-Nothing is downloaded: the path must be a local checkpoint directory.
+Nothing is downloaded: the path is a local checkpoint directory or a repository id already in the local
+Hugging Face cache (``hf_cache.resolve_checkpoint``).
 """
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
-from ..errors import ArchNotImplementedError, CheckpointError, CheckpointNotFoundError, ConfigError, UnsupportedArchError
+from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import ExpertLayerSource, ExpertLayout, find_expert_layout
+from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .quant_formats import MX_DTYPES as _MX_DTYPES
+from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
 from .safetensors_index import CheckpointIndex
 
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _local_dir(path) -> Path:
-    if path is None:
-        raise CheckpointNotFoundError("no checkpoint path given; pass a local checkpoint directory")
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.exists():
-        raise CheckpointNotFoundError(
-            f"{p}: checkpoint path does not exist; pass a local directory holding config.json and "
-            "*.safetensors (mach_runtime never downloads weights)"
-        )
+def _local_dir(path, revision: str | None = None) -> Path:
+    """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
+    from .hf_cache import resolve_checkpoint
+
+    p = resolve_checkpoint(path, revision)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass the checkpoint directory, not a file inside it")
     return p.resolve()
 
 
-def load(path, **kwargs):
-    """mlx-lm's loader for any model mlx-lm supports, restricted to local paths: ``(model, tokenizer)``."""
-    directory = _local_dir(path)
-    read_config(directory)  # clear error for a missing or broken config.json
+def load(path, revision: str | None = None, **kwargs):
+    """mlx-lm's loader for any model mlx-lm supports: ``(model, tokenizer)``. ``path`` is a local directory or a
+    repository id in the local Hugging Face cache (never downloaded); config.json and the safetensors headers
+    are checked first, so a damaged checkpoint is a CheckpointError."""
+    directory = _local_dir(path, revision)
+    config = read_config(directory)  # clear error for a missing or broken config.json
+    CheckpointIndex(directory)  # and for damaged safetensors headers or index
     from mlx_lm import load as mlx_lm_load
 
+    overrides = _mlx_lm_overrides(config, str(directory / "config.json"))
+    if overrides:
+        kwargs["model_config"] = {**overrides, **(kwargs.get("model_config") or {})}
     return mlx_lm_load(str(directory), **kwargs)
 
 
-def _load_tokenizer(directory: Path, config: dict):
-    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+def _mlx_lm_overrides(config: dict, source: str) -> dict:
+    """For a family mach_runtime has an adapter for: the config as the adapter normalises it (transformers 5's
+    aliases and rope spelling, text-only variants), given to mlx-lm as ``model_config`` overrides."""
+    try:
+        adapter = adapter_for_config(config, source)
+    except UnsupportedArchError:
+        return {}
+    tc = adapter.text_config(config, source)
+    if adapter.wrapped or config.get("model_type") in adapter.unwrapped_model_types:
+        return adapter.model_args_dict(config, tc)
+    return {k: v for k, v in adapter.model_args_dict(config, tc).items() if config.get(k, object()) != v}
+
+
+def require_tokenizer_files(directory: Path) -> None:
+    """load_moe needs the model's tokenizer beside the weights (mach check asks the same)."""
+    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(
             f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
             "original model into the checkpoint directory"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = directory / name
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(f.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{f}: the tokenizer file is not valid JSON ({type(e).__name__}: {str(e)[:200]}); "
+                                  "copy the original model's tokenizer files") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{f}: the tokenizer file must hold a JSON object; copy the original model's "
+                                  "tokenizer files")
+
+
+def _load_tokenizer(directory: Path, config: dict):
+    require_tokenizer_files(directory)
     from mlx_lm.utils import load_tokenizer
 
-    return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    try:
+        return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers / tokenizers raise many types for damaged files
+        if type(e).__name__.startswith("StrictDataclass"):  # transformers' typed config validation
+            raise CheckpointError(f"{directory / 'config.json'}: transformers rejects a field's type ({e}); fix "
+                                  "that field or use the model's original config.json") from None
+        raise CheckpointError(
+            f"{directory}: the tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); tokenizer.json / "
+            "tokenizer_config.json are damaged or do not belong to this model: copy the original model's tokenizer "
+            "files") from None
 
 
 def _set_module(root, path: str, module) -> None:
@@ -85,8 +128,8 @@ class _Tensors:
 def _float_cast(layout: ExpertLayout, dtype):
     """The dtype every floating weight is cast to, or None to keep the checkpoint's dtypes.
 
-    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when the experts are unquantized half
-    precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
+    ``dtype=None`` is "auto": keep dtypes, except on the CPU backend when some expert projection is unquantized
+    half precision — MLX's CPU gather_mm supports only float32 — where the whole model runs in float32.
     """
     import mlx.core as mx
 
@@ -95,45 +138,58 @@ def _float_cast(layout: ExpertLayout, dtype):
             return getattr(mx, str(dtype)) if isinstance(dtype, str) else dtype
         except AttributeError:
             raise ConfigError(f"dtype: unknown MLX dtype {dtype!r} (use float32, float16 or bfloat16)") from None
-    w = layout.layers[0].components[next(iter(layout.layers[0].components))]
-    if layout.quant is None and w.dtype in ("F16", "BF16") and mx.default_device() == mx.cpu:
-        return mx.float32
+    if mx.default_device() != mx.cpu:
+        return None
+    for src in layout.layers:
+        for (part, comp), c in src.components.items():
+            if comp == "weight" and src.quant_of(part) is None and c.dtype in ("F16", "BF16", "F8_E4M3"):
+                return mx.float32
     return None
 
 
-def _bank_expert_bytes(layout: ExpertLayout, target) -> int:
-    """Bytes one expert occupies in memory once loaded (after any float cast)."""
-    import math
+def _build_projections(src: ExpertLayerSource, make_array, cast, stacked: bool = True):
+    """(gate_up, down) projections; gate rows then up rows along the output axis of ``gate_up``.
 
+    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout. Each
+    projection gets its own quantization (mixed recipes quantize ``down_proj`` differently from gate/up); when
+    gate and up themselves differ, ``gate_up`` is a ``SplitProjection`` of two. Float FP8 block scales are
+    multiplied into the weight here when stacked, per expert at read when streaming.
+    """
+    from .gather_switch_glu import SplitProjection
+
+    comps = list(src.components.values())
+    if src.split_gate_up:
+        gate_up = SplitProjection(*(_projection(src, [c for c in comps if c.part == p], make_array, cast, stacked,
+                                                src.quant_of(p)) for p in ("gate", "up")))
+    else:
+        gate_up = _projection(src, [c for c in comps if c.target == "gate_up"], make_array, cast, stacked,
+                              src.quant_of("gate_up"))
+    down = _projection(src, [c for c in comps if c.target == "down"], make_array, cast, stacked, src.quant_of("down"))
+    return gate_up, down
+
+
+def _projection(src, comps, make_array, cast, stacked, quant):
+    """One ExpertProjection from its components (parts concatenated along the rows)."""
     import mlx.core as mx
 
-    total = 0
-    for c in layout.layers[0].components.values():
-        dt = getattr(mx, _MX_DTYPES[c.dtype])
-        if target is not None and mx.issubdtype(dt, mx.floating):
-            dt = target
-        total += math.prod(c.shape) * dt.size
-    return total
-
-
-def _build_projections(src: ExpertLayerSource, make_array, cast):
-    """(gate_up, down) ExpertProjections; gate rows then up rows along the output axis of ``gate_up``.
-
-    ``make_array(component)`` gives one component as ``[E or slots, ...]`` in the engine's row layout.
-    """
     from .gather_switch_glu import ExpertProjection
 
-    out = []
-    for target in ("gate_up", "down"):
-        kwargs = {}
-        for comp in sorted({c.comp for c in src.components.values() if c.target == target}):
-            parts = [c for c in src.components.values() if c.target == target and c.comp == comp]
-            parts.sort(key=lambda c: (c.rows or (0, 0))[0])
-            arrays = [make_array(c) for c in parts]
-            a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
-            kwargs[comp] = cast(a)
-        out.append(ExpertProjection(kwargs.pop("weight"), quant=src.quant, **kwargs))
-    return out
+    kwargs = {}
+    for comp in sorted({c.comp for c in comps}, key=lambda c: (c != "weight", c)):  # weight first: scales may
+        parts = sorted((c for c in comps if c.comp == comp), key=lambda c: (c.rows or (0, 0))[0])  # multiply it
+        if all(multiplied(c) for c in parts):
+            if stacked:
+                scale = _concat_rows([make_array(c) for c in parts]) if len(parts) > 1 else make_array(parts[0])
+                held = getattr(cast, "target", None) or getattr(mx, _MX_DTYPES["F8_E4M3"])
+                kwargs["weight"] = (kwargs["weight"].astype(mx.float32) * scale).astype(held)
+            continue
+        arrays = [make_array(c) for c in parts]
+        if comp == "global_scale":  # one per expert -> one per output row (gate rows and up rows differ)
+            arrays = [mx.contiguous(mx.broadcast_to(a[:, None], (a.shape[0], held_rows(src, c))))
+                      for a, c in zip(arrays, parts)]
+        a = arrays[0] if len(arrays) == 1 else _concat_rows(arrays)
+        kwargs[comp] = a if comp == "global_scale" else cast(a)
+    return ExpertProjection(kwargs.pop("weight"), quant=quant, **kwargs)
 
 
 def _concat_rows(parts):
@@ -154,7 +210,9 @@ def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
         else:
             a = mx.stack([tensors[n] for n in c.tensor_names])
         want = getattr(mx, _MX_DTYPES[c.dtype])
-        if a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
+        if c.dtype == "F8_E4M3":  # dequantized: multiplied by its float block scales in _build_projections
+            a = mx.from_fp8(a, dtype=mx.float32)
+        elif a.dtype != want and not mx.issubdtype(want, mx.floating):  # a byte view (mxfp4 blocks as U32)
             a = a.view(want).reshape(a.shape[0], *c.shape)
         return apply_transform(a, c.transform)
 
@@ -169,19 +227,23 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
 
     from .disk_switch_glu import DiskSwitchGLU
     from .expert_bank import _Target
-    from .expert_layout import _transformed_shape
 
     S = store.slots
 
     def make_array(c):
         return mx.zeros((S, *_transformed_shape(c.shape, c.transform)), dtype=getattr(mx, _MX_DTYPES[c.dtype]))
 
-    gate_up, down = _build_projections(src, make_array, cast)
+    gate_up, down = _build_projections(src, make_array, cast, stacked=False)
     targets = {}
     for key, c in src.components.items():
         proj = down if c.target == "down" else gate_up
         rows = slice(*c.rows) if c.rows else slice(None)
-        targets[key] = _Target(proj, c.comp, rows, c.transform)
+        if src.split_gate_up and c.part in ("gate", "up"):  # each its own projection, all of its rows
+            proj, rows = getattr(gate_up, c.part), slice(None)
+        if multiplied(c):
+            targets[key] = _Target(proj, "weight", rows, c.transform, multiply=True)
+        else:
+            targets[key] = _Target(proj, c.comp, rows, c.transform)
     bank = store.add_layer(src, targets)
     return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank, **act_kwargs)
 
@@ -209,10 +271,27 @@ def _quantize_non_experts(model, config: dict, weights: dict) -> None:
     )
 
 
-def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast):
+def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, config: dict) -> dict[str, str]:
+    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors;
+    vision / audio tower tensors are skipped with one log line."""
+    names = [n for n in index.names() if n not in layout.expert_tensor_names]
+    skipped = [n for n in names if n.startswith(adapter.skipped_prefixes)] if adapter.skipped_prefixes else []
+    if skipped:
+        towers = sorted({p for p in adapter.skipped_prefixes for n in skipped if n.startswith(p)})
+        print(f"[mach] skipping {len(skipped)} non-text tensors ({', '.join(p + '*' for p in towers)}) of "
+              f"{index.directory}: mach_runtime serves the text model", file=sys.stderr)
+    rename = adapter.rename_for(config) or (lambda n: n)
+    drop = set(skipped)
+    return {rename(n): n for n in names if n not in drop}
+
+
+def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
+                      adapter):
     from mlx.utils import tree_flatten
 
-    weights = {n: tensors[n] for n in index.names() if n not in layout.expert_tensor_names}
+    names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
+    raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
+    weights = {k: raw[n] for k, n in names.items() if n in raw}
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_non_experts(model, config, weights)
@@ -253,6 +332,7 @@ def load_moe(
     direct_io: bool | None = None,
     dtype=None,
     progress: bool = False,
+    revision: str | None = None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -264,14 +344,17 @@ def load_moe(
         than the experts is capped at the experts); exclusive with an ``expert_cache_gb`` argument.
     eviction_policy: "lru" or "lrfu" (frequency-aware LRU, default); io_threads: reader threads;
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
+    path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
+        (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.models.cache import make_prompt_cache
 
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
     if expert_slots is not None and expert_cache_gb is not None:
         raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
-    directory = _local_dir(path)
+    directory = _local_dir(path, revision)
     source = str(directory / "config.json")
     config = read_config(directory)
     if arch is not None:
@@ -310,6 +393,8 @@ def load_moe(
             return a.astype(target)
         return a
 
+    cast.target = target
+
     streaming = settings.expert_residency == "streaming"
     store = None
     try:
@@ -319,7 +404,7 @@ def load_moe(
             if expert_slots is not None:
                 slots = StreamingExpertStore.check_slots(layout, expert_slots)
             else:
-                bank_bytes = _bank_expert_bytes(layout, target)
+                bank_bytes = bank_expert_bytes(layout, target)
                 budget = settings.expert_cache_gb
                 if budget is None:
                     budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
@@ -353,9 +438,19 @@ def load_moe(
                 glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast)
-        mx.eval(model.parameters())
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
+        if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
+            # so load time and memory before decoding do not grow with the bank (P7)
+            bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
+                           for a in [getattr(t.proj, t.comp)]}
+            mx.eval([a for _, a in tree_flatten(model.parameters()) if id(a) not in bank_arrays])
+        else:
+            mx.eval(model.parameters())
         model.eval()
+        if streaming:
+            from .optimistic import install
+
+            install(model, store)
     except BaseException:
         if store is not None:
             store.close()
@@ -375,7 +470,7 @@ def load_v4_flash(path, **kwargs):
     ``model.mtp_draft(hidden[:, -1:], next_token[None], mtp_cache)`` with ``mtp_cache = model.make_mtp_cache()``
     gives the logits of the token after ``next_token``.
     """
-    directory = _local_dir(path)
+    directory = _local_dir(path, kwargs.pop("revision", None))
     config = read_config(directory)
     source = str(directory / "config.json")
     adapter = adapter_for_config(config, source)

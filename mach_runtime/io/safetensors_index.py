@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from .file_kind import require_regular_file
 
 # safetensors dtype name -> (bytes per element, numpy dtype name used to view the raw bytes)
 DTYPES = {
@@ -34,6 +35,7 @@ DTYPES = {
     "BOOL": (1, "bool"),
     "F8_E4M3": (1, "uint8"),
     "F8_E5M2": (1, "uint8"),
+    "F8_E8M0": (1, "uint8"),  # ue8m0 block scales (DeepSeek-V4 ``.scale``): the exponent byte, 2**(b - 127)
 }
 
 _MAX_HEADER = 100 << 20  # the safetensors spec caps headers at 100 MB
@@ -55,11 +57,71 @@ class TensorInfo:
         return DTYPES[self.dtype][0]
 
 
+_MAX_DEPTH = 3  # {name: {"shape": [...]}}: a valid header nests three levels deep, never more
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, without parsing it (strings blanked first), in C-speed passes."""
+    import re
+
+    import numpy as np
+
+    text = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
+    b = np.frombuffer(text, dtype=np.uint8)
+    step = (b == ord("{")).astype(np.int32) + (b == ord("[")) - (b == ord("}")) - (b == ord("]"))
+    return int(step.cumsum().max()) if step.size else 0
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_header(raw: bytes, path: str) -> dict:
+    """The header's JSON, bounded: nesting checked before parsing, duplicate keys refused."""
+    if _nesting_depth(raw) > _MAX_DEPTH:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested deeper than a tensor table can be); "
+                              "re-copy or re-convert the file")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-copy the file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _entry(path: str, name: str, meta) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field type-checked."""
+    if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: it must be an object with exactly "
+                              f"'dtype', 'shape' and 'data_offsets', got {str(meta)[:120]}")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: field 'shape' must be a list of non-negative integers, "
+                              f"got {str(shape)[:120]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name!r}: field 'data_offsets' must be two integers "
+                              f"0 <= begin <= end, got {str(offsets)[:120]}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Parses one safetensors file's header and checks every tensor lies inside the file."""
+    """Parses one safetensors file's header (bounded in size and nesting, every field typed) and checks every
+    tensor lies inside the file without overlapping another."""
     path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"{path}: safetensors file not found")
+    require_regular_file(path, f"{path}: safetensors file not found")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -68,28 +130,22 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size}); "
-                "re-download or re-convert the checkpoint"
+                f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size}, "
+                f"headers are at most {_MAX_HEADER}); re-download or re-convert the checkpoint"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-copy the file") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        header = _parse_header(f.read(n), path)
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must be an object)")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        dtype, shape, begin, end = _entry(path, name, meta)
         nbytes = end - begin
-        if nbytes != math.prod(shape) * DTYPES[dtype][0] or begin < 0:
+        if nbytes != math.prod(shape) * DTYPES[dtype][0]:
             raise CheckpointError(
                 f"{path}: tensor {name!r} header is inconsistent (shape {list(shape)} {dtype} "
                 f"but {nbytes} bytes); the file is corrupt"
@@ -100,6 +156,12 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 f"has {size} bytes; re-copy or re-download this file"
             )
         out[name] = TensorInfo(name, path, dtype, shape, base + begin, nbytes)
+        if nbytes:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end0, a), (begin1, _, b) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
     return out
 
 
@@ -130,17 +192,21 @@ class CheckpointIndex:
 
     def _files_from_index(self, index: Path) -> list[str]:
         try:
-            data = json.loads(index.read_text())
+            data = json.loads(index.read_bytes().decode("utf-8"))
             self._weight_map = dict(data["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a 'weight_map'") from None
+        for name, fname in self._weight_map.items():
+            if (not isinstance(fname, str) or not fname or os.path.isabs(fname) or ".." in Path(fname).parts
+                    or not fname.endswith(".safetensors")):
+                raise CheckpointError(
+                    f"{index}: field 'weight_map' maps tensor {name!r} to {fname!r}; each value must be the name "
+                    "of a .safetensors shard in this directory"
+                )
         files = sorted(set(self._weight_map.values()))
         for f in files:
-            if not (self.directory / f).is_file():
-                raise CheckpointNotFoundError(
-                    f"{self.directory / f}: shard listed in {index.name} is missing; copy every shard "
-                    f"({len(files)} files) into {self.directory}"
-                )
+            require_regular_file(self.directory / f, f"{self.directory / f}: shard listed in {index.name} is "
+                                 f"missing; copy every shard ({len(files)} files) into {self.directory}")
         return files
 
     def _check_index_matches(self, index: Path) -> None:

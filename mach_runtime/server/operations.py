@@ -70,18 +70,25 @@ class WarmPrefixRequest(BaseModel):
     prompt: str | None = None
 
 
-@router.post("/v1/cache/warm_prefix", responses={501: {"description": "no prefix cache in this runtime"}})
+@router.post("/v1/cache/warm_prefix", responses={501: {"description": "the prefix cache is off"}})
 async def warm_prefix(body: WarmPrefixRequest, request: Request):
+    """Prefills a stable prefix (system prompt, tools) into the prefix cache ahead of traffic."""
+    from mach_runtime.errors import ConfigError, RequestError
+
     engine = request.app.state.engine
-    warm = getattr(engine.rt, "warm_prefix", None)
-    if warm is None:
-        raise APIError(501, "this runtime has no prefix cache yet (warm_prefix arrives with the prefix cache)",
-                       code="not_implemented")
+    if not engine.prefix_cache_enabled:
+        raise APIError(501, "the prefix cache is off (mach-serve --no-prefix-cache)", code="not_implemented")
     if (body.messages is None) == (body.prompt is None):
         raise APIError(400, "give exactly one of messages or prompt", param="messages")
-    ids = engine.chat_ids(body.messages, None) if body.messages is not None else engine.text_ids(body.prompt)
-    result = await warm(ids)
-    return {"warmed_tokens": getattr(result, "tokens", result)}
+    if body.prompt == "" or body.messages == []:
+        raise APIError(400, "the prefix is empty", param="messages" if body.messages is not None else "prompt")
+    try:
+        usage = await engine.rt.warm_prefix(body.messages if body.messages is not None else body.prompt)
+    except RequestError as e:
+        raise APIError(400, str(e), param="messages" if body.messages is not None else "prompt") from None
+    except ConfigError as e:
+        raise APIError(501, str(e), code="not_implemented") from None
+    return {"object": "cache.warm_prefix", "usage": usage}
 
 
 @router.get("/metrics")

@@ -36,21 +36,22 @@ from .settings import ServerSettings
 log = logging.getLogger("mach_runtime.server")
 _RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
-# mach-serve flag -> the Runtime.open argument it maps to (the prefix cache's arguments)
-_PREFIX_ARGS = {"--prefix-cache/--no-prefix-cache": "prefix_cache", "--disk-kv-dir": "disk_kv_dir",
-                "--disk-kv-budget-gb": "disk_kv_budget_gb"}
+# mach-serve flag -> (settings field, the Runtime.open argument it maps to): the prefix cache's arguments
+_PREFIX_ARGS = {"--prefix-cache/--no-prefix-cache": ("prefix_cache", "prefix_cache"),
+                "--disk-kv-dir": ("disk_kv_dir", "prefix_cache_dir"),
+                "--disk-kv-budget-gb": ("disk_kv_budget_gb", "disk_kv_budget_gb")}
 
 
 def runtime_kwargs(s: ServerSettings, open_fn) -> dict:
     kw = dict(draft=s.draft, expert_residency=s.residency, expert_cache_gb=s.expert_cache_gb, max_batch=s.max_batch)
-    wanted = {"prefix_cache": s.prefix_cache, "disk_kv_dir": s.disk_kv_dir, "disk_kv_budget_gb": s.disk_kv_budget_gb}
     accepted = inspect.signature(open_fn).parameters
-    for flag, name in _PREFIX_ARGS.items():
-        if wanted[name] is not None:
+    for flag, (field, name) in _PREFIX_ARGS.items():
+        value = getattr(s, field)
+        if value is not None:
             if name not in accepted:
-                raise ConfigError(f"{flag}: this build's Runtime has no prefix cache yet (Runtime.open takes no "
+                raise ConfigError(f"{flag}: this build's Runtime has no prefix cache (Runtime.open takes no "
                                   f"{name!r}); leave the flag out")
-            kw[name] = wanted[name]
+            kw[name] = value
     return kw | s.open_kwargs
 
 
@@ -72,10 +73,17 @@ def startup_info(rt, settings: ServerSettings, stats) -> dict:
         "decode_path": f"specdec-{spec.config.mode.value}" if spec is not None else "batched-target",
         "adaptive_block_policy": spec.config.policy if spec is not None else "none",
         "max_batch": settings.max_batch, "max_queue": settings.max_queue,
-        "prefix_cache": "on" if getattr(rt, "prefix_cache_enabled", False) else "off",
+        "prefix_cache": _prefix_state(stats),
         "arch": arch["arch"], "kv_cache_kind": arch["kv_cache_kind"], "specdec_kind": arch["specdec_kind"],
         "continuous_batching": arch["continuous_batching"],
     }
+
+
+def _prefix_state(stats) -> str:
+    p = getattr(stats, "prefix_cache", None)
+    if p is None or not getattr(p, "enabled", False):
+        return "off"
+    return "l1+l2" if getattr(p, "l2", None) is not None else "l1"
 
 
 def _log_startup(info: dict, settings: ServerSettings) -> None:
@@ -101,7 +109,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         async with Runtime.open(settings.checkpoint, **kw) as rt:
             engine = Engine(rt, settings, metrics)
             engine.startup = startup_info(rt, settings, await rt.stats())
-            engine.prefix_cache_enabled = engine.startup["prefix_cache"] == "on"
+            engine.prefix_cache_enabled = engine.startup["prefix_cache"] != "off"
             template = getattr(rt.tokenizer, "chat_template", None) or ""
             engine.tool_template = "tools" in template
             app.state.engine = engine

@@ -12,7 +12,7 @@ block policy, sampling parameters, token-level ends (``output.Committer``) and s
 2. the blocks are stacked into tokens [B, b], b = max b_i; a row with fewer drafts is padded at its end with any
    token (causal attention / recurrence: padding after a row's real tokens cannot change them; it is rejected);
 3. ONE target forward verifies [B, b] on the batch caches, capturing the drafters' tapped hidden states (with
-   ``config.bucket_kv`` over bucketed KV lengths, ``target.bucket_batch_caches``: static shapes for MLX's CUDA);
+   ``config.bucket_kv`` over bucketed KV lengths, ``verify_cache.bucket_batch_caches``: static shapes for MLX's CUDA);
 4. each row accepts its own prefix (greedy: longest prefix equal to the target's argmax + bonus; sampled: the
    rule of THE sampler (``sampling.sample``: draws keyed by (seed, completion position)), so a row's randomness
    does not depend on its batch mates);
@@ -67,7 +67,8 @@ from .output import Committer
 from .row_rollback import RowRollback
 from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
-from .target import Checkpoint, TargetOps, bucket_batch_caches
+from .target import Checkpoint, TargetOps
+from .verify_cache import bucket_batch_caches
 
 __all__ = ["BatchedSpecDecoder", "SpecParams", "SpecStepOutput", "Admission"]
 

@@ -53,7 +53,9 @@ def load_dflash_draft(path):
         from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
     except ImportError as e:  # pragma: no cover - the [dflash] extra
         raise ConfigError(f"NATIVE_V7 needs dflash-mlx (pip install 'mach_runtime[dflash]'): {e}") from None
-    p = Path(path)
+    from ...io.hf_cache import resolve_checkpoint
+
+    p = resolve_checkpoint(path)  # a local directory or a repository id in the Hugging Face cache
     read_draft_config(p)
     try:
         model, _ = load_model(p, get_model_classes=lambda config: (DFlashDraftModel, DFlashDraftModelArgs))

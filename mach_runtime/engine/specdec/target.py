@@ -34,9 +34,7 @@ import mlx.core as mx
 from ...errors import ConfigError
 from ...io.arch_registry import capabilities_of
 from ..hooks import ModuleHook, find_hook
-from .verify_cache import (  # noqa: F401  (KV_BUCKET .. drop_front: also importable from here, as before)
-    KV_BUCKET, bucket_batch_caches, bucket_kv_caches, drop_front, exact_rotating_caches, kv_bucket, plain_caches,
-)
+from .verify_cache import bucket_kv_caches, exact_rotating_caches
 
 _ARMED: dict[int, dict] = {}  # id(tap hook) -> {"index": i, "out": recorded output} while a capture is armed
 

@@ -19,6 +19,18 @@ import re
 
 from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme
+from .config_rules import normalizer
+
+# transformers' DeepseekV4Config.attribute_map: (alias, the name the model reads)
+ALIASES = (("num_local_experts", "n_routed_experts"), ("intermediate_size", "moe_intermediate_size"))
+FIELDS = {
+    "hidden_size": "pos_int", "num_hidden_layers": "pos_int", "num_attention_heads": "pos_int?",  # ? = model default
+    "head_dim": "pos_int?", "vocab_size": "pos_int?", "n_routed_experts": "pos_int", "num_experts_per_tok": "pos_int",
+    "moe_intermediate_size": "pos_int", "q_lora_rank": "pos_int?", "o_groups": "pos_int?", "o_lora_rank": "pos_int?",
+    "index_n_heads": "pos_int?", "index_head_dim": "pos_int?", "index_topk": "pos_int?", "hc_mult": "pos_int?",
+    "sliding_window": "pos_int?", "num_nextn_predict_layers": "nonneg_int?", "layer_types": "str_list?",
+    "mlp_layer_types": "str_list?", "rms_norm_eps": "pos_num?", "swiglu_limit": "pos_num?",
+}
 
 
 def _n_mtp(tc: dict) -> int:
@@ -85,4 +97,5 @@ ADAPTER = MoeArchAdapter(
     # its decoder layers output hc_mult residual streams [T, hc, H] (collapsed only by the final hc_head), and no
     # DFlash draft defines which [T, H] features to read from them
     hidden_taps=False,
+    normalize=normalizer(aliases=ALIASES, rope=False, fields=FIELDS),  # the model reads both rope spellings
 )

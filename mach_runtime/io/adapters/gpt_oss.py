@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, mxfp4_scheme, switch_scheme
+from .config_rules import normalizer
 
 
 def _moe_layers(tc: dict) -> list[int]:
@@ -25,18 +26,22 @@ def _activation_params(tc: dict) -> dict:
 
 
 def _model_config(config: dict, tc: dict) -> dict:
-    """transformers 5 writes ``rope_parameters`` (theta + scaling together); mlx-lm reads ``rope_theta`` and
-    ``rope_scaling``."""
+    """mlx-lm's gpt_oss reads ``layer_types`` only when it is a list (rope spellings: ``normalize``)."""
     tc = dict(tc)
     if tc.get("layer_types") is None:
         tc.pop("layer_types", None)
-    rp = tc.get("rope_parameters")
-    if isinstance(rp, dict):
-        tc.setdefault("rope_theta", rp.get("rope_theta", 150000))
-        if "rope_scaling" not in tc:
-            kind = rp.get("rope_type", rp.get("type", "default"))
-            tc["rope_scaling"] = None if kind == "default" else {k: v for k, v in rp.items() if k != "rope_theta"}
     return tc
+
+
+# transformers' GptOssConfig.attribute_map {"num_experts": "num_local_experts"}: (alias, the name mlx-lm reads)
+ALIASES = (("num_experts", "num_local_experts"),)
+FIELDS = {
+    "hidden_size": "pos_int", "num_hidden_layers": "pos_int", "num_attention_heads": "pos_int",
+    "num_key_value_heads": "pos_int", "head_dim": "pos_int?", "vocab_size": "pos_int", "intermediate_size": "pos_int",
+    "num_local_experts": "pos_int", "num_experts_per_tok": "pos_int", "sliding_window": "pos_int?",
+    "layer_types": "str_list?", "rms_norm_eps": "pos_num?", "rope_theta": "pos_num?", "swiglu_limit": "pos_num?",
+    "swiglu_alpha": "num?", "tie_word_embeddings": "bool?",
+}
 
 
 ADAPTER = MoeArchAdapter(
@@ -64,4 +69,5 @@ ADAPTER = MoeArchAdapter(
     model_config=_model_config,
     activation_params=_activation_params,
     rotating_keep=0,
+    normalize=normalizer(aliases=ALIASES, fields=FIELDS),
 )

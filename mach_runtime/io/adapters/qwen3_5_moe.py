@@ -4,6 +4,11 @@
 
 HF checkpoints store experts fused: ``model.language_model.layers.L.mlp.experts.gate_up_proj [E, 2I, H]`` (gate
 rows first) and ``experts.down_proj [E, H, I]``; MLX exports use ``language_model.model.layers.L.mlp.switch_mlp``.
+transformers 5's ``save_pretrained`` writes the experts per expert (``experts.{e}.gate_proj.weight`` ...).
+
+Two layouts: multimodal (``Qwen3_5MoeForConditionalGeneration``: ``model_type: qwen3_5_moe``, settings under
+``text_config``, text weights under ``model.language_model.*``, vision tower under ``model.visual.*``, skipped) and
+text-only (``Qwen3_5MoeForCausalLM``: ``model_type: qwen3_5_moe_text``, a flat config, weights under ``model.*``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,17 @@ from __future__ import annotations
 from ...errors import CheckpointError
 from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
+from .config_rules import normalizer
+
+FIELDS = {
+    "hidden_size": "pos_int", "num_hidden_layers": "pos_int", "num_attention_heads": "pos_int",
+    "num_key_value_heads": "pos_int", "head_dim": "pos_int?", "vocab_size": "pos_int",
+    "num_experts": "pos_int", "num_experts_per_tok": "pos_int", "moe_intermediate_size": "pos_int",
+    "shared_expert_intermediate_size": "pos_int?", "linear_num_value_heads": "pos_int",
+    "linear_num_key_heads": "pos_int", "linear_key_head_dim": "pos_int", "linear_value_head_dim": "pos_int",
+    "linear_conv_kernel_dim": "pos_int", "full_attention_interval": "pos_int?", "layer_types": "str_list?",
+    "rms_norm_eps": "pos_num?", "tie_word_embeddings": "bool?", "max_position_embeddings": "pos_int?",
+}
 
 
 def _moe_layers(tc: dict) -> list[int]:
@@ -43,12 +59,14 @@ def _model_config(config: dict, tc: dict) -> dict:
     return {"model_type": "qwen3_5_moe", "text_config": tc}
 
 
-_LM = "model.language_model.layers.{layer}.mlp"  # HF
+_LM = "model.language_model.layers.{layer}.mlp"  # HF (multimodal)
+_TEXT = "model.layers.{layer}.mlp"  # HF text-only (Qwen3_5MoeForCausalLM)
 _MLX = "language_model.model.layers.{layer}.mlp"  # MLX exports (mlx-community)
 
 ADAPTER = MoeArchAdapter(
     key="qwen3_5_moe",
-    model_types=("qwen3_5_moe",),
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+    unwrapped_model_types=("qwen3_5_moe_text",),
     model_module="mlx_lm.models.qwen3_5_moe",
     swiglu_variant="plain_swiglu",
     has_expert_bias=False,
@@ -61,7 +79,9 @@ ADAPTER = MoeArchAdapter(
     expert_schemes=(
         fused_scheme(_LM + ".experts"),
         switch_scheme(_MLX + ".switch_mlp"),
-        per_expert_scheme(_LM + ".experts"),  # per-expert conversions (transformers loads these too)
+        per_expert_scheme(_LM + ".experts"),  # transformers 5's save_pretrained, per-expert conversions
+        per_expert_scheme(_TEXT + ".experts", name="hf_text_per_expert"),  # text-only
+        fused_scheme(_TEXT + ".experts", name="hf_text_fused"),
     ),
     switch_module_template="language_model.model.layers.{layer}.mlp.switch_mlp",
     num_experts_field="num_experts",
@@ -69,4 +89,6 @@ ADAPTER = MoeArchAdapter(
     moe_intermediate_field="moe_intermediate_size",
     moe_layers=_moe_layers,
     model_config=_model_config,
+    normalize=normalizer(fields=FIELDS),
+    skipped_prefixes=("model.visual.", "visual.", "vision_tower."),
 )

@@ -1,9 +1,25 @@
-"""qwen3_moe (Qwen3-30B-A3B, Qwen3-235B-A22B): plain SwiGLU experts, standard KV cache."""
+"""qwen3_moe (Qwen3-30B-A3B, Qwen3-235B-A22B): plain SwiGLU experts, standard KV cache.
+
+Config spellings: transformers 5 saves ``num_experts`` as ``num_local_experts`` (its ``attribute_map``) and rope
+as ``rope_parameters``; hub configs and transformers 4.x write ``num_experts`` and ``rope_theta``.
+"""
 
 from __future__ import annotations
 
 from ..adapter import MoeArchAdapter
 from ..expert_schemes import fused_scheme, per_expert_scheme, switch_scheme
+from .config_rules import normalizer
+
+# transformers' Qwen3MoeConfig.attribute_map {"num_experts": "num_local_experts"}: (alias, the name mlx-lm reads)
+ALIASES = (("num_local_experts", "num_experts"),)
+FIELDS = {
+    "hidden_size": "pos_int", "num_hidden_layers": "pos_int", "num_attention_heads": "pos_int",
+    "num_key_value_heads": "pos_int", "head_dim": "pos_int?", "vocab_size": "pos_int", "intermediate_size": "pos_int",
+    "num_experts": "pos_int", "num_experts_per_tok": "pos_int", "moe_intermediate_size": "pos_int",
+    "decoder_sparse_step": "pos_int?", "mlp_only_layers": "int_list?", "norm_topk_prob": "bool?",
+    "rms_norm_eps": "pos_num?", "rope_theta": "pos_num", "max_position_embeddings": "pos_int?",
+    "tie_word_embeddings": "bool?",
+}
 
 
 def _moe_layers(tc: dict) -> list[int]:
@@ -39,4 +55,5 @@ ADAPTER = MoeArchAdapter(
     moe_intermediate_field="moe_intermediate_size",
     moe_layers=_moe_layers,
     compiled_verify=True,
+    normalize=normalizer(aliases=ALIASES, fields=FIELDS),
 )

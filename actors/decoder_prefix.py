@@ -1,0 +1,83 @@
+"""The Decoder's prefix-cache hooks (a mixin of ``actors.decoder.Decoder``), around ``engine.prefix_saver``:
+
+* ``_request``: a Submit becomes a scheduler ``Request``; a ``PrefixHit`` handed over by the Cache actor is
+  restored into MLX caches, and an exact hit (every prompt token, with the last logits) delivers the first token
+  at once (no forward) and joins like a replayed request;
+* ``_prefilled`` (the scheduler's ``on_prefilled``) + ``saver.poll`` after each step: a fresh prompt's prefill is
+  captured lazily and handed to the Cache actor after its first token;
+* ``_store_then_finish``: a finished request's KV goes to the Cache actor as a host snapshot before its Finish;
+* ``_warm``: a ``warm_prefix`` request prefills every token and stores the snapshot, generating nothing.
+"""
+
+from __future__ import annotations
+
+from mach_runtime.engine.prefix_saver import first_token, restore_prefix, warm_prefill
+from mach_runtime.engine.scheduler import Request
+from mach_runtime.errors import MachError
+
+from .messages import CacheInsert, Finish, RequestFailed, Submit, TokenOutput
+
+
+class DecoderPrefixCache:
+    def _request(self, m: Submit, kv) -> Request:
+        generated = tuple(m.resume_ids)
+        t = first_token(kv, m.prompt_ids, generated, m.params)
+        if t is not None:  # delivered now; the KV covers the prompt and the next step feeds t
+            self._outbox.append(TokenOutput(m.request_id, 0, (t,)))
+            self.sched.counters["generated"] += 1
+            generated = (t,)
+        draft = getattr(self.sched.spec, "draft", None) if self.sched.spec is not None else None
+        kv = restore_prefix(kv, draft)  # a prefix-cache hit: host snapshot -> MLX caches
+        store = self.saver is not None and self.saver.wants(len(m.prompt_ids), m.session_id)
+        return Request(m.request_id, m.prompt_ids, m.params, generated, kv,
+                       m.cached_tokens if kv is not None else 0, store)
+
+    def _prefilled(self, request_id, extract, tokens, cached) -> None:
+        self.saver.admitted(request_id, extract, tokens, cached, self._sessions.get(request_id))
+
+    def _emitted(self, request_id: str) -> bool:
+        """The request has emitted its first token, or is no longer running."""
+        s = self.sched
+        for m in list(s.batch.seqs) + (list(s.spec_batch.rows) if s.spec_batch is not None else []):
+            if m.request_id == request_id:
+                return len(m.generated) > 0
+        return True
+
+    def _emit_snapshot(self, snap, owner) -> None:
+        handle = self.kv_table.put(snap)
+        self._outbox.append(lambda: self.cache_inbox(CacheInsert(owner, handle, ())))
+
+    def _store_then_finish(self, kv, tokens, owner, finish) -> None:
+        """Hands a finished request's KV to the Cache actor as a host snapshot, then delivers ``finish``: the
+        Cache actor holds it before the caller sees the end of the turn (a session's next lookup would otherwise
+        race the insert)."""
+        snap = self.saver.finished(kv, tokens, owner) if self.saver is not None else None
+        if snap is None:
+            self._outbox.append(finish)
+            return
+        handle = self.kv_table.put(snap)
+        self._outbox.append(lambda: self.cache_inbox(CacheInsert(owner, handle, tuple(tokens)),
+                                                     then=lambda: self.sink(finish)))
+
+    def _warm(self, sub: Submit) -> None:
+        """``warm_prefix``: feeds every prompt token (from the cached prefix on), snapshots the caches with the
+        last logits for the Cache actor, generates nothing."""
+        kv = self.kv_table.take(sub.cache_handle) if sub.cache_handle is not None else None
+        self._fault("admit", request_id=sub.request_id)
+        try:
+            draft = getattr(self.sched.spec, "draft", None) if self.sched.spec is not None else None
+            kv = restore_prefix(kv, draft)
+            cached = kv.n_tokens if kv is not None else 0
+            snap = warm_prefill(self.sched.model, sub.prompt_ids, kv, cached)
+        except MachError as e:
+            self._outbox.append(RequestFailed(sub.request_id, str(e)))
+            return
+        n = len(sub.prompt_ids)
+        self.sched.counters["prefilled"] += n - cached
+        self.sched.counters["cached"] += cached
+        finish = Finish(request_id=sub.request_id, reason="length", prompt_tokens=n, completion_tokens=0,
+                        cached_tokens=cached, prefilled_tokens=n - cached)
+        handle = self.kv_table.put(snap)
+        self._outbox.append(lambda: self.cache_inbox(CacheInsert(None, handle, tuple(sub.prompt_ids)),
+                                                     then=lambda: self.sink(finish)))
+        self._flush()
