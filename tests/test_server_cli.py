@@ -83,7 +83,7 @@ def test_prefix_cache_flags_reach_runtime_open(tmp_path):
                                   max_batch=8):
         pass  # the signature of a Runtime build without the prefix cache
 
-    with pytest.raises(ConfigError, match="--disk-kv-dir"):
+    with pytest.raises(ConfigError, match="has no prefix cache"):
         runtime_kwargs(s, open_without_prefix_cache)
 
 
