@@ -21,6 +21,7 @@ _ENV = {
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
+    "api_key": ("MACH_API_KEY", None),
     "prefix_cache": ("MACH_PREFIX_CACHE", True),
     "prefix_cache_gb": ("MACH_PREFIX_CACHE_GB", 2.0),
     "prefix_cache_max_entries": ("MACH_PREFIX_CACHE_MAX_ENTRIES", 64),
@@ -152,3 +153,9 @@ def resolve_prefix_config(prefix_cache=None, prefix_cache_gb=None, prefix_cache_
     return PrefixCacheConfig(on, int(gb * (1 << 30)), entries, directory if on else None,
                              int(disk_gb * (1 << 30)), block)
 
+
+
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
+    key, _ = _raw("api_key", api_key)
+    return key or None

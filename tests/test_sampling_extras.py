@@ -181,3 +181,24 @@ async def test_runtime_json_schema_output_validates(tiny_dir):
             rt.stream("x", grammar="%%% not a grammar")
         with pytest.raises(RequestError, match="min_p"):
             rt.stream("x", min_p=2.0)
+
+
+@pytest.mark.anyio
+async def test_speculative_runtime_routes_constrained_requests_to_the_target(anyio_backend):
+    """With a DFlash draft, a grammar / logprobs / penalties request decodes in the target-only batch: its output
+    equals the constrained target's (a runtime without a draft), token for token."""
+    pytest.importorskip("dflash_mlx")
+    from mach_runtime.assets import demo_model_path
+
+    demo = demo_model_path()
+    schema = {"type": "object", "properties": {"k": {"type": "string", "maxLength": 8}}, "required": ["k"]}
+    kw = dict(max_tokens=30, grammar=json_schema_grammar(schema), logprobs=True, frequency_penalty=0.5)
+    msgs = [{"role": "user", "content": "a JSON object"}]
+    outs = []
+    for draft in (None, demo.parent / "demo-qwen3-moe-dflash"):
+        async with Runtime.open(demo, draft=draft, expert_residency="stacked") as rt:
+            c = await rt.generate(msgs, **kw)
+            outs.append(c.token_ids)
+            s = await rt.stats()
+            assert s.decoder.spec_requests == 0
+    assert outs[0] == outs[1]

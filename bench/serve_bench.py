@@ -1,0 +1,207 @@
+"""Serving benchmark: an OpenAI-protocol load generator against mach-serve and mlx_lm.server, same checkpoint,
+one run (the servers one after the other, never at once: they would share the cores).
+
+    python bench/serve_bench.py [--ckpt DIR] [--requests 24] [--max-tokens 64] [--rates 1,2,4] [--out JSON]
+
+Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
+the issue's goal is >= 1.5x mlx_lm.server's throughput here with p99 TTFT no worse) and Poisson arrivals at each
+rate in ``--rates`` (requests/s; open loop, every request streams). Per scenario: output throughput (completion
+tokens / wall time from the first send to the last byte), TTFT p50/p99 (send -> first content), inter-token
+latency p50/p99 (per request: (last - first content time) / (tokens - 1); tokens counted by the checkpoint's
+tokenizer on the streamed text, the same way for both servers). Greedy (temperature 0), so both servers
+generate the same text.
+
+No checkpoint given: the bundled demo model converted to float32 by mlx-lm's own ``convert`` (MLX's CPU
+``gather_mm`` supports float32 only, so mlx_lm.server cannot serve the fp16 original on the CPU; mach-serve
+serves either). Both servers get the same converted folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common
+
+PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Node:", "for i in range(10):", "# parse the file\n",
+           "while True:", "try:\n    import json\nexcept ImportError:", "x = [", "def main():", "with open(path) as f:"]
+
+
+def fp32_demo(root: Path) -> Path:
+    out = root / "demo-qwen3-moe-fp32"
+    if not (out / "config.json").exists():
+        from mach_runtime.assets import demo_model_path
+
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(demo_model_path()), "--mlx-path",
+                        str(out), "--dtype", "float32"], check=True)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path):
+    if kind == "mach-serve":
+        cmd = [sys.executable, "-m", "mach_runtime.cli.serve", str(ckpt), "--no-streaming", "--port", str(port),
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "bench",
+               "--log-level", "warning"]
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(ckpt), "--port", str(port),
+               "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
+               "--log-level", "WARNING"]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(base: str, model: str, proc, timeout=300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:  # a real generation: mlx_lm.server loads its model on the first request
+            r = httpx.post(base + "/v1/chat/completions", timeout=120, json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(base)
+
+
+async def one(client, base, model, prompt, max_tokens, tok):
+    t0 = time.perf_counter()
+    times, text = [], ""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            for c in obj.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") or ""
+                if piece:
+                    times.append(time.perf_counter())
+                    text += piece
+    n = len(tok.encode(text, add_special_tokens=False)) if text else 0
+    return {"start": t0, "end": time.perf_counter(), "ttft": (times[0] - t0) if times else None,
+            "itl": (times[-1] - times[0]) / (n - 1) if n > 1 and len(times) > 1 else None, "tokens": n, "text": text,
+            "prompt": prompt}
+
+
+async def scenario(base, model, name, n, max_tokens, tok, rate=None, clients=None, seed=0):
+    import anyio
+    import httpx
+
+    rng = random.Random(seed)
+    results = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            if clients:
+                queue = list(range(n))
+
+                async def worker():
+                    while queue:
+                        i = queue.pop(0)
+                        results.append(await one(client, base, model, PROMPTS[i % len(PROMPTS)], max_tokens, tok))
+
+                for _ in range(clients):
+                    tg.start_soon(worker)
+            else:
+                async def fire(i):
+                    results.append(await one(client, base, model, PROMPTS[i % len(PROMPTS)], max_tokens, tok))
+
+                for i in range(n):
+                    tg.start_soon(fire, i)
+                    await anyio.sleep(rng.expovariate(rate))
+        wall = max(r["end"] for r in results) - t0
+    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    itl = sorted(r["itl"] for r in results if r["itl"] is not None)
+    tokens = sum(r["tokens"] for r in results)
+    return {"scenario": name, "requests": n, "tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
+            "texts": {r["prompt"]: r["text"] for r in results}}
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rates", default="1,2,4")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--servers", default="mach-serve,mlx_lm.server")
+    ap.add_argument("--out", default=_common.default_out("serve_bench"))
+    a = ap.parse_args()
+    import anyio
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    ckpt = Path(a.ckpt) if a.ckpt else fp32_demo(_common.default_ckpt_root())
+    tok = load_tokenizer(ckpt)
+    rates = [float(x) for x in a.rates.split(",") if x]
+    rows, out = [], {"machine": _common.machine_info(), "checkpoint": str(ckpt), "args": vars(a), "results": {}}
+    for kind in a.servers.split(","):
+        port = free_port()
+        base, model = f"http://127.0.0.1:{port}", ("bench" if kind == "mach-serve" else str(ckpt))
+        log = Path(a.out).with_suffix(f".{kind}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc = start(kind, ckpt, port, a.max_batch, log)
+        try:
+            wait_ready(base, model, proc)
+            runs = [("closed-8", dict(clients=8))] + [(f"poisson-{r:g}/s", dict(rate=r)) for r in rates]
+            for name, kw in runs:
+                res = anyio.run(lambda: scenario(base, model, name, a.requests, a.max_tokens, tok, **kw))
+                out["results"].setdefault(kind, []).append(res)
+                rows.append([kind, name, res["tokens"], f"{res['throughput_tok_s']:.1f}", f"{res['ttft_p50_ms']:.0f}",
+                             f"{res['ttft_p99_ms']:.0f}", f"{res['itl_p50_ms']:.1f}", f"{res['itl_p99_ms']:.1f}"])
+                print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50", "TTFT p99",
+                                         "ITL p50", "ITL p99"], rows[-1:]), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print()
+    print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+                             "ITL p99 ms"], rows))
+    res = out["results"]
+    if "mach-serve" in res and "mlx_lm.server" in res:
+        out["ratios"] = {}
+        for m, b in zip(res["mach-serve"], res["mlx_lm.server"]):
+            same = sum(m["texts"].get(p) == b["texts"].get(p) for p in m["texts"])
+            out["ratios"][m["scenario"]] = {"throughput_x": m["throughput_tok_s"] / b["throughput_tok_s"],
+                                            "ttft_p99_x": m["ttft_p99_ms"] / b["ttft_p99_ms"],
+                                            "same_text_prompts": f"{same}/{len(m['texts'])}"}
+        print(json.dumps(out["ratios"], indent=1))
+    _common.write_json(a.out, out)
+    print("wrote", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``mach-serve``: the OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn).
+
+    mach-serve [CKPT] (--streaming | --no-streaming) [--draft D] [--host 127.0.0.1] [--port 8080]
+               [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
+               [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
+               [--disk-kv-budget-gb G]
+
+No checkpoint: the bundled demo model. Loopback only unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mach-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the demo model)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--streaming", dest="streaming", action="store_true", default=None,
+                      help="experts streamed from SSD into a bounded bank")
+    mode.add_argument("--no-streaming", dest="streaming", action="store_false",
+                      help="every expert resident (stacked)")
+    p.add_argument("--draft", default=None, help="DFlash draft checkpoint: speculative decoding for lone requests")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--expert-cache-gb", type=float, default=None, help="streaming bank budget in GB")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batch)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait beyond the batch; more get 429 with Retry-After")
+    p.add_argument("--api-key", default=None, help="require this key (default: $MACH_API_KEY; none: open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    pc = p.add_mutually_exclusive_group()
+    pc.add_argument("--prefix-cache", dest="prefix_cache", action="store_true", default=None)
+    pc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
+    p.add_argument("--disk-kv-dir", default=None, help="directory of the L2 (disk) prefix cache")
+    p.add_argument("--disk-kv-budget-gb", type=float, default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM before they are failed")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from(a: argparse.Namespace):
+    from ..config import resolve_api_key
+    from ..server.settings import ServerSettings
+
+    return ServerSettings(
+        checkpoint=a.checkpoint, streaming=a.streaming, draft=a.draft, host=a.host, port=a.port,
+        expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
+        api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
+        disk_kv_dir=a.disk_kv_dir, disk_kv_budget_gb=a.disk_kv_budget_gb, shutdown_timeout=a.shutdown_timeout,
+    )
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from ..server.production_app import create_app
+    except ImportError as e:
+        print(f"mach-serve: {e}; install the server extra: pip install 'mach-runtime[server]'", file=sys.stderr)
+        return 2
+    from ..errors import MachError
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from(a)
+        if settings.max_batch < 1 or settings.max_queue < 0:
+            raise MachError("--max-batch must be >= 1 and --max-queue >= 0")
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
+                                timeout_graceful_shutdown=a.shutdown_timeout, access_log=False)
+        server = uvicorn.Server(config)
+        server.run()
+    except MachError as e:
+        print(f"mach-serve: {e}", file=sys.stderr)
+        return 2
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
