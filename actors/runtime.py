@@ -28,6 +28,7 @@ import msgspec
 
 from mach_runtime.errors import ConfigError, RequestError
 
+from . import runtime_parts as _build
 from .gc_scope import gc_freeze, gc_unfreeze
 from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
 from .mlx_thread import MLXThread
@@ -195,15 +196,6 @@ class _Limits:
     vocab_size: int | None  # token ids a request may use: the tokenizer's and the embedding's, whichever is fewer
 
 
-def _vocab_size(tokenizer, text_config: dict) -> int | None:
-    sizes = [n for n in (text_config.get("vocab_size"),) if isinstance(n, int) and not isinstance(n, bool) and n > 0]
-    try:
-        sizes.append(len(tokenizer))
-    except TypeError:
-        pass
-    return min(sizes) if sizes else None
-
-
 class Runtime:
     def __init__(self, sup: Supervisor, tokenizer, limits: _Limits, spec=None, spec_batch=None):
         self._sup = sup
@@ -292,16 +284,16 @@ class Runtime:
                                                             kv_bits=kv_bits))
             spec = batched = None
             if draft is not None or specdec is not None:
-                spec = await mlx.call(lambda: _spec_engine(model, tokenizer, store, draft, specdec))
+                spec = await mlx.call(lambda: _build.spec_engine(model, tokenizer, store, draft, specdec))
                 if spec_batch >= 2 and caps.batch and caps.spec_batch:
-                    batched = await mlx.call(lambda: _spec_batch(model, tokenizer, store, spec, spec_batch))
-                if warmup or (warmup is None and await mlx.call(_on_gpu)):
+                    batched = await mlx.call(lambda: _build.spec_batch(model, tokenizer, store, spec, spec_batch))
+                if warmup or (warmup is None and await mlx.call(_build.on_gpu)):
                     await mlx.call(spec.warmup)
                     if batched is not None:
                         await mlx.call(batched.warmup)
             tc = adapter.text_config(config)
-            limits = _Limits(tc.get("max_position_embeddings"), _vocab_size(tokenizer, tc))
-            prefix = _prefix_cache(pconf, checkpoint, draft, layout)
+            limits = _Limits(tc.get("max_position_embeddings"), _build.vocab_size(tokenizer, tc))
+            prefix = _build.prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
@@ -488,51 +480,3 @@ class Runtime:
             specdec_batch=self._spec_batch.stats() if self._spec_batch is not None else None,
             prefix_cache=cache.prefix if cache is not None else sup.prefix.stats(),
         )
-
-
-def _prefix_cache(conf, checkpoint, draft, layout: dict):
-    """The PrefixCache for ``conf``; its identity salt names the model, the cache layout and the draft."""
-    from mach_runtime.engine.disk_kv_cache import DiskKVCache
-    from mach_runtime.engine.prefix_cache import PrefixCache
-    from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
-
-    if draft is not None and not os.path.isdir(os.fspath(draft)):  # a repository id: its local cache snapshot
-        from mach_runtime.io.hf_cache import resolve_checkpoint
-
-        draft = resolve_checkpoint(draft)
-    draft_fp = model_fingerprint(draft) if draft is not None else None
-    salt = prefix_salt(model_fingerprint(checkpoint), {"format": 1, **layout}, draft_fp)
-    disk = None
-    if conf.directory is not None:
-        try:
-            disk = DiskKVCache(conf.directory, salt, conf.block_size, conf.disk_budget_bytes)
-        except OSError as e:
-            raise ConfigError(f"prefix_cache_dir {conf.directory!r}: cannot use it ({e}); give a writable "
-                              "directory") from None
-    return PrefixCache(salt, conf.block_size, conf.l1_bytes, conf.max_entries, disk, shared=conf.enabled)
-
-
-def _on_gpu() -> bool:
-    import mlx.core as mx
-
-    return mx.default_device() == mx.gpu
-
-
-def _spec_engine(model, tokenizer, store, draft, config):
-    """The BlockSpecDecEngine sharing the runtime's model (built on the MLX thread)."""
-    from mach_runtime.engine.specdec import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
-    from mach_runtime.engine.specdec.draft import load_dflash_draft
-
-    if config is None:
-        config = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7)
-    draft_model = load_dflash_draft(draft) if draft is not None else None
-    return BlockSpecDecEngine(model, tokenizer, draft_model, config=config, store=store)
-
-
-def _spec_batch(model, tokenizer, store, spec, n: int):
-    """The BatchedSpecDecoder sharing the runtime's model, draft and speculative config (only where the family's
-    capabilities allow ``spec_batch``)."""
-    from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
-
-    return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
-                              target=spec.target)
