@@ -8,6 +8,8 @@ actor around the same mailbox.
 
 from __future__ import annotations
 
+import inspect
+
 import anyio
 
 from mach_runtime.errors import RuntimeFailedError
@@ -43,11 +45,17 @@ class AsyncActor:
                 raise RuntimeFailedError(f"the {self.name} actor crashed while handling {type(msg).__name__}") from None
 
     async def run(self) -> None:
+        await self.serve()
+
+    async def serve(self) -> None:
+        """Handles the mailbox until it closes; ``handle`` may return an awaitable (an async reply)."""
         async for msg, reply in self._recv:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(self.name, "message", {"type": type(msg).__name__})
                 result = self.handle(msg)
+                if inspect.isawaitable(result):
+                    result = await result
             except BaseException:
                 if reply is not None:
                     reply.close()  # the asker gets an error, not a hang

@@ -98,25 +98,9 @@ class CacheActor(AsyncActor):
             if self.prefix.disk is not None:
                 tg.start_soon(self._writer)
             try:
-                await self._serve()
+                await self.serve()
             finally:
                 tg.cancel_scope.cancel()
-
-    async def _serve(self) -> None:
-        async for msg, reply in self._recv:
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook(self.name, "message", {"type": type(msg).__name__})
-                result = self.handle(msg)
-                if isinstance(msg, (CacheLookup, CacheFlush)):
-                    result = await result
-            except BaseException:
-                if reply is not None:
-                    reply.close()  # the asker gets an error, not a hang
-                raise
-            if reply is not None:
-                async with reply:
-                    await reply.send(result)
 
     # -- messages ------------------------------------------------------------------------------------------
     def handle(self, msg):
