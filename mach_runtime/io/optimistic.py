@@ -121,6 +121,17 @@ class OptimisticRunner:
         self._recording.entries.append((bank, indices, bank.version))
 
     # -- called by the model's __call__ ------------------------------------------------------------------------
+    def _recorded(self, run, seq: int):
+        """``run()`` with every MoE call's routing recorded lazily: (its output, the closed ForwardRecord)."""
+        rec = ForwardRecord(seq)
+        self._recording = rec
+        try:
+            out = run()
+        finally:
+            self._recording = None
+        rec.close()
+        return out, rec
+
     def forward(self, run, rows: int, tokens: int, cache):
         """Runs ``run()`` (the model's own forward) optimistically where it can; see the module docstring."""
         deferred, self._deferred_next = self._deferred_next, False
@@ -143,13 +154,7 @@ class OptimisticRunner:
                     self.pending_failed = True
                 self.pending = []
             return self._sync_forward(run)
-        rec = ForwardRecord(seq)
-        self._recording = rec
-        try:
-            out = run()
-        finally:
-            self._recording = None
-        rec.close()
+        out, rec = self._recorded(run, seq)
         self.optimistic_forwards += 1
         if deferred:
             self.pending.append(rec)
@@ -229,13 +234,7 @@ class OptimisticRunner:
             for observe in self.store.routing_observers:  # told before the bank is touched, as in sync mode
                 observe(bank, inds)
             loaded.setdefault(bank.index, set()).update(self.store.load_missing(bank, needed))
-            rec = ForwardRecord(-1)
-            self._recording = rec
-            try:
-                out = run()
-            finally:
-                self._recording = None
-            rec.close()
+            out, rec = self._recorded(run, -1)
             self.retried_forwards += 1
             if self.verify([rec], loaded):
                 return out
