@@ -215,6 +215,7 @@ def test_mach_demo_runs_offline_and_prints_text_and_stats():
         assert p in out
 
 
+@pytest.mark.slow  # five full demo runs (38 s); test_mach_demo_runs_offline_and_prints_text_and_stats checks one exit
 def test_mach_demo_exits_cleanly_every_time():
     """The process must not abort at exit: MLX's per-thread streams were left to interpreter teardown, which
     aborted ~1 run in 4 with "terminate called without an active exception" (exit -6) until the MLX thread

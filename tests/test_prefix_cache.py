@@ -158,6 +158,7 @@ async def test_hits_with_speculative_decoding(family, tiny_dir, refs, drafts, tm
     assert fresh == ref and uf["cached_tokens"] > 0 and s.prefix_cache.l2.hits == 1
 
 
+@pytest.mark.slow  # the bundled pair, two runtimes and a subprocess (23 s for both backends); per-family L2 hits stay in the default suite
 async def test_demo_model_with_its_draft_l2_in_a_new_process(tmp_path, anyio_backend):
     """The bundled demo model and its DFlash draft: a chat prompt's KV (with the draft's context) saved by one
     runtime is restored by a fresh runtime in another process; outputs equal greedy decoding."""
