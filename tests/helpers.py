@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -124,3 +125,15 @@ def small_forwards(model, prompt) -> list:
     out.append(model(mx.array([[3, 1, 4, 1, 5, 9]]), cache=cache))
     mx.eval(out)
     return out
+
+
+def slow_steps(hook=None, delay: float = 0.01):
+    """Fault hook: every decoder step takes ``delay`` longer (requests overlap as planned), then ``hook``."""
+
+    def slow(actor, point, info):
+        if actor == "decoder" and point == "step":
+            time.sleep(delay)
+        if hook is not None:
+            hook(actor, point, info)
+
+    return slow

@@ -5,11 +5,9 @@ are reported."""
 
 import gc
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from actors.mlx_thread import MLXThread
 from mach_runtime import Runtime
 from mach_runtime.errors import RuntimeFailedError
+from tests.helpers import slow_steps
 
 pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request):
     return request.param
-
-
-def _slow(hook=None, delay=0.02):
-    def slow(actor, point, info):
-        if actor == "decoder" and point == "step":
-            time.sleep(delay)
-        if hook is not None:
-            hook(actor, point, info)
-
-    return slow
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -59,7 +48,7 @@ def test_open_close_cycles_keep_threads_and_rss_flat(tmp_path, backend):
 
 
 async def test_closed_runtime_holds_nothing_and_says_closed(tiny_dir):
-    async with Runtime.open(tiny_dir, max_batch=2, fault_hook=_slow()) as rt:
+    async with Runtime.open(tiny_dir, max_batch=2, fault_hook=slow_steps(delay=0.02)) as rt:
         model = weakref.ref(rt._sup.model)
         mlx = rt._sup.mlx
         await rt.generate("def f():", max_tokens=3)

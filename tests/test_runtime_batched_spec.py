@@ -6,15 +6,13 @@ prefilled again), through a Decoder crash, an abort, sessions, and on the hybrid
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 
 from mach_runtime import BlockSpecDecEngineConfig, Runtime, load_moe
 from mach_runtime.errors import ConfigError
 from tests.family_helpers import FAMILIES
-from tests.helpers import greedy
+from tests.helpers import greedy, slow_steps
 from tests.test_runtime import CrashAt
 from tests.test_specdec import random_draft
 
@@ -67,18 +65,6 @@ def families(tiny_dir, tmp_path_factory):
     }
 
 
-def _slow(hook=None, delay=0.01):
-    """Fault hook: every decoder step takes ``delay`` longer (requests overlap as planned), then ``hook``."""
-
-    def slow(actor, point, info):
-        if actor == "decoder" and point == "step":
-            time.sleep(delay)
-        if hook is not None:
-            hook(actor, point, info)
-
-    return slow
-
-
 async def _client(rt, got, i, prompt, n, kw=None):
     kw = kw or {}
     ids, chunks = [], []
@@ -129,7 +115,7 @@ async def test_a_fifth_request_moves_the_group_to_target_only_batching_and_back(
     jobs = {0: (PROMPTS[0], 10, {}), 1: (PROMPTS[1], 28, {"specdec": None}), 2: (PROMPTS[2], 28, {}),
             3: (PROMPTS[3], 28, lookup), 4: (PROMPTS[4], 24, lookup)}
     got, started = {}, {}
-    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=4, max_batch=8, fault_hook=_slow(),
+    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=4, max_batch=8, fault_hook=slow_steps(),
                             expert_residency="stacked") as rt:
 
         async def early(i):
@@ -162,7 +148,7 @@ async def test_a_target_only_row_left_alone_returns_to_the_target_only_batch(fam
     path, draft, ref = families["qwen3"]
     jobs = {0: (PROMPTS[0], 4, {}), 1: (PROMPTS[2], 24, {"specdec": None})}
     got = {}
-    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=2, max_batch=2, fault_hook=_slow(),
+    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=2, max_batch=2, fault_hook=slow_steps(),
                             expert_residency="stacked") as rt:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
@@ -199,7 +185,7 @@ async def test_abort_of_one_row_frees_it_and_the_others_finish(families):
     path, draft, ref = families["qwen3"]
     jobs = {i: (PROMPTS[i], 16) for i in (1, 2, 3)}
     got = {}
-    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=4, max_batch=4, fault_hook=_slow(),
+    async with Runtime.open(path, draft=draft, specdec=SPEC, spec_batch=4, max_batch=4, fault_hook=slow_steps(),
                             expert_residency="stacked") as rt:
 
         async def breaker():
