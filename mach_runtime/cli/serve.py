@@ -3,7 +3,7 @@
     mach-serve [CKPT] (--streaming | --no-streaming) [--draft D] [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
-               [--disk-kv-budget-gb G]
+               [--disk-kv-budget-gb G] [--kv-bits B [--kv-group-size G] [--quantized-kv-start N]]
 
 No checkpoint: the bundled demo model. Loopback only unless ``--host`` says otherwise.
 """
@@ -37,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--disk-kv-dir", default=None, help="directory of the L2 (disk) prefix cache")
     p.add_argument("--disk-kv-budget-gb", type=float, default=None)
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits of KV cache quantization (mlx-lm's flag; default: none)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of KV cache quantization")
+    p.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="with --kv-bits: a request's KV is quantized once it holds this many tokens")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,6 +57,9 @@ def settings_from(a: argparse.Namespace):
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
         api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
         disk_kv_dir=a.disk_kv_dir, disk_kv_budget_gb=a.disk_kv_budget_gb, shutdown_timeout=a.shutdown_timeout,
+        # quantized KV (Runtime.open's kv_bits / kv_group_size / quantized_kv_start, checked there)
+        open_kwargs={} if a.kv_bits is None else {"kv_bits": a.kv_bits, "kv_group_size": a.kv_group_size,
+                                                  "quantized_kv_start": a.quantized_kv_start},
     )
 
 
