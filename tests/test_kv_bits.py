@@ -181,3 +181,13 @@ def test_batch_cache_moves_keep_every_row_exact():
         assert got.offset == src.offset
         for x, y in zip(got.keys + got.values, src.keys + src.values):
             assert np.array_equal(np.array(x), np.array(y[..., : src.offset, :]))
+
+
+def test_mach_serve_kv_flags_reach_runtime_open():
+    """mach-serve takes mlx-lm's --kv-bits / --kv-group-size / --quantized-kv-start and hands them to
+    Runtime.open (which checks them); without --kv-bits nothing is passed."""
+    from mach_runtime.cli.serve import parser, settings_from
+
+    a = parser().parse_args(["--no-streaming", "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"])
+    assert settings_from(a).open_kwargs == {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}
+    assert settings_from(parser().parse_args(["--no-streaming"])).open_kwargs == {}

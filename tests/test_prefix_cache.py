@@ -311,10 +311,7 @@ async def test_max_kv_size_bounds_live_requests_and_snapshots(family, tiny_dir, 
 async def test_kv_knobs_refused_where_they_cannot_apply(tiny_dir, anyio_backend):
     from mach_runtime.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="kv_bits"):
-        async with Runtime.open(tiny_dir, kv_bits=8, **OPEN):
-            pass
-    with pytest.raises(ConfigError, match="max_kv_size"):
+    with pytest.raises(ConfigError, match="max_kv_size"):  # (kv_bits: tests/test_kv_bits.py)
         async with Runtime.open(tiny_dir, max_kv_size=0, **OPEN):
             pass
     with pytest.raises(ConfigError, match="compressed"):
