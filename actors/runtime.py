@@ -31,9 +31,9 @@ from mach_runtime.errors import ConfigError, RequestError
 from . import runtime_parts as _build
 from .gc_scope import gc_freeze, gc_unfreeze
 from .messages import CacheLookup, CacheRelease, RuntimeStats, StatsRequest, Submit
-from .mlx_thread import MLXThread
 from .request_schema import check_messages, check_open, check_request, check_token_ids, prompt_kind
 from .slot import Chunk
+from .decoder import MLXThread
 from .supervisor import Supervisor
 
 _ids = itertools.count(1)
