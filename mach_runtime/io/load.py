@@ -333,6 +333,7 @@ def load_moe(
     dtype=None,
     progress: bool = False,
     revision: str | None = None,
+    speculative=None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -346,6 +347,10 @@ def load_moe(
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
     path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
         (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
+    speculative: the model will serve speculative decoding: a ``engine.hooks.HookPlan`` (``HookPlan.for_engine(config,
+        draft)``; True: the default plan, no draft). The hooks the engines need are installed now, driven by the
+        family's capabilities (``engine.hooks.install_spec_hooks``), and engines built over the model later install
+        nothing (``installed_hooks(model)`` lists them).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -451,6 +456,10 @@ def load_moe(
             from .optimistic import install
 
             install(model, store)
+        if speculative is not None and speculative is not False:
+            from ..engine.hooks import HookPlan, install_spec_hooks
+
+            install_spec_hooks(model, HookPlan() if speculative is True else speculative, seal=True)
     except BaseException:
         if store is not None:
             store.close()
