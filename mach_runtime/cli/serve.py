@@ -1,11 +1,13 @@
 """``mach-serve``: the OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn).
 
-    mach-serve [CKPT] (--streaming | --no-streaming) [--draft D] [--host 127.0.0.1] [--port 8080]
+    mach-serve [CKPT] (--streaming | --no-streaming) [--draft D | --no-draft] [--spec-batch N]
+               [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
                [--disk-kv-budget-gb G]
 
-No checkpoint: the bundled demo model. Loopback only unless ``--host`` says otherwise.
+No checkpoint: the bundled demo model, with its trained DFlash draft (``--no-draft``: without). Loopback only
+unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ def parser() -> argparse.ArgumentParser:
                       help="experts streamed from SSD into a bounded bank")
     mode.add_argument("--no-streaming", dest="streaming", action="store_false",
                       help="every expert resident (stacked)")
-    p.add_argument("--draft", default=None, help="DFlash draft checkpoint: speculative decoding for lone requests")
+    dr = p.add_mutually_exclusive_group()
+    dr.add_argument("--draft", default=None,
+                    help="DFlash draft checkpoint: speculative decoding (default: the bundled draft when serving the "
+                         "bundled demo model, else none)")
+    dr.add_argument("--no-draft", action="store_true", help="no speculative decoding, even for the demo model")
+    p.add_argument("--spec-batch", type=int, default=None,
+                   help="with a draft: concurrent requests decoded speculatively together, 2..N (0: only lone "
+                        "requests; default: --max-batch)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--expert-cache-gb", type=float, default=None, help="streaming bank budget in GB")
@@ -47,8 +56,13 @@ def settings_from(a: argparse.Namespace):
     from ..config import resolve_api_key
     from ..server.settings import ServerSettings
 
+    draft = a.draft
+    if draft is None and a.checkpoint is None and not a.no_draft:  # the bundled demo model: its trained draft
+        from ..assets import default_draft
+
+        draft = str(default_draft())
     return ServerSettings(
-        checkpoint=a.checkpoint, streaming=a.streaming, draft=a.draft, host=a.host, port=a.port,
+        checkpoint=a.checkpoint, streaming=a.streaming, draft=draft, spec_batch=a.spec_batch, host=a.host, port=a.port,
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
         api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
         disk_kv_dir=a.disk_kv_dir, disk_kv_budget_gb=a.disk_kv_budget_gb, shutdown_timeout=a.shutdown_timeout,
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
         settings = settings_from(a)
         if settings.max_batch < 1 or settings.max_queue < 0:
             raise MachError("--max-batch must be >= 1 and --max-queue >= 0")
+        if settings.spec_batch is not None and (settings.spec_batch < 0 or settings.spec_batch == 1):
+            raise MachError("--spec-batch must be 0 (lone requests only) or >= 2")
         app = create_app(settings)
         config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
                                 timeout_graceful_shutdown=a.shutdown_timeout, access_log=False)
