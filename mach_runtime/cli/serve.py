@@ -6,8 +6,9 @@
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
                [--disk-kv-budget-gb G]
 
-No checkpoint: the bundled demo model, with its trained DFlash draft (``--no-draft``: without). Loopback only
-unless ``--host`` says otherwise.
+No checkpoint: the bundled demo model, on a GPU with its trained DFlash draft in the spec batch (``--no-draft``:
+without; on the CPU drafting does not pay: target-only batching). Loopback only unless ``--host`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ def parser() -> argparse.ArgumentParser:
     dr = p.add_mutually_exclusive_group()
     dr.add_argument("--draft", default=None,
                     help="DFlash draft checkpoint: speculative decoding (default: the bundled draft when serving the "
-                         "bundled demo model, else none)")
+                         "bundled demo model on a GPU, else none)")
     dr.add_argument("--no-draft", action="store_true", help="no speculative decoding, even for the demo model")
     p.add_argument("--spec-batch", type=int, default=None,
-                   help="with a draft: concurrent requests decoded speculatively together, 2..N (0: only lone "
-                        "requests; default: --max-batch)")
+                   help="with a draft: up to N concurrent requests decoded speculatively together (0: only lone "
+                        "requests; default: --max-batch, or 4 for the bundled demo pair)")
+    p.add_argument("--block-policy", default=None,
+                   choices=["fixed", "opencode-sampled-v1", "residency-aware", "throughput"],
+                   help="with a draft: how many tokens to draft per cycle (default: the Runtime's; fixed for the "
+                        "bundled demo pair)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--expert-cache-gb", type=float, default=None, help="streaming bank budget in GB")
@@ -52,20 +57,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# The bundled demo pair's best configuration, measured (docs/benchmarks.md, "Serving" and P3): on a GPU, requests
+# decode speculatively with the trained draft and fixed 16-token blocks (2.1x mlx-lm alone; the adaptive policies
+# shrink blocks that cost the same on a launch-bound GPU), up to 4 together in the spec batch (1.1-1.4x target-only
+# batching at 2-4 requests; at 8 a [8, 16] verify is no longer launch-bound and loses, so more requests than that
+# use the target-only batch). On the CPU a verify costs in proportion to its rows (MLX's CPU matmuls), so drafting never
+# pays there: target-only continuous batching.
+DEMO_SPEC_BATCH = 4
+
+
+def demo_draft_pays() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
+
+
 def settings_from(a: argparse.Namespace):
     from ..config import resolve_api_key
     from ..server.settings import ServerSettings
 
-    draft = a.draft
-    if draft is None and a.checkpoint is None and not a.no_draft:  # the bundled demo model: its trained draft
+    draft, spec_batch, policy = a.draft, a.spec_batch, a.block_policy
+    if draft is None and a.checkpoint is None and not a.no_draft and demo_draft_pays():
         from ..assets import default_draft
 
-        draft = str(default_draft())
+        draft = str(default_draft())  # the bundled demo model with its trained draft, decoded in the spec batch
+        spec_batch = DEMO_SPEC_BATCH if spec_batch is None else spec_batch
+        policy = policy or "fixed"
+    open_kwargs = {}
+    if policy is not None and draft is not None:
+        from ..engine.specdec import BlockSpecDecEngineConfig
+
+        open_kwargs["specdec"] = BlockSpecDecEngineConfig(policy=policy)
     return ServerSettings(
-        checkpoint=a.checkpoint, streaming=a.streaming, draft=draft, spec_batch=a.spec_batch, host=a.host, port=a.port,
+        checkpoint=a.checkpoint, streaming=a.streaming, draft=draft, spec_batch=spec_batch, host=a.host, port=a.port,
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
         api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
         disk_kv_dir=a.disk_kv_dir, disk_kv_budget_gb=a.disk_kv_budget_gb, shutdown_timeout=a.shutdown_timeout,
+        open_kwargs=open_kwargs,
     )
 
 
