@@ -4,8 +4,9 @@ one run (the servers one after the other, never at once: they would share the co
     python bench/serve_bench.py [--ckpt DIR] [--draft DIR] [--requests 24] [--max-tokens 64] [--rates 1,2,4]
                                 [--servers mach-serve,mach-serve-target,mlx_lm.server] [--out JSON]
 
-Servers: ``mach-serve`` as its default configuration for the bundled demo runs it (the bundled DFlash draft: see
-``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching) and
+Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
+4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
+its CPU default) and
 ``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model).
 
 Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
@@ -57,11 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_pair_flags(draft: str) -> list[str]:
+    """mach-serve's default configuration for the bundled demo pair on a GPU (``cli/serve.py``), given explicitly
+    because the benchmark serves a converted copy of the demo model."""
+    from mach_runtime.cli.serve import DEMO_SPEC_BATCH
+
+    return ["--draft", draft, "--spec-batch", str(DEMO_SPEC_BATCH), "--block-policy", "fixed"]
+
+
 def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: str):
     if kind.startswith("mach-serve"):
         cmd = [sys.executable, "-m", "mach_runtime.cli.serve", str(ckpt), "--no-streaming", "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "bench",
-               "--log-level", "info"] + (["--draft", draft] if kind == "mach-serve" else ["--no-draft"])
+               "--log-level", "info"] + (demo_pair_flags(draft) if kind == "mach-serve" else ["--no-draft"])
     else:
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(ckpt), "--port", str(port),
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
