@@ -19,7 +19,8 @@ PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength
           "required": ["city"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                             "parameters": PARAMS}}
-MARKERS = {"harmony": ("<|channel|>", "<|message|>", "to=functions"), "gemma4": ("<|tool_call>", "<tool_call|>", "call:")}
+MARKERS = {"harmony": ("<|channel|>", "<|message|>", "to=functions"),
+           "gemma4": ("<|tool_call>", "<tool_call|>", "call:")}
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -73,8 +74,8 @@ def test_anthropic_tool_use_in_the_family_format(server):
     fmt, base, _ = server
     client = anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0, timeout=120)
     tool = {"name": "get_weather", "description": "weather", "input_schema": PARAMS}
-    kw = dict(model=MODEL, max_tokens=60, messages=MSGS, tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
-              extra_body={"temperature": 0})
+    kw = dict(model=MODEL, max_tokens=60, messages=MSGS, tools=[tool],
+              tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
     t = client.messages.create(**kw)
     assert t.stop_reason == "tool_use"
     uses = [b for b in t.content if b.type == "tool_use"]

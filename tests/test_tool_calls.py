@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mach_runtime.server.tool_calls import FORMATS, ToolCall, split_text_and_calls
+from mach_runtime.server.tool_calls import ToolCall, split_text_and_calls
+from mach_runtime.server.tool_formats import FORMATS
 
 TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>')

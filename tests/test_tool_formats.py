@@ -8,7 +8,8 @@ import json
 import jinja2
 import pytest
 
-from mach_runtime.server.tool_calls import FORMATS, ToolCall, tool_format
+from mach_runtime.server.tool_calls import ToolCall
+from mach_runtime.server.tool_formats import FORMATS, tool_format
 from mach_runtime.server.tool_grammars import forced_call
 
 TOOLS = [{"name": "get_weather", "parameters": {
@@ -76,14 +77,16 @@ def test_text_around_calls_and_nested_arguments():
              '<tool_call|>')
     for size in (None, 2, 5):
         plain, calls, _ = events_of("gemma4", gemma, size)
-        assert plain == "Checking." and calls_of(calls) == [("set", NESTED), ("get_weather", {"city": "Rome", "days": 1})]
+        assert plain == "Checking."
+        assert calls_of(calls) == [("set", NESTED), ("get_weather", {"city": "Rome", "days": 1})]
     dsml = "I will look it up." + deepseek_v32_rendering(NESTED)
     plain, calls, _ = events_of("deepseek", dsml, 4)
     assert plain == "I will look it up." and calls_of(calls) == [("get_weather", NESTED)]
 
 
 def test_harmony_channels():
-    final = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>It is sunny.<|return|>"
+    final = ("<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>It is sunny."
+             "<|return|>")
     for size in (None, 1, 4):
         plain, calls, _ = events_of("harmony", final, size)
         assert plain == "It is sunny." and calls == []

@@ -33,7 +33,7 @@ from .errors import APIError, field_name, render
 from .generation import Engine
 from .metrics import Metrics
 from .settings import ServerSettings
-from .tool_calls import tool_format
+from .tool_formats import tool_format
 
 log = logging.getLogger("mach_runtime.server")
 _RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

@@ -1,7 +1,7 @@
 """Tool calls in the model family's own format, parsed out of the generated text.
 
 Each family's chat template tells the model how to write a call; ``tool_format(template, arch)`` picks the
-matching ``ToolFormat`` (from the template's own markers, else from the checkpoint's family):
+matching ``ToolFormat`` (``tool_formats.py``; from the template's own markers, else from the checkpoint's family):
 
 * ``qwen_json``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Qwen2.5 / Qwen3, Hermes);
 * ``qwen_xml``: ``<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`` (Qwen3.5,
@@ -15,7 +15,8 @@ matching ``ToolFormat`` (from the template's own markers, else from the checkpoi
 Parsers are incremental: ``feed(text)`` returns the events the new text completes — plain text (any possible
 start of a tag held back) and whole ``ToolCall``s — so the OpenAI stream sends ``delta.tool_calls`` and the
 Anthropic stream ``tool_use`` blocks, never the raw tags. A block that does not parse is given back as the text
-the model wrote. The bodies of each format are in ``tool_formats.py``.
+the model wrote. Here: the calls and the tagged-block parser; ``tool_formats.py``: each format's bodies and the
+choice of format; ``tool_grammars.py``: the grammar forcing one call in a format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
+
+
+QUOTE = '<|"|>'  # Gemma 4's string delimiter
+DSML = "｜DSML｜"  # DeepSeek's markup token
 
 
 @dataclass
@@ -121,48 +126,3 @@ def partial_suffix(text: str, tag: str) -> int:
 def split_text_and_calls(events) -> tuple[str, list[ToolCall]]:
     text = "".join(e for e in events if isinstance(e, str))
     return text, [e for e in events if isinstance(e, ToolCall)]
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """One family's tool-call format: its parser, and the grammar that forces one call (``tool_choice``)."""
-
-    name: str
-    always: bool = False  # parse every response, tools or not (harmony: the channels are the response's structure)
-
-    def parser(self, tools: list[dict] | None = None, id_prefix: str = "call_"):
-        from . import tool_formats
-
-        return tool_formats.parser(self.name, tools or [], id_prefix)
-
-    def grammar(self, tools: list[dict]) -> str:
-        """Lark text (llguidance) of exactly one call to one of ``tools`` ({"name", "parameters"} each)."""
-        from . import tool_grammars
-
-        return tool_grammars.forced_call(self.name, tools)
-
-
-FORMATS = {n: ToolFormat(n, always=(n == "harmony")) for n in ("qwen_json", "qwen_xml", "gemma4", "deepseek",
-                                                                "harmony")}
-# the checkpoint's family, when its template names no format (model_type -> format)
-_BY_ARCH = {"qwen3_moe": "qwen_json", "qwen3_5_moe": "qwen_xml", "gemma4": "gemma4", "gpt_oss": "harmony",
-            "deepseek_v4": "deepseek", "deepseek_v3": "deepseek", "deepseek_v32": "deepseek"}
-
-
-def tool_format(template: str | None, arch: str | None = None) -> ToolFormat:
-    """The format the chat template writes tool calls in (its markers), else the family's, else Qwen's JSON."""
-    t = template if isinstance(template, str) else ""
-    if "<|tool_call>" in t and "<tool_call|>" in t:
-        name = "gemma4"
-    elif "to=functions." in t or "<|channel|>" in t:
-        name = "harmony"
-    elif "｜DSML｜" in t or "<｜tool▁calls▁begin｜>" in t:
-        name = "deepseek"
-    elif "<function=" in t:
-        name = "qwen_xml"
-    elif "<tool_call>" in t:
-        name = "qwen_json"
-    else:
-        name = _BY_ARCH.get(arch or "", "qwen_json")
-    return FORMATS[name]
-

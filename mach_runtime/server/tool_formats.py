@@ -1,12 +1,15 @@
-"""The bodies of each family's tool-call format (``tool_calls.py`` says which family writes which), and the
-harmony (gpt-oss) message parser. Every body parser returns [(name, arguments dict), ...] or None."""
+"""Each family's tool-call format (``tool_calls.py`` says which family writes which): the bodies of its blocks
+(every body parser returns [(name, arguments dict), ...] or None), the harmony (gpt-oss) message parser, and
+``tool_format(template, arch)``, the format a checkpoint's chat template (else its family) writes."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
-from .tool_calls import BlockParser, make_call, partial_suffix
+from . import tool_grammars
+from .tool_calls import DSML, QUOTE, BlockParser, make_call, partial_suffix
 
 # -- Qwen: JSON (Qwen2.5 / Qwen3) or XML-ish (Qwen3.5 / Qwen3-Coder) inside <tool_call> ---------------------------
 QWEN_TAGS = (("<tool_call>", "</tool_call>"),)
@@ -59,7 +62,6 @@ def typed(value: str, schema: dict | None):
 
 # -- Gemma 4: <|tool_call>call:NAME{key:value,...}<tool_call|>, strings between <|"|> ----------------------------
 GEMMA4_TAGS = (("<|tool_call>", "<tool_call|>"),)
-QUOTE = '<|"|>'
 
 
 def gemma4_body(body: str, tools: list[dict]):
@@ -116,7 +118,6 @@ def _gemma_value(s: str, i: int):
 
 
 # -- DeepSeek: DSML (V3.2 and later) or the V3 / V3.1 tool-call tokens ------------------------------------------
-DSML = "｜DSML｜"
 DEEPSEEK_TAGS = ((f"<{DSML}function_calls>", f"</{DSML}function_calls>"),
                  ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"))
 _INVOKE = re.compile(rf'<{DSML}invoke name="([^"]+)">(.*?)</{DSML}invoke>', re.S)
@@ -226,3 +227,44 @@ def parser(name: str, tools: list[dict], id_prefix: str):
     tags, body = {"qwen_json": (QWEN_TAGS, qwen_body), "qwen_xml": (QWEN_TAGS, qwen_body),
                   "gemma4": (GEMMA4_TAGS, gemma4_body), "deepseek": (DEEPSEEK_TAGS, deepseek_body)}[name]
     return BlockParser(tags, lambda text: body(text, tools), id_prefix)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """One family's tool-call format: its parser, and the grammar that forces one call (``tool_choice``)."""
+
+    name: str
+    always: bool = False  # parse every response, tools or not (harmony: the channels are the response's structure)
+
+    def parser(self, tools: list[dict] | None = None, id_prefix: str = "call_"):
+        return parser(self.name, tools or [], id_prefix)
+
+    def grammar(self, tools: list[dict]) -> str:
+        """Lark text (llguidance) of exactly one call to one of ``tools`` ({"name", "parameters"} each)."""
+        return tool_grammars.forced_call(self.name, tools)
+
+
+FORMATS = {n: ToolFormat(n, always=(n == "harmony")) for n in ("qwen_json", "qwen_xml", "gemma4", "deepseek",
+                                                                "harmony")}
+# the checkpoint's family, when its template names no format (model_type -> format)
+_BY_ARCH = {"qwen3_moe": "qwen_json", "qwen3_5_moe": "qwen_xml", "gemma4": "gemma4", "gpt_oss": "harmony",
+            "deepseek_v4": "deepseek", "deepseek_v3": "deepseek", "deepseek_v32": "deepseek"}
+
+
+def tool_format(template: str | None, arch: str | None = None) -> ToolFormat:
+    """The format the chat template writes tool calls in (its markers), else the family's, else Qwen's JSON."""
+    t = template if isinstance(template, str) else ""
+    if "<|tool_call>" in t and "<tool_call|>" in t:
+        name = "gemma4"
+    elif "to=functions." in t or "<|channel|>" in t:
+        name = "harmony"
+    elif "｜DSML｜" in t or "<｜tool▁calls▁begin｜>" in t:
+        name = "deepseek"
+    elif "<function=" in t:
+        name = "qwen_xml"
+    elif "<tool_call>" in t:
+        name = "qwen_json"
+    else:
+        name = _BY_ARCH.get(arch or "", "qwen_json")
+    return FORMATS[name]
+

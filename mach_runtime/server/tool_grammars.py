@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .tool_formats import DSML, QUOTE
+from .tool_calls import DSML, QUOTE
 
 
 def lit(text: str) -> str:
