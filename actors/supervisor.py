@@ -279,7 +279,7 @@ class Supervisor:
         pushed = e.slot.push((), text) if text else None  # (the consumer's wake-up event, taken by the push)
         usage = {"prompt_tokens": len(e.submit.prompt_ids), "completion_tokens": len(e.delivered),
                  "cached_tokens": cached, "prefilled_tokens": prefilled}
-        finished = e.slot.finish(reason, usage)
+        finished = e.slot.finish(reason, usage, e.emitter.stop_sequence)
         return pushed or finished
 
     # -- shutdown ------------------------------------------------------------------------------------------
