@@ -10,7 +10,7 @@ Every numeric comparison names the KIND of difference it allows; the number foll
   are 1e-6..1e-5). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
   dot product of K terms moves by ~sqrt(K)·2**-24 (H200: 2e-7 at K=64, 8e-7 at K=1024), the tiny models amplify a
   per-GEMM error at most ~9x into their logits, so ``GPU_REORDER`` = 64·sqrt(64)·2**-24 ≈ 3e-5 (relative to the
-  largest logit) keeps 4x headroom over 9·8·2**-24 and still fails on any real fault: a wrong or stale expert, a
+  largest logit) keeps 7x headroom over 9·8·2**-24 and still fails on any real fault: a wrong or stale expert, a
   lost KV row or a mis-masked window moves logits by 1e-2 and more.
 * ``INDEPENDENT`` = 1e-4: against another implementation of the model (transformers + torch on the CPU,
   mlx-lm's forward): float32 in a different order through every layer, on every backend.
