@@ -89,9 +89,9 @@ def child_env(root, **extra) -> dict:
 
 
 def mlx_lm_reference(model):
-    """mlx-lm's quantized model as a reference on this backend: on a GPU the layers whose MLX CUDA kernel computes
-    wrong values (``mach_runtime/io/backend_faults.py``, pinned by tests/test_backend_faults.py) are held
-    dequantized, the same function; on the CPU the model is untouched."""
+    """mlx-lm's quantized model as a reference on this backend: on CUDA the layers whose MLX kernel computes wrong
+    values (``mach_runtime/io/backend_faults.py``, pinned by tests/test_backend_faults.py) are held dequantized,
+    the same function; elsewhere the model is untouched."""
     from mach_runtime.io.backend_faults import dequantize_one_group_rows
 
     dequantize_one_group_rows(model)

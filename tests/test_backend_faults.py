@@ -1,6 +1,6 @@
 """Minimal repros of MLX backend kernels that are wrong or missing (measured on an H200, MLX 0.32.4 CUDA), beside
 the check that mach_runtime's detour (``mach_runtime/io/backend_faults.py``) computes the right values. On the
-CPU every repro is an ordinary correctness test. On a GPU the kernel repros are expected failures: once MLX fixes
+CPU (and Metal) every repro is an ordinary correctness test. On CUDA the kernel repros are expected failures: once MLX fixes
 a kernel, its repro passes (strict xfail: the suite then fails and says which detour to remove)."""
 
 import mlx.core as mx
@@ -12,7 +12,7 @@ from mach_runtime.io.backend_faults import dequantize_one_group_rows
 from tests import tolerances as tol
 
 ONE_GROUP = pytest.mark.xfail(
-    tol.GPU, strict=True,
+    tol.CUDA, strict=True,
     reason="MLX 0.32.4 CUDA (Hopper): quantized_matmul with one affine group per row and more than one row returns "
            "wrong, run-to-run different values (H200: rel. error 1.0-1.4); mach_runtime holds such layers "
            "dequantized (io/backend_faults.py)")
@@ -38,21 +38,21 @@ def test_quantized_matmul_one_group_per_row(width, bits):
 
 @pytest.mark.parametrize("width,group", [(64, 64), (128, 128), (128, 64), (64, 32)])
 def test_detour_computes_the_quantized_layer(width, group):
-    """A model's one-group-per-row QuantizedLinear layers are replaced on a GPU (only there) by float layers of
+    """A model's one-group-per-row QuantizedLinear layers are replaced on CUDA (only there) by float layers of
     the same dequantized weights and bias: the outputs equal the CPU kernel's for prefill and decode shapes."""
     mx.random.seed(width)
     model = nn.Sequential(nn.Linear(width, 96, bias=True))
     nn.quantize(model, group_size=group, bits=8)
     q = model.layers[0]
     swapped = dequantize_one_group_rows(model)
-    assert swapped == (["layers.0"] if tol.GPU and group >= width else [])
+    assert swapped == (["layers.0"] if tol.CUDA and group >= width else [])
     for rows in (1, 16):
         x = mx.random.normal((1, rows, width))
         want = _cpu_reference(x, q.weight, q.scales, q.biases, group, 8) + np.array(q.bias)
         tol.assert_close(np.array(model(x)), want, tol.reorder(1e-5), f"{rows} rows")
 
 
-@pytest.mark.xfail(tol.GPU, raises=RuntimeError, strict=False,
+@pytest.mark.xfail(tol.CUDA, raises=RuntimeError, strict=False,
                    reason="MLX 0.32.4 CUDA has no quantized_matmul for a slice of a larger quantized buffer (mlx-lm's "
                           "QuantizedKVCache, --kv-bits): 'No implementation for problem shape: 1x11x32x2'")
 def test_quantized_kv_attention_over_a_cache_slice():

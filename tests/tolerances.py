@@ -34,6 +34,7 @@ import os
 import mlx.core as mx
 
 GPU = mx.default_device() == mx.gpu
+CUDA = GPU and hasattr(mx, "cuda") and mx.cuda.is_available()  # MLX's CUDA backend (not Metal)
 TF32 = GPU and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
 
 EXACT = 0.0

@@ -7,7 +7,7 @@ row (prefill, verify blocks) to a kernel that returns wrong values that change f
 (measured: rel. error 1.0-1.4 at M=16 for widths 64/64 and 128/128, 4 and 8 bits; one row and narrower groups
 are exact). Only layers narrower than their group hit it — in practice the 8-bit group-64 routers mlx-lm writes
 for hidden sizes of 64 (the tiny test models), never a released checkpoint (input widths of 1024 and more).
-Those layers are held dequantized on a GPU: the exact float weights the quantized matmul multiplies by, so the
+Those layers are held dequantized on CUDA: the exact float weights the quantized matmul multiplies by, so the
 model computes the same function.
 """
 
@@ -24,13 +24,13 @@ def _one_group_per_row(m) -> bool:
 
 
 def dequantize_one_group_rows(model) -> list[str]:
-    """On a GPU, replaces each affine ``QuantizedLinear`` with one group per row by an ``nn.Linear`` of its
-    dequantized weights (same bias). Returns the paths replaced (none on the CPU, whose kernel is exact)."""
+    """On MLX's CUDA backend, replaces each affine ``QuantizedLinear`` with one group per row by an ``nn.Linear``
+    of its dequantized weights (same bias). Returns the paths replaced (none on the CPU or Metal)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
-    if mx.default_device() != mx.gpu:
+    if mx.default_device() != mx.gpu or not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         return []
     swaps = []
     for path, m in model.named_modules():
