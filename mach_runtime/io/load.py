@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
+from .backend_faults import dequantize_one_group_rows
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
 from .quant_formats import MX_DTYPES as _MX_DTYPES
 from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
@@ -444,6 +445,7 @@ def load_moe(
             _set_module(model, mpath, glu)
             swapped.append(mpath)
         _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
+        dequantize_one_group_rows(model)  # a wrong MLX CUDA kernel for these layers (backend_faults.py)
         if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
             # so load time and memory before decoding do not grow with the bank (P7)
             bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
