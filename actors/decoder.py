@@ -37,7 +37,7 @@ import anyio
 from mach_runtime.engine.prefix_saver import PrefixSaver
 from mach_runtime.engine.scheduler import Scheduler
 
-from .decoder_prefix import DecoderPrefixCache
+from .decoder_prefix import DecoderPrefixCache, exact_only
 from .messages import (
     Abort,
     DecoderStats,
@@ -72,10 +72,12 @@ class Decoder(DecoderPrefixCache):
         kw = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
         # prefix cache: snapshots of prefilled prompts (after their first token) and of finished requests go to the
         # Cache actor as host arrays; prefix_min_tokens None = only sessions' own turns are kept
-        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault) if cache_inbox else None
+        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault,
+                                 exact_only(model)) if cache_inbox else None
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, caps=caps, spec=spec, spec_batch=spec_batch,
                                on_admit=lambda rid: self._fault("admit", request_id=rid),
-                               on_prefilled=self._prefilled if self.saver is not None else None, **kw)
+                               on_prefilled=self._prefilled if self.saver is not None else None,
+                               on_boundary=self._boundary if self.saver is not None else None, **kw)
 
     # -- statistics survive a restart -------------------------------------------------------------------------
     def adopt_stats(self, old: "Decoder") -> None:

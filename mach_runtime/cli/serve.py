@@ -4,7 +4,7 @@
                [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
-               [--disk-kv-budget-gb G]
+               [--disk-kv-budget-gb G] [--kv-bits B [--kv-group-size G] [--quantized-kv-start N]]
 
 No checkpoint: the bundled demo model, on a GPU with its trained DFlash draft in the spec batch (``--no-draft``:
 without; on the CPU drafting does not pay: target-only batching). Loopback only unless ``--host`` says
@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--disk-kv-dir", default=None, help="directory of the L2 (disk) prefix cache")
     p.add_argument("--disk-kv-budget-gb", type=float, default=None)
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits of KV cache quantization (mlx-lm's flag; default: none)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of KV cache quantization")
+    p.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="with --kv-bits: a request's KV is quantized once it holds this many tokens")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -84,6 +89,8 @@ def settings_from(a: argparse.Namespace):
         spec_batch = DEMO_SPEC_BATCH if spec_batch is None else spec_batch
         policy = policy or "fixed"
     open_kwargs = {}
+    if a.kv_bits is not None:  # quantized KV (Runtime.open's kv_bits / kv_group_size / quantized_kv_start, checked there)
+        open_kwargs.update(kv_bits=a.kv_bits, kv_group_size=a.kv_group_size, quantized_kv_start=a.quantized_kv_start)
     if policy is not None and draft is not None:
         from ..engine.specdec import BlockSpecDecEngineConfig
 
