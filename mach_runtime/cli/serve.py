@@ -3,7 +3,7 @@
     mach-serve [CKPT] (--streaming | --no-streaming) [--draft D] [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
-               [--disk-kv-budget-gb G]
+               [--disk-kv-budget-gb G] [--pin-experts TRACE]
 
 No checkpoint: the bundled demo model. Loopback only unless ``--host`` says otherwise.
 """
@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--disk-kv-dir", default=None, help="directory of the L2 (disk) prefix cache")
     p.add_argument("--disk-kv-budget-gb", type=float, default=None)
+    p.add_argument("--pin-experts", default=None, metavar="TRACE",
+                   help="a `mach trace` file: pin each layer's most routed experts in half the bank (streaming)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,6 +54,7 @@ def settings_from(a: argparse.Namespace):
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
         api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
         disk_kv_dir=a.disk_kv_dir, disk_kv_budget_gb=a.disk_kv_budget_gb, shutdown_timeout=a.shutdown_timeout,
+        open_kwargs={"pin_experts": a.pin_experts} if a.pin_experts else {},
     )
 
 
