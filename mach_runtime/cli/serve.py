@@ -5,6 +5,7 @@
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
                [--disk-kv-budget-gb G] [--kv-bits B [--kv-group-size G] [--quantized-kv-start N]]
+               [--pin-experts TRACE]
 
 No checkpoint: the bundled demo model, on a GPU with its trained DFlash draft in the spec batch (``--no-draft``:
 without; on the CPU drafting does not pay: target-only batching). Loopback only unless ``--host`` says
@@ -56,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-group-size", type=int, default=64, help="group size of KV cache quantization")
     p.add_argument("--quantized-kv-start", type=int, default=5000,
                    help="with --kv-bits: a request's KV is quantized once it holds this many tokens")
+    p.add_argument("--pin-experts", default=None, metavar="TRACE",
+                   help="a `mach trace` file: pin each layer's most routed experts in half the bank (streaming)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -88,7 +91,7 @@ def settings_from(a: argparse.Namespace):
         draft = str(default_draft())  # the bundled demo model with its trained draft, decoded in the spec batch
         spec_batch = DEMO_SPEC_BATCH if spec_batch is None else spec_batch
         policy = policy or "fixed"
-    open_kwargs = {}
+    open_kwargs = {"pin_experts": a.pin_experts} if a.pin_experts else {}
     if a.kv_bits is not None:  # quantized KV (Runtime.open's kv_bits / kv_group_size / quantized_kv_start, checked there)
         open_kwargs.update(kv_bits=a.kv_bits, kv_group_size=a.kv_group_size, quantized_kv_start=a.quantized_kv_start)
     if policy is not None and draft is not None:

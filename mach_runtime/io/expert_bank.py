@@ -49,6 +49,7 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
     redone_forwards: int = 0  # of those, forwards that missed and were redone (retried, else sync mode)
     retried_forwards: int = 0  # optimistic retries after loading a missed layer's experts
+    pinned_experts: int = 0  # experts pinned from a routing trace (all layers; never evicted)
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -419,6 +420,7 @@ class StreamingExpertStore:
             retried_forwards=self.optimistic.retried_forwards,
             optimistic_forwards=self.optimistic.optimistic_forwards,
             redone_forwards=self.optimistic.redone_forwards,
+            pinned_experts=sum(len(b.pinned) for b in self.banks),
         )
 
     def close(self) -> None:
