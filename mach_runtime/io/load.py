@@ -448,9 +448,12 @@ def load_moe(
             mx.eval(model.parameters())
         model.eval()
         if streaming:
+            from ..config import resolve_prefetch_bytes
+            from .next_layer_prefetch import install as install_prefetch
             from .optimistic import install
 
             install(model, store)
+            install_prefetch(model, store, resolve_prefetch_bytes())
     except BaseException:
         if store is not None:
             store.close()

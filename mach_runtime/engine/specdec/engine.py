@@ -62,7 +62,7 @@ class BlockSpecDecEngine:
         self.store = store
         self.target = TargetOps(model)
         if self.config.compile_moe:
-            compile_moe_blocks(model)  # stacked residency only; a no-op when streaming
+            compile_moe_blocks(model)  # stacked, and streaming's optimistic (hit-path) calls
         if self.config.compile_verify:
             self.target.compiled = CompiledVerify(self.target)  # qwen3_moe only; see compiled_verify.py
         tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
