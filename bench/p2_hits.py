@@ -12,7 +12,12 @@ random model's greedy output loops), timed after an untimed warm-up run each:
 * ``streaming sync``: the per-MoE-layer host readback (``store.optimistic.enabled = False``), i.e. what
   streaming did before — the 0.17x-on-an-H200 path;
 * ``stacked compiled`` / ``streaming compiled``: the same with the MoE blocks as ``mx.compile``d functions
-  (``engine/compiled_moe.py``; streaming: the hit path with the slot gather on the device, routing as an output).
+  (``engine/compiled_moe.py``; streaming: the hit path with the slot gather on the device, routing as an output);
+* ``streaming unchecked`` (diagnostic only, not a mode of the engine): the optimistic graph (slot gathers,
+  recorded routing) with the per-token check skipped — what the readback and its bookkeeping cost.
+
+Per variant it also times one decode step outside the loop: the host's graph build (the model call, nothing
+evaluated) and a synchronous step (build + evaluation), medians of 20.
 
 With ``--uniform-fraction F`` (default 0.25; 0 skips it) a second table follows: miss-bound decode, read cold
 (O_DIRECT, page cache dropped before each run), every router replaced by uniform pseudo-random routing
@@ -39,7 +44,8 @@ import numpy as np
 import _common as C
 from p2_streaming import bank_bytes_per_expert, disk_bw, make_checkpoint, stacked_run, streaming_run
 
-VARIANTS = ["stacked", "streaming optimistic", "streaming sync", "stacked compiled", "streaming compiled"]
+VARIANTS = ["stacked", "streaming optimistic", "streaming sync", "stacked compiled", "streaming compiled",
+            "streaming unchecked"]
 
 
 def run_variant(name, ckpt, ids, a):
@@ -69,6 +75,54 @@ def run_variant(name, ckpt, ids, a):
         mx.random.seed(a.seed)
         return C.timed_tokens(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), n), n)
 
+    unchecked = name == "streaming unchecked"
+    if unchecked:  # diagnostic: skip the routing check (every expert is resident, so the tokens stay right)
+        from mach_runtime.io import optimistic as O
+
+        saved = (O.ForwardGuard.verify, O.ForwardGuard.outputs, O.ForwardGuard.close)
+        O.ForwardGuard.verify = lambda self, ck: setattr(self.runner, "pending", []) or True
+        O.ForwardGuard.outputs = lambda self: []
+        O.ForwardGuard.close = lambda self: setattr(self.runner, "pending", [])
+    try:
+        res = _timed_variant(name, model, store, ids, a, once, load_s)
+    finally:
+        if unchecked:
+            O.ForwardGuard.verify, O.ForwardGuard.outputs, O.ForwardGuard.close = saved
+    store.close()
+    del model
+    C.free_mlx()
+    return res
+
+
+def _step_times(model, ids) -> dict:
+    """Median host graph-build time and synchronous step time of one decode step (ms)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mach_runtime.io.optimistic import guard_for
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([ids]), cache=cache))
+    guard = guard_for(model, cache)
+    y = mx.array([[ids[-1]]])
+    build, step = [], []
+    for _ in range(20):
+        ck = guard.begin() if guard is not None else None
+        t0 = time.perf_counter()
+        out = model(y, cache=cache)
+        t1 = time.perf_counter()
+        mx.eval(out, *(guard.outputs() if guard is not None else ()))
+        if guard is not None:
+            guard.verify(ck)
+        t2 = time.perf_counter()
+        build.append(t1 - t0)
+        step.append(t2 - t0)
+    if guard is not None:
+        guard.close()
+    return dict(build_ms=C.median(build) * 1e3, sync_step_ms=C.median(step) * 1e3)
+
+
+def _timed_variant(name, model, store, ids, a, once, load_s):
     once(min(8, a.new_tokens))  # warm-up (the first forward of a shape compiles kernels)
     s0 = store.stats() if not name.startswith("stacked") else None
     tps, toks = [], None
@@ -82,9 +136,7 @@ def run_variant(name, ckpt, ids, a):
         res.update(host_syncs_per_token=(s1.host_syncs - s0.host_syncs) / fwd,
                    redone_forwards=s1.redone_forwards - s0.redone_forwards,
                    misses=s1.misses - s0.misses, hit_rate=s1.hit_rate)
-    store.close()
-    del model
-    C.free_mlx()
+    res.update(_step_times(model, ids))
     return res
 
 
@@ -98,6 +150,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="variants are run this many times, interleaved")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="stacked must be among them")
+    p.add_argument("--skip-probe", action="store_true", help="skip the host -> device copy probe")
     p.add_argument("--uniform-fraction", type=float, default=0.25, help="bank fraction of the miss-bound table (0: skip)")
     p.add_argument("--uniform-tokens", type=int, default=32)
     p.add_argument("--uniform-repeats", type=int, default=1)
@@ -135,9 +188,13 @@ def main():
         same = all(x["tokens"] == ref_tokens for x in xs)
         syncs = C.median([x.get("host_syncs_per_token", 0.0) for x in xs])
         redone = sum(x.get("redone_forwards", 0) for x in xs)
+        build = C.median([x["build_ms"] for x in xs])
+        sstep = C.median([x["sync_step_ms"] for x in xs])
         summary.append(dict(variant=n, tps=tps, vs_stacked=tps / ref, against=base, host_syncs_per_token=syncs,
-                            redone=redone, same_tokens_as_stacked=same, runs=[x["tps_runs"] for x in xs]))
-        rows.append([n, f"{tps:.2f}", f"{tps / ref:.3f} ({base})", f"{syncs:.2f}", redone, same])
+                            redone=redone, same_tokens_as_stacked=same, runs=[x["tps_runs"] for x in xs],
+                            build_ms=build, sync_step_ms=sstep))
+        rows.append([n, f"{tps:.2f}", f"{tps / ref:.3f} ({base})", f"{1e3 / tps:.2f}", f"{build:.2f}",
+                     f"{sstep:.2f}", f"{syncs:.2f}", redone, same])
     payload = dict(benchmark="p2_hits", machine=info, checkpoint=str(ckpt), checkpoint_spec=spec, layers=st.layers,
                    experts=st.num_experts, expert_bytes=st.expert_bytes, new_tokens=a.new_tokens,
                    repeats=a.repeats, rounds=a.rounds, temperature=a.temperature, seed=a.seed, disk=bw,
@@ -147,15 +204,17 @@ def main():
     print(f"\nP2-hits: every expert resident ({info['backend']}: {where}; mlx {info['mlx']}); {spec}: {st.layers} "
           f"MoE layers x {st.num_experts} experts, {st.expert_bytes / 1e6:.2f} MB/expert; prompt {len(ids)}, "
           f"{a.new_tokens} new tokens x {a.repeats} repeats x {a.rounds} rounds (temperature {a.temperature:g})")
-    print(C.fmt_table(["variant", "tok/s", "vs stacked", "host syncs/token", "redone", "same tokens"], rows))
+    print(C.fmt_table(["variant", "tok/s", "vs stacked", "ms/token", "graph build ms", "sync step ms",
+                       "host syncs/token", "redone", "same tokens"], rows))
     print(f"disk O_DIRECT 2 MiB random x4: {bw['mb_per_s']:.0f} MB/s ({bw['mode']}); no expert reads while timed",
           flush=True)
-    probe = copy_probe(ckpt)
-    payload["copy_probe"] = probe
-    C.write_json(a.out, payload)
-    print("host -> device copies of " + f"{probe['bytes'] / 1e6:.0f} MB ({probe['experts']} experts, "
-          f"{probe['components']} components each): " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in probe["gb_per_s"].items()),
-          flush=True)
+    if not a.skip_probe:
+        probe = copy_probe(ckpt)
+        payload["copy_probe"] = probe
+        C.write_json(a.out, payload)
+        print("host -> device copies of " + f"{probe['bytes'] / 1e6:.0f} MB ({probe['experts']} experts, "
+              f"{probe['components']} components each): "
+              + ", ".join(f"{k} {v:.2f} GB/s" for k, v in probe["gb_per_s"].items()), flush=True)
     miss = miss_bound(ckpt, ids, st, a, payload) if a.uniform_fraction > 0 else None
     if miss:
         print(f"\nMiss-bound: uniform routing, bank {a.uniform_fraction:.1%} ({miss['slots']} slots/layer), cold "
