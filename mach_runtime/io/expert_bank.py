@@ -351,7 +351,9 @@ class StreamingExpertStore:
             proj = projs.get(id(t.proj), t.proj) if projs else t.proj
             arr = getattr(proj, t.comp)
             dt = mx.float32 if t.multiply else arr.dtype
-            value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, dt)[None], t.transform)[0]
+            value = to_mx(views[i], comp.dtype, comp.shape, dt)
+            if t.transform:
+                value = apply_transform(value[None], t.transform)[0]
             if t.multiply:  # a scale onto the weight written just before (components are in weight-first order)
                 value = (arr[slot, t.rows].astype(mx.float32) * value).astype(arr.dtype)
             arr[slot, t.rows] = value

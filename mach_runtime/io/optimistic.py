@@ -64,7 +64,13 @@ class ForwardRecord:
         import mlx.core as mx
 
         if self.entries:
-            self.flat = mx.concatenate([i.reshape(-1) for _, i, _ in self.entries])
+            idx = [i for _, i, _ in self.entries]
+            if all(i.shape == idx[0].shape and i.dtype == idx[0].dtype for i in idx):
+                # one kernel (stack takes the strided top-k slices as they are); flattened, the same layout as the
+                # concatenation of each call's flattened indices
+                self.flat = mx.stack(idx).reshape(-1)
+            else:
+                self.flat = mx.concatenate([i.reshape(-1) for i in idx])
 
 
 def rollback_ok(cache, tokens: int) -> bool:
