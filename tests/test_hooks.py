@@ -146,15 +146,19 @@ def test_gdn_tape_hooks_are_listed_and_removable():
 
 
 @pytest.mark.parametrize("residency", ["streaming"])
-def test_streaming_residency_installs_no_compiled_blocks(residency):
+def test_streaming_residency_compiles_its_hit_path_under_the_optimistic_runner(residency):
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 
     model, tok, store, _ = load_moe(DEMO, expert_residency=residency, expert_slots=8)
     try:
         BlockSpecDecEngine(model, tok, store=store,
                            config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
-        # streaming installs only its optimistic runner (at load, around the text model); no compiled MoE blocks
-        assert installed_hooks(model) == [{"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}]
+        # the optimistic runner (installed at load, around the text model), then one compiled block per MoE layer
+        # (its optimistic calls; sync-mode calls run the block itself)
+        hooks = installed_hooks(model)
+        assert hooks[0] == {"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}
+        assert [h["path"] for h in hooks[1:]] == [f"model.layers.{i}.mlp" for i in range(len(store.banks))]
+        assert all(h["kind"] == "compiled_moe" and h["wraps"] == "Qwen3MoeSparseMoeBlock" for h in hooks[1:])
     finally:
         store.close()
 

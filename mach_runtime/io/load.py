@@ -431,9 +431,12 @@ def load_moe(
             mx.eval(model.parameters())
         model.eval()
         if streaming:
+            from ..config import resolve_prefetch_bytes
+            from .next_layer_prefetch import install as install_prefetch
             from .optimistic import install
 
             install(model, store)
+            install_prefetch(model, store, resolve_prefetch_bytes())
             if pin_experts is not None:
                 store.pin_from_trace(pin_experts, store.slots // 2)
         if speculative is not None and speculative is not False:
