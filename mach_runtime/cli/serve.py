@@ -3,7 +3,10 @@
     mach-serve [CKPT] (--streaming | --no-streaming) [--draft D] [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
-               [--disk-kv-budget-gb G]
+               [--disk-kv-budget-gb G] [--distributed [--dist-mode expert|pipeline] [--dist-backend B]
+               [--dist-placement TRACE]]
+
+``--distributed`` under ``mlx.launch`` (docs/distributed.md): rank 0 serves HTTP, the other ranks follow its steps.
 
 No checkpoint: the bundled demo model. Loopback only unless ``--host`` says otherwise.
 """
@@ -40,6 +43,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--distributed", action="store_true",
+                   help="one model over the processes of `mlx.launch` (rank 0 serves; docs/distributed.md)")
+    p.add_argument("--dist-mode", default=None, choices=["expert", "pipeline"],
+                   help="expert parallel (default) or pipeline parallel")
+    p.add_argument("--dist-backend", default=None, choices=["auto", "ring", "nccl", "jaccl", "mpi"],
+                   help="mlx.distributed backend (default auto: the one mlx.launch prepared)")
+    p.add_argument("--dist-placement", default=None, help="a `mach trace` file: place experts by measured load")
     return p
 
 
@@ -47,7 +57,11 @@ def settings_from(a: argparse.Namespace):
     from ..config import resolve_api_key
     from ..server.settings import ServerSettings
 
-    return ServerSettings(
+    extra = {}
+    if a.distributed:
+        extra["open_kwargs"] = {"distributed": {k: v for k, v in (("mode", a.dist_mode), ("backend", a.dist_backend),
+                                                                  ("placement", a.dist_placement)) if v is not None}}
+    return ServerSettings(**extra,
         checkpoint=a.checkpoint, streaming=a.streaming, draft=a.draft, host=a.host, port=a.port,
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
         api_key=resolve_api_key(a.api_key), served_model_name=a.served_model_name, prefix_cache=a.prefix_cache,
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
         settings = settings_from(a)
         if settings.max_batch < 1 or settings.max_queue < 0:
             raise MachError("--max-batch must be >= 1 and --max-queue >= 0")
+        if a.distributed and follower_rank():
+            return follow(settings)
         app = create_app(settings)
         config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
                                 timeout_graceful_shutdown=a.shutdown_timeout, access_log=False)
@@ -80,6 +96,31 @@ def main(argv=None) -> int:
         print(f"mach-serve: {e}", file=sys.stderr)
         return 2
     return 0 if server.started else 1
+
+
+def follower_rank() -> bool:
+    from ..config import launched_rank
+
+    return (launched_rank() or 0) > 0
+
+
+def follow(settings) -> int:
+    """A rank > 0 of ``mach-serve --distributed``: no HTTP; follows rank 0's steps until it shuts down."""
+    import anyio
+
+    from ..server.production_app import runtime_kwargs
+
+    async def run():
+        from mach_runtime import Runtime
+
+        async with Runtime.open(settings.checkpoint, **runtime_kwargs(settings, Runtime.open)):
+            pass  # never reached on a follower: Runtime.open follows, then exits
+
+    try:
+        anyio.run(run)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 if __name__ == "__main__":
