@@ -214,7 +214,7 @@ class Runtime:
                    quantized_kv_start=5000, max_kv_size=None,
                    max_batch: int = 8, max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
                    restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0,
-                   prefill_chunk: int = 512, **load_kwargs):
+                   prefill_chunk: int = 512, distributed=False, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -246,6 +246,9 @@ class Runtime:
         max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
         restart_intensity / restart_period: an actor is restarted at most that many times within that many
             seconds before the runtime gives up (``RuntimeFailedError``).
+
+        distributed: True or a dict (docs/distributed.md) under ``mlx.launch``: rank 0 serves; ranks > 0 follow its
+            steps, never enter the ``async with`` body and exit (SystemExit(0)) when rank 0 closes.
 
         Every argument is checked before anything loads (``request_schema.check_open``: ``ConfigError``).
         After loading, the process's garbage collector is collected once and frozen (``gc.freeze()``); the last
@@ -280,17 +283,25 @@ class Runtime:
             from mach_runtime.io.hf_cache import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
-        # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
-        # engines below changes nothing on the model
-        plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
         check_kv_bits("standard", kv_bits, kv_group_size, quantized_kv_start, None, None)  # values, before loading
         mlx = MLXThread.acquire()
-        store = sup = rt = None
+        store = sup = rt = dist = None
         froze = False
         try:
+            if distributed:
+                from .distributed import Distributed
+
+                dist = await mlx.call(lambda: Distributed(distributed, checkpoint))
+                load_kwargs["shard"], pconf, restart_intensity = dist.plan, _build.no_prefix(pconf), 0
+                specdec = dist.specdec(specdec, draft)  # one every rank can follow: no collective in a compiled graph
+            # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
+            # engines below changes nothing on the model
+            plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, speculative=plan,
                 **load_kwargs))
+            if dist is not None:
+                specdec = await mlx.call(lambda: dist.after_load(model, store, specdec, draft))
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
@@ -312,12 +323,17 @@ class Runtime:
                     await mlx.call(spec.warmup)
                     if batched is not None:
                         await mlx.call(batched.warmup)
+            if dist is not None and not dist.leader:  # follow rank 0's steps until it shuts down, then end
+                await mlx.call(lambda: _build.follow(dist, model, tokenizer, caps, max_batch, spec, batched,
+                                                     prefill_chunk))
+                raise SystemExit(0)
             limits = _Limits(tc.get("max_position_embeddings"), _build.vocab_size(tokenizer, tc))
             prefix = _build.prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
-                             prefill_chunk=prefill_chunk, prefix=prefix)
+                             prefill_chunk=prefill_chunk, prefix=prefix,
+                             step_sync=dist.sync if dist is not None else None)
             del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
             gc_freeze()  # (actors/gc_scope.py) undone by the last open runtime's close
             froze = True
@@ -349,6 +365,8 @@ class Runtime:
                 finally:
                     if store is not None:
                         store.close()
+                    if dist is not None:
+                        dist.close()
                     store = None
                     mlx.release(idle=idle)
 

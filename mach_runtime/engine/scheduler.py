@@ -77,9 +77,12 @@ class _Solo:
 
 def process_fault(e: BaseException) -> bool:
     """Faults of the process itself (not of one request): they crash the Decoder and count against the restart
-    limit."""
+    limit. A failed collective of a distributed runtime is one."""
+    from ..distributed.group import collective_failure  # a distributed runtime lost a rank (docs/distributed.md)
+
     text = str(e).lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "insufficient memory" in text
+    return (isinstance(e, MemoryError) or "out of memory" in text or "insufficient memory" in text
+            or collective_failure(e))
 
 
 class Scheduler:
