@@ -49,6 +49,7 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
     redone_forwards: int = 0  # of those, forwards that missed and were redone (retried, else sync mode)
     retried_forwards: int = 0  # optimistic retries after loading a missed layer's experts
+    pinned_experts: int = 0  # experts pinned from a routing trace (all layers; never evicted)
     write_seconds: float = 0.0  # MLX-thread time turning read bytes into slot writes (host copies, graph building)
     sync_seconds: float = 0.0  # MLX-thread time waiting for per-layer routing readbacks (sync mode)
     next_layer_predicted: int = 0  # experts the next-layer predictor named (next_layer_prefetch.py)
@@ -458,6 +459,7 @@ class StreamingExpertStore:
             retried_forwards=self.optimistic.retried_forwards,
             optimistic_forwards=self.optimistic.optimistic_forwards,
             redone_forwards=self.optimistic.redone_forwards,
+            pinned_experts=sum(len(b.pinned) for b in self.banks),
         )
 
     def close(self) -> None:
