@@ -195,8 +195,9 @@ class HookPlan:
 def install_spec_hooks(model: nn.Module, plan: HookPlan, *, seal: bool = False) -> list[dict]:
     """Installs what ``plan`` asks for that the family has (idempotent): compiled MoE blocks on routed-expert
     blocks (both residencies), the GDN tape hooks on GatedDeltaNet layers, taps on ``plan.tap_layers``
-    (``ConfigError`` where the family's capabilities rule out speculation or hidden-state taps). ``seal``: the model is loaded for serving
-    (``load_moe(speculative=)``): engines may use it, never add to it. Returns ``installed_hooks(model)``."""
+    (``ConfigError`` where the family's capabilities rule out speculation or hidden-state taps). ``seal``: the
+    model is loaded for serving (``load_moe(speculative=)``): engines may use it, never add to it. Returns
+    ``installed_hooks(model)``."""
     from .compiled_moe import compile_moe_blocks
     from .specdec.gdn_tape import GDNTape
     from .specdec.target import TargetOps
