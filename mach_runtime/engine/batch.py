@@ -245,9 +245,9 @@ class BatchEngine(BatchMembership):
         """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
         return self.add_many([Admission(request_id, prompt_ids, params, tuple(resume_ids), kv, cached_tokens)])[0]
 
-    def begin(self, admissions: list[Admission]) -> Prefill:
-        """The newcomers' ``Prefill`` (nothing run yet). Checks every request first: a bad one raises and nothing
-        is admitted."""
+    def begin(self, admissions: list[Admission], prefill_step: int | None = None) -> Prefill:
+        """The newcomers' ``Prefill`` (nothing run yet; ``prefill_step`` tokens per chunk, default the engine's).
+        Checks every request first: a bad one raises and nothing is admitted."""
         from mlx_lm.models.cache import make_prompt_cache
 
         todos, caches, seqs, points = [], [], [], {}
@@ -283,8 +283,8 @@ class BatchEngine(BatchMembership):
             self.on_boundary(request_id, lambda: [c.extract(row) for c in merged] if self.mergeable else list(merged),
                              tokens)
 
-        return Prefill(seqs, merged, prefill_chunks(merged, todos, self.prefill_step, forward, sorted(points)),
-                       points, on_point)
+        chunks = prefill_chunks(merged, todos, prefill_step or self.prefill_step, forward, sorted(points))
+        return Prefill(seqs, merged, chunks, points, on_point)
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):
