@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
+from .backend_faults import dequantize_one_group_rows
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape
 from .expert_sidecar import LAYOUT as SIDECAR
 from .expert_sidecar import expert_layout_for, has_sidecar
@@ -164,7 +165,8 @@ def _concat_rows(parts):
     return mx.concatenate(parts, axis=1)
 
 
-def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs, sidecar=None):
+def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs, sidecar=None, rows=None):
+    """All of a layer's experts resident; ``rows``: only these experts, in this order (expert parallel)."""
     import mlx.core as mx
 
     from .expert_bank import apply_transform
@@ -173,10 +175,14 @@ def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs, sid
     def make_array(c):
         if sidecar is not None:  # the layer's extents, read once (expert_sidecar.stacked_reader)
             a = sidecar(src, c)
+            if rows is not None:
+                a = a[mx.array(rows)]
         elif len(c.tensor_names) == 1:  # stacked layout: the tensor itself
             a = tensors[c.tensor_names[0]]
+            if rows is not None:
+                a = a[mx.array(rows)]
         else:
-            a = mx.stack([tensors[n] for n in c.tensor_names])
+            a = mx.stack([tensors[c.tensor_names[e]] for e in (range(len(c.tensor_names)) if rows is None else rows)])
         want = getattr(mx, _MX_DTYPES[c.dtype])
         if c.dtype == "F8_E4M3":  # dequantized: multiplied by its float block scales in _build_projections
             a = mx.from_fp8(a, dtype=mx.float32)
@@ -254,10 +260,11 @@ def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, con
 
 
 def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
-                      adapter):
+                      adapter, keep=None):
     from mlx.utils import tree_flatten
 
     names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
+    names = {k: n for k, n in names.items() if keep is None or keep(k)}  # pipeline parallel: this rank's layers
     raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
     weights = {k: raw[n] for k, n in names.items() if n in raw}
     if hasattr(model, "sanitize"):
@@ -301,7 +308,9 @@ def load_moe(
     dtype=None,
     progress: bool = False,
     revision: str | None = None,
+    speculative=None,
     pin_experts=None,
+    shard=None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -315,8 +324,14 @@ def load_moe(
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
     path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
         (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
+    speculative: the model will serve speculative decoding: a ``engine.hooks.HookPlan`` (``HookPlan.for_engine(config,
+        draft)``; True: the default plan, no draft). The hooks the engines need are installed now, driven by the
+        family's capabilities (``engine.hooks.install_spec_hooks``), and engines built over the model later install
+        nothing (``installed_hooks(model)`` lists them).
     pin_experts: a ``mach trace`` file; streaming pins each layer's most often routed experts in half of its bank
         (never evicted; ``stats().pinned_experts``). Stacked residency holds every expert anyway: ignored.
+    shard: a ``distributed.plan.ShardPlan``: this rank's share (expert parallel: its experts of each MoE layer;
+        pipeline parallel: its decoder layers, split before any weight is read). docs/distributed.md.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -358,6 +373,10 @@ def load_moe(
         raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model ({e})") from None
 
     target = _float_cast(layout, dtype)
+    if shard is not None and shard.pipeline:
+        from ..distributed.pipeline import pipeline_model
+
+        pipeline_model(model, shard, adapter.key)
 
     def cast(a):
         if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
@@ -381,7 +400,10 @@ def load_moe(
                     budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
                     budget = max(budget, layout.top_k * len(layout.layers) * bank_bytes / (1 << 30))
                 slots = StreamingExpertStore.slots_for_budget(layout, budget, bank_bytes)
-            store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads, settings.direct_io)
+            if shard is not None and shard.expert_parallel:  # a rank's bank holds at most its own experts
+                slots = min(slots, max(len(shard.experts_of(src.layer)) for src in layout.layers))
+            store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads,
+                                         settings.direct_io)
             if layout.layout == "stacked":
                 print(
                     f"[mach] streaming residency on a stacked checkpoint ({index.directory}): experts are read as "
@@ -407,14 +429,19 @@ def load_moe(
 
             layers = tqdm(layers, desc=f"experts ({settings.expert_residency})", unit="layer", file=sys.stderr)
         for src in layers:
+            if shard is not None and not shard.keeps_layer(src.layer):
+                continue  # pipeline parallel: another rank runs this layer
             mpath = adapter.switch_module_template.format(layer=src.layer)
             if streaming:
                 glu = _build_streaming(src, adapter, store, cast, layout.moe_intermediate, act_kwargs)
             else:
-                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs, sidecar)
+                rows = shard.experts_of(src.layer) if shard is not None else None
+                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs, sidecar, rows)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter,
+                          shard.keeps_weight if shard is not None and shard.pipeline else None)
+        dequantize_one_group_rows(model)  # a wrong MLX CUDA kernel for these layers (backend_faults.py)
         if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
             # so load time and memory before decoding do not grow with the bank (P7)
             bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
@@ -424,11 +451,18 @@ def load_moe(
             mx.eval(model.parameters())
         model.eval()
         if streaming:
+            from ..config import resolve_prefetch_bytes
+            from .next_layer_prefetch import install as install_prefetch
             from .optimistic import install
 
             install(model, store)
+            install_prefetch(model, store, resolve_prefetch_bytes())
             if pin_experts is not None:
                 store.pin_from_trace(pin_experts, store.slots // 2)
+        if speculative is not None and speculative is not False:
+            from ..engine.hooks import HookPlan, install_spec_hooks
+
+            install_spec_hooks(model, HookPlan() if speculative is True else speculative, seal=True)
     except BaseException:
         if store is not None:
             store.close()
