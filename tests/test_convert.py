@@ -20,10 +20,10 @@ from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests.family_helpers import FAMILIES, load_reference
 from tests.helpers import HF_QWEN3_MOE, greedy, reference_logits, rel_err
 from tests.quant_helpers import mlx_lm_convert, mlx_lm_quantize_save, qwen3_moe_source
-from tests.tolerances import EXACT, independent
+from tests.tolerances import EXACT, independent, reorder
 
 IDS = [100, 7, 300, 42, 511, 3, 250, 99, 18, 400, 64, 5]
-SAME = EXACT  # the same bytes through the same kernels at the same shapes (tests/tolerances.py)
+SAME = EXACT  # source vs converted: the same bytes through the same kernels at the same shapes (tests/tolerances.py)
 
 
 def _run(path, residency, ids=IDS, n=6, **kw):
@@ -175,7 +175,7 @@ def test_requantized_experts_equal_mlx_lm_quantization(q_source, tmp_path, mode,
     ref_model, _ = mlx_lm_load(str(ref))
     assert rel_err(got, reference_logits(ref_model, IDS)) <= independent()
     got_s, _, _ = _run(dst, "streaming", n=1)
-    assert rel_err(got_s, got) <= SAME
+    assert rel_err(got_s, got) <= reorder(1e-6)  # bank slots instead of stacked experts: another GEMM shape
     assert read_index(dst).requantized.mode == mode
 
 
