@@ -221,7 +221,7 @@ def test_mach_demo_runs_offline_and_prints_text_and_stats():
 def test_mach_demo_exits_cleanly_every_time():
     """The process must not abort at exit: MLX's per-thread streams were left to interpreter teardown, which
     aborted ~1 run in 4 with "terminate called without an active exception" (exit -6) until the MLX thread
-    released them (actors/mlx_thread.py). Five runs: a regression fails this with probability ~0.76."""
+    released them (actors/decoder.py, MLXThread). Five runs: a regression fails this with probability ~0.76."""
     for _ in range(5):
         r = _mach("demo", "--max-tokens", "3")
         assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-500:])
