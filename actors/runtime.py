@@ -30,10 +30,10 @@ from mach_runtime.errors import ConfigError, RequestError
 
 from . import runtime_parts as _build
 from .gc_scope import gc_freeze, gc_unfreeze
-from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
-from .mlx_thread import MLXThread
+from .messages import CacheLookup, CacheRelease, RuntimeStats, StatsRequest, Submit
 from .request_schema import check_messages, check_open, check_request, check_token_ids, prompt_kind
 from .slot import Chunk
+from .decoder import MLXThread
 from .supervisor import Supervisor
 
 _ids = itertools.count(1)
@@ -253,7 +253,8 @@ class Runtime:
                    max_sessions=max_sessions, fault_hook=fault_hook, restart_intensity=restart_intensity,
                    restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch,
                    prefill_chunk=prefill_chunk)
-        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb"}
+        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb",
+                                                                    "speculative"}
         passed_on.add("revision")  # of a repository id in the Hugging Face cache
         unknown = sorted(set(load_kwargs) - passed_on)
         if unknown:
@@ -271,12 +272,16 @@ class Runtime:
             from mach_runtime.io.hf_cache import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
+        # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
+        # engines below changes nothing on the model
+        plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
         mlx = MLXThread.acquire()
         store = sup = rt = None
         froze = False
         try:
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
-                checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+                checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, speculative=plan,
+                **load_kwargs))
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
@@ -356,7 +361,9 @@ class Runtime:
         in the target-only batch (the speculative lanes do not implement them), exactly against the
         (constrained) target."""
         self._sup.check_open()
-        p = check_request(params, self._limits.vocab_size)  # before anything is queued
+        default = self._spec.config.mode.value if self._spec is not None else None
+        req = check_request(params, self._limits.vocab_size, specdec=default)  # before anything is queued
+        p = req.params
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         if p.grammar is not None:
@@ -369,30 +376,23 @@ class Runtime:
                 f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's context of {ctx} "
                 "tokens; shorten the prompt or lower max_tokens"
             )
-        specdec, specdec_policy = self._specdec_choice(p.specdec, p.specdec_policy)
-        params = SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-            seed=p.seed if p.seed is not None else secrets.randbits(62), stop=p.stop,
-            stop_token_ids=p.stop_token_ids, specdec=specdec, specdec_policy=specdec_policy,
-            processors=p.logits_processors, presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
-            grammar=p.grammar,
-        )
-        rid = p.request_id if p.request_id is not None else f"req-{next(_ids)}"
-        sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
+        self._check_specdec(p.specdec, p.specdec_policy)
+        # the seed is drawn here when not given, so a replay after a crash samples the same tokens
+        p = msgspec.structs.replace(p, seed=p.seed if p.seed is not None else secrets.randbits(62),
+                                    specdec_policy=p.specdec_policy if p.specdec is not None else None)
+        rid = req.request_id if req.request_id is not None else f"req-{next(_ids)}"
+        sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=p, session_id=session_id)
         return RequestStream(self, sub, on_chunk)
 
-    def _specdec_choice(self, mode, policy):
-        """(mode value or None, policy or None) for a request; "default" = the runtime's configured mode."""
+    def _check_specdec(self, mode, policy) -> None:
+        """A request's speculative mode and policy (``check_request`` resolved "default") fit this runtime."""
         from mach_runtime.engine.specdec import BlockSpecDecEngineMode
         from mach_runtime.engine.specdec.config import POLICIES
 
-        if mode == "default":
-            mode = self._spec.config.mode.value if self._spec is not None else None
         if mode is None:
-            return None, None
+            return
         try:
-            mode = BlockSpecDecEngineMode(getattr(mode, "value", mode)).value
+            BlockSpecDecEngineMode(mode)
         except ValueError:
             names = ", ".join(m.value for m in BlockSpecDecEngineMode)
             raise RequestError(f"specdec: unknown mode {mode!r}; use one of {names}") from None
@@ -402,7 +402,6 @@ class Runtime:
             raise RequestError("specdec='native_v7' needs a DFlash draft: open the runtime with draft=")
         if policy is not None and policy not in POLICIES:
             raise RequestError(f"specdec_policy: unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
-        return mode, policy
 
     def stream(self, prompt, **params) -> RequestStream:
         """Streams the completion of ``prompt`` (text, chat messages, or token ids) as ``Chunk``s."""

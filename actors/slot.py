@@ -4,7 +4,8 @@ Modelled on vLLM's output collector: one slot per request holds everything produ
 looked. A slow consumer receives several tokens merged into one chunk; the producer (the MLX thread) only
 appends under a lock. ``push`` / ``finish`` / ``fail`` return the consumer's wake-up event (or None when it is
 not waiting); the producer hands all the events of one decode step to ``wake`` — one cross-thread call per
-step, not one per request (each costs a syscall on the event loop's self-pipe).
+step, not one per request (each costs a syscall on the event loop's self-pipe). ``call_soon`` is how any thread
+schedules a callback on an event loop (asyncio or trio alike).
 """
 
 from __future__ import annotations
@@ -12,9 +13,28 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
-from .mlx_thread import call_soon
+
+def loop_token():
+    """The running event loop's native token (asyncio loop or TrioToken); call from async code."""
+    return anyio.lowlevel.current_token().native_token
+
+
+def call_soon(token, fn, *args) -> bool:
+    """Schedules ``fn(*args)`` on the event loop of ``token`` from any thread, without waiting.
+
+    Returns False if that loop is gone (the runtime already shut down).
+    """
+    try:
+        if hasattr(token, "call_soon_threadsafe"):  # asyncio event loop
+            token.call_soon_threadsafe(fn, *args)
+        else:  # trio.lowlevel.TrioToken
+            token.run_sync_soon(fn, *args)
+        return True
+    except RuntimeError:  # loop closed / trio run finished
+        return False
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):

@@ -30,11 +30,10 @@ from mach_runtime.engine.emit import Emitter
 from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequestError
 
 from .cache import CacheActor, KVTable
-from .decoder import Decoder
+from .decoder import Decoder, MLXThread
 from .expert_store import ExpertStoreActor
 from .messages import Abort, CacheFlush, Finish, Shutdown, Submit, TokenOutput
-from .mlx_thread import MLXThread, call_soon, loop_token
-from .slot import OutputSlot, wake
+from .slot import OutputSlot, call_soon, loop_token, wake
 
 
 @dataclass

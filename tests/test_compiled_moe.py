@@ -7,6 +7,7 @@ residency, and see parameter updates made after compilation."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mach_runtime import load_moe
@@ -15,6 +16,7 @@ from mach_runtime.io.gather_switch_glu import (
     SMALL_EXPERTS_SORT_THRESHOLD, SORT_THRESHOLD, GatherSwitchGLU, switch_glu,
 )
 from tests.family_helpers import FAMILIES
+from tests import tolerances as tol
 from tests.helpers import small_forwards
 from mach_runtime.assets import demo_model_path
 
@@ -50,8 +52,9 @@ def test_compiled_blocks_equal_the_models_own_code(family):
         b.hook_fn = c
         counters.append(c)
     got = _forwards(model)
-    for a, b in zip(ref, got):
-        assert a.shape == b.shape and mx.array_equal(a, b).item()
+    for a, b in zip(ref, got):  # bitwise on the CPU; a GPU's compiled kernels fuse multiply-adds (tolerances.py)
+        bound = tol.reorder_in(a.dtype, tol.EXACT)
+        tol.assert_close(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), bound)
     # the 12-token prefill (> 8 rows) ran the original code; the steps and the 6-token block the compiled one
     assert all(c.calls == 3 for c in counters), [c.calls for c in counters]
 

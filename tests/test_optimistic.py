@@ -10,12 +10,9 @@ from mach_runtime.engine.generate import generate_tokens, make_sampler
 from mach_runtime.io.expert_reader import ExpertReader
 from mach_runtime.io.optimistic import rollback_ok
 from tests.helpers import reference_logits, rel_err
+from tests.tolerances import reorder
 
-# Tolerance rule for logits of the same weights through different gather orders: on the CPU the kernels are the
-# same and the arithmetic is fp32 in the same order (1e-6 leaves room for nothing but that); MLX's CUDA fp32
-# matmuls may run in TF32 (10-bit mantissa), so there: 2^-10 per matmul on the path, times the depth (2 layers x
-# 3 matmuls of the tiny model).
-TOL = 1e-6 if mx.default_device() == mx.cpu else 2**-10 * 6
+TOL = reorder(1e-6)  # the same weights through different gather orders (tests/tolerances.py)
 PROMPT = list(range(5, 30))
 
 

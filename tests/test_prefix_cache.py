@@ -20,7 +20,7 @@ import pytest
 
 from mach_runtime import Runtime, load_moe
 from tests.family_helpers import FAMILIES
-from tests.helpers import greedy
+from tests.helpers import child_env, greedy
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 7, 8, 9, 10] * 3  # 39 tokens: longer than the sliding windows (4)
 OTHER = [3, 4, 5, 6, 200, 201]
@@ -91,7 +91,7 @@ def run_child(ckpt, directory, prompts, draft=None, backend="asyncio") -> dict:
     """A fresh Runtime in a new process over the same L2 directory."""
     r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(directory), str(draft or ""), backend,
                         json.dumps(prompts)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+                       env=child_env(os.getcwd()))
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -161,15 +161,19 @@ def _responses(a, model, tokenizer, ids):
         raise ConfigError(f"mlx-lm generation refused these settings: {e}") from None
 
 
+def _dflash_config(a):
+    from ..engine.specdec import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+
+    block = {} if a.num_draft_tokens is None else {"block_size": a.num_draft_tokens + 1}
+    return BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7, **block)
+
+
 def _dflash(a, model, tokenizer, ids):
-    from ..engine.specdec import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+    from ..engine.specdec import BlockSpecDecEngine
     from ..engine.specdec.draft import load_dflash_draft
 
     draft = load_dflash_draft(a.draft_model)
-    config = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7)
-    if a.num_draft_tokens is not None:
-        config = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.NATIVE_V7, block_size=a.num_draft_tokens + 1)
-    eng = BlockSpecDecEngine(model, tokenizer, draft, config=config)
+    eng = BlockSpecDecEngine(model, tokenizer, draft, config=_dflash_config(a))  # its hooks went on at load
     t0, n = time.perf_counter(), 0
     for chunk in eng.generate(ids, max_tokens=a.max_tokens, temperature=a.temp, top_p=a.top_p, top_k=a.top_k,
                               seed=a.seed):
@@ -187,10 +191,16 @@ def run(a) -> int:
 
     ckpt = a.model or a.checkpoint or default_checkpoint()
     residency = None if a.streaming is None else ("streaming" if a.streaming else "stacked")
+    speculative = None
+    if a.draft_model and _is_dflash_draft(a.draft_model):  # the engine's hooks go on at load (engine/hooks.py)
+        from ..engine.hooks import HookPlan
+        from ..io.hf_cache import resolve_checkpoint
+
+        speculative = HookPlan.for_engine(_dflash_config(a), resolve_checkpoint(a.draft_model))
     t0 = time.perf_counter()
     model, tokenizer, store, _ = load_moe(
         ckpt, expert_residency=residency, expert_cache_gb=a.expert_cache_gb, eviction_policy=a.eviction_policy,
-        direct_io=a.direct_io or None, progress=a.verbose, revision=a.revision,
+        direct_io=a.direct_io or None, progress=a.verbose, revision=a.revision, speculative=speculative,
     )
     load_s = time.perf_counter() - t0
     try:

@@ -230,9 +230,9 @@ class BatchEngine(BatchMembership):
         """Prefills a request and joins it to the batch. ``kv`` covers ``prompt_ids[:cached_tokens]``."""
         return self.add_many([Admission(request_id, prompt_ids, params, tuple(resume_ids), kv, cached_tokens)])[0]
 
-    def begin(self, admissions: list[Admission]) -> Prefill:
-        """The newcomers' ``Prefill`` (nothing run yet). Checks every request first: a bad one raises and nothing
-        is admitted."""
+    def begin(self, admissions: list[Admission], prefill_step: int | None = None) -> Prefill:
+        """The newcomers' ``Prefill`` (nothing run yet; ``prefill_step`` tokens per chunk, default the engine's).
+        Checks every request first: a bad one raises and nothing is admitted."""
         from mlx_lm.models.cache import make_prompt_cache
 
         todos, caches, seqs = [], [], []
@@ -261,7 +261,7 @@ class BatchEngine(BatchMembership):
         def forward(tokens, start):
             self.model(tokens, cache=merged)  # the logits are never evaluated
 
-        return Prefill(seqs, merged, prefill_chunks(merged, todos, self.prefill_step, forward))
+        return Prefill(seqs, merged, prefill_chunks(merged, todos, prefill_step or self.prefill_step, forward))
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):

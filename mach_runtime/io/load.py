@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
+from .backend_faults import dequantize_one_group_rows
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
 from .quant_formats import MX_DTYPES as _MX_DTYPES
 from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
@@ -333,6 +334,7 @@ def load_moe(
     dtype=None,
     progress: bool = False,
     revision: str | None = None,
+    speculative=None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -346,6 +348,10 @@ def load_moe(
     direct_io: O_DIRECT / F_NOCACHE reads. dtype: cast floating weights (None = automatic, see _float_cast).
     path: a local checkpoint directory or a repository id in the local Hugging Face cache, at ``revision``
         (a branch, tag or commit; default main) — resolved as mlx-lm does, never downloaded.
+    speculative: the model will serve speculative decoding: a ``engine.hooks.HookPlan`` (``HookPlan.for_engine(config,
+        draft)``; True: the default plan, no draft). The hooks the engines need are installed now, driven by the
+        family's capabilities (``engine.hooks.install_spec_hooks``), and engines built over the model later install
+        nothing (``installed_hooks(model)`` lists them).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -439,6 +445,7 @@ def load_moe(
             _set_module(model, mpath, glu)
             swapped.append(mpath)
         _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
+        dequantize_one_group_rows(model)  # a wrong MLX CUDA kernel for these layers (backend_faults.py)
         if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
             # so load time and memory before decoding do not grow with the bank (P7)
             bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
@@ -451,6 +458,10 @@ def load_moe(
             from .optimistic import install
 
             install(model, store)
+        if speculative is not None and speculative is not False:
+            from ..engine.hooks import HookPlan, install_spec_hooks
+
+            install_spec_hooks(model, HookPlan() if speculative is True else speculative, seal=True)
     except BaseException:
         if store is not None:
             store.close()
