@@ -112,32 +112,46 @@ class UniformGate:
     projection P), not PRNG draws, so a forward that streaming residency redoes after a miss routes exactly as
     the first time, and stacked and streaming residency route alike."""
 
-    def __init__(self, experts: int, layer: int):
-        self.experts, self.layer, self.proj = experts, layer, None
+    def __init__(self, experts: int, layer: int, hidden: int):
+        import mlx.core as mx
+
+        self.experts, self.layer = experts, layer
+        # made (and evaluated) here, not at the first call: that call may be traced by mx.compile (--compile)
+        self.proj = mx.random.normal((hidden, experts), key=mx.random.key(1000 + layer))
+        mx.eval(self.proj)
 
     def __call__(self, x):
         import mlx.core as mx
 
-        if self.proj is None:
-            self.proj = mx.random.normal((x.shape[-1], self.experts), key=mx.random.key(1000 + self.layer))
         h = mx.sin((x.astype(mx.float32) @ self.proj) * 12.9898) * 43758.5453
         return h - mx.floor(h)
 
 
 def apply_routing(model, routing: str, experts: int, a=None, tokens: int = 0) -> dict | None:
-    if routing == "model":
-        return None
+    """Installs the routing (``model`` / ``uniform`` / ``trace``), then, with ``--compile``, the compiled MoE blocks
+    (``engine/compiled_moe.py``: stacked, and streaming's optimistic hit path). Returns the trace replay's info."""
+    info = None
     if routing == "trace":
         from trace_routing import apply_trace
 
-        return apply_trace(model, a.trace_obj, tokens, a.trace_segment)
+        info = apply_trace(model, a.trace_obj, tokens, a.trace_segment)
+    elif routing != "model":
+        _uniform(model, experts)
+    if getattr(a, "compile", False):
+        from mach_runtime.engine.compiled_moe import compile_moe_blocks
+
+        compile_moe_blocks(model)
+    return info
+
+
+def _uniform(model, experts: int) -> None:
     n = 0
     for i, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "switch_mlp"):
             if "gate" in mlp:
                 del mlp["gate"]  # drop the router's weights from the module tree
-            object.__setattr__(mlp, "gate", UniformGate(experts, i))  # plain attribute: not a parameter
+            object.__setattr__(mlp, "gate", UniformGate(experts, i, model.args.hidden_size))  # plain attribute: not a parameter
             n += 1
     if not n:
         raise SystemExit("--routing uniform: found no MoE block with a gate to replace")
@@ -172,6 +186,9 @@ def window(snaps, times, a, b, k, layers):
         bytes_per_token=nbytes / forwards if forwards else 0.0, read_seconds=rsec,
         read_mb_per_s=nbytes / rsec / 1e6 if rsec > 0 else float("nan"),
         read_share=rsec / dt if dt > 0 else float("nan"),
+        write_share=(s1.write_seconds - s0.write_seconds) / dt if dt > 0 else float("nan"),
+        sync_share=(s1.sync_seconds - s0.sync_seconds) / dt if dt > 0 else float("nan"),
+        host_syncs_per_token=(s1.host_syncs - s0.host_syncs) / (b - a) if b > a else float("nan"),
     )
 
 
@@ -315,6 +332,8 @@ def main():
                    help="untimed short runs before timing: first bank size only (CPU default) or each (GPU "
                         "default: the first forward of a new shape JIT-compiles)")
     p.add_argument("--time-budget-s", type=float, default=None, help="start no new timed run after this")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled MoE blocks (engine/compiled_moe.py) for stacked and streaming alike")
     p.add_argument("--ckpt-root", type=Path, default=C.default_ckpt_root())
     p.add_argument("--out", default=None, help="default bench/results/p2_streaming[_uniform].json")
     a = p.parse_args()

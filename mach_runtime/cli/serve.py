@@ -4,7 +4,11 @@
                [--host 127.0.0.1] [--port 8080]
                [--expert-cache-gb G] [--max-batch N] [--max-queue N] [--api-key KEY | $MACH_API_KEY]
                [--served-model-name NAME] [--prefix-cache | --no-prefix-cache] [--disk-kv-dir DIR]
-               [--disk-kv-budget-gb G]
+               [--disk-kv-budget-gb G] [--kv-bits B [--kv-group-size G] [--quantized-kv-start N]]
+               [--pin-experts TRACE]
+               [--distributed [--dist-mode expert|pipeline] [--dist-backend B] [--dist-placement TRACE]]
+
+``--distributed`` under ``mlx.launch`` (docs/distributed.md): rank 0 serves HTTP, the other ranks follow its steps.
 
 No checkpoint: the bundled demo model, on a GPU with its trained DFlash draft in the spec batch (``--no-draft``:
 without; on the CPU drafting does not pay: target-only batching). Loopback only unless ``--host`` says
@@ -51,9 +55,23 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--disk-kv-dir", default=None, help="directory of the L2 (disk) prefix cache")
     p.add_argument("--disk-kv-budget-gb", type=float, default=None)
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits of KV cache quantization (mlx-lm's flag; default: none)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of KV cache quantization")
+    p.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="with --kv-bits: a request's KV is quantized once it holds this many tokens")
+    p.add_argument("--pin-experts", default=None, metavar="TRACE",
+                   help="a `mach trace` file: pin each layer's most routed experts in half the bank (streaming)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--distributed", action="store_true",
+                   help="one model over the processes of `mlx.launch` (rank 0 serves; docs/distributed.md)")
+    p.add_argument("--dist-mode", default=None, choices=["expert", "pipeline"],
+                   help="expert parallel (default) or pipeline parallel")
+    p.add_argument("--dist-backend", default=None, choices=["auto", "ring", "nccl", "jaccl", "mpi"],
+                   help="mlx.distributed backend (default auto: the one mlx.launch prepared)")
+    p.add_argument("--dist-placement", default=None, help="a `mach trace` file: place experts by measured load")
     return p
 
 
@@ -83,11 +101,16 @@ def settings_from(a: argparse.Namespace):
         draft = str(default_draft())  # the bundled demo model with its trained draft, decoded in the spec batch
         spec_batch = DEMO_SPEC_BATCH if spec_batch is None else spec_batch
         policy = policy or "fixed"
-    open_kwargs = {}
+    open_kwargs = {"pin_experts": a.pin_experts} if a.pin_experts else {}
+    if a.kv_bits is not None:  # quantized KV (Runtime.open checks kv_bits / kv_group_size / quantized_kv_start)
+        open_kwargs.update(kv_bits=a.kv_bits, kv_group_size=a.kv_group_size, quantized_kv_start=a.quantized_kv_start)
     if policy is not None and draft is not None:
         from ..engine.specdec import BlockSpecDecEngineConfig
 
         open_kwargs["specdec"] = BlockSpecDecEngineConfig(policy=policy)
+    if a.distributed:
+        open_kwargs["distributed"] = {k: v for k, v in (("mode", a.dist_mode), ("backend", a.dist_backend),
+                                                         ("placement", a.dist_placement)) if v is not None}
     return ServerSettings(
         checkpoint=a.checkpoint, streaming=a.streaming, draft=draft, spec_batch=spec_batch, host=a.host, port=a.port,
         expert_cache_gb=a.expert_cache_gb, max_batch=a.max_batch, max_queue=a.max_queue,
@@ -115,6 +138,8 @@ def main(argv=None) -> int:
             raise MachError("--max-batch must be >= 1 and --max-queue >= 0")
         if settings.spec_batch is not None and (settings.spec_batch < 0 or settings.spec_batch == 1):
             raise MachError("--spec-batch must be 0 (lone requests only) or >= 2")
+        if a.distributed and follower_rank():
+            return follow(settings)
         app = create_app(settings)
         config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
                                 timeout_graceful_shutdown=a.shutdown_timeout, access_log=False)
@@ -124,6 +149,31 @@ def main(argv=None) -> int:
         print(f"mach-serve: {e}", file=sys.stderr)
         return 2
     return 0 if server.started else 1
+
+
+def follower_rank() -> bool:
+    from ..config import launched_rank
+
+    return (launched_rank() or 0) > 0
+
+
+def follow(settings) -> int:
+    """A rank > 0 of ``mach-serve --distributed``: no HTTP; follows rank 0's steps until it shuts down."""
+    import anyio
+
+    from ..server.production_app import runtime_kwargs
+
+    async def run():
+        from mach_runtime import Runtime
+
+        async with Runtime.open(settings.checkpoint, **runtime_kwargs(settings, Runtime.open)):
+            pass  # never reached on a follower: Runtime.open follows, then exits
+
+    try:
+        anyio.run(run)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 if __name__ == "__main__":
