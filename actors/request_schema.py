@@ -23,7 +23,7 @@ import os
 
 import msgspec
 
-from mach_runtime.engine.params import MAX_TOP_LOGPROBS
+from mach_runtime.engine.params import MAX_TOP_LOGPROBS, SamplingParams
 from mach_runtime.errors import ConfigError, RequestError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -34,26 +34,13 @@ REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
                   "top_logprobs", "grammar", "logits_processors")
 
 
-class RequestParams(msgspec.Struct, frozen=True, kw_only=True):
-    """A request's arguments after checking (``stop`` normalised to a tuple without empty strings)."""
+class CheckedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A request's arguments after checking: THE sampling parameters the engines use (``engine.params``: ``stop``
+    normalised to a tuple without empty strings, ``logits_processors`` as ``processors``) and the one argument that
+    is not about sampling."""
 
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None  # None: the Runtime draws one (replays after a crash stay exact)
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    request_id: str | None = None
-    specdec: object = "default"  # "default", None, a mode name or a BlockSpecDecEngineMode (resolved by the Runtime)
-    specdec_policy: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    grammar: str | None = None  # compiled against the tokenizer by the Runtime (engine/constraints.check_grammar)
-    logits_processors: tuple = ()  # callables fn(tokens, logits) -> logits (in-process only)
+    params: SamplingParams
+    request_id: str | None = None  # None: the Runtime names it
 
 
 def _desc(v) -> str:
@@ -134,13 +121,15 @@ def check_stop(stop) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def check_request(params: dict, vocab_size: int | None = None) -> RequestParams:
-    """Every request argument in ``params`` (the keyword arguments of ``Runtime.stream``), checked."""
+def check_request(params: dict, vocab_size: int | None = None, *, specdec: str | None = None) -> CheckedRequest:
+    """Every request argument in ``params`` (the keyword arguments of ``Runtime.stream``), checked. ``specdec``: the
+    mode of a request that names none (or "default"): the Runtime's configured one. ``seed`` stays None when not
+    given (the Runtime draws one)."""
     unknown = sorted(set(params) - set(REQUEST_FIELDS), key=str)
     if unknown:
         raise RequestError(f"unknown request argument(s) {unknown}; known: {', '.join(REQUEST_FIELDS)}")
     p = dict(params)
-    out = {}
+    out = {"specdec": specdec}
     if "max_tokens" in p:
         out["max_tokens"] = check_int("max_tokens", p["max_tokens"], 1)
     if "temperature" in p:
@@ -169,7 +158,7 @@ def check_request(params: dict, vocab_size: int | None = None) -> RequestParams:
         if not isinstance(lp, (list, tuple)) or not all(callable(f) for f in lp):
             raise RequestError(f"logits_processors must be a list of callables fn(tokens, logits) -> logits, "
                                f"got {_desc(lp)}")
-        out["logits_processors"] = tuple(lp)
+        out["processors"] = tuple(lp)
     if p.get("seed") is not None:
         out["seed"] = check_int("seed", p["seed"], 0, MAX_SEED - 1)
     if "stop" in p:
@@ -177,21 +166,19 @@ def check_request(params: dict, vocab_size: int | None = None) -> RequestParams:
     if p.get("stop_token_ids") is not None:
         out["stop_token_ids"] = check_token_ids("stop_token_ids", p["stop_token_ids"], vocab_size, allow_empty=True)
     rid = p.get("request_id")
-    if rid is not None:
-        if not isinstance(rid, str) or not rid:
-            raise RequestError(f"request_id must be a non-empty string, got {_desc(rid)}")
-        out["request_id"] = rid
+    if rid is not None and (not isinstance(rid, str) or not rid):
+        raise RequestError(f"request_id must be a non-empty string, got {_desc(rid)}")
     if "specdec" in p:
         mode = p["specdec"]
         if mode is not None and not isinstance(mode, str):  # str subclasses include the mode enum
             raise RequestError(f"specdec must be a mode name (e.g. 'native_v7', 'target_only') or None, "
                                f"got {_desc(mode)}")
-        out["specdec"] = mode
+        out["specdec"] = specdec if mode == "default" else getattr(mode, "value", mode)
     if p.get("specdec_policy") is not None:
         if not isinstance(p["specdec_policy"], str):
             raise RequestError(f"specdec_policy must be a policy name or None, got {_desc(p['specdec_policy'])}")
         out["specdec_policy"] = p["specdec_policy"]
-    return RequestParams(**out)
+    return CheckedRequest(params=SamplingParams(**out), request_id=rid)
 
 
 def _content(i: int, m: dict):

@@ -30,10 +30,10 @@ from mach_runtime.errors import ConfigError, RequestError
 
 from . import runtime_parts as _build
 from .gc_scope import gc_freeze, gc_unfreeze
-from .messages import CacheLookup, CacheRelease, RuntimeStats, SamplingParams, StatsRequest, Submit
-from .mlx_thread import MLXThread
+from .messages import CacheLookup, CacheRelease, RuntimeStats, StatsRequest, Submit
 from .request_schema import check_messages, check_open, check_request, check_token_ids, prompt_kind
 from .slot import Chunk
+from .decoder import MLXThread
 from .supervisor import Supervisor
 
 _ids = itertools.count(1)
@@ -210,7 +210,8 @@ class Runtime:
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
-                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, max_kv_size=None,
+                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, kv_group_size=64,
+                   quantized_kv_start=5000, max_kv_size=None,
                    max_batch: int = 8, max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
                    restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0,
                    prefill_chunk: int = 512, distributed=False, **load_kwargs):
@@ -232,7 +233,14 @@ class Runtime:
             disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
             only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
         max_kv_size: bound every full-attention layer's KV to this many tokens (a rotating window, keep=0), for live
-            requests and snapshots alike. kv_bits: quantized KV is refused (ConfigError): it cannot be batched.
+            requests and snapshots alike.
+        kv_bits / kv_group_size / quantized_kv_start: quantized attention KV with mlx-lm's ``generate`` semantics
+            (bits 2-8, group 32/64/128, default 64; a request's KV is quantized once it holds quantized_kv_start
+            tokens, default 5000, mlx-lm's), in the batch and solo speculative lanes, in snapshots (L1/L2 store the
+            quantized arrays) and salted into the prefix cache's identity. A batch converts as a whole when its
+            longest row reaches the start (``engine/quantized_kv.py``). ConfigError (naming kv_bits) for
+            sliding-window and compressed caches (gpt_oss, gemma4, deepseek_v4), with max_kv_size, and with
+            spec_batch (batched speculative rollback handles plain KV rows only).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
@@ -248,7 +256,7 @@ class Runtime:
         model, every KV cache and the bank, and parks the MLX thread for the next runtime to reuse.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
-        from mach_runtime.engine.kv_layout import apply_kv_layout
+        from mach_runtime.engine.kv_layout import apply_kv_layout, check_kv_bits
         from mach_runtime.io.load import load_moe
 
         check_open(checkpoint=checkpoint, draft=draft, specdec=specdec, expert_residency=expert_residency,
@@ -256,7 +264,8 @@ class Runtime:
                    max_sessions=max_sessions, fault_hook=fault_hook, restart_intensity=restart_intensity,
                    restart_period=restart_period, predictor=predictor, warmup=warmup, spec_batch=spec_batch,
                    prefill_chunk=prefill_chunk)
-        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb"}
+        passed_on = set(inspect.signature(load_moe).parameters) - {"path", "expert_residency", "expert_cache_gb",
+                                                                    "speculative"}
         passed_on.add("revision")  # of a repository id in the Hugging Face cache
         unknown = sorted(set(load_kwargs) - passed_on)
         if unknown:
@@ -274,6 +283,7 @@ class Runtime:
             from mach_runtime.io.hf_cache import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
+        check_kv_bits("standard", kv_bits, kv_group_size, quantized_kv_start, None, None)  # values, before loading
         mlx = MLXThread.acquire()
         store = sup = rt = dist = None
         froze = False
@@ -283,15 +293,27 @@ class Runtime:
 
                 dist = await mlx.call(lambda: Distributed(distributed, checkpoint))
                 load_kwargs["shard"], pconf, restart_intensity = dist.plan, _build.no_prefix(pconf), 0
+                specdec = dist.specdec(specdec, draft)  # one every rank can follow: no collective in a compiled graph
+            # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
+            # engines below changes nothing on the model
+            plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
-                checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, **load_kwargs))
+                checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, speculative=plan,
+                **load_kwargs))
             if dist is not None:
                 specdec = await mlx.call(lambda: dist.after_load(model, store, specdec, draft))
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
-            layout = await mlx.call(lambda: apply_kv_layout(model, adapter.kv_cache_kind, max_kv_size=max_kv_size,
-                                                            kv_bits=kv_bits))
+            tc = adapter.text_config(config)
+            if kv_bits is not None and spec_batch >= 2 and (draft is not None or specdec is not None):
+                raise ConfigError(f"kv_bits cannot be combined with spec_batch={spec_batch}: batched speculative "
+                                  "rollback trims plain KV rows only; leave spec_batch at 0 (a lone request still "
+                                  "decodes speculatively over the quantized cache) or kv_bits unset")
+            head_dim = tc.get("head_dim") or (tc.get("hidden_size", 0) // max(1, tc.get("num_attention_heads") or 1))
+            layout = await mlx.call(lambda: apply_kv_layout(
+                model, adapter.kv_cache_kind, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start, head_dim=head_dim or None))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _build.spec_engine(model, tokenizer, store, draft, specdec))
@@ -305,7 +327,6 @@ class Runtime:
                 await mlx.call(lambda: _build.follow(dist, model, tokenizer, caps, max_batch, spec, batched,
                                                      prefill_chunk))
                 raise SystemExit(0)
-            tc = adapter.text_config(config)
             limits = _Limits(tc.get("max_position_embeddings"), _build.vocab_size(tokenizer, tc))
             prefix = _build.prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
@@ -373,7 +394,9 @@ class Runtime:
         in the target-only batch (the speculative lanes do not implement them), exactly against the
         (constrained) target."""
         self._sup.check_open()
-        p = check_request(params, self._limits.vocab_size)  # before anything is queued
+        default = self._spec.config.mode.value if self._spec is not None else None
+        req = check_request(params, self._limits.vocab_size, specdec=default)  # before anything is queued
+        p = req.params
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         if p.grammar is not None:
@@ -386,30 +409,23 @@ class Runtime:
                 f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's context of {ctx} "
                 "tokens; shorten the prompt or lower max_tokens"
             )
-        specdec, specdec_policy = self._specdec_choice(p.specdec, p.specdec_policy)
-        params = SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-            seed=p.seed if p.seed is not None else secrets.randbits(62), stop=p.stop,
-            stop_token_ids=p.stop_token_ids, specdec=specdec, specdec_policy=specdec_policy,
-            processors=p.logits_processors, presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
-            grammar=p.grammar,
-        )
-        rid = p.request_id if p.request_id is not None else f"req-{next(_ids)}"
-        sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=params, session_id=session_id)
+        self._check_specdec(p.specdec, p.specdec_policy)
+        # the seed is drawn here when not given, so a replay after a crash samples the same tokens
+        p = msgspec.structs.replace(p, seed=p.seed if p.seed is not None else secrets.randbits(62),
+                                    specdec_policy=p.specdec_policy if p.specdec is not None else None)
+        rid = req.request_id if req.request_id is not None else f"req-{next(_ids)}"
+        sub = Submit(request_id=rid, prompt_ids=tuple(ids), params=p, session_id=session_id)
         return RequestStream(self, sub, on_chunk)
 
-    def _specdec_choice(self, mode, policy):
-        """(mode value or None, policy or None) for a request; "default" = the runtime's configured mode."""
+    def _check_specdec(self, mode, policy) -> None:
+        """A request's speculative mode and policy (``check_request`` resolved "default") fit this runtime."""
         from mach_runtime.engine.specdec import BlockSpecDecEngineMode
         from mach_runtime.engine.specdec.config import POLICIES
 
-        if mode == "default":
-            mode = self._spec.config.mode.value if self._spec is not None else None
         if mode is None:
-            return None, None
+            return
         try:
-            mode = BlockSpecDecEngineMode(getattr(mode, "value", mode)).value
+            BlockSpecDecEngineMode(mode)
         except ValueError:
             names = ", ".join(m.value for m in BlockSpecDecEngineMode)
             raise RequestError(f"specdec: unknown mode {mode!r}; use one of {names}") from None
@@ -419,7 +435,6 @@ class Runtime:
             raise RequestError("specdec='native_v7' needs a DFlash draft: open the runtime with draft=")
         if policy is not None and policy not in POLICIES:
             raise RequestError(f"specdec_policy: unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
-        return mode, policy
 
     def stream(self, prompt, **params) -> RequestStream:
         """Streams the completion of ``prompt`` (text, chat messages, or token ids) as ``Chunk``s."""

@@ -23,10 +23,7 @@ def prefix_cache(conf, checkpoint, draft, layout: dict):
     from mach_runtime.engine.prefix_cache import PrefixCache
     from mach_runtime.engine.prefix_keys import model_fingerprint, prefix_salt
 
-    if draft is not None and not os.path.isdir(os.fspath(draft)):  # a repository id: its local cache snapshot
-        from mach_runtime.io.hf_cache import resolve_checkpoint
-
-        draft = resolve_checkpoint(draft)
+    draft = _local_draft(draft)
     draft_fp = model_fingerprint(draft) if draft is not None else None
     salt = prefix_salt(model_fingerprint(checkpoint), {"format": 1, **layout}, draft_fp)
     disk = None
@@ -43,6 +40,22 @@ def on_gpu() -> bool:
     import mlx.core as mx
 
     return mx.default_device() == mx.gpu
+
+
+def _local_draft(draft):
+    """A draft checkpoint directory (a repository id: its local Hugging Face cache snapshot)."""
+    if draft is not None and not os.path.isdir(os.fspath(draft)):
+        from mach_runtime.io.hf_cache import resolve_checkpoint
+
+        return resolve_checkpoint(draft)
+    return draft
+
+
+def hook_plan(draft, config):
+    """The hooks ``load_moe`` installs for the speculative engines of ``draft`` / ``config`` (engine/hooks.py)."""
+    from mach_runtime.engine.hooks import HookPlan
+
+    return HookPlan.for_engine(config, _local_draft(draft))
 
 
 def spec_engine(model, tokenizer, store, draft, config):

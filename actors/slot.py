@@ -4,7 +4,8 @@ Modelled on vLLM's output collector: one slot per request holds everything produ
 looked. A slow consumer receives several tokens merged into one chunk; the producer (the MLX thread) only
 appends under a lock. ``push`` / ``finish`` / ``fail`` return the consumer's wake-up event (or None when it is
 not waiting); the producer hands all the events of one decode step to ``wake`` — one cross-thread call per
-step, not one per request (each costs a syscall on the event loop's self-pipe).
+step, not one per request (each costs a syscall on the event loop's self-pipe). ``call_soon`` is how any thread
+schedules a callback on an event loop (asyncio or trio alike).
 """
 
 from __future__ import annotations
@@ -12,9 +13,28 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
-from .mlx_thread import call_soon
+
+def loop_token():
+    """The running event loop's native token (asyncio loop or TrioToken); call from async code."""
+    return anyio.lowlevel.current_token().native_token
+
+
+def call_soon(token, fn, *args) -> bool:
+    """Schedules ``fn(*args)`` on the event loop of ``token`` from any thread, without waiting.
+
+    Returns False if that loop is gone (the runtime already shut down).
+    """
+    try:
+        if hasattr(token, "call_soon_threadsafe"):  # asyncio event loop
+            token.call_soon_threadsafe(fn, *args)
+        else:  # trio.lowlevel.TrioToken
+            token.run_sync_soon(fn, *args)
+        return True
+    except RuntimeError:  # loop closed / trio run finished
+        return False
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +46,7 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     usage: dict | None = None  # on the last chunk: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
     # per token when the request asked for logprobs: (logprob, ((top token id, logprob), ...))
     logprobs: tuple | None = None
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended the request, if one did
 
 
 def _set_all(events) -> None:
@@ -48,7 +69,7 @@ class OutputSlot:
         self._text: list[str] = []
         self._logprobs: list | None = None
         self._index = 0  # completion position of the first pending token
-        self._finish: tuple[str, dict] | None = None
+        self._finish: tuple[str, dict, str | None] | None = None
         self._error: BaseException | None = None
         self._event: anyio.Event | None = None
         self._done = False  # the consumer received the last chunk
@@ -66,10 +87,10 @@ class OutputSlot:
                 self._logprobs = (self._logprobs or []) + list(logprobs)
             return self._take_event()
 
-    def finish(self, reason: str, usage: dict):
+    def finish(self, reason: str, usage: dict, stop_sequence: str | None = None):
         with self._lock:
             if self._finish is None and self._error is None:
-                self._finish = (reason, usage)
+                self._finish = (reason, usage, stop_sequence)
             return self._take_event()
 
     def fail(self, error: BaseException):
@@ -99,10 +120,11 @@ class OutputSlot:
                     self._index += len(ids)
                     self._ids.clear()
                     self._text.clear()
-                    reason, usage = self._finish if self._finish else (None, None)
+                    reason, usage, stop_seq = self._finish if self._finish else (None, None, None)
                     if reason is not None:
                         self._done = True
                     return Chunk(request_id=self.request_id, text=text, token_ids=ids, index=chunk_index,
-                                 finish_reason=reason, usage=usage, logprobs=tuple(lps) if lps else None)
+                                 finish_reason=reason, usage=usage, logprobs=tuple(lps) if lps else None,
+                                 stop_sequence=stop_seq)
                 event = self._event = anyio.Event()
             await event.wait()

@@ -30,11 +30,10 @@ from mach_runtime.engine.emit import Emitter
 from mach_runtime.errors import DistributedError, RequestError, RuntimeFailedError, UnknownRequestError
 
 from .cache import CacheActor, KVTable
-from .decoder import Decoder
+from .decoder import Decoder, MLXThread
 from .expert_store import ExpertStoreActor
 from .messages import Abort, CacheFlush, Finish, Shutdown, Submit, TokenOutput
-from .mlx_thread import MLXThread, call_soon, loop_token
-from .slot import OutputSlot, wake
+from .slot import OutputSlot, call_soon, loop_token, wake
 
 
 @dataclass
@@ -291,7 +290,7 @@ class Supervisor:
         pushed = e.slot.push((), text) if text else None  # (the consumer's wake-up event, taken by the push)
         usage = {"prompt_tokens": len(e.submit.prompt_ids), "completion_tokens": len(e.delivered),
                  "cached_tokens": cached, "prefilled_tokens": prefilled}
-        finished = e.slot.finish(reason, usage)
+        finished = e.slot.finish(reason, usage, e.emitter.stop_sequence)
         return pushed or finished
 
     # -- shutdown ------------------------------------------------------------------------------------------

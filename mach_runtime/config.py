@@ -21,6 +21,7 @@ _ENV = {
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
+    "prefetch_mb": ("MACH_PREFETCH_MB", 0.0),  # next-layer prefetch budget (MB); 0: off
     "api_key": ("MACH_API_KEY", None),
     "prefix_cache": ("MACH_PREFIX_CACHE", True),
     "prefix_cache_gb": ("MACH_PREFIX_CACHE_GB", 2.0),
@@ -111,6 +112,13 @@ def resolve_store_config(
 
     direct, where = _raw("direct_io", direct_io)
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
+
+
+def resolve_prefetch_bytes(prefetch_mb=None) -> int:
+    """The next-layer prefetch budget in bytes (``io/next_layer_prefetch.py``): argument, then ``MACH_PREFETCH_MB``,
+    then 0 (off: opt-in until it is measured on a realistic routing trace on an accelerator)."""
+    mb, where = _raw("prefetch_mb", prefetch_mb)
+    return int(_number("prefetch_mb", mb, float, 0.0, where) * 1e6)
 
 
 @dataclass(frozen=True)

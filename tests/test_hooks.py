@@ -146,14 +146,106 @@ def test_gdn_tape_hooks_are_listed_and_removable():
 
 
 @pytest.mark.parametrize("residency", ["streaming"])
-def test_streaming_residency_installs_no_compiled_blocks(residency):
+def test_streaming_residency_compiles_its_hit_path_under_the_optimistic_runner(residency):
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 
     model, tok, store, _ = load_moe(DEMO, expert_residency=residency, expert_slots=8)
     try:
         BlockSpecDecEngine(model, tok, store=store,
                            config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
-        # streaming installs only its optimistic runner (at load, around the text model); no compiled MoE blocks
-        assert installed_hooks(model) == [{"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}]
+        # the optimistic runner (installed at load, around the text model), then one compiled block per MoE layer
+        # (its optimistic calls; sync-mode calls run the block itself)
+        hooks = installed_hooks(model)
+        assert hooks[0] == {"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}
+        assert [h["path"] for h in hooks[1:]] == [f"model.layers.{i}.mlp" for i in range(len(store.banks))]
+        assert all(h["kind"] == "compiled_moe" and h["wraps"] == "Qwen3MoeSparseMoeBlock" for h in hooks[1:])
     finally:
         store.close()
+
+
+def _expected(path: str, residency: str, caps, taps) -> list[tuple[str, str, str]]:
+    """What the plan asks for, read off the model loaded without it: (path, kind, wrapped class), sorted as
+    ``installed_hooks`` lists them (outermost first at one path)."""
+    from mach_runtime.engine.specdec.gdn_tape import is_gdn_layer
+    from mach_runtime.io.disk_switch_glu import DiskSwitchGLU
+    from mach_runtime.io.gather_switch_glu import GatherSwitchGLU
+
+    model, _, store, _ = load_moe(path, expert_residency=residency, **_slots(residency))
+    try:
+        mods = dict(model.named_modules())
+        out = [(p, "optimistic", type(unwrap(m)).__name__) for p, m in mods.items() if isinstance(m, ModuleHook)]
+        out += [(p, "compiled_moe", type(m).__name__) for p, m in mods.items()  # both residencies (streaming: the
+                if any(isinstance(c, (GatherSwitchGLU, DiskSwitchGLU)) for c in m.children().values())]  # hit path)
+        for p, m in mods.items():
+            if is_gdn_layer(m):
+                out += [(p, "gdn_tape", type(m).__name__), (p + ".conv1d", "gdn_conv_input", "Conv1d")]
+        layers = getattr(model, "language_model", model).model.layers
+        out += [(f"{_layers_path(model)}.{i}", "tap", type(layers[i]).__name__) for i in taps if caps.hidden_taps]
+    finally:
+        store.close()
+    return sorted(out, key=lambda h: (h[0], {"tap": 0, "gdn_tape": 0}.get(h[1], 1)))
+
+
+def _layers_path(model) -> str:
+    return "language_model.model.layers" if "language_model" in model else "model.layers"
+
+
+def _slots(residency: str) -> dict:
+    return {"expert_slots": 8} if residency == "streaming" else {}
+
+
+ARCHS = ["qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4"]
+
+
+@pytest.mark.parametrize("residency", ["stacked", "streaming"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_installs_the_speculative_hooks_of_each_family_and_residency(arch, residency):
+    """``load_moe(speculative=plan)`` installs, at load, what the family's capabilities and the plan call for:
+    taps on the draft's layers (families whose layers output hidden states), GDN tape hooks on GatedDeltaNet
+    layers, compiled MoE blocks in both residencies (streaming: its optimistic hit path, under the optimistic hook);
+    a second installation and every engine built over the model change nothing."""
+    from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig
+    from mach_runtime.engine.hooks import HookPlan, hook_plan, install_spec_hooks
+    from mach_runtime.io.arch_registry import REGISTRY
+    from tests.family_helpers import FIXTURES
+
+    path, caps = FIXTURES / f"hf_{arch}", REGISTRY[arch].capabilities()
+    taps = (0, 1) if caps.hidden_taps else ()
+    plan = HookPlan(tap_layers=taps)
+    model, tok, store, _ = load_moe(path, expert_residency=residency, speculative=plan, **_slots(residency))
+    try:
+        listed = [(h["path"], h["kind"], h["wraps"]) for h in installed_hooks(model)]
+        assert listed == _expected(path, residency, caps, taps)
+        kinds = {k for _, k, _ in listed}
+        assert "compiled_moe" in kinds and ("optimistic" in kinds) == (residency == "streaming")
+        assert ("tap" in kinds) == caps.hidden_taps
+        assert ("gdn_tape" in kinds) == (arch == "qwen3_5_moe") and hook_plan(model) == plan
+        before = {p: m for p, m in model.named_modules()}
+        assert install_spec_hooks(model, plan) == installed_hooks(model)  # idempotent
+        BlockSpecDecEngine(model, tok, store=store, config=BlockSpecDecEngineConfig(mode="prompt_lookup"))
+        if caps.spec_batch:
+            from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
+
+            BatchedSpecDecoder(model, tok, store=store, max_batch=2)
+        # building engines rewrote nothing: the very same module objects at every path
+        assert [(h["path"], h["kind"], h["wraps"]) for h in installed_hooks(model)] == listed
+        assert all(m is before[p] for p, m in model.named_modules())
+    finally:
+        store.close()
+
+
+def test_an_engine_needing_more_than_the_loaded_plan_raises_instead_of_rewriting():
+    from mach_runtime import BlockSpecDecEngine
+    from mach_runtime.engine.hooks import HookPlan
+    from mach_runtime.errors import ConfigError
+    from tests.test_specdec import random_draft
+
+    from tests.family_helpers import FIXTURES
+
+    path = FIXTURES / "hf_qwen3_moe"
+    model, tok, store, _ = load_moe(path, expert_residency="stacked", speculative=HookPlan(tap_layers=(0, 1)))
+    listed = installed_hooks(model)
+    with pytest.raises(ConfigError, match="never rewrites a loaded model"):
+        BlockSpecDecEngine(model, tok, random_draft(len(model.model.layers), [0, 2]))
+    assert installed_hooks(model) == listed
+    store.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from actors.mlx_thread import MLXThread
+from actors.decoder import MLXThread
 from mach_runtime import Runtime
 from mach_runtime.errors import RuntimeFailedError
 from tests.helpers import slow_steps

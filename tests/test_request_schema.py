@@ -14,7 +14,6 @@ from actors.request_schema import (
     MAX_SEED,
     REQUEST_FIELDS,
     ROLES,
-    RequestParams,
     check_messages,
     check_open,
     check_request,
@@ -120,12 +119,23 @@ def test_bad_open_arguments_name_the_field(kw, match):
 
 
 def test_valid_request_is_normalised():
-    p = check_request({"max_tokens": 5, "temperature": 1, "top_p": 0.5, "top_k": 3, "seed": MAX_SEED - 1,
+    from mach_runtime.engine.params import SamplingParams
+
+    r = check_request({"max_tokens": 5, "temperature": 1, "top_p": 0.5, "top_k": 3, "seed": MAX_SEED - 1,
                        "stop": ["a", ""], "stop_token_ids": (1, 2), "request_id": "r"}, VOCAB)
-    assert p == RequestParams(max_tokens=5, temperature=1.0, top_p=0.5, top_k=3, seed=MAX_SEED - 1, stop=("a",),
-                              stop_token_ids=(1, 2), request_id="r")
-    assert type(p.temperature) is float and check_request({"stop": "x"}).stop == ("x",)
-    assert check_request({"stop": ""}).stop == () and check_request({"stop_token_ids": None}).stop_token_ids == ()
+    # THE engine's sampling parameters (one type from the Runtime and the server down to the sampler), and the id
+    assert r.request_id == "r" and type(r.params) is SamplingParams
+    assert r.params == SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5, top_k=3, seed=MAX_SEED - 1,
+                                      stop=("a",), stop_token_ids=(1, 2))
+    assert type(r.params.temperature) is float and check_request({"stop": "x"}).params.stop == ("x",)
+    assert check_request({"stop": ""}).params.stop == ()
+    assert check_request({"stop_token_ids": None}).params.stop_token_ids == ()
+    # a request naming no mode (or "default") gets the runtime's; None means target-only
+    assert check_request({}, specdec="native_v7").params.specdec == "native_v7"
+    assert check_request({"specdec": "default"}, specdec="prompt_lookup").params.specdec == "prompt_lookup"
+    assert check_request({"specdec": None}, specdec="native_v7").params.specdec is None
+    fn = lambda tokens, logits: logits  # noqa: E731
+    assert check_request({"logits_processors": [fn]}).params.processors == (fn,)
 
 
 def test_messages_text_parts_joined_and_tool_turns():
@@ -172,7 +182,7 @@ prompts = (st.text(max_size=12) | st.lists(st.integers(-2, VOCAB + 2), max_size=
 @given(kw=request_kwargs)
 def test_property_request_arguments_raise_only_request_error(kw):
     try:
-        p = check_request(kw, VOCAB)
+        p = check_request(kw, VOCAB).params
     except RequestError:
         return
     assert type(p.max_tokens) is int and p.max_tokens >= 1 and type(p.top_k) is int and p.top_k >= 0
@@ -204,7 +214,7 @@ valid_kwargs = st.fixed_dictionaries({}, optional={
 @settings(max_examples=200, deadline=None)
 @given(kw=valid_kwargs)
 def test_property_valid_arguments_pass(kw):
-    p = check_request(kw, VOCAB)
+    p = check_request(kw, VOCAB).params
     for k, v in kw.items():
         if k in ("top_k", "max_tokens", "seed"):
             assert getattr(p, k) == v

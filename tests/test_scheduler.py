@@ -77,3 +77,74 @@ def test_a_request_that_raises_fails_alone(model):
     got = {r: [t for e in events if e.request_id == r for t in e.token_ids] for r in "ab"}
     assert got["a"] == greedy(m, tok.encode("x = ["), 6) and got["b"] == greedy(m, tok.encode("print("), 6)
     assert sched.counters["isolated_retries"] == 3 and sched.counters["failed"] == 1
+
+
+@pytest.fixture(scope="module")
+def spec_lanes(tiny_dir):
+    """A model of its own with both speculative lanes over it (a random DFlash draft: lossless at any acceptance)."""
+    from mach_runtime.engine.specdec import BlockSpecDecEngine, BlockSpecDecEngineConfig
+    from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
+    from tests.test_specdec import random_draft
+
+    m, tok, store, _ = load_moe(tiny_dir, expert_residency="stacked")
+    draft = random_draft(2, [0, 1])
+    cfg = BlockSpecDecEngineConfig(mode="native_v7", block_size=4, policy="fixed")
+    spec = BlockSpecDecEngine(m, tok, draft, config=cfg)
+    batched = BatchedSpecDecoder(m, tok, draft, config=cfg, max_batch=4, target=spec.target)
+    yield m, tok, spec, batched
+    store.close()
+
+
+def _trace(sched, until, tokens, trace):
+    """Steps until ``until(tokens)``; ``trace`` gets, per step, ("chunk", request ids prefilling) for a prefill
+    chunk run and ("tokens", request id) for each token event, in order."""
+    def prefilling():
+        return tuple(r.request_id for r in sched.prefill[2]) if sched.prefill is not None else None
+
+    for _ in range(10_000):
+        before, group = sched.counters["prefill_chunks"], prefilling()
+        events = sched.step()
+        if sched.counters["prefill_chunks"] > before:  # the group admitted in this step, or the one before it
+            trace.append(("chunk", group or prefilling()))
+        for e in events:
+            if e.token_ids:
+                tokens.setdefault(e.request_id, []).extend(e.token_ids)
+                trace.append(("tokens", e.request_id))
+        if until(tokens):
+            return
+    raise AssertionError("did not finish")
+
+
+def test_every_lane_prefills_in_chunks_between_decode_steps(model, spec_lanes):
+    """The solo speculative lane prefills a lone long prompt chunk by chunk like the batches do (one mechanism,
+    ``batch.Prefill``); a request streaming in the solo lane keeps producing tokens between the chunks of a long
+    newcomer that takes both into the spec batch; everything equals plain greedy decoding."""
+    m, tok, spec, batched = spec_lanes
+    caps = REGISTRY["qwen3_moe"].capabilities()
+    sched = Scheduler(m, tok, max_batch=4, caps=caps, spec=spec, spec_batch=batched, prefill_chunk=8)
+    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, specdec="native_v7")
+    long = tuple(tok.encode("while True:\n    line = input()\n" * 6)[:81])
+    other = tuple(tok.encode("def add(a, b):"))
+    tokens, trace = {}, []
+    # 1. a lone long prompt in the solo lane: 10 chunks (80 tokens before the last), one per step, then decoding
+    sched.submit(Request("solo", long, sp(6)))
+    _trace(sched, lambda t: len(t.get("solo", [])) >= 1, tokens, trace)
+    assert trace[:10] == [("chunk", ("solo",))] * 10 and trace[10] == ("tokens", "solo")
+    assert sched.solo is not None and sched.counters["spec_requests"] == 1
+    _trace(sched, lambda t: sched.idle, tokens, trace)
+    # 2. a short request streams alone (solo); a long newcomer takes both into the spec batch and prefills there
+    sched.submit(Request("a", other, sp(40)))
+    _trace(sched, lambda t: len(t.get("a", [])) >= 3, tokens, trace)
+    assert sched.solo is not None
+    trace.clear()
+    sched.submit(Request("long", long, sp(5)))
+    _trace(sched, lambda t: "long" in t, tokens, trace)
+    chunks = [i for i, ev in enumerate(trace) if ev == ("chunk", ("long",))]
+    assert len(chunks) == 10 and sched.counters["spec_demoted"] == 1  # "a" left the solo lane with its KV
+    assert {r.request_id for r in batched.rows} == {"a", "long"}
+    for i, j in zip(chunks, chunks[1:]):  # "a" streamed between every two chunks of the newcomer
+        assert ("tokens", "a") in trace[i + 1 : j], trace
+    _trace(sched, lambda t: sched.idle, tokens, trace)
+    assert tokens["solo"] == greedy(m, list(long), 6)
+    assert tokens["long"] == greedy(m, list(long), 5)
+    assert tokens["a"] == greedy(m, list(other), 40)

@@ -134,7 +134,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
                      hosts: int | None = None) -> dict:
     from ..errors import CheckpointError
     from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
-    from ..io.expert_layout import find_expert_layout
+    from ..io.expert_sidecar import expert_layout_for
     from ..io.load import require_tokenizer_files
     from ..io.safetensors_index import CheckpointIndex
 
@@ -149,7 +149,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
     tc = adapter.text_config(config, source)
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
-    layout = find_expert_layout(index, adapter, tc, source)
+    layout = expert_layout_for(directory, index, adapter, tc, source)
     require_tokenizer_files(Path(directory))  # what load_moe needs beyond the weights
     if memory_gb is None:
         mem = physical_memory_bytes()
@@ -165,12 +165,18 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
 
     total = index.total_bytes()
     experts = layout.total_expert_bytes
+    if layout.layout == "sidecar":  # the experts live in experts.mach (mach convert), not in the safetensors
+        total += experts
     weights = total - experts
     # bytes once loaded: released FP8 / FP4 formats are expanded or dequantized (io/quant_formats.py)
     held_experts = held_expert_bytes(layout)
     held_weights = weights + dequantized_non_expert_extra(index, layout.expert_tensor_names)
     quant = config.get("quantization") or {}
     params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
+    if layout.layout == "sidecar":  # gate, up and down [I, H] per expert, plus any expert biases
+        expert_params = sum(src.num_experts * (3 * layout.hidden_size * layout.moe_intermediate + sum(
+            math.prod(c.shape) for c in src.components.values() if c.comp == "bias")) for src in layout.layers)
+        params += expert_params
     v = verdicts(held_weights, held_experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
     ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
     q = layout.quant

@@ -19,14 +19,22 @@ the model after installation (``model.update``, ``load_weights``, ``hook.x = arr
 the original as well; a write made through a reference to the original taken before installation does not reach
 the hook's copy of the tree.
 
-Who installs what: the speculative engines (``BlockSpecDecEngine``, ``BatchedSpecDecoder``) at construction (taps
-for the layers their draft reads, the GDN tape hooks on GatedDeltaNet families, compiled MoE blocks in stacked
-residency unless ``BlockSpecDecEngineConfig.compile_moe`` is off); each installation is idempotent and shared by the
-engines over the same model. Unarmed, a tap or GDN hook costs one Python call and one dict lookup per layer call.
-``installed_hooks(model)`` lists what is installed; ``remove_hooks(model)`` puts the original modules back.
+Who installs what, and when: ``install_spec_hooks(model, plan)``, at load. ``load_moe(..., speculative=plan)``
+(called so by ``Runtime.open`` with a draft or ``specdec``, ``BlockSpecDecEngine.from_checkpoint`` and ``mach
+generate``) installs, driven by the family's capabilities and the ``HookPlan`` (``HookPlan.for_engine(config,
+draft)``): taps on the layers the draft reads (``hidden_taps`` families), the GDN tape hooks on GatedDeltaNet
+layers, compiled MoE blocks (stacked, and streaming's hit path under ``load_moe``'s optimistic hook), and seals
+the model with that plan. Engines built over it install nothing: one that needs more than the plan raises
+``ConfigError`` (a shared model is never rewritten after load). A model loaded without a plan (``load_moe`` alone,
+mlx-lm's ``load``) belongs to its caller: the first engine built over it installs what it needs, through the same
+function. Every installation is idempotent. Unarmed, a tap or GDN hook costs one Python call and one dict lookup
+per layer call. ``installed_hooks(model)`` lists what is installed; ``remove_hooks(model)`` puts the original
+modules back.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -153,3 +161,72 @@ def _chain(module):
     while isinstance(module, ModuleHook):
         yield module
         module = module.inner
+
+
+# -- what the speculative engines need, installed at load --------------------------------------------------------
+@dataclass(frozen=True)
+class HookPlan:
+    """The hooks the speculative engines over a model need (``install_spec_hooks``)."""
+
+    tap_layers: tuple = field(default=())  # decoder layers a DFlash draft reads (its ``target_layer_ids``)
+    gdn_tape: bool = True  # GatedDeltaNet tape hooks (``specdec/gdn_tape.py``), on families with GDN layers
+    compile_moe: bool = True  # compiled MoE blocks (``compiled_moe.py``): stacked, and streaming's hit path
+
+    @classmethod
+    def for_engine(cls, config=None, draft=None) -> "HookPlan":
+        """The plan of a ``BlockSpecDecEngineConfig`` (None: the default one) with ``draft``: a DFlash draft model,
+        its checkpoint directory, or None."""
+        taps = ()
+        if draft is not None:
+            if hasattr(draft, "target_layer_ids"):
+                taps = draft.target_layer_ids
+            else:
+                from .specdec.draft import read_draft_config
+
+                taps = read_draft_config(draft)["dflash_config"].get("target_layer_ids", ())
+        return cls(tuple(sorted({int(i) for i in taps})), bool(getattr(config, "gdn_tape", True)),
+                   bool(getattr(config, "compile_moe", True)))
+
+    def covers(self, other: "HookPlan") -> bool:
+        return (set(other.tap_layers) <= set(self.tap_layers) and (self.gdn_tape or not other.gdn_tape)
+                and (self.compile_moe or not other.compile_moe))
+
+
+def install_spec_hooks(model: nn.Module, plan: HookPlan, *, seal: bool = False) -> list[dict]:
+    """Installs what ``plan`` asks for that the family has (idempotent): compiled MoE blocks on routed-expert
+    blocks (both residencies), the GDN tape hooks on GatedDeltaNet layers, taps on ``plan.tap_layers``
+    (``ConfigError`` where the family's capabilities rule out speculation or hidden-state taps). ``seal``: the
+    model is loaded for serving (``load_moe(speculative=)``): engines may use it, never add to it. Returns
+    ``installed_hooks(model)``."""
+    from .compiled_moe import compile_moe_blocks
+    from .specdec.gdn_tape import GDNTape
+    from .specdec.target import TargetOps
+
+    sealed = getattr(model, "_mach_hook_plan", None)
+    if sealed is not None:
+        if not sealed.covers(plan):
+            raise _not_covered(sealed, plan)
+        return installed_hooks(model)
+    ops = TargetOps(model)
+    if plan.compile_moe:
+        compile_moe_blocks(model)
+    if plan.gdn_tape:
+        GDNTape(ops)  # a no-op without GatedDeltaNet layers
+    if plan.tap_layers:
+        ops.tap(plan.tap_layers)
+    if seal:
+        object.__setattr__(model, "_mach_hook_plan", plan)
+    return installed_hooks(model)
+
+
+def hook_plan(model: nn.Module) -> HookPlan | None:
+    """The plan ``model`` was sealed with at load, or None."""
+    return getattr(model, "_mach_hook_plan", None)
+
+
+def _not_covered(sealed: HookPlan, plan: HookPlan):
+    from ..errors import ConfigError
+
+    return ConfigError(f"this engine needs hooks {plan} but the model was loaded with {sealed}; an engine never "
+                       "rewrites a loaded model: pass a plan that covers it to load_moe(speculative=HookPlan(...)) "
+                       "(Runtime.open and BlockSpecDecEngine.from_checkpoint derive it from the draft and config)")

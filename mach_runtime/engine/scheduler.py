@@ -14,9 +14,12 @@ The lane follows the set of running + waiting requests. When it changes, the run
 none — ``BatchEngine.extract_kv``) and re-join as prompt + generated tokens: nothing is prefilled twice and
 sampling positions continue. A request never moves into the solo lane mid-stream.
 
-Chunked prefill: newcomers join a lane through a ``batch.Prefill``, ONE chunk (``prefill_chunk`` tokens) per
-step, interleaved with the running rows' decode steps, so a long prompt delays each running stream by a chunk,
-not by its whole prefill (mlx-lm's BatchGenerator does the same).
+Chunked prefill, the same in every lane: newcomers join through their lane engine's ``begin`` (a
+``batch.Prefill`` over ``batch.prefill_chunks``: ``BatchEngine``, ``BatchedSpecDecoder``, and
+``BlockSpecDecEngine`` for the solo lane), ONE chunk (``prefill_chunk`` tokens) per step, interleaved with the
+running rows' decode steps, so a long prompt delays each running stream by a chunk, not by its whole prefill
+(mlx-lm's BatchGenerator does the same); ``join`` adds them once the last chunk has run. One group prefills at a
+time; what arrives meanwhile waits for it.
 
 Capabilities (``io.arch_registry.Capabilities``): a family whose caches cannot merge runs one request at a time,
 the others queued; the spec lane exists only where rows can be rolled back alone.
@@ -49,6 +52,7 @@ class Request:
     store_kv: bool = False  # a session turn: its KV is handed out with the finish
     isolate: bool = False  # involved in a failed group: retried alone before it runs with others
     usage: tuple | None = None  # (cached, prefilled) before a lane move
+    boundaries: tuple = ()  # token counts at which its prefill is offered to ``on_boundary`` (prefix snapshots)
 
 
 @dataclass
@@ -83,7 +87,7 @@ def process_fault(e: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int, caps, spec=None, spec_batch=None,
-                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None):
+                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None, on_boundary=None):
         self.model, self.tokenizer, self.caps = model, tokenizer, caps
         self.batch = BatchEngine(model, tokenizer, max_batch, prefill_chunk, mergeable=caps.batch)
         self.spec = spec  # BlockSpecDecEngine sharing the model, or None
@@ -95,6 +99,7 @@ class Scheduler:
         # on_prefilled(request_id, extract, tokens, cached) when a fresh prompt's prefill is done: ``extract()`` gives
         # its single-request caches covering ``tokens`` (the prefix cache snapshots them after the first token)
         self.on_prefilled = on_prefilled
+        self.batch.on_boundary = on_boundary  # (batch lane) a Request's ``boundaries`` reached mid-prefill
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.pending: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # admitted (prefilling or running) requests
@@ -248,14 +253,10 @@ class Scheduler:
         if not moved and not waiting:
             return
         flush()  # a prefill may take a while: deliver what the last step produced first
-        if want == "solo":
-            self.pending.remove(waiting[0])
-            self._start_solo(waiting[0])
-            return
-        engine = self.spec_batch if want == "spec" else self.batch
+        engine = {"solo": self.spec, "spec": self.spec_batch}.get(want, self.batch)
         if moved:  # they prefill nothing (their KV covers all but the newest token): join at once
             self._guard(moved, self._admit, engine, moved, True)
-        free = engine.max_batch - engine.active
+        free = 1 if want == "solo" else engine.max_batch - engine.active
         if waiting and free > 0:
             group = waiting[:free]
             for r in group:
@@ -271,7 +272,8 @@ class Scheduler:
         if not reqs:
             return
         pf = engine.begin([Admission(r.request_id, r.prompt_ids, r.params, r.generated, r.kv,
-                                     r.cached_tokens if r.kv is not None else 0) for r in reqs])
+                                     r.cached_tokens if r.kv is not None else 0, r.boundaries) for r in reqs],
+                          prefill_step=self.prefill_chunk)
         for r in reqs:
             r.kv = None  # the lane owns it now
         self.prefill = (engine, pf, reqs)
@@ -297,6 +299,13 @@ class Scheduler:
             self.counters["prefilled"] += m.prefilled_tokens
             if r.usage is None:
                 self.counters["cached"] += m.cached_tokens
+            if engine is self.spec:  # the solo lane: its first cycle feeds the last prompt token
+                self.solo = _Solo(r, m, list(r.generated))
+                self._count_spec(r)
+                if r.request_id in self._dropped:
+                    self._dropped.discard(r.request_id)
+                    self._finish_solo("abort")
+                continue
             if engine is self.spec_batch:
                 self._count_spec(r)
             if self.on_prefilled is not None and r.usage is None and not r.generated:
@@ -381,20 +390,6 @@ class Scheduler:
                                         r.store_kv, False, usage))
 
     # -- the lone speculative request -------------------------------------------------------------------------
-    def _start_solo(self, r: Request) -> None:
-        self.live[r.request_id] = r
-        if self.on_admit is not None:
-            self._guard([r], self.on_admit, r.request_id)
-            if r.request_id not in self.live:
-                return
-        # a session's earlier turns (with the draft's context, if stored): only the rest is prefilled
-        prefix = (r.kv, r.cached_tokens, getattr(r.kv, "draft_state", None)) if r.kv is not None else None
-        run = self.spec.generate(list(r.prompt_ids), resume_ids=r.generated, params=r.params, prefix=prefix,
-                                 text=False)
-        r.kv = None
-        self.solo = _Solo(r, run, list(r.generated))
-        self._count_spec(r)
-
     def _count_spec(self, r: Request) -> None:
         """Counts a request that runs (at least partly) speculatively, once."""
         if r.request_id not in self._spec_counted and self._wants_spec(r):
@@ -419,8 +414,6 @@ class Scheduler:
         kv = run.handover() if r.store_kv and reason != "abort" else None  # handover closes the run
         run.close()
         usage = self._usage(r, run.cached_tokens, run.prefilled_tokens)
-        self.counters["prefilled"] += run.prefilled_tokens
-        self.counters["cached"] += 0 if r.usage else run.cached_tokens
         covered = (tuple(r.prompt_ids) + tuple(solo.generated))[: kv.n_tokens] if kv is not None else None
         self._finish_event(r, reason, usage, (kv, covered) if kv is not None else None, len(solo.generated))
 
@@ -430,8 +423,6 @@ class Scheduler:
         self.live.pop(r.request_id, None)
         kv = run.handover()  # None if the run never got as far as a consistent cache: then a full re-prefill
         self.counters["spec_demoted"] += 1
-        self.counters["prefilled"] += run.prefilled_tokens
-        self.counters["cached"] += 0 if r.usage else run.cached_tokens
         return Request(r.request_id, r.prompt_ids, r.params, tuple(solo.generated), kv,
                        kv.n_tokens if kv is not None else 0, r.store_kv, False,
                        self._usage(r, run.cached_tokens, run.prefilled_tokens))

@@ -58,6 +58,7 @@ from ...errors import ConfigError, RequestError
 from ..batch import Admission, BatchMembership, Prefill, merge_caches, prefill_chunks
 from ..kv_prefix import fit_prefix
 from ..emit import StopRule
+from ..hooks import HookPlan, install_spec_hooks
 from ..sampling import SamplingParams, accept, check, sample
 from .config import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, batchable_dflash, batched_dflash_logits, check_draft
@@ -133,14 +134,15 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
         self.batched_draft = batched_draft  # DFlash rows share one draft pass (False: one pass per row)
         self.target = target if target is not None else TargetOps(model)
         self._attn, self._recurrent = self._check_caches()
-        tape = GDNTape(self.target) if self._recurrent and self.config.gdn_tape else None
-        self.tape = tape if tape is not None and len(tape) else None
         self.draft = draft
         self.capture: tuple = ()
         if draft is not None:
             check_draft(self.target, draft)
             self.capture = tuple(int(i) for i in draft.target_layer_ids)
-            self.target.tap(self.capture)
+        # its hooks (hooks.py): installed at load, or now on a model its caller loaded without a plan
+        install_spec_hooks(model, HookPlan(tuple(sorted(set(self.capture))), self.config.gdn_tape, False))
+        tape = GDNTape(self.target) if self._recurrent and self.config.gdn_tape else None
+        self.tape = tape if tape is not None and len(tape) else None
         self.lookup = PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram)
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.rows: list[_Row] = []  # row order of the batch caches
@@ -178,7 +180,7 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
         return self.add_many([Admission(request_id, tuple(prompt_ids), params, tuple(resume_ids), kv, cached_tokens)],
                              [drafter])[0]
 
-    def begin(self, admissions: list[Admission], drafters: list | None = None) -> Prefill:
+    def begin(self, admissions: list[Admission], drafters: list | None = None, prefill_step: int | None = None) -> Prefill:
         """The newcomers' ``Prefill`` (``batch.BatchMembership.join`` adds them once it is done; ``add_many`` does
         both). ``drafters[i]``: a custom drafter for admission i (tests: oracle drafts), in the NATIVE_V7 slot;
         ``params.specdec`` picks the others (None = target-only). A prefix ``kv`` (``Admission.kv``, covering
@@ -200,8 +202,9 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
         rows, caches, todos = [], [], []
         for a, tokens, drafter in plans:
             if drafter is not None and drafter.needs_hidden and not self.capture:
-                self.capture = tuple(int(i) for i in drafter.capture_layer_ids)
-                self.target.tap(self.capture)
+                capture = tuple(int(i) for i in drafter.capture_layer_ids)
+                install_spec_hooks(self.model, HookPlan(tuple(sorted(set(capture))), False, False))
+                self.capture = capture
             row, cache, todo = self._new_row(a, tokens, drafter)
             rows.append(row)
             caches.append(cache)
@@ -220,7 +223,7 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                     r.drafter.observe(h[i, :valid])
             return h
 
-        return Prefill(rows, merged, prefill_chunks(merged, todos, self.config.prefill_step, forward))
+        return Prefill(rows, merged, prefill_chunks(merged, todos, prefill_step or self.config.prefill_step, forward))
 
     def _drafter(self, p, custom):
         mode = _mode(p, custom)

@@ -42,7 +42,8 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, loa
 from .output import Committer, SpecDecChunk
 from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
-from ..compiled_moe import compile_moe_blocks
+from ..batch import Prefill
+from ..hooks import HookPlan, install_spec_hooks
 from ..kv_prefix import fit_prefix
 from .compiled_draft import CompiledDraft
 from .compiled_verify import CompiledVerify
@@ -61,12 +62,8 @@ class BlockSpecDecEngine:
         self.tokenizer = tokenizer
         self.store = store
         self.target = TargetOps(model)
-        if self.config.compile_moe:
-            compile_moe_blocks(model)  # stacked residency only; a no-op when streaming
         if self.config.compile_verify:
             self.target.compiled = CompiledVerify(self.target)  # qwen3_moe only; see compiled_verify.py
-        tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
-        self.tape = tape if tape is not None and len(tape) else None
         self.draft = draft
         self._drafters: dict[BlockSpecDecEngineMode, Drafter] = {
             BlockSpecDecEngineMode.PROMPT_LOOKUP: PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram),
@@ -79,9 +76,12 @@ class BlockSpecDecEngine:
             self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = drafter_v7
         if drafter is not None:  # a custom drafter (tests: oracle drafts) takes the NATIVE_V7 slot
             self._drafters[BlockSpecDecEngineMode.NATIVE_V7] = drafter
-        for d in self._drafters.values():
-            if d.needs_hidden:
-                self.target.tap(d.capture_layer_ids)
+        # the hooks it uses (hooks.py): installed at load (``load_moe(speculative=)``: nothing changes here), or
+        # now on a model its caller loaded without a plan
+        taps = {int(i) for d in self._drafters.values() if d.needs_hidden for i in d.capture_layer_ids}
+        install_spec_hooks(model, HookPlan(tuple(sorted(taps)), self.config.gdn_tape, self.config.compile_moe))
+        tape = GDNTape(self.target) if self.config.gdn_tape else None  # GatedDeltaNet rollback by replay
+        self.tape = tape if tape is not None and len(tape) else None
         if self.config.mode == BlockSpecDecEngineMode.NATIVE_V7 and BlockSpecDecEngineMode.NATIVE_V7 not in self._drafters:
             raise ConfigError("mode NATIVE_V7 needs a DFlash draft: pass draft_checkpoint (or use PROMPT_LOOKUP / TARGET_ONLY)")
         self._stats = SpecDecStats(self.config.block_size, self.config.recent_window, self.config.low_alpha)
@@ -102,8 +102,9 @@ class BlockSpecDecEngine:
         """Loads the target with ``load_moe`` (keyword arguments pass through) and the DFlash draft, if any."""
         from ...io.load import load_moe
 
-        model, tokenizer, store, _ = load_moe(target_checkpoint, **load_moe_kwargs)
         draft = load_dflash_draft(Path(draft_checkpoint)) if draft_checkpoint is not None else None
+        load_moe_kwargs.setdefault("speculative", HookPlan.for_engine(config, draft))  # hooks at load
+        model, tokenizer, store, _ = load_moe(target_checkpoint, **load_moe_kwargs)
         return cls(model, tokenizer, draft, config=config, store=store)
 
     # -- stats --------------------------------------------------------------------------------------------
@@ -172,11 +173,41 @@ class BlockSpecDecEngine:
                                     stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, specdec=mode,
                                     specdec_policy=policy)
         run = SpecDecRun(self)
-        run._gen = self._generate(run, prompt, params.resolved(), resume, text, prefix)
+
+        def gen():  # nothing runs before the first ``next``
+            self._start(run, prompt, params.resolved(), resume, text, prefix, self.config.prefill_step).finish()
+            yield from self._decode(run)
+
+        run._gen = gen()
         return run
 
-    def _generate(self, run: "SpecDecRun", prompt, params: SamplingParams, resume: list[int], text: bool,
-                  prefix) -> Iterator[SpecDecChunk]:
+    def begin(self, admissions: list, prefill_step: int | None = None) -> Prefill:
+        """The scheduler's admission of ONE request (``batch.Admission``; ``kv`` a prefix KV, a ``SpecDecKV``
+        bringing the draft's context): a ``batch.Prefill`` whose ``advance()`` runs one chunk of
+        ``prefill_step`` prompt tokens (the same chunked prefill as every lane, ``batch.prefill_chunks``), so a
+        long prompt entering this lane interleaves with the other lanes' decode steps. ``join`` returns
+        ``[run]``: the ``SpecDecRun`` (token ids only), whose first ``next`` feeds the prompt's last token.
+        Checks the request first: a bad one raises and nothing runs."""
+        if len(admissions) != 1:
+            raise ValueError(f"BlockSpecDecEngine admits one request at a time, got {len(admissions)}")
+        a = admissions[0]
+        run = SpecDecRun(self, a.request_id)
+        prefix = None if a.kv is None else (a.kv, a.cached_tokens, getattr(a.kv, "draft_state", None))
+        pf = self._start(run, list(a.prompt_ids), a.params.resolved(), [int(t) for t in a.resume_ids], False,
+                         prefix, prefill_step or self.config.prefill_step)
+        run._gen = self._decode(run)
+        return pf
+
+    @staticmethod
+    def join(prefill: Prefill) -> list:
+        """The runs of a ``begin``'s Prefill once every chunk has run (``batch.BatchMembership.join``'s shape)."""
+        prefill.finish()
+        return prefill.members
+
+    def _start(self, run: "SpecDecRun", prompt, params: SamplingParams, resume: list[int], text: bool, prefix,
+               step: int) -> Prefill:
+        """Checks the request, sets up its run and returns the chunked prefill of all but the prompt's last token
+        (``_decode`` feeds that one and samples the first token)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids += resume
         if not ids:
@@ -193,7 +224,6 @@ class BlockSpecDecEngine:
         pol = make_policy(policy or self.config.policy, self.config.block_size, store=self.store, prompt_len=len(ids),
                           memory=self._policy_memory)
         self.last_policy = pol
-        cfg = self.config
         text_out = None
         if text:
             text_out = Emitter(self.tokenizer, params)
@@ -206,12 +236,21 @@ class BlockSpecDecEngine:
             if cached:
                 drafter.resume(draft_state, cached)
         run._begin(ids, cache, emitter, drafter, cached)
+        run._plan = (params, len(resume), max_tokens, pol, capture)
+        run._prefill = Prefill([run], cache, self.target.prefill_chunks(
+            ids[cached:-1], cache, step, capture, drafter.observe if capture else None))
+        return run._prefill
 
-        logits = self.target.prefill(ids[cached:], cache, cfg.prefill_step, capture,
-                                     drafter.observe if capture else None)
+    def _decode(self, run: "SpecDecRun") -> Iterator[SpecDecChunk]:
+        ids, cache, emitter, drafter, _ = run._state
+        params, pos0, max_tokens, pol, capture = run._plan  # pos0: completion positions (sampling keys) continue
+        cfg = self.config  # after the resumed tokens
+        logits, h = self.target.forward(mx.array(ids[-1:], dtype=mx.uint32), cache, capture, logits="last")
+        mx.eval(logits, h)
+        if h is not None and capture:
+            drafter.observe(h)
         run._extent = len(ids)  # tokens in the cache
-        pos0 = len(resume)  # completion positions (sampling keys) continue after the resumed tokens
-        staged = int(sample(logits[None], params, pos0, [ids]).item())
+        staged = int(sample(logits, params, pos0, [ids]).item())
         self._stats.add_prompt_commit()
         chunk = emitter.push([staged])
         yield chunk
@@ -384,12 +423,17 @@ class SpecDecRun:
     runs before the first ``next``) that hands its KV over once it has ended or been closed.
 
     ``cached_tokens`` / ``prefilled_tokens``: prompt tokens taken from the prefix / run through the prefill
-    (set by the first ``next``)."""
+    (set once the request is checked: ``generate``'s first ``next``, or ``BlockSpecDecEngine.begin``)."""
 
-    def __init__(self, engine: BlockSpecDecEngine):
+    finish = None  # (a ``batch.Prefill`` member: a run never ends during its prefill)
+
+    def __init__(self, engine: BlockSpecDecEngine, request_id: str | None = None):
         self._engine = engine
+        self.request_id = request_id
         self._gen = None
         self._state = None  # (ids, cache, emitter, drafter, run number) once the prefill starts
+        self._plan = None  # (params, resumed tokens, new-token budget, block policy, captured layers)
+        self._prefill = None  # the ``batch.Prefill`` of all but the prompt's last token
         self._extent = None  # tokens the cache covers (after the prefill, at each yield)
         self._last = None  # the last cycle's (checkpoint, block, accepted): undoes accepted tokens past a stop
         self._failed = False
@@ -428,6 +472,8 @@ class SpecDecRun:
         already fed it) and the drafter's context for them. None if the run never prefilled, failed mid-cycle,
         or was handed over already. Call on the MLX thread; the caller owns the result."""
         self._gen.close()  # at a yield point (or finished): the caches are consistent
+        if self._extent is None and self._prefill is not None and self._prefill.done:
+            self._extent = len(self._state[0]) - 1  # prefilled, the last prompt token not fed yet
         state, self._state = self._state, None
         if state is None or self._failed or self._extent is None:
             return None

@@ -33,6 +33,7 @@ import mlx.core as mx
 
 from ...errors import ConfigError
 from ...io.arch_registry import capabilities_of
+from ..batch import prefill_chunks
 from ..hooks import ModuleHook, find_hook
 from .verify_cache import bucket_kv_caches, exact_rotating_caches
 
@@ -168,19 +169,24 @@ class TargetOps:
             h = self._final(h)
         return self.head(h), hidden
 
-    def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
-        """All prompt tokens through the target, in chunks; returns the logits [V] of the last one.
-        ``on_hidden(h [T, n*H])`` receives each chunk's captured hidden states (when ``capture``)."""
-        arr = mx.array(tokens, dtype=mx.uint32)
-        start = 0
-        while arr.size - start > 1:
-            n = min(step, arr.size - 1 - start)
-            _, h = self.forward(arr[start : start + n], cache, capture, logits="none")
-            mx.eval([c.state for c in cache] + ([h] if h is not None else []))
+    def prefill_chunks(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None):
+        """Feeds ``tokens`` into ``cache``, one forward of ``step`` tokens per ``next`` (``batch.prefill_chunks``:
+        the chunked prefill every lane uses). ``on_hidden(h [T, n*H])`` receives each chunk's captured hidden
+        states (when ``capture``)."""
+        def forward(rows, start):
+            _, h = self.forward(rows[0], cache, capture, logits="none")
             if h is not None and on_hidden is not None:
                 on_hidden(h)
-            start += n
-        logits, h = self.forward(arr[start:], cache, capture, logits="last")
+            return h
+
+        return prefill_chunks(cache, [[int(t) for t in tokens]], step, forward)
+
+    def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
+        """All prompt tokens through the target (all but the last in ``prefill_chunks``); returns the logits [V]
+        of the last one."""
+        for _ in self.prefill_chunks(tokens[:-1], cache, step, capture, on_hidden):
+            pass
+        logits, h = self.forward(mx.array(tokens[-1:], dtype=mx.uint32), cache, capture, logits="last")
         mx.eval(logits, h)
         if h is not None and on_hidden is not None:
             on_hidden(h)
