@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Expert parallel over 1, 2, 4 ranks (mlx.launch, ring backend, this machine's CPU), streaming residency.
 
-    python bench/distributed.py [--ranks 1,2,4] [--tokens 48] [--slots 16]
+    python bench/distributed.py [--ranks 1,2,4] [--tokens 48] [--slots 8]
 
 A random qwen3_moe (``mach_runtime.testing.tiny``: 4 MoE layers x 64 experts, top-4, fp32, ~0.8 MB per expert)
-whose experts exceed one rank's bank: every rank keeps ``--slots`` slots per layer (16 = a quarter of the
-experts). With N ranks a rank owns 64/N experts per layer, so the aggregate bank grows N-fold: 1 rank streams
-from disk, 4 ranks hold every expert. Each run greedy-decodes ``--tokens`` tokens after a 16-token prompt
+whose experts exceed one rank's bank: every rank keeps ``--slots`` slots per layer (8 = an eighth of the
+experts). With N ranks a rank owns 64/N experts per layer, so the aggregate bank grows N-fold (8, 16, 32 of the
+64 experts of a layer resident over 1, 2, 4 ranks). Each run greedy-decodes ``--tokens`` tokens after a 16-token prompt
 through the model (the same forward the Runtime drives), on every rank in step; rank 0 times it.
 
 Per configuration: decode tok/s; bytes read from disk per token per rank (the store's counter; page cache not
@@ -112,13 +112,17 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--ranks", default="1,2,4")
     p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--router-scale", type=float, default=1.0,
+                   help="the random router's scale (tiny.make_tiny_checkpoint): 1 spreads routing over many experts, "
+                        "8 concentrates it on a few")
     p.add_argument("--json", default=C.default_out("distributed"))
     a = p.parse_args()
     if a.worker:
         worker(a)
         return 0
-    ckpt = C.ensure_tiny_checkpoint(C.default_ckpt_root(), "dist-qwen3moe-64x4", layout="per_expert", **DIMS)
+    ckpt = C.ensure_tiny_checkpoint(C.default_ckpt_root(), f"dist-qwen3moe-64x4-r{a.router_scale:g}",
+                                    layout="per_expert", router_scale=a.router_scale, **DIMS)
     load = os.getloadavg()
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,10 +140,12 @@ def main() -> int:
                            for g in LINKS_GBPS)])
     headers = ["ranks", "tok/s", "experts/rank/layer", "MiB read/token per rank", "bank hit rate per rank",
                "all_sum B/step", "collective share", *(f"ms/token @{g}Gb/s" for g in LINKS_GBPS)]
-    print(f"expert parallel, streaming, bank {a.slots} slots/layer per rank, {DIMS}; load avg {load[0]:.1f}")
+    print(f"expert parallel, streaming, bank {a.slots} slots/layer per rank, {DIMS}, router scale "
+          f"{a.router_scale:g}; load avg {load[0]:.1f}")
     print(C.fmt_table(headers, rows))
     print(C.RANDOM_ROUTING_NOTE)
     C.write_json(a.json, {"machine": C.machine_info(), "load_avg": load, "dims": DIMS, "slots": a.slots,
+                          "router_scale": a.router_scale,
                           "tokens": a.tokens, "runs": runs, "table": {"headers": headers, "rows": rows}})
     print(f"-> {a.json}")
     return 0

@@ -87,15 +87,15 @@ async def serve(a, out: Path, rank: int) -> None:
         (out / "result.json").write_text(json.dumps(results))
         if a.hold:
             (out / "holding").write_text("1")
-            t0 = None
+            t0 = time.monotonic()
             try:
-                async for c in rt.stream("def main():", max_tokens=100000, ignore_eos=True):
-                    if t0 is None:
+                async for c in rt.stream("def main():", max_tokens=4000):
+                    if not (out / "streaming").exists():
                         (out / "streaming").write_text("1")
                     t0 = time.monotonic()  # the last token's time
                 err = {"error": None}
             except Exception as e:
-                err = {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - (t0 or 0)}
+                err = {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
             (out / "killed.json").write_text(json.dumps(err))
 
 

@@ -1,8 +1,9 @@
 """Distributed runtime (mach_runtime/distributed, actors/distributed.py): expert and pipeline parallel under a real
 ``mlx.launch`` (ring backend, this machine's CPU), against the single-process model and Runtime.
 
-The launched runs are slow (each starts N processes that load the model): marked ``slow``. The default suite
-keeps the pure parts (placement, pipeline split, backend choice, settings) and one 2-rank expert-parallel run.
+The launched runs are slow (each starts N processes that load the model, 12-50 s each on 2 idle cores): marked
+``slow``. The default suite keeps the pure parts (placement, pipeline split, backend choice, settings, mach check
+--hosts). ``pytest -m slow tests/test_distributed.py`` runs the launched matrix (15 runs).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def check_run(tmp_path, ckpt, n, mode, residency, slots=None, requests=REQUESTS,
     return res
 
 
+@pytest.mark.slow  # 20-50 s (two processes load the model): over the default suite's per-test budget
 def test_expert_parallel_two_ranks_equals_one_process(tmp_path):
     check_run(tmp_path, FIXTURES / "hf_qwen3_moe", 2, "expert", "stacked")
 
@@ -175,7 +177,7 @@ def test_expert_parallel_two_ranks_equals_one_process(tmp_path):
 @pytest.mark.parametrize("n,residency", [(4, "stacked"), (2, "streaming"), (4, "streaming")])
 def test_expert_parallel_equals_one_process(tmp_path, family, n, residency):
     if family == "hf_qwen3_moe" and (n, residency) == (2, "stacked"):
-        pytest.skip("the default-suite test")
+        pytest.skip("test_expert_parallel_two_ranks_equals_one_process")
     check_run(tmp_path, FIXTURES / family, n, "expert", residency, slots=2 if residency == "streaming" else None)
 
 
