@@ -3,8 +3,11 @@
 It decides *what* to reuse; MLX objects never reach it. A lookup finds the snapshot restoring the most of a
 request's tokens (``PrefixCache.lookup``: L1, else L2 read from a worker thread and promoted into L1) and puts a
 ``PrefixHit`` (host arrays + token count) into the ``KVTable`` under a handle; only the handle travels in the
-``Submit``, and the Decoder turns it into MLX caches on the MLX thread. The Decoder sends back host snapshots
-(``CacheInsert``: after a request's first token, and when it finishes); the actor stores them in L1 and queues
+``Submit``, and the Decoder turns it into MLX caches on the MLX thread. The Decoder sends back snapshots it
+materialised on the device (``CacheInsert``: after a request's first token, and when it finishes; numpy views of
+evaluated MLX buffers, the only MLX objects that reach this actor, never touched here but through numpy); the
+actor copies them to host memory in a worker thread (``Snapshot.copy_views``), hands the MLX arrays back to be
+freed on the MLX thread, stores the snapshots in L1 and queues
 the L2 write, which a writer task runs in a worker thread (bytes only; temp file + fsync + rename), never on the
 critical path of any request. L1 displacement queues the displaced entry's write; ``CacheFlush`` (shutdown)
 writes every L1 entry not on disk yet and waits for the queue.
@@ -54,6 +57,11 @@ class KVTable:
             kv = self._items.pop(handle, None)
             if kv is not None:
                 self._dropped.append(kv)
+
+    def free_later(self, arrays) -> None:
+        """MLX arrays a worker thread is done with: freed by the next ``collect`` (MLX thread)."""
+        with self._lock:
+            self._dropped.append(arrays)
 
     def collect(self) -> None:
         with self._lock:
@@ -120,10 +128,12 @@ class CacheActor(AsyncActor):
                               self.prefix.stats(len(self._writes)))
         raise TypeError(f"Cache actor got an unexpected message {type(msg).__name__}")
 
-    def _insert(self, msg: CacheInsert) -> None:
+    async def _insert(self, msg: CacheInsert) -> None:
         snap = self.kv_table.take(msg.handle)
         if snap is None:
             return
+        if snap.held:  # materialised by the Decoder: the host copy is bytes only, here, off the MLX thread
+            self.kv_table.free_later(await anyio.to_thread.run_sync(snap.copy_views))
         owner = msg.session_id
         if owner is not None and owner not in self.sessions:
             self.sessions.append(owner)

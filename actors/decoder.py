@@ -37,7 +37,7 @@ import anyio
 from mach_runtime.engine.prefix_saver import PrefixSaver
 from mach_runtime.engine.scheduler import Scheduler
 
-from .decoder_prefix import DecoderPrefixCache
+from .decoder_prefix import DecoderPrefixCache, exact_only
 from .messages import (
     Abort,
     DecoderStats,
@@ -56,7 +56,7 @@ class Decoder(DecoderPrefixCache):
 
     def __init__(self, model, tokenizer, *, max_batch: int, sink, kv_table, caps, cache_inbox=None,
                  expert_inbox=None, fault_hook=None, routing_source=None, spec=None, spec_batch=None,
-                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = None):
+                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = None, step_sync=None):
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.caps = caps
@@ -67,15 +67,18 @@ class Decoder(DecoderPrefixCache):
         self.fault_hook = fault_hook
         self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
         self.mailbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.step_sync = step_sync  # distributed runtime: every rank takes rank 0's steps (actors/distributed.py)
         self._outbox: list = []  # outputs not yet handed to the sink (messages, or callables run in order)
         self._sessions: dict[str, str | None] = {}  # live request -> its session (KV stored at its finish)
         kw = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
         # prefix cache: snapshots of prefilled prompts (after their first token) and of finished requests go to the
         # Cache actor as host arrays; prefix_min_tokens None = only sessions' own turns are kept
-        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault) if cache_inbox else None
+        self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault,
+                                 exact_only(model)) if cache_inbox else None
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, caps=caps, spec=spec, spec_batch=spec_batch,
                                on_admit=lambda rid: self._fault("admit", request_id=rid),
-                               on_prefilled=self._prefilled if self.saver is not None else None, **kw)
+                               on_prefilled=self._prefilled if self.saver is not None else None,
+                               on_boundary=self._boundary if self.saver is not None else None, **kw)
 
     # -- statistics survive a restart -------------------------------------------------------------------------
     def adopt_stats(self, old: "Decoder") -> None:
@@ -139,12 +142,7 @@ class Decoder(DecoderPrefixCache):
             self.kv_table.collect()
             if sched.idle:
                 self._flush()  # nothing will be stepped this iteration: deliver now
-            msgs = [self.mailbox.get()] if sched.idle else []
-            while True:
-                try:
-                    msgs.append(self.mailbox.get_nowait())
-                except queue.Empty:
-                    break
+            msgs = self._take(block=sched.idle)
             for m in msgs:
                 if isinstance(m, Shutdown):
                     self._flush()
@@ -157,7 +155,7 @@ class Decoder(DecoderPrefixCache):
                     sched.submit(self._request(m, kv))  # a prefix-cache hit restored (decoder_prefix.py)
                 elif isinstance(m, Abort):
                     sched.abort(m.request_id, m.reason)
-            events = sched.step(self._flush)
+            events = self._step(sched)
             stepped = any(e.token_ids for e in events)
             for e in events:
                 self._post(e)
@@ -169,6 +167,26 @@ class Decoder(DecoderPrefixCache):
                             + sched.counters["spec_batch_cycles"])
             if sched.solo is not None or not (sched.batch.active or (sched.spec_batch and sched.spec_batch.active)):
                 self._flush()
+
+    def _take(self, block: bool) -> list:
+        """The mailbox's messages (waiting for one when ``block``); in a distributed runtime, rank 0's."""
+        if self.step_sync is not None:
+            return self.step_sync.take(self, block)
+        msgs = [self.mailbox.get()] if block else []
+        while True:
+            try:
+                msgs.append(self.mailbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def _step(self, sched) -> list:
+        if self.step_sync is None:
+            return sched.step(self._flush)
+        try:
+            with self.step_sync.guard("a decode step"):
+                return sched.step(self._flush)
+        except Exception as e:  # a collective failed: the group is lost, not one request
+            raise self.step_sync.step_error(e) or e
 
     def _post(self, e) -> None:
         if e.error is not None:

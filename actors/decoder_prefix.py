@@ -5,6 +5,9 @@
   at once (no forward) and joins like a replayed request;
 * ``_prefilled`` (the scheduler's ``on_prefilled``) + ``saver.poll`` after each step: a fresh prompt's prefill is
   captured lazily and handed to the Cache actor after its first token;
+* ``_boundary`` (the batch lane's ``on_boundary``): for caches that cannot be cut (GatedDeltaNet state, sliding
+  windows, compressed KV), a fresh prompt is also captured at up to 4 block boundaries during its (chunked)
+  prefill (``PrefixSaver.boundaries``), handed over after its first token too: partial-prefix points;
 * ``_store_then_finish``: a finished request's KV goes to the Cache actor as a host snapshot before its Finish;
 * ``_warm``: a ``warm_prefix`` request prefills every token and stores the snapshot, generating nothing.
 """
@@ -18,6 +21,13 @@ from mach_runtime.errors import MachError
 from .messages import CacheInsert, Finish, RequestFailed, Submit, TokenOutput
 
 
+def exact_only(model) -> bool:
+    """Whether some layer of the model's prompt cache cannot be cut to a shorter prefix (``kv_snapshot``)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+
+    return not all(isinstance(c, (KVCache, QuantizedKVCache)) for c in make_prompt_cache(model))
+
+
 class DecoderPrefixCache:
     def _request(self, m: Submit, kv) -> Request:
         generated = tuple(m.resume_ids)
@@ -29,15 +39,22 @@ class DecoderPrefixCache:
         draft = getattr(self.sched.spec, "draft", None) if self.sched.spec is not None else None
         kv = restore_prefix(kv, draft)  # a prefix-cache hit: host snapshot -> MLX caches
         store = self.saver is not None and self.saver.wants(len(m.prompt_ids), m.session_id)
-        return Request(m.request_id, m.prompt_ids, m.params, generated, kv,
-                       m.cached_tokens if kv is not None else 0, store)
+        cached = m.cached_tokens if kv is not None else 0
+        # exact-only caches: snapshot points at block boundaries of a fresh prompt's prefill
+        points = self.saver.boundaries(len(m.prompt_ids), cached) if self.saver is not None and not generated else ()
+        return Request(m.request_id, m.prompt_ids, m.params, generated, kv, cached, store, boundaries=points)
 
     def _prefilled(self, request_id, extract, tokens, cached) -> None:
         self.saver.admitted(request_id, extract, tokens, cached, self._sessions.get(request_id))
 
+    def _boundary(self, request_id, extract, tokens) -> None:
+        self.saver.boundary(request_id, extract, tokens, self._sessions.get(request_id))
+
     def _emitted(self, request_id: str) -> bool:
-        """The request has emitted its first token, or is no longer running."""
+        """The request has emitted its first token, or is no longer running (still prefilling: not yet)."""
         s = self.sched
+        if s.prefill is not None and request_id in s.prefill[1].request_ids:
+            return False
         for m in list(s.batch.seqs) + (list(s.spec_batch.rows) if s.spec_batch is not None else []):
             if m.request_id == request_id:
                 return len(m.generated) > 0

@@ -160,6 +160,14 @@ class RuntimeStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DecoderMessage = Submit | Abort | Shutdown
+
+
+class StepOps(msgspec.Struct, frozen=True, tag=True):
+    """Distributed runtime: what rank 0's Decoder took from its mailbox before step ``seq`` (Submits without KV
+    handles, Aborts, a Shutdown), broadcast so every rank's scheduler takes the same step (actors/distributed.py)."""
+
+    seq: int
+    msgs: tuple[Submit | Abort | Shutdown, ...] = ()
 OutputMessage = TokenOutput | Finish | RequestFailed
 ExpertStoreMessage = StepRouting | StatsRequest
 CacheMessage = CacheLookup | CacheInsert | CacheRelease | CacheFlush | StatsRequest

@@ -210,10 +210,11 @@ class Runtime:
     @contextlib.asynccontextmanager
     async def open(cls, checkpoint=None, *, draft=None, specdec=None, expert_residency=None, expert_cache_gb=None,
                    prefix_cache=None, prefix_cache_gb=None, prefix_cache_dir=None, disk_kv_budget_gb=None,
-                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, max_kv_size=None,
+                   prefix_block_size=None, prefix_cache_max_entries=None, kv_bits=None, kv_group_size=64,
+                   quantized_kv_start=5000, max_kv_size=None,
                    max_batch: int = 8, max_sessions: int = 64, fault_hook=None, restart_intensity: int = 3,
                    restart_period: float = 60.0, predictor=None, warmup=None, spec_batch: int = 0,
-                   prefill_chunk: int = 512, **load_kwargs):
+                   prefill_chunk: int = 512, distributed=False, **load_kwargs):
         """Loads the model on the MLX thread and starts the actors; closes everything on exit.
 
         draft: a DFlash draft checkpoint; requests then decode speculatively (NATIVE_V7) while they run alone.
@@ -232,12 +233,22 @@ class Runtime:
             disk (L2 ``DiskKVCache``, ``disk_kv_budget_gb``, default 20; shared safely between processes). Off:
             only a session's own earlier turns are reused. ``warm_prefix`` fills it ahead of traffic.
         max_kv_size: bound every full-attention layer's KV to this many tokens (a rotating window, keep=0), for live
-            requests and snapshots alike. kv_bits: quantized KV is refused (ConfigError): it cannot be batched.
+            requests and snapshots alike.
+        kv_bits / kv_group_size / quantized_kv_start: quantized attention KV with mlx-lm's ``generate`` semantics
+            (bits 2-8, group 32/64/128, default 64; a request's KV is quantized once it holds quantized_kv_start
+            tokens, default 5000, mlx-lm's), in the batch and solo speculative lanes, in snapshots (L1/L2 store the
+            quantized arrays) and salted into the prefix cache's identity. A batch converts as a whole when its
+            longest row reaches the start (``engine/quantized_kv.py``). ConfigError (naming kv_bits) for
+            sliding-window and compressed caches (gpt_oss, gemma4, deepseek_v4), with max_kv_size, and with
+            spec_batch (batched speculative rollback handles plain KV rows only).
         warmup: run the speculative engine once before serving (``BlockSpecDecEngine.warmup``: on a GPU backend
             the first draft + verify compile kernels for about a minute). Default: on a GPU, not on the CPU.
         max_sessions: session KV caches kept (least recently used beyond that are dropped; 0 keeps none);
         restart_intensity / restart_period: an actor is restarted at most that many times within that many
             seconds before the runtime gives up (``RuntimeFailedError``).
+
+        distributed: True or a dict (docs/distributed.md) under ``mlx.launch``: rank 0 serves; ranks > 0 follow its
+            steps, never enter the ``async with`` body and exit (SystemExit(0)) when rank 0 closes.
 
         Every argument is checked before anything loads (``request_schema.check_open``: ``ConfigError``).
         After loading, the process's garbage collector is collected once and frozen (``gc.freeze()``); the last
@@ -245,7 +256,7 @@ class Runtime:
         model, every KV cache and the bank, and parks the MLX thread for the next runtime to reuse.
         """
         from mach_runtime.io.arch_registry import adapter_for_config, read_config
-        from mach_runtime.engine.kv_layout import apply_kv_layout
+        from mach_runtime.engine.kv_layout import apply_kv_layout, check_kv_bits
         from mach_runtime.io.load import load_moe
 
         check_open(checkpoint=checkpoint, draft=draft, specdec=specdec, expert_residency=expert_residency,
@@ -272,21 +283,37 @@ class Runtime:
             from mach_runtime.io.hf_cache import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(checkpoint, load_kwargs.pop("revision", None))
-        # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
-        # engines below changes nothing on the model
-        plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
+        check_kv_bits("standard", kv_bits, kv_group_size, quantized_kv_start, None, None)  # values, before loading
         mlx = MLXThread.acquire()
-        store = sup = rt = None
+        store = sup = rt = dist = None
         froze = False
         try:
+            if distributed:
+                from .distributed import Distributed
+
+                dist = await mlx.call(lambda: Distributed(distributed, checkpoint))
+                load_kwargs["shard"], pconf, restart_intensity = dist.plan, _build.no_prefix(pconf), 0
+                specdec = dist.specdec(specdec, draft)  # one every rank can follow: no collective in a compiled graph
+            # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the
+            # engines below changes nothing on the model
+            plan = _build.hook_plan(draft, specdec) if draft is not None or specdec is not None else None
             model, tokenizer, store, _cache = await mlx.call(lambda: load_moe(
                 checkpoint, expert_residency=expert_residency, expert_cache_gb=expert_cache_gb, speculative=plan,
                 **load_kwargs))
+            if dist is not None:
+                specdec = await mlx.call(lambda: dist.after_load(model, store, specdec, draft))
             config = read_config(os.fspath(checkpoint))
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
-            layout = await mlx.call(lambda: apply_kv_layout(model, adapter.kv_cache_kind, max_kv_size=max_kv_size,
-                                                            kv_bits=kv_bits))
+            tc = adapter.text_config(config)
+            if kv_bits is not None and spec_batch >= 2 and (draft is not None or specdec is not None):
+                raise ConfigError(f"kv_bits cannot be combined with spec_batch={spec_batch}: batched speculative "
+                                  "rollback trims plain KV rows only; leave spec_batch at 0 (a lone request still "
+                                  "decodes speculatively over the quantized cache) or kv_bits unset")
+            head_dim = tc.get("head_dim") or (tc.get("hidden_size", 0) // max(1, tc.get("num_attention_heads") or 1))
+            layout = await mlx.call(lambda: apply_kv_layout(
+                model, adapter.kv_cache_kind, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start, head_dim=head_dim or None))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _build.spec_engine(model, tokenizer, store, draft, specdec))
@@ -296,13 +323,17 @@ class Runtime:
                     await mlx.call(spec.warmup)
                     if batched is not None:
                         await mlx.call(batched.warmup)
-            tc = adapter.text_config(config)
+            if dist is not None and not dist.leader:  # follow rank 0's steps until it shuts down, then end
+                await mlx.call(lambda: _build.follow(dist, model, tokenizer, caps, max_batch, spec, batched,
+                                                     prefill_chunk))
+                raise SystemExit(0)
             limits = _Limits(tc.get("max_position_embeddings"), _build.vocab_size(tokenizer, tc))
             prefix = _build.prefix_cache(pconf, checkpoint, draft, layout)
             sup = Supervisor(mlx, model, tokenizer, store, max_batch=max_batch, max_sessions=max_sessions,
                              fault_hook=fault_hook, intensity=restart_intensity, period=restart_period,
                              predictor=predictor, spec=spec, spec_batch=batched, caps=caps,
-                             prefill_chunk=prefill_chunk, prefix=prefix)
+                             prefill_chunk=prefill_chunk, prefix=prefix,
+                             step_sync=dist.sync if dist is not None else None)
             del model, spec, batched, _cache  # from here on the Supervisor owns them (and drops them at close)
             gc_freeze()  # (actors/gc_scope.py) undone by the last open runtime's close
             froze = True
@@ -334,6 +365,8 @@ class Runtime:
                 finally:
                     if store is not None:
                         store.close()
+                    if dist is not None:
+                        dist.close()
                     store = None
                     mlx.release(idle=idle)
 

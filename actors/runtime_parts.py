@@ -76,3 +76,18 @@ def spec_batch(model, tokenizer, store, spec, n: int):
 
     return BatchedSpecDecoder(model, tokenizer, spec.draft, config=spec.config, store=store, max_batch=n,
                               target=spec.target)
+
+
+def no_prefix(conf):
+    """A distributed runtime's prefix-cache settings: off (KV only rank 0 held would put the ranks out of step)."""
+    import dataclasses
+
+    return dataclasses.replace(conf, enabled=False, directory=None)
+
+
+def follow(dist, model, tokenizer, caps, max_batch, spec, spec_batch, prefill_chunk) -> None:
+    """A rank > 0 of a distributed runtime: takes rank 0's steps until it shuts down (MLX thread)."""
+    from .distributed import run_follower
+
+    run_follower(model, tokenizer, caps=caps, max_batch=max_batch, spec=spec, spec_batch=spec_batch,
+                 prefill_chunk=prefill_chunk, sync=dist.sync)

@@ -46,6 +46,7 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     usage: dict | None = None  # on the last chunk: prompt_tokens, completion_tokens, cached_tokens, prefilled_tokens
     # per token when the request asked for logprobs: (logprob, ((top token id, logprob), ...))
     logprobs: tuple | None = None
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended the request, if one did
 
 
 def _set_all(events) -> None:
@@ -68,7 +69,7 @@ class OutputSlot:
         self._text: list[str] = []
         self._logprobs: list | None = None
         self._index = 0  # completion position of the first pending token
-        self._finish: tuple[str, dict] | None = None
+        self._finish: tuple[str, dict, str | None] | None = None
         self._error: BaseException | None = None
         self._event: anyio.Event | None = None
         self._done = False  # the consumer received the last chunk
@@ -86,10 +87,10 @@ class OutputSlot:
                 self._logprobs = (self._logprobs or []) + list(logprobs)
             return self._take_event()
 
-    def finish(self, reason: str, usage: dict):
+    def finish(self, reason: str, usage: dict, stop_sequence: str | None = None):
         with self._lock:
             if self._finish is None and self._error is None:
-                self._finish = (reason, usage)
+                self._finish = (reason, usage, stop_sequence)
             return self._take_event()
 
     def fail(self, error: BaseException):
@@ -119,10 +120,11 @@ class OutputSlot:
                     self._index += len(ids)
                     self._ids.clear()
                     self._text.clear()
-                    reason, usage = self._finish if self._finish else (None, None)
+                    reason, usage, stop_seq = self._finish if self._finish else (None, None, None)
                     if reason is not None:
                         self._done = True
                     return Chunk(request_id=self.request_id, text=text, token_ids=ids, index=chunk_index,
-                                 finish_reason=reason, usage=usage, logprobs=tuple(lps) if lps else None)
+                                 finish_reason=reason, usage=usage, logprobs=tuple(lps) if lps else None,
+                                 stop_sequence=stop_seq)
                 event = self._event = anyio.Event()
             await event.wait()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from mach_runtime.engine.emit import Emitter
-from mach_runtime.errors import RequestError, RuntimeFailedError, UnknownRequestError
+from mach_runtime.errors import DistributedError, RequestError, RuntimeFailedError, UnknownRequestError
 
 from .cache import CacheActor, KVTable
 from .decoder import Decoder, MLXThread
@@ -48,7 +48,7 @@ class LedgerEntry:
 class Supervisor:
     def __init__(self, mlx: MLXThread, model, tokenizer, store, *, max_batch: int = 8, max_sessions: int = 64,
                  fault_hook=None, intensity: int = 3, period: float = 60.0, predictor=None, spec=None,
-                 spec_batch=None, caps=None, prefill_chunk: int | None = None, prefix=None):
+                 spec_batch=None, caps=None, prefill_chunk: int | None = None, prefix=None, step_sync=None):
         self.mlx = mlx
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch = max_batch
@@ -76,6 +76,9 @@ class Supervisor:
         self.decoder: Decoder | None = None
         self.expert_store: ExpertStoreActor | None = None
         self.cache: CacheActor | None = None
+        self.step_sync = step_sync  # distributed runtime (rank 0): the Decoder broadcasts its steps
+        if step_sync is not None:
+            step_sync.on_lost = self._lost
 
     # -- start / watch -------------------------------------------------------------------------------------
     async def start(self, tg) -> None:
@@ -132,11 +135,12 @@ class Supervisor:
     def _start_decoder(self) -> None:
         d = Decoder(
             self.model, self.tokenizer, max_batch=self.max_batch, sink=self.deliver, kv_table=self.kv_table,
-            cache_inbox=lambda m, then=None: call_soon(self._token, self._to_cache, m, then),
+            cache_inbox=None if self.step_sync is not None else (
+                lambda m, then=None: call_soon(self._token, self._to_cache, m, then)),
             expert_inbox=lambda m: call_soon(self._token, self.expert_store.deliver, m),
             routing_source=self.expert_store.routing_source, fault_hook=self.fault_hook, spec=self.spec,
             spec_batch=self.spec_batch, caps=self.caps, prefill_chunk=self.prefill_chunk,
-            prefix_min_tokens=self.prefix.block_size if self.prefix.shared else None,
+            prefix_min_tokens=self.prefix.block_size if self.prefix.shared else None, step_sync=self.step_sync,
         )
         if self.decoder is not None:  # statistics survive a restart
             d.adopt_stats(self.decoder)
@@ -189,7 +193,7 @@ class Supervisor:
                 self.kv_table.drop(m.cache_handle)
 
     def _give_up(self, name: str, error: BaseException) -> None:
-        self.failed = RuntimeFailedError(
+        self.failed = error if isinstance(error, DistributedError) else RuntimeFailedError(
             f"the {name} actor crashed more than {self.intensity} times in {self.period:g}s "
             f"(last error: {type(error).__name__}: {error}); the runtime has shut down"
         )
@@ -197,6 +201,13 @@ class Supervisor:
         if self.decoder is not None:
             self.decoder.send(Shutdown())
         self._fail_all(self.failed)
+
+    def _lost(self, error: DistributedError) -> None:
+        """Distributed runtime (any thread): a rank is gone; every request in flight fails with ``error`` now."""
+        if self.failed is None:
+            self.failed = error
+        self.closed = True
+        self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
@@ -279,7 +290,7 @@ class Supervisor:
         pushed = e.slot.push((), text) if text else None  # (the consumer's wake-up event, taken by the push)
         usage = {"prompt_tokens": len(e.submit.prompt_ids), "completion_tokens": len(e.delivered),
                  "cached_tokens": cached, "prefilled_tokens": prefilled}
-        finished = e.slot.finish(reason, usage)
+        finished = e.slot.finish(reason, usage, e.emitter.stop_sequence)
         return pushed or finished
 
     # -- shutdown ------------------------------------------------------------------------------------------

@@ -39,6 +39,13 @@ forward redone after a miss routes the same). The script traces the decode routi
 locality (repeat@1: share of a step's experts the previous step used; cover@8: share found in the previous 8
 steps) next to uniform's and Qwen3-30B-A3B's published values (0.45 / 0.80).
 
+``--trace FILE`` (routing ``trace``) replays a recorded routing trace instead (``mach trace`` format, e.g.
+bench/traces/qwen3moe_e128k8_l16_stdlib.json.gz: a briefly trained 128-expert top-8 qwen3_moe on held-out
+text, made by bench/train_router_trace.py): every router picks, at token position p, the experts the trace
+recorded at token p of segment ``--trace-segment`` (bench/trace_routing.py). Each streaming run also records its
+own bank steps and replays them offline at the run's bank size: under Belady's MIN (the ceiling for any policy
+that loads on demand) and under the live policy (which must reproduce the live hits exactly).
+
 NOTE: uniform random routing caps the hit rate at ~ slots / experts, so with ``--routing uniform`` hit rates are
 a FLOOR; trained routers have strong locality, so real streaming reads far fewer bytes per token. Random WEIGHTS
 do not guarantee uniform routing: measured repeat@1 was 0.62 for mid_bf16_pe (make_tiny_checkpoint scales its
@@ -48,6 +55,8 @@ local than trained Qwen3 (0.45): with ``--routing model`` these hit rates are op
     python bench/p2_streaming.py                        # CPU: mid_bf16_pe, model routing
     python bench/p2_streaming.py --routing uniform      # the floor -> bench/results/p2_streaming_uniform.json
     python bench/p2_streaming.py --ckpt a3b_l16 --routing uniform --new-tokens 40   # GPU default checkpoint
+    python bench/p2_streaming.py --ckpt a3b_l16 --trace bench/traces/qwen3moe_e128k8_l16_stdlib.json.gz \
+        --new-tokens 128 --fractions 1 0.25        # trained routing -> bench/results/p2_streaming_trace.json
 """
 
 from __future__ import annotations
@@ -103,31 +112,63 @@ class UniformGate:
     projection P), not PRNG draws, so a forward that streaming residency redoes after a miss routes exactly as
     the first time, and stacked and streaming residency route alike."""
 
-    def __init__(self, experts: int, layer: int):
-        self.experts, self.layer, self.proj = experts, layer, None
+    def __init__(self, experts: int, layer: int, hidden: int):
+        import mlx.core as mx
+
+        self.experts, self.layer = experts, layer
+        # made (and evaluated) here, not at the first call: that call may be traced by mx.compile (--compile)
+        self.proj = mx.random.normal((hidden, experts), key=mx.random.key(1000 + layer))
+        mx.eval(self.proj)
 
     def __call__(self, x):
         import mlx.core as mx
 
-        if self.proj is None:
-            self.proj = mx.random.normal((x.shape[-1], self.experts), key=mx.random.key(1000 + self.layer))
         h = mx.sin((x.astype(mx.float32) @ self.proj) * 12.9898) * 43758.5453
         return h - mx.floor(h)
 
 
-def apply_routing(model, routing: str, experts: int) -> None:
-    if routing == "model":
-        return
+def apply_routing(model, routing: str, experts: int, a=None, tokens: int = 0) -> dict | None:
+    """Installs the routing (``model`` / ``uniform`` / ``trace``), then, with ``--compile``, the compiled MoE blocks
+    (``engine/compiled_moe.py``: stacked, and streaming's optimistic hit path). Returns the trace replay's info."""
+    info = None
+    if routing == "trace":
+        from trace_routing import apply_trace
+
+        info = apply_trace(model, a.trace_obj, tokens, a.trace_segment)
+    elif routing != "model":
+        _uniform(model, experts)
+    if getattr(a, "compile", False):
+        from mach_runtime.engine.compiled_moe import compile_moe_blocks
+
+        compile_moe_blocks(model)
+    return info
+
+
+def _uniform(model, experts: int) -> None:
     n = 0
     for i, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "switch_mlp"):
             if "gate" in mlp:
                 del mlp["gate"]  # drop the router's weights from the module tree
-            object.__setattr__(mlp, "gate", UniformGate(experts, i))  # plain attribute: not a parameter
+            object.__setattr__(mlp, "gate", UniformGate(experts, i, model.args.hidden_size))  # plain attribute: not a parameter
             n += 1
     if not n:
         raise SystemExit("--routing uniform: found no MoE block with a gate to replace")
+    return None
+
+
+def offline_replay(store, slots: int, policy: str) -> dict:
+    """The run's own bank steps (recorded live since ``store.start_trace()``) replayed at its bank size: Belady's
+    MIN and the live policy, whose counters must equal the live ones."""
+    from mach_runtime.analysis.trace_replay import RoutingTrace, replay
+
+    tr = RoutingTrace.from_store(store, granularity="mixed")
+    s = store.stats()
+    bel, pol = replay(tr, slots, "belady"), replay(tr, slots, policy)
+    return dict(steps=len(tr.steps), belady_hit_rate=bel.hit_rate, belady_hits=bel.hits, belady_misses=bel.misses,
+                replay_hit_rate=pol.hit_rate,
+                replay_matches_live=(pol.hits, pol.misses, pol.evictions) == (s.hits, s.misses, s.evictions))
 
 
 def window(snaps, times, a, b, k, layers):
@@ -145,6 +186,9 @@ def window(snaps, times, a, b, k, layers):
         bytes_per_token=nbytes / forwards if forwards else 0.0, read_seconds=rsec,
         read_mb_per_s=nbytes / rsec / 1e6 if rsec > 0 else float("nan"),
         read_share=rsec / dt if dt > 0 else float("nan"),
+        write_share=(s1.write_seconds - s0.write_seconds) / dt if dt > 0 else float("nan"),
+        sync_share=(s1.sync_seconds - s0.sync_seconds) / dt if dt > 0 else float("nan"),
+        host_syncs_per_token=(s1.host_syncs - s0.host_syncs) / (b - a) if b > a else float("nan"),
     )
 
 
@@ -160,7 +204,8 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     load_s = time.perf_counter() - t0
     st = store.stats()
     k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
-    apply_routing(model, a.routing, st.num_experts)
+    apply_routing(model, a.routing, st.num_experts, a, len(ids) + n_new)
+    store.start_trace()
     snaps = []
     gstats = GenerationStats()
     t0 = time.perf_counter()
@@ -178,6 +223,7 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
         steady=window(snaps, times, n // 2, n - 1, k, st.layers),
         total_hit_rate=end.hit_rate, total_bytes_read=end.bytes_read, evictions=end.evictions,
         direct_io=end.direct_io, eviction_policy=end.eviction_policy, drop_caches=drop,
+        offline=offline_replay(store, st.capacity_experts // max(st.layers, 1), end.eviction_policy),
     )
     store.close()
     del model, cache, store
@@ -199,7 +245,7 @@ def routing_locality(ckpt, ids, n_new, E, k, a) -> dict:
     from mach_runtime.engine.generate import generate_tokens, make_sampler
 
     model, _, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=1e6, direct_io=True)
-    apply_routing(model, a.routing, E)
+    apply_routing(model, a.routing, E, a, len(ids) + n_new)
     store.start_trace()
     list(generate_tokens(model, ids, cache, make_sampler(a.temperature, seed=a.seed), n_new))
     per_layer = defaultdict(list)
@@ -233,7 +279,7 @@ def stacked_run(ckpt, ids, n_new, warmup, a) -> dict:
     t0 = time.perf_counter()
     model, _, store, _ = load_moe(str(ckpt), expert_residency="stacked")
     load_s = time.perf_counter() - t0
-    apply_routing(model, a.routing, store.stats().num_experts)
+    apply_routing(model, a.routing, store.stats().num_experts, a, len(ids) + n_new)
     for _ in range(warmup):
         list(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), min(n_new, 8)))
     tps = []
@@ -274,19 +320,32 @@ def main():
                         "model falls into repetition loops (the same token over and over), which repeats the routing "
                         "and inflates hit rates; sampling keeps the token stream, hence the routing, near-uniform")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--routing", choices=["model", "uniform"], default="model",
+    p.add_argument("--routing", choices=["model", "uniform", "trace"], default="model",
                    help="model: the checkpoint's own (random) routers; uniform: replace every router by N(0,1) "
-                        "logits per token (uniform, memoryless routing: the true hit-rate floor)")
+                        "logits per token (uniform, memoryless routing: the true hit-rate floor); trace: replay "
+                        "--trace (implied by --trace)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="a routing trace (mach trace format, .json or .json.gz) to replay: every router picks the "
+                        "experts the trace recorded at each token position (bench/trace_routing.py)")
+    p.add_argument("--trace-segment", type=int, default=0, help="which recorded sequence of --trace to replay")
     p.add_argument("--warmup", choices=["first", "each", "none"], default=None,
                    help="untimed short runs before timing: first bank size only (CPU default) or each (GPU "
                         "default: the first forward of a new shape JIT-compiles)")
     p.add_argument("--time-budget-s", type=float, default=None, help="start no new timed run after this")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled MoE blocks (engine/compiled_moe.py) for stacked and streaming alike")
     p.add_argument("--ckpt-root", type=Path, default=C.default_ckpt_root())
     p.add_argument("--out", default=None, help="default bench/results/p2_streaming[_uniform].json")
     a = p.parse_args()
 
     t_start = time.perf_counter()
-    a.out = a.out or C.default_out("p2_streaming" + ("_uniform" if a.routing == "uniform" else ""))
+    if a.trace is not None:
+        from mach_runtime.analysis.trace_replay import RoutingTrace
+
+        a.routing, a.trace_obj = "trace", RoutingTrace.load(a.trace)
+    elif a.routing == "trace":
+        p.error("--routing trace needs --trace FILE")
+    a.out = a.out or C.default_out("p2_streaming" + ("" if a.routing == "model" else f"_{a.routing}"))
     info = C.machine_info()
     gpu = C.is_gpu()
     spec = a.ckpt or ("a3b_l16" if gpu else "mid_bf16_pe")
@@ -317,6 +376,7 @@ def main():
                    expert_bytes=expert_bytes, bank_bytes_per_expert=bank_bytes, routed_bytes=routed,
                    prompt_tokens=len(ids), new_tokens=a.new_tokens, io_threads=a.io_threads, policy=a.policy,
                    temperature=a.temperature, seed=a.seed, routing=a.routing,
+                   trace=dict(file=str(a.trace), segment=a.trace_segment, meta=a.trace_obj.meta) if a.trace else None,
                    note=C.RANDOM_ROUTING_NOTE)
 
     bw_before = disk_bw(files)
@@ -351,7 +411,9 @@ def main():
             runs[f].append(res)
             print(f"[p2] rep {r} bank {f:6.1%}: {res['all']['tps']:7.2f} tok/s, hit {res['all']['hit_rate']:.3f}, "
                   f"{res['all']['bytes_per_token'] / 1e6:7.1f} MB/tok, read {res['all']['read_mb_per_s']:6.0f} MB/s, "
-                  f"read share {res['all']['read_share']:.0%}, {res['distinct_tokens']} distinct tokens, same tokens as stacked: {res['same_tokens_as_stacked']}",
+                  f"read share {res['all']['read_share']:.0%}, {res['distinct_tokens']} distinct tokens, same tokens as stacked: {res['same_tokens_as_stacked']}; "
+                  f"whole run hit {res['total_hit_rate']:.3f} vs Belady {res['offline']['belady_hit_rate']:.3f} "
+                  f"(replay reproduces live: {res['offline']['replay_matches_live']})",
                   flush=True)
             payload["runs"] = {str(x): v for x, v in runs.items()}
             C.write_json(a.out, payload)
@@ -376,6 +438,9 @@ def main():
             read_mb_per_s=med(f, "all", "read_mb_per_s"), read_share=med(f, "all", "read_share"),
             vs_stacked=med(f, "all", "tps") / stacked["tps"],
             same_tokens_as_stacked=all(x["same_tokens_as_stacked"] for x in runs[f]),
+            total_hit_rate=C.median([x["total_hit_rate"] for x in runs[f]]),
+            belady_hit_rate=C.median([x["offline"]["belady_hit_rate"] for x in runs[f]]),
+            replay_matches_live=all(x["offline"]["replay_matches_live"] for x in runs[f]),
         ))
     payload["summary"] = summary
     C.write_json(a.out, payload)
@@ -387,17 +452,23 @@ def main():
           f"routing: {a.routing}; direct_io, {a.io_threads} io threads, {a.policy}; "
           f"median of the cold runs ('runs' column; {a.repeats} planned)")
     rows = [["stacked (100% resident)", E, "-", len(stacked["tps_runs"]), f"{stacked['tps']:.2f}",
-             f"{stacked['tps']:.2f}", "1.000", "1.000", "0.0", "0.0", "-", "-", "1.00"]]
+             f"{stacked['tps']:.2f}", "1.000", "1.000", "-", "-", "0.0", "0.0", "-", "-", "1.00"]]
     for s in summary:
         rows.append([f"streaming {s['fraction']:.1%}", s["slots_per_layer"], f"{s['bank_gib']:.2f}", s["runs"],
                      f"{s['tps']:.2f}",
                      f"{s['steady_tps']:.2f}", f"{s['hit_rate']:.3f}", f"{s['steady_hit_rate']:.3f}",
+                     f"{s['total_hit_rate']:.3f}", f"{s['belady_hit_rate']:.3f}",
                      f"{s['bytes_per_token'] / 1e6:.1f}", f"{s['steady_bytes_per_token'] / 1e6:.1f}",
                      f"{s['read_mb_per_s']:.0f}", f"{s['read_share']:.0%}", f"{s['vs_stacked']:.2f}"])
     print(C.fmt_table(["residency / bank", "slots/layer", "GiB", "runs", "tok/s", "steady tok/s", "hit", "steady hit",
-                       "MB/tok", "steady MB/tok", "read MB/s", "read share", "vs stacked"], rows))
+                       "run hit", "Belady", "MB/tok", "steady MB/tok", "read MB/s", "read share", "vs stacked"], rows))
     print(f"disk O_DIRECT 2 MiB random, 4 threads: {bw_before['mb_per_s']:.0f} MB/s before, "
           f"{bw_after['mb_per_s']:.0f} MB/s after ({bw_before['mode']}, {Path(bw_before['file']).name})")
+    print("run hit: the whole run's hit rate (prefill included); Belady: the same bank steps replayed offline under "
+          f"Belady's MIN at the same size (replay of the live policy reproduces the live counters: "
+          f"{all(s['replay_matches_live'] for s in summary)})")
+    if a.trace is not None:
+        print(f"routing: trace {a.trace} segment {a.trace_segment} ({a.trace_obj.meta.get('source', '?')})")
     print(f"routing of this checkpoint (decode, traced): repeat@1 {loc['repeat_at_1']:.3f} (uniform random "
           f"{loc['uniform_repeat_at_1']:.3f}, Qwen3-30B-A3B ~0.45), cover@8 {loc['cover_at_8']:.3f} (uniform "
           f"{loc['uniform_cover_at_8']:.3f}, Qwen3-30B-A3B ~0.80), expert-use entropy {loc['usage_entropy']:.3f}")

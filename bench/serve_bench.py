@@ -1,7 +1,13 @@
 """Serving benchmark: an OpenAI-protocol load generator against mach-serve and mlx_lm.server, same checkpoint,
 one run (the servers one after the other, never at once: they would share the cores).
 
-    python bench/serve_bench.py [--ckpt DIR] [--requests 24] [--max-tokens 64] [--rates 1,2,4] [--out JSON]
+    python bench/serve_bench.py [--ckpt DIR] [--draft DIR] [--requests 24] [--max-tokens 64] [--rates 1,2,4]
+                                [--servers mach-serve,mach-serve-target,mlx_lm.server] [--out JSON]
+
+Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
+4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
+its CPU default) and
+``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model).
 
 Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
 the issue's goal is >= 1.5x mlx_lm.server's throughput here with p99 TTFT no worse) and Poisson arrivals at each
@@ -13,7 +19,7 @@ generate the same text.
 
 No checkpoint given: the bundled demo model converted to float32 by mlx-lm's own ``convert`` (MLX's CPU
 ``gather_mm`` supports float32 only, so mlx_lm.server cannot serve the fp16 original on the CPU; mach-serve
-serves either). Both servers get the same converted folder.
+serves either). All servers get the same converted folder; mach-serve's draft is the bundled one (``--draft``).
 """
 
 from __future__ import annotations
@@ -52,11 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path):
-    if kind == "mach-serve":
+def demo_pair_flags(draft: str) -> list[str]:
+    """mach-serve's default configuration for the bundled demo pair on a GPU (``cli/serve.py``), given explicitly
+    because the benchmark serves a converted copy of the demo model."""
+    from mach_runtime.cli.serve import DEMO_SPEC_BATCH
+
+    return ["--draft", draft, "--spec-batch", str(DEMO_SPEC_BATCH), "--block-policy", "fixed"]
+
+
+def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: str):
+    if kind.startswith("mach-serve"):
         cmd = [sys.executable, "-m", "mach_runtime.cli.serve", str(ckpt), "--no-streaming", "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "bench",
-               "--log-level", "warning"]
+               "--log-level", "info"] + (demo_pair_flags(draft) if kind == "mach-serve" else ["--no-draft"])
     else:
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(ckpt), "--port", str(port),
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
@@ -154,22 +168,27 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--servers", default="mach-serve,mlx_lm.server")
+    ap.add_argument("--draft", default=None, help="mach-serve's DFlash draft (default: the bundled one)")
+    ap.add_argument("--servers", default="mach-serve,mach-serve-target,mlx_lm.server")
     ap.add_argument("--out", default=_common.default_out("serve_bench"))
     a = ap.parse_args()
     import anyio
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     ckpt = Path(a.ckpt) if a.ckpt else fp32_demo(_common.default_ckpt_root())
+    if a.draft is None:
+        from mach_runtime.assets import default_draft
+
+        a.draft = str(default_draft())
     tok = load_tokenizer(ckpt)
     rates = [float(x) for x in a.rates.split(",") if x]
     rows, out = [], {"machine": _common.machine_info(), "checkpoint": str(ckpt), "args": vars(a), "results": {}}
     for kind in a.servers.split(","):
         port = free_port()
-        base, model = f"http://127.0.0.1:{port}", ("bench" if kind == "mach-serve" else str(ckpt))
+        base, model = f"http://127.0.0.1:{port}", ("bench" if kind.startswith("mach-serve") else str(ckpt))
         log = Path(a.out).with_suffix(f".{kind}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc = start(kind, ckpt, port, a.max_batch, log)
+        proc = start(kind, ckpt, port, a.max_batch, log, a.draft)
         try:
             wait_ready(base, model, proc)
             runs = [("closed-8", dict(clients=8))] + [(f"poisson-{r:g}/s", dict(rate=r)) for r in rates]
@@ -190,13 +209,17 @@ def main() -> int:
     print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
                              "ITL p99 ms"], rows))
     res = out["results"]
-    if "mach-serve" in res and "mlx_lm.server" in res:
+    base = res.get("mlx_lm.server")
+    if base:
         out["ratios"] = {}
-        for m, b in zip(res["mach-serve"], res["mlx_lm.server"]):
-            same = sum(m["texts"].get(p) == b["texts"].get(p) for p in m["texts"])
-            out["ratios"][m["scenario"]] = {"throughput_x": m["throughput_tok_s"] / b["throughput_tok_s"],
-                                            "ttft_p99_x": m["ttft_p99_ms"] / b["ttft_p99_ms"],
-                                            "same_text_prompts": f"{same}/{len(m['texts'])}"}
+        for kind, runs in res.items():
+            if kind == "mlx_lm.server":
+                continue
+            for m, b in zip(runs, base):
+                same = sum(m["texts"].get(p) == b["texts"].get(p) for p in m["texts"])
+                out["ratios"].setdefault(kind, {})[m["scenario"]] = {
+                    "throughput_x": m["throughput_tok_s"] / b["throughput_tok_s"],
+                    "ttft_p99_x": m["ttft_p99_ms"] / b["ttft_p99_ms"], "same_text_prompts": f"{same}/{len(m['texts'])}"}
         print(json.dumps(out["ratios"], indent=1))
     _common.write_json(a.out, out)
     print("wrote", a.out)

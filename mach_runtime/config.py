@@ -21,6 +21,7 @@ _ENV = {
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
+    "prefetch_mb": ("MACH_PREFETCH_MB", 0.0),  # next-layer prefetch budget (MB); 0: off
     "api_key": ("MACH_API_KEY", None),
     "prefix_cache": ("MACH_PREFIX_CACHE", True),
     "prefix_cache_gb": ("MACH_PREFIX_CACHE_GB", 2.0),
@@ -28,6 +29,11 @@ _ENV = {
     "prefix_cache_dir": ("MACH_PREFIX_CACHE_DIR", None),
     "disk_kv_budget_gb": ("MACH_DISK_KV_BUDGET_GB", 20.0),
     "prefix_block_size": ("MACH_PREFIX_BLOCK_SIZE", 256),
+    "dist_backend": ("MACH_DIST_BACKEND", "auto"),
+    "dist_mode": ("MACH_DIST_MODE", "expert"),
+    "dist_timeout": ("MACH_DIST_TIMEOUT", 30.0),
+    "dist_heartbeat": ("MACH_DIST_HEARTBEAT", 1.0),
+    "dist_placement": ("MACH_DIST_PLACEMENT", None),
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -108,6 +114,13 @@ def resolve_store_config(
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
 
 
+def resolve_prefetch_bytes(prefetch_mb=None) -> int:
+    """The next-layer prefetch budget in bytes (``io/next_layer_prefetch.py``): argument, then ``MACH_PREFETCH_MB``,
+    then 0 (off: opt-in until it is measured on a realistic routing trace on an accelerator)."""
+    mb, where = _raw("prefetch_mb", prefetch_mb)
+    return int(_number("prefetch_mb", mb, float, 0.0, where) * 1e6)
+
+
 @dataclass(frozen=True)
 class PrefixCacheConfig:
     """Resolved prefix-cache settings (``Runtime.open``): L1 in RAM, L2 on disk when ``directory`` is set."""
@@ -159,3 +172,67 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
     key, _ = _raw("api_key", api_key)
     return key or None
+
+
+DIST_BACKENDS = ("auto", "ring", "nccl", "jaccl", "mpi")
+DIST_MODES = ("expert", "pipeline")
+# environment variables mlx.launch sets for each backend (mlx/_distributed_utils/launch.py): how "auto" finds out
+# which backend the launcher prepared
+_LAUNCH_MARKERS = (("NCCL_HOST_IP", "nccl"), ("MLX_JACCL_COORDINATOR", "jaccl"), ("MLX_MPI_LIBNAME", "mpi"),
+                   ("MLX_HOSTFILE", "ring"))
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Resolved settings of a distributed runtime (``Runtime.open(distributed=True)``, ``mach-serve
+    --distributed``; docs/distributed.md).
+
+    backend: the mlx.distributed backend ("auto": the one mlx.launch prepared, see ``launched_backend``); mode:
+    "expert" (each rank owns a share of every layer's experts) or "pipeline" (contiguous layer ranges); timeout:
+    seconds a rank may go without completing a step before the group is declared lost; heartbeat: seconds
+    between rank 0's idle heartbeats (followers expect one at least every heartbeat + timeout); placement: a
+    ``mach trace`` file whose measured expert load places the experts (None: contiguous ranges)."""
+
+    backend: str
+    mode: str
+    timeout: float
+    heartbeat: float
+    placement: str | None
+
+
+def launched_backend() -> str | None:
+    """The backend whose environment mlx.launch set up for this process, or None (not launched)."""
+    for var, backend in _LAUNCH_MARKERS:
+        if os.environ.get(var):
+            return backend
+    return None
+
+
+def launched_rank() -> int | None:
+    """This process's rank as mlx.launch numbered it (``MLX_RANK``), or None (not launched)."""
+    r = os.environ.get("MLX_RANK")
+    return int(r) if r and r.isdigit() else None
+
+
+def resolve_distributed_config(backend=None, mode=None, timeout=None, heartbeat=None,
+                               placement=None) -> DistributedConfig:
+    """Every distributed setting from arguments, then ``MACH_DIST_*`` env vars, then defaults."""
+    b, where = _raw("dist_backend", backend)
+    b = str(b).strip().lower()
+    if b not in DIST_BACKENDS:
+        raise ConfigError(f"{where}: distributed backend must be one of {', '.join(DIST_BACKENDS)}, got {b!r}")
+    m, where = _raw("dist_mode", mode)
+    m = str(m).strip().lower()
+    if m not in DIST_MODES:
+        raise ConfigError(f"{where}: distributed mode must be one of {', '.join(DIST_MODES)} (expert parallel or "
+                          f"pipeline parallel), got {m!r}")
+    t, where = _raw("dist_timeout", timeout)
+    t = _number("dist_timeout", t, float, 0.5, where)
+    h, where = _raw("dist_heartbeat", heartbeat)
+    h = _number("dist_heartbeat", h, float, 0.05, where)
+    p, where = _raw("dist_placement", placement)
+    if p is not None:
+        p = os.path.expanduser(os.fspath(p))
+        if not os.path.isfile(p):
+            raise ConfigError(f"{where}: expert placement trace {p!r} does not exist; record one with `mach trace`")
+    return DistributedConfig(b, m, float(t), float(h), p)

@@ -50,6 +50,11 @@ class RuntimeFailedError(MachError, RuntimeError):
     """The runtime gave up (an actor crashed more often than its restart limit allows) or was shut down."""
 
 
+class DistributedError(RuntimeFailedError):
+    """A rank of a distributed runtime died, stopped answering or diverged from rank 0 (docs/distributed.md):
+    the group cannot continue; restart every rank."""
+
+
 def error_name(exc: BaseException) -> str:
     """The name of ``exc``'s class if it is one of this module's errors (a request failed by it is reported to
     its caller as that class: a vanished shard stays a ``CheckpointNotFoundError``), else "RequestError"."""

@@ -1,9 +1,13 @@
 import json
 import os
 
-import pytest
+# float32 GEMMs at full precision on every backend (MLX CUDA defaults to TF32): the tolerance rule in
+# tests/tolerances.py; set before MLX runs its first matmul, inherited by the suite's subprocesses
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from tests.helpers import HF_QWEN3_MOE
+import pytest  # noqa: E402
+
+from tests.helpers import HF_QWEN3_MOE  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -77,6 +78,24 @@ def quantize(src: Path, dst: Path, bits: int = 4, group_size: int = 32, shard_by
     _copy_meta(src, dst, cfg)
     save_weights(dst, dict(tree_flatten(model.parameters())), shard_bytes)
     return dst
+
+
+def child_env(root, **extra) -> dict:
+    """The environment of a subprocess of the suite: the parent's, ``root`` first on PYTHONPATH, then the
+    parent's own PYTHONPATH entries (packages a kit installs outside site-packages, e.g. /tmp/site on the GPU
+    machine, stay importable in the child)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(root), *inherited])}
+
+
+def mlx_lm_reference(model):
+    """mlx-lm's quantized model as a reference on this backend: on CUDA the layers whose MLX kernel computes wrong
+    values (``mach_runtime/io/backend_faults.py``, pinned by tests/test_backend_faults.py) are held dequantized,
+    the same function; elsewhere the model is untouched."""
+    from mach_runtime.io.backend_faults import dequantize_one_group_rows
+
+    dequantize_one_group_rows(model)
+    return model
 
 
 def reference_logits(model, ids) -> np.ndarray:

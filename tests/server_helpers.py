@@ -41,14 +41,54 @@ TOOL_TEMPLATE = (
 )
 
 
+# Two more families' formats, written for these tests over the demo model's tokens: each renders tools, assistant
+# tool calls and tool results the way the family's own template does (gpt-oss harmony: "<|start|>assistant
+# to=functions.NAME<|channel|>commentary json<|message|>ARGS<|end|>", results from "functions.NAME to=assistant";
+# Gemma 4: "<|tool_call>call:NAME{key:<|"|>text<|"|>,n:1}<tool_call|>" with keys sorted, results in
+# "<|tool_response>response:NAME{value:...}<tool_response|>"), so the server picks the family's parser from it.
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>Reasoning: low<|end|>"
+    "{% if tools %}<|start|>developer<|message|># Tools\n\nnamespace functions {\n"
+    "{% for t in tools %}type {{ t.function.name }} = (_: {{ t.function.parameters | tojson }}) => any;\n{% endfor %}"
+    "} // namespace functions<|end|>{% endif %}"
+    "{% set last = namespace(name=none) %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m.get('tool_calls') %}{% set tc = m.tool_calls[0].function %}"
+    "<|start|>assistant to=functions.{{ tc.name }}<|channel|>commentary json<|message|>{{ tc.arguments | tojson }}"
+    "<|end|>{% set last.name = tc.name %}"
+    "{% elif m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'tool' %}<|start|>functions.{{ last.name }} to=assistant<|channel|>commentary<|message|>"
+    "{{ m['content'] | tojson }}<|end|>"
+    "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+GEMMA4_TEMPLATE = (
+    "{% if tools or messages[0]['role'] == 'system' %}<|turn>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{% for t in tools or [] %}<|tool>declaration:{{ t.function.name }}{{ t.function.parameters | tojson }}<tool|>"
+    "{% endfor %}<turn|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|turn>model\n"
+    "{% for tc in m.get('tool_calls') or [] %}<|tool_call>call:{{ tc.function.name }}{{ '{' }}"
+    "{% for k, v in tc.function.arguments | dictsort %}{{ ',' if not loop.first }}{{ k }}:"
+    "{% if v is string %}<|\"|>{{ v }}<|\"|>{% else %}{{ v | tojson }}{% endif %}{% endfor %}}<tool_call|>"
+    "{% endfor %}{{ m['content'] or '' }}<turn|>\n"
+    "{% elif m['role'] == 'tool' %}<|turn>user\n<|tool_response>response:{{ m.get('name') or 'tool' }}"
+    "{value:<|\"|>{{ m['content'] }}<|\"|>}<tool_response|><turn|>\n"
+    "{% elif m['role'] != 'system' %}<|turn>{{ m['role'] }}\n{{ m['content'] }}<turn|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
 def demo_dir() -> Path:
     from mach_runtime.assets import demo_model_path
 
     return demo_model_path()
 
 
-def tool_checkpoint(dst: Path) -> Path:
-    """The demo checkpoint (weights linked) with the Qwen-style tool template in tokenizer_config.json."""
+def tool_checkpoint(dst: Path, template: str = TOOL_TEMPLATE) -> Path:
+    """The demo checkpoint (weights linked) with a tool-calling chat template (default: Qwen-style) in
+    tokenizer_config.json."""
     src = demo_dir()
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -57,7 +97,7 @@ def tool_checkpoint(dst: Path) -> Path:
         elif f.is_file():
             shutil.copy(f, dst / f.name)
     cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TOOL_TEMPLATE
+    cfg["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 

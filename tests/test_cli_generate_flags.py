@@ -10,6 +10,7 @@ import pytest
 
 from mach_runtime.assets import demo_model_path
 from mach_runtime.cli import generate as gen
+from tests import tolerances as tol
 from tests.helpers import HF_QWEN3_MOE
 
 DEMO = str(demo_model_path())
@@ -65,7 +66,10 @@ def test_defaults_are_mlx_lms():
 
 @pytest.mark.parametrize("extra", [
     [], ["--ignore-chat-template"], ["--system-prompt", "You write Python."],
-    ["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0", "--ignore-chat-template"],
+    pytest.param(["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0", "--ignore-chat-template"],
+                 marks=pytest.mark.xfail(tol.CUDA, raises=RuntimeError, strict=False,
+                                         reason="mlx-lm's --kv-bits needs a quantized_matmul MLX 0.32.4 CUDA lacks "
+                                                "(tests/test_backend_faults.py)")),
     ["--max-kv-size", "12", "--ignore-chat-template"],
 ], ids=["chat-default", "raw", "system", "kv-bits", "max-kv-size"])
 def test_output_equals_mlx_lm_generate(tiny32, capsys, monkeypatch, extra):

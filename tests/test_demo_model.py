@@ -1,12 +1,12 @@
 """The bundled demo model: assets, transformers parity, tokenizer, routing traces + replay, mach demo / trace."""
 
 import json
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mach_runtime import load_moe
@@ -18,7 +18,8 @@ from mach_runtime.analysis.trace_replay import (
     routing_stats,
     sweep,
 )
-from tests.helpers import FIXTURES, greedy, reference_logits, rel_err
+from tests import tolerances as tol
+from tests.helpers import FIXTURES, child_env, greedy, reference_logits, rel_err
 
 DEMO = demo_model_path()
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,8 @@ def test_assets_match_transformers(demo_ref, residency, slots):
         assert tok.encode(demo_ref["prompt"]) == demo_ref["prompt_ids"]
         ids = demo_ref["prompt_ids"]
         got = reference_logits(model, ids)[demo_ref["logits_start"]:]
-        assert rel_err(got, demo_ref["logits"]) <= 1e-4
+        # float16 weights: the CPU computes in float32 (its gather_mm), a GPU in float16 (tests/tolerances.py)
+        assert rel_err(got, demo_ref["logits"]) <= tol.half(mx.float16, tol.independent())
         assert greedy(model, ids, len(demo_ref["greedy_ids"])) == demo_ref["greedy_ids"]
         if slots:
             s = store.stats()
@@ -193,7 +195,7 @@ def test_trace_replay_reconciles_with_live_stats(tmp_path, policy, slots):
 
 
 def _mach(*args, timeout=120):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = child_env(ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "mach_runtime.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 

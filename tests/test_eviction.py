@@ -48,3 +48,29 @@ def test_victim_never_in_exclude():
 def test_lrfu_rejects_bad_lambda():
     with pytest.raises(ValueError):
         LRFUPolicy(lam=0)
+
+
+@pytest.mark.parametrize("name", ["lru", "lrfu"])
+def test_table_steps_many_banks_at_once_as_one_by_one(name):
+    """``PolicyTable.step_rows`` (one array update for a decode step of every layer) equals stepping each bank's
+    policy on its own: same state, same victims."""
+    import numpy as np
+
+    from mach_runtime.io.eviction import make_table
+
+    rng = np.random.default_rng(0)
+    fast, slow = make_table(name, 3, 16), make_table(name, 3, 16)
+    rows = [slow.row(b) for b in range(3)]
+    for _ in range(40):
+        used = np.stack([np.sort(rng.choice(16, 4, replace=False)) for _ in range(3)])
+        fast.step_rows(np.arange(3), used)
+        for b in range(3):
+            rows[b].step(used[b].tolist())
+        b, e = int(rng.integers(3)), int(rng.integers(16))
+        if fast.tracked[b, e]:
+            fast.remove(b, e)
+            rows[b].remove(e)
+    assert np.array_equal(fast.tracked, slow.tracked) and np.array_equal(fast.score, slow.score)
+    for b in range(3):
+        excl = set(rng.choice(16, 3, replace=False).tolist())
+        assert fast.victim(b, excl) == rows[b].victim(excl)

@@ -4,8 +4,10 @@ transformers-saved checkpoints built at test time."""
 
 import re
 import tomllib
-from importlib.metadata import requires, version
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,4 +36,8 @@ def test_cuda_extras_match_mlx_metadata():
 
 def test_test_extra_installs_torch():
     assert "torch==2.13.0" in _project()["optional-dependencies"]["test"]
+    try:
+        version("mach-runtime")
+    except PackageNotFoundError:  # run from a source tree (the GPU machine's kit): no extra was installed here
+        pytest.skip("mach-runtime is not installed: the test extra's pins were not applied to this environment")
     assert version("torch").startswith("2.13.0")

@@ -15,6 +15,7 @@ from mach_runtime.engine.specdec.gdn_tape import ConvInputHook, GDNTape, GDNTape
 from mach_runtime.engine.specdec.target import Checkpoint, TargetOps, rollback
 from mach_runtime.engine.specdec.verify_cache import bucket_kv_caches
 from tests.family_helpers import FAMILIES
+from tests import tolerances as tol
 from tests.helpers import greedy
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41]
@@ -71,7 +72,10 @@ def _assert_same(c_tape, c_rerun):
                 continue
             x, y = np.array(x), np.array(y)
             assert x.shape == y.shape
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)  # bitwise on MLX CPU
+            if tol.GPU:  # another kernel shape for the replayed rows: tests/tolerances.py
+                tol.assert_close(x, y, tol.reorder(1e-6))
+            else:
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)  # bitwise on MLX CPU
 
 
 @pytest.mark.parametrize("residency,block", [("stacked", 8), ("stacked", 16), ("streaming", 8)])
@@ -85,7 +89,10 @@ def test_replay_equals_rerun_for_every_keep(residency, block, stacked):
             c_tape, l_tape = _cycle(model, ops, tape, toks, keep, use_tape=True)
             c_rerun, l_rerun = _cycle(model, ops, tape, toks, keep, use_tape=False)
             _assert_same(c_tape, c_rerun)
-            np.testing.assert_allclose(np.array(l_tape), np.array(l_rerun), rtol=1e-6, atol=1e-6)
+            if tol.GPU:
+                tol.assert_close(np.array(l_tape), np.array(l_rerun), tol.reorder(1e-6))
+            else:
+                np.testing.assert_allclose(np.array(l_tape), np.array(l_rerun), rtol=1e-6, atol=1e-6)
     finally:
         if residency == "streaming":
             store.close()

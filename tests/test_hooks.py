@@ -146,15 +146,19 @@ def test_gdn_tape_hooks_are_listed_and_removable():
 
 
 @pytest.mark.parametrize("residency", ["streaming"])
-def test_streaming_residency_installs_no_compiled_blocks(residency):
+def test_streaming_residency_compiles_its_hit_path_under_the_optimistic_runner(residency):
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
 
     model, tok, store, _ = load_moe(DEMO, expert_residency=residency, expert_slots=8)
     try:
         BlockSpecDecEngine(model, tok, store=store,
                            config=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
-        # streaming installs only its optimistic runner (at load, around the text model); no compiled MoE blocks
-        assert installed_hooks(model) == [{"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}]
+        # the optimistic runner (installed at load, around the text model), then one compiled block per MoE layer
+        # (its optimistic calls; sync-mode calls run the block itself)
+        hooks = installed_hooks(model)
+        assert hooks[0] == {"path": "model", "kind": "optimistic", "wraps": "Qwen3MoeModel"}
+        assert [h["path"] for h in hooks[1:]] == [f"model.layers.{i}.mlp" for i in range(len(store.banks))]
+        assert all(h["kind"] == "compiled_moe" and h["wraps"] == "Qwen3MoeSparseMoeBlock" for h in hooks[1:])
     finally:
         store.close()
 
@@ -163,15 +167,15 @@ def _expected(path: str, residency: str, caps, taps) -> list[tuple[str, str, str
     """What the plan asks for, read off the model loaded without it: (path, kind, wrapped class), sorted as
     ``installed_hooks`` lists them (outermost first at one path)."""
     from mach_runtime.engine.specdec.gdn_tape import is_gdn_layer
+    from mach_runtime.io.disk_switch_glu import DiskSwitchGLU
     from mach_runtime.io.gather_switch_glu import GatherSwitchGLU
 
     model, _, store, _ = load_moe(path, expert_residency=residency, **_slots(residency))
     try:
         mods = dict(model.named_modules())
         out = [(p, "optimistic", type(unwrap(m)).__name__) for p, m in mods.items() if isinstance(m, ModuleHook)]
-        if residency == "stacked":
-            out += [(p, "compiled_moe", type(m).__name__) for p, m in mods.items()
-                    if any(isinstance(c, GatherSwitchGLU) for c in m.children().values())]
+        out += [(p, "compiled_moe", type(m).__name__) for p, m in mods.items()
+                if any(isinstance(c, (GatherSwitchGLU, DiskSwitchGLU)) for c in m.children().values())]
         for p, m in mods.items():
             if is_gdn_layer(m):
                 out += [(p, "gdn_tape", type(m).__name__), (p + ".conv1d", "gdn_conv_input", "Conv1d")]
@@ -198,7 +202,7 @@ ARCHS = ["qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4", "deepseek_v4"]
 def test_load_installs_the_speculative_hooks_of_each_family_and_residency(arch, residency):
     """``load_moe(speculative=plan)`` installs, at load, what the family's capabilities and the plan call for:
     taps on the draft's layers (families whose layers output hidden states), GDN tape hooks on GatedDeltaNet
-    layers, compiled MoE blocks in stacked residency (streaming has its optimistic hook instead); a second
+    layers, compiled MoE blocks (in streaming residency: the optimistic hit path, under the optimistic hook); a second
     installation and every engine built over the model change nothing."""
     from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig
     from mach_runtime.engine.hooks import HookPlan, hook_plan, install_spec_hooks
@@ -213,8 +217,8 @@ def test_load_installs_the_speculative_hooks_of_each_family_and_residency(arch, 
         listed = [(h["path"], h["kind"], h["wraps"]) for h in installed_hooks(model)]
         assert listed == _expected(path, residency, caps, taps)
         kinds = {k for _, k, _ in listed}
-        assert ("compiled_moe" in kinds) == (residency == "stacked") and ("optimistic" in kinds) == (
-            residency == "streaming") and ("tap" in kinds) == caps.hidden_taps
+        assert "compiled_moe" in kinds and ("optimistic" in kinds) == (residency == "streaming") and (
+            "tap" in kinds) == caps.hidden_taps
         assert ("gdn_tape" in kinds) == (arch == "qwen3_5_moe") and hook_plan(model) == plan
         before = {p: m for p, m in model.named_modules()}
         assert install_spec_hooks(model, plan) == installed_hooks(model)  # idempotent

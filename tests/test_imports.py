@@ -19,10 +19,11 @@ Layer rules checked in every child after its import (static checks would miss la
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mach_runtime", "actors")
@@ -120,7 +121,7 @@ print("RESULTS" + json.dumps([one(sys.argv[1])]))
 def _run(code: str, arg: str) -> list[dict]:
     # one BLAS / OpenMP thread: numpy's OpenBLAS otherwise starts a thread at import, and a process with more
     # than one thread must not fork
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(ROOT, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code, arg], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=env)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -144,7 +145,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter_without_layer_cycles(
 def test_an_adapter_module_imports_alone():
     """The cycle issue 14 names: the adapter module first, in a plain fresh interpreter."""
     r = subprocess.run([sys.executable, "-c", "import mach_runtime.io.adapters.qwen3_moe as m; print(m.ADAPTER.key)"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=child_env(ROOT))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "qwen3_moe"
 

@@ -4,7 +4,8 @@ import mlx.core as mx
 import pytest
 
 from mach_runtime import load_moe
-from tests.helpers import convert, greedy, quantize, reference_logits, rel_err
+from tests import tolerances as tol
+from tests.helpers import convert, greedy, mlx_lm_reference, quantize, reference_logits, rel_err
 
 GIB = 1 << 30
 
@@ -30,7 +31,7 @@ def test_hf_checkpoint_matches_transformers(hf_reference, residency, slots):
         kw["expert_cache_gb"] = budget(24576, 2, slots)
     got, stats = logits_of(hf_reference["path"], ids, **kw)
     assert got.shape == hf_reference["logits"].shape
-    assert rel_err(got, hf_reference["logits"]) <= 1e-4
+    assert rel_err(got, hf_reference["logits"]) <= tol.independent()
     if slots:
         assert stats.capacity_experts == 2 * slots
         assert stats.misses > 0
@@ -63,7 +64,7 @@ def test_other_layouts_match_transformers(hf_reference, tmp_path, layout, shard_
     if residency == "streaming":
         kw["expert_cache_gb"] = budget(24576, 2, 3)
     got, _ = logits_of(path, hf_reference["prompt_ids"], **kw)
-    assert rel_err(got, hf_reference["logits"]) <= 1e-4
+    assert rel_err(got, hf_reference["logits"]) <= tol.independent()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -83,7 +84,7 @@ def test_half_precision_checkpoint_matches_mlx_lm(hf_reference, tmp_path, dtype,
         kw["expert_cache_gb"] = budget(24576, 2, 3)  # fp32 bank: 2x the bf16 bytes on disk
     got, stats = logits_of(path, ids, **kw)
     want = reference_logits(ref_model, ids)
-    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, want) <= tol.half(getattr(mx, dtype), 1e-5)  # a GPU computes in the half dtype
     # the half-precision weights stay close to the fp32 transformers reference too
     assert rel_err(got, hf_reference["logits"]) <= 5e-2
     assert stats.expert_bytes == 24576 // 2
@@ -95,7 +96,7 @@ def test_quantized_checkpoint_matches_mlx_lm(hf_reference, tmp_path, bits, resid
     from mlx_lm import load as mlx_lm_load
 
     path = quantize(hf_reference["path"], tmp_path / "q", bits=bits, group_size=32, shard_bytes=120_000)
-    ref_model, _ = mlx_lm_load(str(path))
+    ref_model = mlx_lm_reference(mlx_lm_load(str(path))[0])
     ids = hf_reference["prompt_ids"]
     kw = {"expert_residency": residency}
     if slots:
@@ -109,7 +110,7 @@ def test_quantized_checkpoint_matches_mlx_lm(hf_reference, tmp_path, bits, resid
         assert layout.quant.bits == bits and layout.layout == "stacked"
         kw["expert_cache_gb"] = budget(layout.expert_bytes, 2, slots)
     got, _ = logits_of(path, ids, **kw)
-    assert rel_err(got, reference_logits(ref_model, ids)) <= 1e-4
+    assert rel_err(got, reference_logits(ref_model, ids)) <= tol.independent()
     assert greedy(ref_model, ids, 8) == greedy_of(path, ids, 8, **kw)
 
 
@@ -130,4 +131,4 @@ def test_random_tiny_matches_mlx_lm_forward(tiny_dir):
     want = reference_logits(ref_model, ids)
     for kw in ({"expert_residency": "stacked"}, {"expert_residency": "streaming", "expert_cache_gb": budget(24576, 2, 4)}):
         got, _ = logits_of(tiny_dir, ids, **kw)
-        assert rel_err(got, want) <= 1e-5, kw
+        assert rel_err(got, want) <= tol.reorder(1e-5), kw

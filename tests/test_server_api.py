@@ -237,3 +237,24 @@ def test_operations_endpoints(server, oai):
     for key in ("startup mode", "expert_residency=stacked", "startup bank", "decode_path=batched-target",
                 "prefix_cache=l1", "startup capabilities", "kv_cache_kind=standard"):
         assert key in log, key
+
+
+def test_anthropic_stop_sequence_names_the_one_that_matched(server):
+    client = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0, timeout=120)
+    kw = dict(model=MODEL, max_tokens=40, messages=PROMPT, extra_body={"temperature": 0})
+    text = client.messages.create(**kw).content[0].text
+    pieces = [text[i:i + 3] for i in range(2, len(text) - 3)]
+    pieces = [p for p in pieces if p.strip()]
+    early = pieces[len(pieces) // 4]
+    late = next(p for p in reversed(pieces) if text.index(p) > text.index(early) + 3)
+    stops = ["never in the text", late, early]  # listed first is not what matters: the first match is
+    r = client.messages.create(stop_sequences=stops, **kw)
+    assert (r.stop_reason, r.stop_sequence) == ("stop_sequence", early)
+    assert "".join(b.text for b in r.content) == text[: text.index(early)]
+    with client.messages.stream(stop_sequences=stops, **kw) as s:
+        deltas = [e for e in s if e.type == "message_delta"]
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", early)
+    assert deltas[-1].delta.stop_sequence == early and final.content[0].text == r.content[0].text
+    r = client.messages.create(stop_sequences=["never in the text"], **{**kw, "max_tokens": 5})
+    assert (r.stop_reason, r.stop_sequence) == ("max_tokens", None)

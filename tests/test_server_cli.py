@@ -39,8 +39,12 @@ def test_demo_model_api_key_and_sigterm_mid_stream(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
         text = log.read_text()
-        for key in ("startup mode model=demo-qwen3-moe", "expert_residency=stacked", "startup bank",
-                    "decode_path=batched-target", "startup capabilities arch=qwen3_moe", "auth=1"):
+        from mach_runtime.cli.serve import demo_draft_pays
+
+        path = ("decode_path=specdec-native_v7 draft=demo-qwen3-moe-dflash spec_batch=4 adaptive_block_policy=fixed"
+                if demo_draft_pays() else "decode_path=batched-target draft=none spec_batch=0")
+        for key in ("startup mode model=demo-qwen3-moe", "expert_residency=stacked", "startup bank", path,
+                    "startup capabilities arch=qwen3_moe", "tool_format=qwen_json", "auth=1"):
             assert key in text, key
 
         short, long_ = [], []
@@ -90,3 +94,26 @@ def test_prefix_cache_flags_reach_runtime_open(tmp_path):
 def test_streaming_and_no_streaming_are_required():
     r = subprocess.run([sys.executable, "-m", "mach_runtime.cli.serve"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--streaming" in r.stderr
+
+
+def test_draft_flags_and_the_demo_default():
+    from mach_runtime.assets import default_draft
+    from mach_runtime.cli.serve import DEMO_SPEC_BATCH, demo_draft_pays, main, parser, settings_from
+
+    demo = settings_from(parser().parse_args(["--no-streaming"]))
+    if demo_draft_pays():  # a GPU: the bundled pair's measured best, the draft in the spec batch with fixed blocks
+        assert demo.draft == str(default_draft()) and demo.spec_batch_size == DEMO_SPEC_BATCH
+        assert demo.open_kwargs["specdec"].policy == "fixed"
+    else:  # the CPU: drafting does not pay, target-only batching
+        assert demo.draft is None and demo.spec_batch_size == 0 and demo.open_kwargs == {}
+    off = settings_from(parser().parse_args(["--no-streaming", "--no-draft"]))
+    assert off.draft is None and off.spec_batch_size == 0
+    s = settings_from(parser().parse_args(["/ckpt", "--no-streaming", "--draft", "/d", "--block-policy", "throughput",
+                                           "--max-batch", "6"]))
+    assert s.draft == "/d" and s.spec_batch_size == 6 and s.open_kwargs["specdec"].policy == "throughput"
+    assert settings_from(parser().parse_args(["/c", "--no-streaming", "--draft", "/d", "--spec-batch", "0"])
+                         ).spec_batch_size == 0
+    assert settings_from(parser().parse_args(["/c", "--no-streaming"])).draft is None  # another checkpoint: none
+    assert main(["/c", "--no-streaming", "--draft", "/d", "--spec-batch", "1"]) == 2
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--no-streaming", "--draft", "/d", "--no-draft"])

@@ -4,6 +4,7 @@ Decoder crash mid-stream loses and repeats no token, a full admission queue answ
 
 import json
 import threading
+import time
 
 import anyio
 import httpx
@@ -25,16 +26,20 @@ def anyio_backend(request):
 
 
 class Crash:
-    """Fault hook: raise in the Decoder once, at its ``at``-th decode step after ``arm()``."""
+    """Fault hook: raise in the Decoder once, at its ``at``-th decode step after ``arm()``; while ``delay`` is set,
+    every decode step takes that much longer (so a test can count steps)."""
 
     def __init__(self):
         self.at = None
+        self.delay = 0.0
         self.fired = threading.Event()
 
     def arm(self, steps_from_now: int, current: int):
         self.at = current + steps_from_now
 
     def __call__(self, actor, point, info):
+        if actor == "decoder" and point == "step" and self.delay:
+            time.sleep(self.delay)
         if actor == "decoder" and point == "step" and self.at is not None and info.get("steps", 0) >= self.at:
             self.at = None
             self.fired.set()
@@ -155,6 +160,29 @@ async def test_disconnecting_clients_free_their_slots(server):
             await client.post(server + "/v1/chat/completions", json=body(0, stream=False, max_tokens=800), timeout=0.5)
         final = await wait_idle(client, server)
         assert final["decoder"]["aborted"] - after["decoder"]["aborted"] == 1
+
+
+async def test_a_disconnect_frees_the_slot_within_a_step(server):
+    """A client that leaves mid-stream is out of the batch before the Decoder's next step but one (the step running
+    when it left, and the one already queued behind it: pipelined), counted in decode steps made slow on purpose."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        await wait_idle(client, server)
+        CRASH.delay = 0.1
+        try:
+            got = 0
+            async with client.stream("POST", server + "/v1/chat/completions", json=body(3, max_tokens=500)) as r:
+                async for line in r.aiter_lines():
+                    got += line.startswith("data: ") and '"content"' in line
+                    if got >= 3:
+                        break
+            left = (await stats(client, server))["decoder"]["steps"]  # read after the connection closed
+            with anyio.fail_after(30):
+                while (s := await stats(client, server))["decoder"]["active"]:
+                    await anyio.sleep(0.01)
+        finally:
+            CRASH.delay = 0.0
+        assert s["decoder"]["steps"] - left <= 2, (left, s["decoder"])
+        assert (await wait_idle(client, server))["live_requests"] == 0
 
 
 async def test_decoder_crash_mid_stream_loses_and_repeats_nothing(server):

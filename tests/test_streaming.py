@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mach_runtime import load_moe
+from tests import tolerances as tol
 from tests.helpers import convert, greedy, reference_logits, rel_err
 
 GIB = 1 << 30
@@ -37,7 +38,7 @@ def test_streaming_equals_stacked(tiny_dir, stacked_reference, slots, policy):
     )
     try:
         assert store.slots == slots
-        assert rel_err(reference_logits(model, ids), want_logits) <= 1e-6
+        assert rel_err(reference_logits(model, ids), want_logits) <= tol.reorder(1e-6)
         assert greedy(model, ids, 16) == want_tokens
         s = store.stats()
         assert s.resident_experts <= s.capacity_experts == 2 * slots
@@ -124,7 +125,7 @@ def test_streaming_from_stacked_layout_reads_slices(hf_reference, tmp_path, capf
     try:
         assert "lazy per-expert slices" in capfd.readouterr().err
         got = reference_logits(model, hf_reference["prompt_ids"])
-        assert rel_err(got, hf_reference["logits"]) <= 1e-4
+        assert rel_err(got, hf_reference["logits"]) <= tol.independent()
         s = store.stats()
         # every byte read is one needed expert's slice; nothing like a whole stacked tensor (8 experts)
         assert s.bytes_read == s.misses * 24576
@@ -139,7 +140,7 @@ def test_direct_io_gives_same_result(tiny_dir, stacked_reference):
         tiny_dir, expert_residency="streaming", expert_cache_gb=budget(5), direct_io=True, io_threads=3
     )
     try:
-        assert rel_err(reference_logits(model, ids), want_logits) <= 1e-6
+        assert rel_err(reference_logits(model, ids), want_logits) <= tol.reorder(1e-6)
         assert store.stats().bytes_read == store.stats().misses * EXPERT_BYTES
     finally:
         store.close()

@@ -1,18 +1,20 @@
-"""The incremental Qwen-style tool-call parser: any split of the stream gives the same events as the whole text,
-raw tags never leak, malformed blocks come back as the text the model wrote."""
+"""The incremental tool-call parsers (Qwen JSON here; the other families in test_tool_formats.py): any split of the
+stream gives the same events as the whole text, raw tags never leak, malformed blocks come back as the text the
+model wrote."""
 
 import json
 
 import pytest
 
-from mach_runtime.server.tool_calls import ToolCall, ToolCallParser, split_text_and_calls
+from mach_runtime.server.tool_calls import ToolCall, split_text_and_calls
+from mach_runtime.server.tool_formats import FORMATS
 
 TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>')
 
 
 def run(pieces):
-    p = ToolCallParser()
+    p = FORMATS["qwen_json"].parser()
     events = []
     for piece in pieces:
         events += p.feed(piece)
@@ -22,7 +24,7 @@ def run(pieces):
 
 def test_whole_text():
     (text, calls), _ = run([TEXT])
-    assert text == "Let me check.\n"
+    assert text == "Let me check."  # the newline before the block is layout
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
                                                                   ("get_time", {"tz": "CET"})]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
@@ -31,7 +33,7 @@ def test_whole_text():
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11])
 def test_any_split_gives_the_same_events(size):
     (text, calls), events = run([TEXT[i:i + size] for i in range(0, len(TEXT), size)])
-    assert text == "Let me check.\n"
+    assert text == "Let me check."  # the newline before the block is layout
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
                                                                   ("get_time", {"tz": "CET"})]
     assert not any(isinstance(e, str) and ("<tool" in e or "</tool" in e) for e in events)

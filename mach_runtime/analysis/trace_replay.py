@@ -2,7 +2,8 @@
 
 A *routing trace* is what ``StreamingExpertStore.start_trace()`` records: one ``(layer, distinct experts)``
 entry per bank step (one MoE layer call: one token in decode, a group of tokens in prefill). ``mach trace``
-records one while decoding held-out text token by token and saves it as JSON (``RoutingTrace.save``).
+records one while decoding held-out text token by token and saves it as JSON (``RoutingTrace.save``; a path
+ending in ``.gz`` is written gzip-compressed, and ``RoutingTrace.load`` reads either).
 
 ``replay(trace, slots, policy)`` runs the trace through a simulated bank of ``slots`` slots per layer. For
 "lru" and "lrfu" it uses the same policy classes and the same miss/victim procedure as
@@ -10,9 +11,11 @@ records one while decoding held-out text token by token and saves it as JSON (``
 ``store.stats()`` (hits, misses, evictions) exactly. "belady" is Belady's MIN (evict the resident expert whose
 next use is farthest away; needs the future, so it is the ceiling no online policy can beat).
 
-``routing_stats(trace)`` summarises a token-granular trace: per-layer expert-usage entropy, the fraction of a
-layer's selections already used by that layer at the previous token / within the previous 8 tokens, and the
-union of experts a 16-token block touches (what a speculative-decoding verify would need resident).
+``routing_stats(trace)`` summarises a token-granular trace: per-layer expert-usage entropy and Gini coefficient,
+the fraction of a layer's selections already used by that layer at the previous token / within the previous 8
+tokens (the "45 % repeat at the next token, 80 % within 8" figures published for Qwen3-30B-A3B are these two
+numbers), and the union of experts a 16-token block touches (what a speculative-decoding verify would need
+resident).
 
 Pure Python (no MLX), so traces can be analysed anywhere.
 """
@@ -20,6 +23,7 @@ Pure Python (no MLX), so traces can be analysed anywhere.
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -75,13 +79,17 @@ class RoutingTrace:
         return {"format": TRACE_FORMAT, **d}
 
     def save(self, path) -> Path:
+        """Writes the trace as JSON; gzip-compressed (deterministically: no name or time in the header) when the
+        path ends in ``.gz``."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
+        data = (json.dumps(self.to_json(), separators=(",", ":")) + "\n").encode()
+        path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
         return path
 
     @classmethod
     def load(cls, path) -> "RoutingTrace":
-        d = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
+        d = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
         if d.get("format") != TRACE_FORMAT:
             raise ValueError(f"{path}: not a routing trace (format {d.get('format')!r}, expected {TRACE_FORMAT!r})")
         d.pop("format")
@@ -199,6 +207,15 @@ def _entropy_bits(counts: list[int]) -> float:
     return -sum(c / n * math.log2(c / n) for c in counts if c) if n else 0.0
 
 
+def _gini(counts: list[int]) -> float:
+    """Gini coefficient of the expert loads: 0 when every expert is used equally, (n-1)/n when one takes all."""
+    xs, n = sorted(counts), len(counts)
+    total = sum(xs)
+    if not total:
+        return 0.0
+    return sum((2 * i - n + 1) * x for i, x in enumerate(xs)) / (n * total)
+
+
 def routing_stats(trace: RoutingTrace, window: int = 8, block: int = 16) -> dict:
     """Per-layer and mean routing locality of a token-granular trace (see the module docstring).
 
@@ -206,7 +223,7 @@ def routing_stats(trace: RoutingTrace, window: int = 8, block: int = 16) -> dict
     token of the same sequence; reuse_within_{window}: ... at any of the previous ``window`` tokens (counted
     over tokens with at least ``window`` predecessors). uniform_*: the same numbers for a uniform random
     router with this (experts, top-k). block_union: mean distinct experts per layer over ``block`` consecutive
-    tokens.
+    tokens. gini: Gini coefficient of the layer's expert loads (0 = perfectly even).
     """
     if trace.granularity != "token":
         raise ValueError("routing statistics need a token-granular trace (one bank step per token)")
@@ -241,6 +258,7 @@ def routing_stats(trace: RoutingTrace, window: int = 8, block: int = 16) -> dict
             "tokens": len(steps),
             "entropy_bits": H,
             "entropy_norm": H / math.log2(E),
+            "gini": _gini(counts),
             "max_expert_share": max(counts) / max(1, sum(counts)),
             "unused_experts": sum(c == 0 for c in counts),
             "reuse_next": next_hit / next_tot if next_tot else float("nan"),
@@ -258,10 +276,11 @@ def routing_stats(trace: RoutingTrace, window: int = 8, block: int = 16) -> dict
         "top_k": k,
         "tokens": trace.tokens,
         "layers": layers,
-        "mean": {key: mean(key) for key in ("entropy_bits", "entropy_norm", "reuse_next", f"reuse_within_{window}",
-                                            "block_union")},
+        "mean": {key: mean(key) for key in ("entropy_bits", "entropy_norm", "gini", "reuse_next",
+                                            f"reuse_within_{window}", "block_union")},
         "uniform": {
             "entropy_norm": 1.0,
+            "gini": 0.0,
             "reuse_next": p,
             f"reuse_within_{window}": 1 - (1 - p) ** window,
             "block_union": E * (1 - (1 - p) ** block),

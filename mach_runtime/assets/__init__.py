@@ -21,3 +21,9 @@ def demo_model_path() -> Path:
 def default_checkpoint() -> str:
     """The bundled default checkpoint: the project's own trained demo model, shipped inside the package."""
     return str(demo_model_path())
+
+
+def default_draft() -> Path:
+    """Directory of the demo model's trained DFlash draft (``demo-qwen3-moe-dflash/``): mach-serve's default draft
+    when it serves the bundled demo model."""
+    return Path(__file__).resolve().parent / (DEMO_MODEL + "-dflash")

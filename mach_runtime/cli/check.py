@@ -107,10 +107,34 @@ def verdicts(weights: int, experts: int, n_layers: int, num_experts: int, top_k:
     }
 
 
-def check_checkpoint(path, memory_gb: float | None = None, revision: str | None = None) -> dict:
+def per_rank(hosts: int, index, layout, weights: int, experts: int, num_layers: int, mem: int) -> dict:
+    """What one rank holds and the verdicts for it over ``hosts`` ranks (docs/distributed.md): expert parallel
+    (non-expert weights replicated, ceil(E/N) experts per MoE layer) and pipeline parallel (the largest rank's
+    ceil(L/N) decoder layers, their experts, plus the embeddings, final norm and head every rank keeps)."""
+    import re
+
+    from ..distributed.plan import pipeline_split
+
+    E, L = layout.num_experts, max(1, num_layers)
+    e_rank = -(-E // hosts)
+    ep = verdicts(weights, experts * e_rank // E, len(layout.layers), e_rank, min(layout.top_k, e_rank), mem)
+    shared = sum(t.nbytes for n, t in index.tensors.items()
+                 if n not in layout.expert_tensor_names and not re.search(r"(?:^|\.)layers\.\d+\.", n))
+    most = max(pipeline_split(L, hosts)) if hosts <= L else 0
+    pp = None
+    if most:
+        moe_here = -(-len(layout.layers) * most // L)
+        pp = verdicts(shared + (weights - shared) * most // L, experts * moe_here // max(1, len(layout.layers)),
+                      moe_here, E, layout.top_k, mem)
+    return {"hosts": hosts, "expert_parallel": {"experts_per_layer": e_rank, **ep},
+            "pipeline_parallel": None if pp is None else {"layers": most, **pp}}
+
+
+def check_checkpoint(path, memory_gb: float | None = None, revision: str | None = None,
+                     hosts: int | None = None) -> dict:
     from ..errors import CheckpointError
     from ..io.arch_registry import adapter_for_config, continuous_batching_capability, read_config
-    from ..io.expert_layout import find_expert_layout
+    from ..io.expert_sidecar import expert_layout_for
     from ..io.load import require_tokenizer_files
     from ..io.safetensors_index import CheckpointIndex
 
@@ -125,7 +149,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
     tc = adapter.text_config(config, source)
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
-    layout = find_expert_layout(index, adapter, tc, source)
+    layout = expert_layout_for(directory, index, adapter, tc, source)
     require_tokenizer_files(Path(directory))  # what load_moe needs beyond the weights
     if memory_gb is None:
         mem = physical_memory_bytes()
@@ -141,15 +165,27 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
 
     total = index.total_bytes()
     experts = layout.total_expert_bytes
+    if layout.layout == "sidecar":  # the experts live in experts.mach (mach convert), not in the safetensors
+        total += experts
     weights = total - experts
     # bytes once loaded: released FP8 / FP4 formats are expanded or dequantized (io/quant_formats.py)
     held_experts = held_expert_bytes(layout)
     held_weights = weights + dequantized_non_expert_extra(index, layout.expert_tensor_names)
     quant = config.get("quantization") or {}
     params, expert_params = _param_count(index, layout, int(quant.get("bits", 4)) if isinstance(quant, dict) else 4)
+    if layout.layout == "sidecar":  # gate, up and down [I, H] per expert, plus any expert biases
+        expert_params = sum(src.num_experts * (3 * layout.hidden_size * layout.moe_intermediate + sum(
+            math.prod(c.shape) for c in src.components.values() if c.comp == "bias")) for src in layout.layers)
+        params += expert_params
     v = verdicts(held_weights, held_experts, len(layout.layers), layout.num_experts, layout.top_k, mem)
     ok, reason = continuous_batching_capability(adapter.kv_cache_kind, adapter.rotating_keep)
     q = layout.quant
+    if hosts is not None and hosts < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--hosts must be >= 1, got {hosts}")
+    ranks = None if not hosts else per_rank(hosts, index, layout, held_weights, held_experts,
+                                              int(tc.get("num_hidden_layers") or len(layout.layers)), mem)
     return {
         "checkpoint": directory,
         "arch": adapter.key,
@@ -177,6 +213,7 @@ def check_checkpoint(path, memory_gb: float | None = None, revision: str | None 
         "streaming": v["streaming"],
         "kv_cache_kind": adapter.kv_cache_kind,
         "continuous_batching": {"possible": ok, "reason": reason},
+        "per_rank": ranks,
     }
 
 
@@ -205,6 +242,18 @@ def format_report(r: dict) -> str:
         f"batching        {'possible' if r['continuous_batching']['possible'] else 'not possible'} "
         f"({r['kv_cache_kind']}: {r['continuous_batching']['reason']})",
     ]
+    pr = r.get("per_rank")
+    if pr:
+        ep, pp = pr["expert_parallel"], pr["pipeline_parallel"]
+        lines.append(f"per rank of {pr['hosts']} (mlx.launch; docs/distributed.md):")
+        for name, v, what in (("expert parallel", ep, f"{ep['experts_per_layer']} experts per layer"),
+                              ("pipeline", pp, f"{pp['layers']} decoder layers" if pp else "")):
+            if v is None:
+                lines.append(f"  {name:<16}wont_fit: fewer decoder layers than hosts")
+                continue
+            lines.append(f"  {name:<16}{what}; stacked {v['stacked']['verdict']} (needs "
+                         f"{_gib(v['stacked']['need_bytes'])}), streaming {v['streaming']['verdict']} (bank "
+                         f"{v['streaming']['bank_experts_per_layer']} experts per layer)")
     return "\n".join(lines)
 
 
@@ -217,11 +266,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--revision", default=None, help="branch, tag or commit of a repository id (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--memory-gb", type=float, default=None, help="memory to plan for (default: this machine's RAM)")
+    p.add_argument("--hosts", type=int, default=None,
+                   help="also say what fits on each of N ranks (expert / pipeline parallel, docs/distributed.md)")
     return p
 
 
 def run(a) -> int:
-    report = check_checkpoint(a.checkpoint, a.memory_gb, a.revision)
+    report = check_checkpoint(a.checkpoint, a.memory_gb, a.revision, a.hosts)
     if a.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -8,7 +8,7 @@ stdin, ``\\n`` / ``\\t`` escapes), the chat template on unless ``--ignore-chat-t
 response only), ``--max-kv-size``, ``--kv-bits`` / ``--kv-group-size`` / ``--quantized-kv-start``,
 ``--prefill-step-size``, ``--draft-model`` / ``--num-draft-tokens``. Decoding is mlx-lm's ``stream_generate``
 (its KV-cache flags) with mach's keyed sampler, so ``--seed`` gives what ``Runtime.stream(seed=)`` gives. mach's own: ``--streaming`` /
-``--no-streaming``, ``--expert-cache-gb``, ``--eviction-policy``, ``--direct-io``, ``--revision``; the
+``--no-streaming``, ``--expert-cache-gb``, ``--eviction-policy``, ``--direct-io``, ``--pin-experts``, ``--revision``; the
 checkpoint may also be given positionally (the older form). A ``--draft-model`` that is a DFlash draft decodes
 with mach's ``BlockSpecDecEngine`` (block drafting); any other draft is mlx-lm's draft-model speculative decoding.
 """
@@ -72,6 +72,8 @@ def build_parser(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--expert-cache-gb", type=float, default=None, help="streaming bank budget (GiB, all layers)")
     g.add_argument("--eviction-policy", choices=("lru", "lrfu"), default=None)
     g.add_argument("--direct-io", action="store_true", help="read experts with O_DIRECT (bypass the page cache)")
+    g.add_argument("--pin-experts", default=None, metavar="TRACE",
+                   help="a `mach trace` file: pin each layer's most routed experts in half the bank (streaming)")
     return g
 
 
@@ -201,6 +203,7 @@ def run(a) -> int:
     model, tokenizer, store, _ = load_moe(
         ckpt, expert_residency=residency, expert_cache_gb=a.expert_cache_gb, eviction_policy=a.eviction_policy,
         direct_io=a.direct_io or None, progress=a.verbose, revision=a.revision, speculative=speculative,
+        pin_experts=a.pin_experts,
     )
     load_s = time.perf_counter() - t0
     try:
@@ -232,7 +235,7 @@ def run(a) -> int:
         if s.residency == "streaming":
             print(f"[mach] expert bank ({s.eviction_policy}): hit rate {s.hit_rate:.1%}, {s.hits} hits, {s.misses} "
                   f"misses, {s.evictions} evictions, {s.bytes_read / 2**20:.1f} MiB read, "
-                  f"{s.resident_experts}/{s.capacity_experts} slots used", file=sys.stderr)
+                  f"{s.resident_experts}/{s.capacity_experts} slots used, {s.pinned_experts} pinned", file=sys.stderr)
     finally:
         store.close()
     return 0

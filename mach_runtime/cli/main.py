@@ -1,4 +1,4 @@
-"""``mach``: the command-line entry point (subcommands: generate, demo, trace, make-tiny, check).
+"""``mach``: the command-line entry point (subcommands: generate, demo, trace, make-tiny, check, convert).
 
 Import-light: MLX is imported only inside the subcommands that run a model.
 """
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ).set_defaults(func=_demo.run)
     _trace.build_parser(sub.add_parser("trace", help="record a routing trace on held-out text; replay it through "
                                        "the bank (LRU, LRFU, Belady)")).set_defaults(func=_trace.run)
+    from . import convert as _convert  # import-light: MLX only to re-quantize
+
+    _convert.build_parser(sub.add_parser("convert", help="rewrite a checkpoint with its experts in a sidecar (one "
+                                         "read per expert), optionally re-quantized")).set_defaults(func=_convert.run)
     return p
 
 

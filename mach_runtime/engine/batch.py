@@ -48,6 +48,7 @@ class Admission:
     resume_ids: tuple = ()
     kv: object = None
     cached_tokens: int = 0
+    boundaries: tuple = ()  # token counts (> cached) at which ``BatchEngine.on_boundary`` sees its prefilled caches
 
 
 @dataclass
@@ -77,11 +78,12 @@ class _Seq:
         return self.params, pos, hist if ahead is None else mx.concatenate([hist, ahead.astype(mx.uint32)])
 
 
-def prefill_chunks(cache, todos: list[list[int]], step: int, forward):
+def prefill_chunks(cache, todos: list[list[int]], step: int, forward, stops=()):
     """Feeds each row's ``todos[i]`` into the batch caches ``cache``, ONE forward of ``step`` tokens per ``next``
-    (a generator: the caller interleaves chunks with other work). Rows of different lengths are right-padded and
-    the caches told so (mlx-lm's ``prepare`` / ``finalize``, as its BatchGenerator does). ``forward(tokens [B, T],
-    start)`` runs one chunk over ``cache`` and returns an array to evaluate with it, or None."""
+    (a generator: the caller interleaves chunks with other work); a chunk also ends at every column in ``stops``.
+    Rows of different lengths are right-padded and the caches told so (mlx-lm's ``prepare`` / ``finalize``, as
+    its BatchGenerator does). ``forward(tokens [B, T], start)`` runs one chunk over ``cache`` and returns an array
+    to evaluate with it, or None."""
     lengths = [len(t) for t in todos]
     width = max(lengths) if lengths else 0
     if width == 0:
@@ -91,15 +93,17 @@ def prefill_chunks(cache, todos: list[list[int]], step: int, forward):
         for c in cache:
             c.prepare(lengths=lengths, right_padding=padding)
     rows = mx.array([t + [0] * p for t, p in zip(todos, padding)], dtype=mx.uint32)
-    for start in range(0, width, step):
-        out = forward(rows[:, start : start + step], start)
+    start = 0
+    for end in sorted(set(range(step, width, step)) | {s for s in stops if 0 < s < width}) + [width]:
+        out = forward(rows[:, start:end], start)
         mx.eval([c.state for c in cache] + ([out] if out is not None else []))
-        last = start + step >= width
+        last = end >= width
         if last and any(padding):
             for c in cache:
                 c.finalize()
             mx.eval([c.state for c in cache])
-        yield min(step, width - start), last
+        yield end - start, last
+        start = end
 
 
 def prefill_rows(cache, todos, step: int, forward) -> None:
@@ -111,11 +115,14 @@ def prefill_rows(cache, todos, step: int, forward) -> None:
 class Prefill:
     """Newcomers being prefilled: their merged caches, their records and the chunks still to run."""
 
-    def __init__(self, members: list, cache, chunks):
+    def __init__(self, members: list, cache, chunks, points=None, on_point=None):
         self.members = members
         self.cache = cache
         self._chunks = chunks
         self.done = chunks is None
+        self.column = 0  # prompt columns fed so far
+        self.points = points or {}  # column -> [(row, request_id, tokens)]: ``on_point`` after that chunk
+        self.on_point = on_point
 
     @property
     def request_ids(self) -> list[str]:
@@ -127,6 +134,9 @@ class Prefill:
             return 0
         n, last = next(self._chunks, (0, True))
         self.done = last
+        self.column += n
+        for row, request_id, tokens in self.points.pop(self.column, ()) if not last else ():
+            self.on_point(row, request_id, tokens)
         return n
 
     def finish(self) -> None:
@@ -192,6 +202,8 @@ class BatchMembership:
     def _extract(self, request_id: str):
         """(row index, the request's cache as single-request caches)."""
         i = next(i for i, m in enumerate(self._members()) if m.request_id == request_id)
+        if not getattr(self, "mergeable", True):  # one request on its own caches
+            return i, list(self.cache)
         return i, [c.extract(i) for c in self.cache]
 
 
@@ -221,6 +233,9 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
+        # on_boundary(request_id, extract, tokens): a prefilling request reached one of its ``boundaries``;
+        # ``extract()`` gives its single-request caches covering ``tokens`` (the prefix cache's boundary snapshots)
+        self.on_boundary = None
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -235,7 +250,7 @@ class BatchEngine(BatchMembership):
         Checks every request first: a bad one raises and nothing is admitted."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        todos, caches, seqs = [], [], []
+        todos, caches, seqs, points = [], [], [], {}
         for a in admissions:
             check(a.params)
             tokens = [int(t) for t in list(a.prompt_ids) + list(a.resume_ids)]
@@ -246,6 +261,9 @@ class BatchEngine(BatchMembership):
             if kv is None:
                 kv, cached = make_prompt_cache(self.model), 0
             todos.append(tokens[cached:-1])
+            for t in a.boundaries if self.on_boundary is not None else ():
+                if cached < t < len(tokens) - 1:
+                    points.setdefault(t - cached, []).append((len(seqs), a.request_id, tuple(tokens[:t])))
             caches.append(kv)
             p = a.params.resolved()
             seq = _Seq(a.request_id, tuple(a.prompt_ids), p, StopRule(p, self.eos), [int(t) for t in a.resume_ids],
@@ -261,7 +279,12 @@ class BatchEngine(BatchMembership):
         def forward(tokens, start):
             self.model(tokens, cache=merged)  # the logits are never evaluated
 
-        return Prefill(seqs, merged, prefill_chunks(merged, todos, prefill_step or self.prefill_step, forward))
+        def on_point(row, request_id, tokens):
+            self.on_boundary(request_id, lambda: [c.extract(row) for c in merged] if self.mergeable else list(merged),
+                             tokens)
+
+        chunks = prefill_chunks(merged, todos, prefill_step or self.prefill_step, forward, sorted(points))
+        return Prefill(seqs, merged, chunks, points, on_point)
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):

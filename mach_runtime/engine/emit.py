@@ -58,6 +58,7 @@ class Emitter:
         self.tokens: list[int] = []
         self.sent = 0  # characters of the detokenizer's text released
         self.finish: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the request, if one did
 
     def push(self, ids) -> tuple[str, str | None, int]:
         text, kept = "", 0
@@ -90,10 +91,11 @@ class Emitter:
         full = self.detok.text
         if self.stops:
             start = max(0, self.sent - max(len(x) for x in self.stops))
-            hits = [h for h in (full.find(x, start) for x in self.stops) if h >= 0]
+            hits = [(h, x) for x in self.stops if (h := full.find(x, start)) >= 0]
             if hits:
                 self.finish = "stop"
-                return self._release(min(hits))
+                at, self.stop_sequence = min(hits, key=lambda hx: hx[0])  # the first occurrence (first listed on a tie)
+                return self._release(at)
         return self._release(len(full) if self.finish else len(full) - hold_back(full, self.stops))
 
     def _release(self, upto: int) -> str:

@@ -170,7 +170,7 @@ class HookPlan:
 
     tap_layers: tuple = field(default=())  # decoder layers a DFlash draft reads (its ``target_layer_ids``)
     gdn_tape: bool = True  # GatedDeltaNet tape hooks (``specdec/gdn_tape.py``), on families with GDN layers
-    compile_moe: bool = True  # compiled MoE blocks (``compiled_moe.py``), stacked residency only
+    compile_moe: bool = True  # compiled MoE blocks (``compiled_moe.py``): stacked, and streaming's hit path
 
     @classmethod
     def for_engine(cls, config=None, draft=None) -> "HookPlan":
@@ -208,7 +208,7 @@ def install_spec_hooks(model: nn.Module, plan: HookPlan, *, seal: bool = False) 
         return installed_hooks(model)
     ops = TargetOps(model)
     if plan.compile_moe:
-        compile_moe_blocks(model)  # a no-op when streaming
+        compile_moe_blocks(model)
     if plan.gdn_tape:
         GDNTape(ops)  # a no-op without GatedDeltaNet layers
     if plan.tap_layers:

@@ -5,14 +5,17 @@ values, sliding-window rings, GatedDeltaNet conv + recurrent state, DeepSeek-V4 
 DFlash draft's context and the last token's logits) as numpy arrays plus small JSON-able per-layer records.
 The same object is the L1 entry (RAM) and what the L2 file stores, so a save is bytes only.
 
-Threading: ``capture`` (lazy slices of the live caches), ``to_host`` (evaluates and copies them to numpy) and
-``restore`` (numpy -> fresh MLX caches) run on the MLX thread; everything else (indexing, writing, reading
-files) handles only the numpy arrays. A restore always builds new arrays, so a snapshot is never aliased by a
+Threading: ``capture`` (lazy slices of the live caches), ``materialize`` (evaluates them; zero-copy numpy views
+of the buffers) and ``restore`` (numpy -> fresh MLX caches) run on the MLX thread; ``copy_views`` (the host copy)
+and everything else (indexing, writing, reading files) handle only numpy arrays, on any thread. ``to_host`` is
+``materialize`` + ``copy_views`` in one go. A restore always builds new arrays, so a snapshot is never aliased by a
 live request that later writes into its caches in place.
 
 What each cache kind supports (``cuttable``: can serve any shorter prefix of its tokens by trimming):
 
-* ``KVCache`` / ``QuantizedKVCache`` (qwen3_moe; attention layers everywhere): cuttable;
+* ``KVCache`` / ``QuantizedKVCache`` (qwen3_moe; attention layers everywhere): cuttable; under ``kv_bits`` the
+  ``quantized_kv`` classes are recorded with their knobs and restored as themselves, and a cache due for
+  quantization is stored quantized (L1 and L2 hold the packed arrays, scales and biases);
 * ``RotatingKVCache`` (gpt_oss, gemma4 sliding windows): cuttable while its window has not wrapped; once it has,
   the evicted rows are gone and it serves exactly the tokens it covers;
 * ``ArraysCache`` (qwen3_5_moe GatedDeltaNet conv + recurrent state): a state after exactly n tokens: exact only;
@@ -64,23 +67,44 @@ class Snapshot:
         n = sum(int(a.nbytes) for a in self.arrays.values())
         return n + (int(self.logits.nbytes) if self.logits is not None else 0) + 4 * len(self.tokens)
 
+    held: list = field(default_factory=list)  # evaluated MLX arrays the numpy views of ``materialize`` read
+
     # -- MLX thread -----------------------------------------------------------------------------------------
-    def to_host(self) -> "Snapshot":
-        """Evaluates the captured arrays and copies them to numpy (in place; returns self)."""
+    def materialize(self) -> "Snapshot":
+        """MLX thread, the minimum: evaluates the captured arrays and replaces each by a zero-copy numpy view of
+        its buffer (bf16 through its uint16 view; logits as float32). The arrays stay in ``held`` until
+        ``copy_views`` (any thread, bytes only) has copied the views; they are then freed on the MLX thread."""
         import mlx.core as mx
 
-        lazy = [a for a in self.arrays.values() if isinstance(a, mx.array)]
-        if isinstance(self.logits, mx.array):
-            lazy.append(self.logits)
-        if lazy:
-            mx.eval(lazy)
-        for k, a in list(self.arrays.items()):
+        out = {}
+        for k, a in self.arrays.items():
             if isinstance(a, mx.array):
                 self.dtypes[k] = str(a.dtype).rsplit(".", 1)[-1]
-                # contiguous: MLX may hand out a transposed view, which safetensors would write as raw memory
-                self.arrays[k] = np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
-        if isinstance(self.logits, mx.array):
-            self.logits = np.array(self.logits.astype(mx.float32)).reshape(-1)
+                out[k] = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+        logits = self.logits.astype(mx.float32).reshape(-1) if isinstance(self.logits, mx.array) else None
+        held = list(out.values()) + ([logits] if logits is not None else [])
+        if held:
+            mx.eval(held)
+        for k, a in out.items():  # (an empty array has no buffer to view: it is copied, which costs nothing)
+            self.arrays[k] = np.asarray(memoryview(a)) if a.size else np.array(a)
+        if logits is not None:
+            self.logits = np.asarray(memoryview(logits))
+        self.held = held
+        return self
+
+    def copy_views(self) -> list:
+        """Any thread (numpy only): the views of ``materialize`` become arrays of their own, C-contiguous (an MLX
+        slice may be strided; safetensors writes raw memory). Returns the MLX arrays to free on the MLX thread."""
+        for k, a in self.arrays.items():
+            self.arrays[k] = np.array(a, order="C", copy=True)
+        if self.logits is not None:
+            self.logits = np.array(self.logits, copy=True)
+        held, self.held = self.held, []
+        return held
+
+    def to_host(self) -> "Snapshot":
+        """Evaluates the captured arrays and copies them to numpy, all on this (the MLX) thread."""
+        self.materialize().copy_views()
         return self
 
     def restore(self, n: int | None = None, draft_model=None):
@@ -163,13 +187,26 @@ def _capture_layer(c, p: str, arrays: dict) -> LayerRecord:
 
     from ..models.deepseek_v4_attention import CompressedKVCache
 
+    from .quantized_kv import PendingQuantKV, QuantKV, quantized_parts
+
+    knobs = {}
+    if isinstance(c, (PendingQuantKV, QuantKV)):  # kv_bits: restored as the same classes (``quantized_kv``)
+        knobs = dict(zip(("kv_bits", "kv_group_size", "quantized_kv_start"), c.knobs()))
+        if isinstance(c, PendingQuantKV) and c.due():  # quantized at its next update: store it quantized
+            keys, values = quantized_parts(c)
+            n = c.offset
+            names = [_put(arrays, p, f"{side}{j}", a) for side, parts in (("k", keys), ("v", values))
+                     for j, a in enumerate(parts)]
+            return LayerRecord("QuantizedKVCache", {"offset": n, "group_size": c.kv_group_size, "bits": c.kv_bits,
+                                                    **knobs}, names)
     if isinstance(c, QuantizedKVCache):
         n = c.offset
         names = []
         for side, parts in (("k", c.keys), ("v", c.values)):
             for j, a in enumerate(parts or ()):
                 names.append(_put(arrays, p, f"{side}{j}", a[..., :n, :]))
-        return LayerRecord("QuantizedKVCache", {"offset": n, "group_size": c.group_size, "bits": c.bits}, names)
+        return LayerRecord("QuantizedKVCache", {"offset": n, "group_size": c.group_size, "bits": c.bits, **knobs},
+                           names)
     if isinstance(c, RotatingKVCache):
         k, v, idx = c.keys, c.values, c._idx
         if k is not None and c.offset < c.max_size:  # not wrapped: rows [0, offset) in order
@@ -180,7 +217,7 @@ def _capture_layer(c, p: str, arrays: dict) -> LayerRecord:
         n = c.offset
         k = c.keys[..., :n, :] if c.keys is not None else None
         v = c.values[..., :n, :] if c.values is not None else None
-        return LayerRecord("KVCache", {"offset": n}, [_put(arrays, p, "k", k), _put(arrays, p, "v", v)])
+        return LayerRecord("KVCache", {"offset": n, **knobs}, [_put(arrays, p, "k", k), _put(arrays, p, "v", v)])
     if isinstance(c, ArraysCache):
         if c.left_padding is not None or c.lengths is not None:
             raise SnapshotUnsupported("a batched ArraysCache: extract the request's row first")
@@ -207,13 +244,16 @@ def _restore_layer(r: LayerRecord, arr: dict):
 
     get = lambda name: arr[name] if name is not None else None  # noqa: E731
     m = r.meta
+    from .quantized_kv import PendingQuantKV, QuantKV
+
+    knobs = (m["kv_bits"], m["kv_group_size"], m["quantized_kv_start"]) if "kv_bits" in m else None
     if r.cls == "KVCache":
-        c = KVCache()
+        c = KVCache() if knobs is None else PendingQuantKV(*knobs)
         c.keys, c.values = get(r.names[0]), get(r.names[1])
         c.offset = m["offset"]
         return c
     if r.cls == "QuantizedKVCache":
-        c = QuantizedKVCache(group_size=m["group_size"], bits=m["bits"])
+        c = QuantizedKVCache(group_size=m["group_size"], bits=m["bits"]) if knobs is None else QuantKV(*knobs)
         parts = [get(n) for n in r.names]
         if parts:
             half = len(parts) // 2

@@ -8,7 +8,8 @@ The integration surface a decode loop (today's Decoder actor, the scheduler tomo
 * ``saver.admitted(request_id, extract, tokens, cached)`` right after a request's prefill: remembers a *lazy*
   capture of its caches (nothing is copied on the critical path) when it prefilled something worth keeping;
 * ``saver.poll(has_emitted)`` after each decode step: captures whose request has emitted its first token (or has
-  left) are copied to host arrays and handed to ``emit(snapshot, owner)`` (the Cache actor stores them in L1
+  left) are materialised (evaluated; numpy views of the buffers) and handed to ``emit(snapshot, owner)`` (the
+  Cache actor copies them to host memory in a worker thread) (the Cache actor stores them in L1
   and writes them to L2 from a worker thread);
 * ``saver.finished(kv, tokens, owner)`` when a request ends: its KV (prompt + completion; with the draft's
   context from a speculative run) as a host snapshot for the next turn ("continued generation").
@@ -65,18 +66,41 @@ def restore_prefix(kv, draft_model=None):
 
 
 _CANNOT = (SnapshotUnsupported, AttributeError, NotImplementedError)
+MAX_BOUNDARIES = 4  # boundary snapshots per request (each one a prefill chunk split + a copy of its caches)
 
 
 class PrefixSaver:
     """Captures on the MLX thread; ``emit(snapshot, owner)`` receives host snapshots (thread-safe callable)."""
 
-    def __init__(self, emit, min_tokens: int | None, fault=None):
+    def __init__(self, emit, min_tokens: int | None, fault=None, exact_only: bool = False):
         self.emit = emit
         # None: only sessions' own turns are kept (prefix_cache=False)
         self.min_tokens = max(1, int(min_tokens)) if min_tokens is not None else 1 << 62
         self.fault = fault  # fault(point, **info): the Decoder's fault hook (tests crash a save here)
-        self.pending: dict[str, tuple[Snapshot, str | None]] = {}
+        # the model's caches cannot be cut to a shorter prefix (GatedDeltaNet state, sliding windows, compressed
+        # KV): snapshots at block boundaries during prefill give later requests partial-prefix points
+        self.exact_only = exact_only
+        self.pending: dict[tuple[str, int], tuple[Snapshot, str | None]] = {}  # (request, tokens) -> capture
         self.skipped = 0
+
+    def boundaries(self, n_prompt: int, cached: int) -> tuple:
+        """Token counts at which a fresh prompt of ``n_prompt`` tokens (``cached`` of them restored) is snapshotted
+        during its prefill: for exact-only caches, at most ``MAX_BOUNDARIES`` multiples of the block size
+        (``min_tokens``) between ``cached`` and the prefill's end (``n_prompt - 1``, snapshotted anyway): the last
+        one and those at 1/2, 1/4 ... of the prompt, so a later request sharing any part of it restores a
+        boundary at least half as long as what it shares with it (of the last block multiple's length)."""
+        block, end = self.min_tokens, n_prompt - 1
+        if not self.exact_only or end < 2 * block:
+            return ()
+        out, t = set(), end
+        while t > cached and len(out) < MAX_BOUNDARIES:
+            b = t // block * block
+            if b <= cached or b < block:
+                break
+            if b < end:
+                out.add(b)
+            t //= 2
+        return tuple(sorted(out))
 
     def admitted(self, request_id: str, extract, tokens, cached: int, owner: str | None = None) -> None:
         """After a prefill: ``extract()`` -> the request's single-request caches covering ``tokens``; worth a
@@ -84,18 +108,35 @@ class PrefixSaver:
         if len(tokens) < self.min_tokens or cached >= len(tokens):
             return
         try:
-            self.pending[request_id] = (capture(extract(), tokens), owner)
+            self.pending[(request_id, len(tokens))] = (capture(extract(), tokens), owner)
         except _CANNOT:  # a cache class (or a batch cache) without snapshot support: nothing is saved
             self.skipped += 1
 
+    def boundary(self, request_id: str, extract, tokens, owner: str | None = None) -> None:
+        """Mid-prefill, at one of the request's ``boundaries``: its caches covering ``tokens``, captured and
+        materialised on the device now (the live caches move on), copied to the host after its first token."""
+        import mlx.core as mx
+
+        try:
+            snap = capture(extract(), tokens)
+        except _CANNOT:
+            self.skipped += 1
+            return
+        mx.async_eval([a for a in snap.arrays.values() if isinstance(a, mx.array)])
+        self.pending[(request_id, len(tokens))] = (snap, owner)
+
     def poll(self, has_emitted) -> None:
         """Hands over the captures whose request ``has_emitted(request_id)`` (its first token is out, or it left)."""
-        for rid in [r for r in self.pending if has_emitted(r)]:
-            snap, owner = self.pending.pop(rid)
+        for key in [k for k in self.pending if has_emitted(k[0])]:
+            snap, owner = self.pending.pop(key)
             self._emit(snap, owner)
 
     def drop(self, request_id: str) -> None:
-        self.pending.pop(request_id, None)
+        """A finished request: its admission capture is covered by the finish snapshot when caches can be cut;
+        exact-only captures are not (they are handed over at the next ``poll``)."""
+        if not self.exact_only:
+            for key in [k for k in self.pending if k[0] == request_id]:
+                self.pending.pop(key)
 
     def wants(self, n_tokens: int, owner: str | None = None) -> bool:
         """Whether a finished request's KV of ``n_tokens`` tokens is worth extracting for ``finished``."""
@@ -114,9 +155,11 @@ class PrefixSaver:
         return self._host(snap)
 
     def _host(self, snap: Snapshot) -> Snapshot:
+        """Materialised on the device (MLX thread); the Cache actor copies it to host memory in a worker thread
+        (``Snapshot.copy_views``) before storing it."""
         if self.fault is not None:
             self.fault("snapshot", tokens=snap.n_tokens)
-        return snap.to_host()
+        return snap.materialize()
 
     def _emit(self, snap: Snapshot, owner) -> None:
         self.emit(self._host(snap), owner)

@@ -52,6 +52,7 @@ class Request:
     store_kv: bool = False  # a session turn: its KV is handed out with the finish
     isolate: bool = False  # involved in a failed group: retried alone before it runs with others
     usage: tuple | None = None  # (cached, prefilled) before a lane move
+    boundaries: tuple = ()  # token counts at which its prefill is offered to ``on_boundary`` (prefix snapshots)
 
 
 @dataclass
@@ -76,14 +77,17 @@ class _Solo:
 
 def process_fault(e: BaseException) -> bool:
     """Faults of the process itself (not of one request): they crash the Decoder and count against the restart
-    limit."""
+    limit. A failed collective of a distributed runtime is one."""
+    from ..distributed.group import collective_failure  # a distributed runtime lost a rank (docs/distributed.md)
+
     text = str(e).lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "insufficient memory" in text
+    return (isinstance(e, MemoryError) or "out of memory" in text or "insufficient memory" in text
+            or collective_failure(e))
 
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int, caps, spec=None, spec_batch=None,
-                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None):
+                 prefill_chunk: int = PREFILL_STEP, on_admit=None, on_prefilled=None, on_boundary=None):
         self.model, self.tokenizer, self.caps = model, tokenizer, caps
         self.batch = BatchEngine(model, tokenizer, max_batch, prefill_chunk, mergeable=caps.batch)
         self.spec = spec  # BlockSpecDecEngine sharing the model, or None
@@ -95,6 +99,7 @@ class Scheduler:
         # on_prefilled(request_id, extract, tokens, cached) when a fresh prompt's prefill is done: ``extract()`` gives
         # its single-request caches covering ``tokens`` (the prefix cache snapshots them after the first token)
         self.on_prefilled = on_prefilled
+        self.batch.on_boundary = on_boundary  # (batch lane) a Request's ``boundaries`` reached mid-prefill
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.pending: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # admitted (prefilling or running) requests
@@ -267,7 +272,7 @@ class Scheduler:
         if not reqs:
             return
         pf = engine.begin([Admission(r.request_id, r.prompt_ids, r.params, r.generated, r.kv,
-                                     r.cached_tokens if r.kv is not None else 0) for r in reqs],
+                                     r.cached_tokens if r.kv is not None else 0, r.boundaries) for r in reqs],
                           prefill_step=self.prefill_chunk)
         for r in reqs:
             r.kv = None  # the lane owns it now

@@ -7,6 +7,9 @@ multiplies are the layer's *bank* of slots, not all experts. Two paths:
   on the device from the bank's expert -> slot table (``slot_of``, a missing expert maps to slot 0) and the
   routing is recorded; nothing waits on the host. The forward is checked once at its end and redone in sync mode
   when any layer missed.
+* **compiled** (``engine/compiled_moe.py``, opt-in like stacked blocks): the optimistic path with the whole MoE
+  block (router, top-k, slot gather, expert matmuls, weighting) as one ``mx.compile``d function whose outputs are
+  the block's output and its routing; the block's hook records the routing.
 * **sync**: reads the router's choices to the host (one sync per layer), makes those experts resident (hits are
   free, misses are read from disk into slots), remaps expert ids to slot ids and runs the gather matmuls.
 
@@ -20,12 +23,15 @@ stacked residency.
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .expert_bank import LayerBank, StreamingExpertStore
 from .gather_switch_glu import ExpertProjection, activation_for, switch_glu
+from .next_layer_prefetch import MAX_ROWS as MAX_PREDICT_ROWS
 from .prefill_arena import arena_forward, wants_arena
 
 
@@ -65,16 +71,35 @@ class DiskSwitchGLU(nn.Module):
         self._store = store
         self._bank = bank
         self.slot_of = bank.device_table()  # expert -> slot on the device (int32 [E]); a module array, not a weight
+        self.next_layer = None  # (prefetcher, next bank, next router, its top-k): next_layer_prefetch.py
+        self._sink = None  # set while a compiled streaming MoE block traces this module (engine/compiled_moe.py)
         bank.glu = self
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        if self._sink is not None:  # traced inside mx.compile: the block hands the routing out as an output
+            self._sink.append(indices)
+            return switch_glu(x, self.slot_of[indices], self.gate_up, self.down, self._activation, self.inter)
         rec = self._store.optimistic.recording
         if rec is not None:  # optimistic: no host sync; checked once per forward
             self._store.optimistic.record(self._bank, indices)
             return switch_glu(x, self.slot_of[indices], self.gate_up, self.down, self._activation, self.inter)
         lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
-        inds = np.array(indices).reshape(-1, k)  # the host readback (one sync per layer)
+        nl = self.next_layer
+        rows = indices.size // k
+        predict = nl is not None and rows <= MAX_PREDICT_ROWS
+        t0 = time.perf_counter()
+        if predict:  # the next layer's likely experts, read back in the same sync as this layer's routing
+            pf, nxt, gate, nk = nl
+            logits = gate(x.reshape(-1, D))
+            guess = mx.argpartition(logits, kth=-nk, axis=-1)[..., -nk:]
+            host = np.array(mx.concatenate([indices.reshape(-1).astype(mx.int32), guess.reshape(-1).astype(mx.int32)]))
+            inds, predicted = host[: indices.size].reshape(-1, k), host[indices.size :]
+        else:
+            inds = np.array(indices).reshape(-1, k)  # the host readback (one sync per layer)
+        self._store.sync_seconds += time.perf_counter() - t0
         self._store.count_sync()
+        if self._store.next_layer is not None:
+            self._store.next_layer.score(self._bank.index, inds)
         for observe in self._store.routing_observers:
             observe(self._bank, inds)
         xf = x.reshape(-1, D)
@@ -85,6 +110,8 @@ class DiskSwitchGLU(nn.Module):
         for gi, (a, b) in enumerate(groups):
             chunk = inds[a:b]
             self._store.ensure(self._bank, np.unique(chunk))
+            if predict and gi + 1 == len(groups):  # this layer's reads are issued: the next layer's may start
+                pf.issue(nxt, predicted)
             slot_idx = mx.array(self._bank.lut[chunk])
             y = switch_glu(xf[a:b], slot_idx, self.gate_up, self.down, self._activation, self.inter)
             if gi + 1 < len(groups):

@@ -1,4 +1,4 @@
-"""Eviction policies for one layer's expert bank, behind one small interface.
+"""Eviction policies for the expert banks: arrays, so a decode step's bookkeeping is one vectorised update.
 
 * ``lru``  — least recently used.
 * ``lrfu`` — frequency-aware LRU (LRFU, Lee et al. 1999): each expert carries a combined recency-frequency
@@ -7,93 +7,146 @@
   behaves like LRU, ``lam`` → 0 like LFU; the default keeps an expert used at every step of the last ~20
   well above one used once just now, which is what MoE routing locality rewards.
 
-Keys are expert ids; the bank tells the policy about uses and removals and asks it for a victim that is not in
-the set the current step needs.
+A ``PolicyTable`` holds the state of many banks (one row per bank, one column per expert): ``step_rows`` records
+one step of several banks at once (a verified optimistic decode forward steps every layer's bank with one call:
+no per-expert Python on hits). ``table.row(i)`` is bank i's ``EvictionPolicy`` view (``step`` / ``remove`` /
+``victim``), which the bank uses on misses. Ties (same recency, or the same LRFU value) go to the lowest expert
+id. ``make_policy(name)`` gives a standalone one-bank policy (offline replay, tests); its columns grow with the
+keys it sees.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from typing import Container, Iterable
 
+import numpy as np
 
-class EvictionPolicy:
+
+class PolicyTable:
+    """Policy state of ``banks`` banks over ``experts`` expert ids (columns grow on demand)."""
+
     name = "base"
 
-    def step(self, used: Iterable[int]) -> None:
-        """Records that ``used`` experts (resident after this step) were used in one bank step."""
+    def __init__(self, banks: int, experts: int):
+        self.t = np.zeros(banks, dtype=np.int64)  # steps per bank
+        self.tracked = np.zeros((banks, experts), dtype=bool)  # resident experts the policy knows
+        self.score = np.zeros((banks, experts), dtype=np.float64)  # smaller = evicted first
+
+    # -- shape -----------------------------------------------------------------------------------------------
+    def _grow(self, banks: int, experts: int) -> None:
+        b0, e0 = self.tracked.shape
+        if banks <= b0 and experts <= e0:
+            return
+        nb, ne = max(banks, b0), max(experts, 2 * e0 if experts > e0 else e0)
+        for name in self._arrays():
+            old = getattr(self, name)
+            new = np.zeros((nb, ne), dtype=old.dtype)
+            new[:b0, :e0] = old
+            setattr(self, name, new)
+        t = np.zeros(nb, dtype=np.int64)
+        t[:b0] = self.t
+        self.t = t
+
+    def _arrays(self) -> tuple[str, ...]:
+        return ("tracked", "score")
+
+    def row(self, bank: int) -> "EvictionPolicy":
+        self._grow(bank + 1, 1)
+        return EvictionPolicy(self, bank)
+
+    # -- updates ---------------------------------------------------------------------------------------------
+    def step_rows(self, rows: np.ndarray, used: np.ndarray) -> None:
+        """One step of each bank in ``rows`` (distinct), bank ``rows[i]`` using the distinct experts ``used[i]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        used = np.asarray(used, dtype=np.int64).reshape(len(rows), -1)
+        self._grow(int(rows.max()) + 1 if len(rows) else 0, int(used.max()) + 1 if used.size else 0)
+        self.t[rows] += 1
+        r = rows[:, None]
+        self._update(r, used, self.t[rows][:, None])
+        self.tracked[r, used] = True
+
+    def _update(self, r, used, t) -> None:
         raise NotImplementedError
 
-    def remove(self, key: int) -> None:
-        raise NotImplementedError
+    def remove(self, bank: int, key: int) -> None:
+        if key >= self.tracked.shape[1] or not self.tracked[bank, key]:
+            raise KeyError(key)
+        self.tracked[bank, key] = False
 
-    def victim(self, exclude: Container[int]) -> int:
-        """The resident expert to evict, never one in ``exclude``."""
-        raise NotImplementedError
+    def victim(self, bank: int, exclude: Container[int]) -> int:
+        cand = self.tracked[bank].copy()
+        ex = [e for e in exclude if 0 <= e < len(cand)]
+        cand[ex] = False
+        if not cand.any():
+            raise RuntimeError("no evictable expert: every resident expert is needed by this step")
+        return int(np.argmin(np.where(cand, self.score[bank], np.inf)))
 
 
-class LRUPolicy(EvictionPolicy):
+class LRUTable(PolicyTable):
     name = "lru"
 
-    def __init__(self):
-        self._order: OrderedDict[int, None] = OrderedDict()
-
-    def step(self, used):
-        for k in used:
-            self._order[k] = None
-            self._order.move_to_end(k)
-
-    def remove(self, key):
-        del self._order[key]
-
-    def victim(self, exclude):
-        for k in self._order:
-            if k not in exclude:
-                return k
-        raise RuntimeError("no evictable expert: every resident expert is needed by this step")
+    def _update(self, r, used, t):
+        self.score[r, used] = t  # the step of the latest use
 
 
-class LRFUPolicy(EvictionPolicy):
+class LRFUTable(PolicyTable):
     name = "lrfu"
 
-    def __init__(self, lam: float = 0.05):
+    def __init__(self, banks: int, experts: int, lam: float = 0.05):
         if not 0 < lam <= 1:
             raise ValueError(f"lrfu lambda must be in (0, 1], got {lam}")
         self.lam = lam
-        self._t = 0
-        # key -> log2(C) + lam * t_last: comparable across keys without decaying every entry each step
-        self._score: dict[int, float] = {}
-        self._last: dict[int, int] = {}
-        self._logc: dict[int, float] = {}
+        super().__init__(banks, experts)
+        self.logc = np.zeros_like(self.score)  # log2(C) at the latest use
+        self.last = np.zeros_like(self.score)  # step of the latest use
 
-    def step(self, used):
-        self._t += 1
-        t, lam = self._t, self.lam
-        for k in used:
-            if k in self._logc:
-                decayed = self._logc[k] - lam * (t - self._last[k])  # log2 of the old C, aged to now
-                logc = math.log2(1.0 + 2.0**decayed)
-            else:
-                logc = 0.0  # C = 1
-            self._logc[k], self._last[k] = logc, t
-            self._score[k] = logc + lam * t
+    def _arrays(self):
+        return ("tracked", "score", "logc", "last")
 
-    def remove(self, key):
-        del self._score[key], self._last[key], self._logc[key]
-
-    def victim(self, exclude):
-        best, best_score = None, math.inf
-        for k, s in self._score.items():
-            if s < best_score and k not in exclude:
-                best, best_score = k, s
-        if best is None:
-            raise RuntimeError("no evictable expert: every resident expert is needed by this step")
-        return best
+    def _update(self, r, used, t):
+        lam = self.lam
+        decayed = self.logc[r, used] - lam * (t - self.last[r, used])  # log2 of the old C, aged to now
+        logc = np.where(self.tracked[r, used], np.log2(1.0 + np.exp2(decayed)), 0.0)  # a new expert: C = 1
+        self.logc[r, used] = logc
+        self.last[r, used] = t
+        self.score[r, used] = logc + lam * t  # log2(C) + lam * t_last: comparable without decaying every entry
 
 
-POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy}
+class EvictionPolicy:
+    """One bank's view of a ``PolicyTable``: what the bank tells about uses and removals, and asks for victims."""
+
+    def __init__(self, table: PolicyTable, bank: int):
+        self.table, self.bank = table, bank
+        self.name = table.name
+
+    def step(self, used: Iterable[int]) -> None:
+        """Records that ``used`` experts (distinct; resident after this step) were used in one bank step."""
+        used = np.fromiter(used, dtype=np.int64)
+        self.table.step_rows(np.array([self.bank]), used[None])
+
+    def remove(self, key: int) -> None:
+        self.table.remove(self.bank, int(key))
+
+    def victim(self, exclude: Container[int]) -> int:
+        """The resident expert to evict, never one in ``exclude``."""
+        return self.table.victim(self.bank, exclude)
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    return POLICIES[name]()
+TABLES = {"lru": LRUTable, "lrfu": LRFUTable}
+
+
+def make_table(name: str, banks: int, experts: int) -> PolicyTable:
+    return TABLES[name](banks, experts)
+
+
+def make_policy(name: str, **kw) -> EvictionPolicy:
+    """A standalone one-bank policy."""
+    return TABLES[name](1, 64, **kw).row(0)
+
+
+def LRUPolicy() -> EvictionPolicy:  # noqa: N802 - the policy's name, as the bank and replay use it
+    return make_policy("lru")
+
+
+def LRFUPolicy(lam: float = 0.05) -> EvictionPolicy:  # noqa: N802
+    return make_policy("lrfu", lam=lam)

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from ..errors import ExpertCacheTooSmallError
-from .eviction import make_policy
+from .eviction import EvictionPolicy, make_table
 from .expert_layout import ExpertLayerSource, ExpertLayout
 from .expert_reader import ExpertReader
 from .safetensors_index import DTYPES
@@ -49,6 +49,11 @@ class ExpertStoreStats(msgspec.Struct, frozen=True):
     optimistic_forwards: int = 0  # forwards computed assuming every routed expert was resident
     redone_forwards: int = 0  # of those, forwards that missed and were redone (retried, else sync mode)
     retried_forwards: int = 0  # optimistic retries after loading a missed layer's experts
+    pinned_experts: int = 0  # experts pinned from a routing trace (all layers; never evicted)
+    write_seconds: float = 0.0  # MLX-thread time turning read bytes into slot writes (host copies, graph building)
+    sync_seconds: float = 0.0  # MLX-thread time waiting for per-layer routing readbacks (sync mode)
+    next_layer_predicted: int = 0  # experts the next-layer predictor named (next_layer_prefetch.py)
+    next_layer_correct: int = 0  # of those, experts the next layer then used
 
 
 def to_mx(buf: np.ndarray, st_dtype: str, shape: tuple[int, ...], dtype):
@@ -102,15 +107,15 @@ class _Target:
 class LayerBank:
     """Slots of one MoE layer. Not thread-safe: used only from the MLX thread."""
 
-    def __init__(self, index: int, source: ExpertLayerSource, slots: int, policy: str, targets: dict):
+    def __init__(self, index: int, source: ExpertLayerSource, slots: int, policy: EvictionPolicy, targets: dict):
         self.index = index  # position among the store's banks
         self.source = source
         self.slots = slots
         self.lut = np.full(source.num_experts, -1, dtype=np.int32)  # expert -> slot
         self.slot_expert = np.full(slots, -1, dtype=np.int32)  # slot -> expert
         self.free = list(range(slots - 1, -1, -1))
-        self.policy = make_policy(policy)
-        self.last_used: tuple[int, ...] = ()  # distinct experts of the latest step
+        self.policy = policy  # this bank's row of the store's PolicyTable
+        self._last_used = ()  # distinct experts of the latest step (a tuple, or a sorted int array)
         self.targets: dict[tuple[str, str], _Target] = targets  # (proj, comp) -> bank target
         self.version = 0  # bumped whenever the expert -> slot table changes
         self.pinned: set[int] = set()  # experts never evicted (StreamingExpertStore.pin_from_trace)
@@ -121,6 +126,16 @@ class LayerBank:
         import mlx.core as mx
 
         return mx.array(np.maximum(self.lut, 0))
+
+    @property
+    def last_used(self) -> tuple[int, ...]:
+        if not isinstance(self._last_used, tuple):
+            self._last_used = tuple(self._last_used.tolist())
+        return self._last_used
+
+    @last_used.setter
+    def last_used(self, value) -> None:
+        self._last_used = value
 
     @property
     def resident(self) -> int:
@@ -141,10 +156,11 @@ class StreamingExpertStore:
         self.layout = layout
         self.slots = slots
         self.policy_name = policy
+        self.policy_table = make_table(policy, 0, layout.num_experts)  # one row per bank (eviction.py)
         self.reader = ExpertReader(io_threads, direct_io)
         self.banks: list[LayerBank] = []
         self.hits = self.misses = self.evictions = 0
-        self.read_seconds = 0.0
+        self.read_seconds = self.write_seconds = self.sync_seconds = 0.0
         self.trace: list[tuple[int, tuple[int, ...]]] | None = None  # (layer, experts) per step when tracing
         # prefetch staging: (bank index, expert) -> Future of its bytes; filled from any thread, consumed on
         # the MLX thread by the next miss of that expert
@@ -158,6 +174,7 @@ class StreamingExpertStore:
         # the prefill arena (prefill_arena.py): slots shared by every layer for long prompts; 0 disables it
         self.arena_slots = slots
         self.arena = None
+        self.next_layer = None  # NextLayerPrefetch (next_layer_prefetch.py), when installed
         self.preloaded: dict[int, set] = {}  # bank index -> experts an optimistic retry loaded before sync mode
         self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
         from .optimistic import OptimisticRunner
@@ -189,7 +206,7 @@ class StreamingExpertStore:
         return min(slots, layout.num_experts)
 
     def add_layer(self, source: ExpertLayerSource, targets: dict) -> LayerBank:
-        bank = LayerBank(len(self.banks), source, self.slots, self.policy_name, targets)
+        bank = LayerBank(len(self.banks), source, self.slots, self.policy_table.row(len(self.banks)), targets)
         self.banks.append(bank)
         return bank
 
@@ -259,6 +276,22 @@ class StreamingExpertStore:
         self.hits += len(needed) - len(loaded)
         bank.policy.step(needed)
 
+    def account_rows(self, banks: list[LayerBank], inds: np.ndarray) -> None:
+        """``account_hits`` for one-row calls of distinct banks at once (a verified decode forward: ``inds [n, k]``
+        is each bank's routing), with no per-expert Python: the hits are counted, every bank's policy steps in one
+        vectorised update (``PolicyTable.step_rows``); routing observers and the trace are told per bank."""
+        used = np.sort(inds, axis=1)
+        if self.routing_observers or self.trace is not None:
+            for bank, row in zip(banks, inds):
+                for observe in self.routing_observers:
+                    observe(bank, row[None])
+                if self.trace is not None:
+                    self.trace.append((bank.source.layer, tuple(np.unique(row).tolist())))
+        for bank, row in zip(banks, used):
+            bank.last_used = row
+        self.hits += used.size
+        self.policy_table.step_rows(np.fromiter((b.index for b in banks), dtype=np.int64, count=len(banks)), used)
+
     def load_missing(self, bank: LayerBank, needed: np.ndarray) -> list[int]:
         """Makes ``needed`` resident, counting only the misses (a retried optimistic forward accounts its hits
         when it verifies); returns the experts it loaded."""
@@ -295,14 +328,15 @@ class StreamingExpertStore:
         t0 = time.perf_counter()
         try:
             for e, views, bufs in self._read_iter(bank, experts):
-                wait = time.perf_counter() - t0
-                self.read_seconds += wait
+                t1 = time.perf_counter()
+                self.read_seconds += t1 - t0
                 self._write_slot(bank, slot_of[e], views)  # device copy while the other reads run
                 self.reader.release(bufs)
                 bank.lut[e] = slot_of[e]
                 bank.slot_expert[slot_of[e]] = e
                 self.misses += 1
                 t0 = time.perf_counter()
+                self.write_seconds += t0 - t1
         finally:
             for e in experts:  # slots whose expert never arrived go back to the free list
                 if bank.lut[e] < 0 and slot_of[e] not in bank.free:
@@ -318,7 +352,9 @@ class StreamingExpertStore:
             proj = projs.get(id(t.proj), t.proj) if projs else t.proj
             arr = getattr(proj, t.comp)
             dt = mx.float32 if t.multiply else arr.dtype
-            value = apply_transform(to_mx(views[i], comp.dtype, comp.shape, dt)[None], t.transform)[0]
+            value = to_mx(views[i], comp.dtype, comp.shape, dt)
+            if t.transform:
+                value = apply_transform(value[None], t.transform)[0]
             if t.multiply:  # a scale onto the weight written just before (components are in weight-first order)
                 value = (arr[slot, t.rows].astype(mx.float32) * value).astype(arr.dtype)
             arr[slot, t.rows] = value
@@ -411,6 +447,10 @@ class StreamingExpertStore:
             capacity_experts=self.slots * len(self.banks),
             hit_rate=self.hits / lookups if lookups else 1.0,
             read_seconds=self.read_seconds,
+            write_seconds=self.write_seconds,
+            sync_seconds=self.sync_seconds,
+            next_layer_predicted=self.next_layer.predicted if self.next_layer is not None else 0,
+            next_layer_correct=self.next_layer.correct if self.next_layer is not None else 0,
             eviction_policy=self.policy_name,
             direct_io=self.reader.direct,
             prefetched=self.prefetched,
@@ -419,6 +459,7 @@ class StreamingExpertStore:
             retried_forwards=self.optimistic.retried_forwards,
             optimistic_forwards=self.optimistic.optimistic_forwards,
             redone_forwards=self.optimistic.redone_forwards,
+            pinned_experts=sum(len(b.pinned) for b in self.banks),
         )
 
     def close(self) -> None:

@@ -11,20 +11,21 @@ Hugging Face cache (``hf_cache.resolve_checkpoint``).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
-from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape, find_expert_layout
+from .backend_faults import dequantize_one_group_rows
+from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape
+from .expert_sidecar import LAYOUT as SIDECAR
+from .expert_sidecar import expert_layout_for, has_sidecar
 from .quant_formats import MX_DTYPES as _MX_DTYPES
 from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
 from .safetensors_index import CheckpointIndex
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
+from .tokenizer_files import load_tokenizer as _load_tokenizer
+from .tokenizer_files import require_tokenizer_files  # noqa: F401  (mach check imports it from here)
 
 def _local_dir(path, revision: str | None = None) -> Path:
     """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
@@ -43,6 +44,9 @@ def load(path, revision: str | None = None, **kwargs):
     directory = _local_dir(path, revision)
     config = read_config(directory)  # clear error for a missing or broken config.json
     CheckpointIndex(directory)  # and for damaged safetensors headers or index
+    if has_sidecar(directory):
+        raise CheckpointError(f"{directory}: its experts live in an expert sidecar (`mach convert`), which mlx-lm "
+                              "cannot read; load it with load_moe (or Runtime, mach generate, mach-serve)")
     from mlx_lm import load as mlx_lm_load
 
     overrides = _mlx_lm_overrides(config, str(directory / "config.json"))
@@ -62,43 +66,6 @@ def _mlx_lm_overrides(config: dict, source: str) -> dict:
     if adapter.wrapped or config.get("model_type") in adapter.unwrapped_model_types:
         return adapter.model_args_dict(config, tc)
     return {k: v for k, v in adapter.model_args_dict(config, tc).items() if config.get(k, object()) != v}
-
-
-def require_tokenizer_files(directory: Path) -> None:
-    """load_moe needs the model's tokenizer beside the weights (mach check asks the same)."""
-    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the "
-            "original model into the checkpoint directory"
-        )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        f = directory / name
-        if not f.exists():
-            continue
-        try:
-            data = json.loads(f.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{f}: the tokenizer file is not valid JSON ({type(e).__name__}: {str(e)[:200]}); "
-                                  "copy the original model's tokenizer files") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{f}: the tokenizer file must hold a JSON object; copy the original model's "
-                                  "tokenizer files")
-
-
-def _load_tokenizer(directory: Path, config: dict):
-    require_tokenizer_files(directory)
-    from mlx_lm.utils import load_tokenizer
-
-    try:
-        return load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
-    except Exception as e:  # transformers / tokenizers raise many types for damaged files
-        if type(e).__name__.startswith("StrictDataclass"):  # transformers' typed config validation
-            raise CheckpointError(f"{directory / 'config.json'}: transformers rejects a field's type ({e}); fix "
-                                  "that field or use the model's original config.json") from None
-        raise CheckpointError(
-            f"{directory}: the tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); tokenizer.json / "
-            "tokenizer_config.json are damaged or do not belong to this model: copy the original model's tokenizer "
-            "files") from None
 
 
 def _set_module(root, path: str, module) -> None:
@@ -198,17 +165,24 @@ def _concat_rows(parts):
     return mx.concatenate(parts, axis=1)
 
 
-def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs):
+def _build_stacked(src, adapter, tensors: _Tensors, cast, inter, act_kwargs, sidecar=None, rows=None):
+    """All of a layer's experts resident; ``rows``: only these experts, in this order (expert parallel)."""
     import mlx.core as mx
 
     from .expert_bank import apply_transform
     from .gather_switch_glu import GatherSwitchGLU
 
     def make_array(c):
-        if len(c.tensor_names) == 1:  # stacked layout: the tensor itself
+        if sidecar is not None:  # the layer's extents, read once (expert_sidecar.stacked_reader)
+            a = sidecar(src, c)
+            if rows is not None:
+                a = a[mx.array(rows)]
+        elif len(c.tensor_names) == 1:  # stacked layout: the tensor itself
             a = tensors[c.tensor_names[0]]
+            if rows is not None:
+                a = a[mx.array(rows)]
         else:
-            a = mx.stack([tensors[n] for n in c.tensor_names])
+            a = mx.stack([tensors[c.tensor_names[e]] for e in (range(len(c.tensor_names)) if rows is None else rows)])
         want = getattr(mx, _MX_DTYPES[c.dtype])
         if c.dtype == "F8_E4M3":  # dequantized: multiplied by its float block scales in _build_projections
             a = mx.from_fp8(a, dtype=mx.float32)
@@ -286,10 +260,11 @@ def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, con
 
 
 def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
-                      adapter):
+                      adapter, keep=None):
     from mlx.utils import tree_flatten
 
     names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
+    names = {k: n for k, n in names.items() if keep is None or keep(k)}  # pipeline parallel: this rank's layers
     raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
     weights = {k: raw[n] for k, n in names.items() if n in raw}
     if hasattr(model, "sanitize"):
@@ -334,6 +309,8 @@ def load_moe(
     progress: bool = False,
     revision: str | None = None,
     speculative=None,
+    pin_experts=None,
+    shard=None,
 ):
     """Loads an MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -351,6 +328,10 @@ def load_moe(
         draft)``; True: the default plan, no draft). The hooks the engines need are installed now, driven by the
         family's capabilities (``engine.hooks.install_spec_hooks``), and engines built over the model later install
         nothing (``installed_hooks(model)`` lists them).
+    pin_experts: a ``mach trace`` file; streaming pins each layer's most often routed experts in half of its bank
+        (never evicted; ``stats().pinned_experts``). Stacked residency holds every expert anyway: ignored.
+    shard: a ``distributed.plan.ShardPlan``: this rank's share (expert parallel: its experts of each MoE layer;
+        pipeline parallel: its decoder layers, split before any weight is read). docs/distributed.md.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -382,7 +363,7 @@ def load_moe(
         )
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
-    layout = find_expert_layout(index, adapter, tc, source)
+    layout = expert_layout_for(directory, index, adapter, tc, source)  # the sidecar (mach convert) if present
     tokenizer = _load_tokenizer(directory, config)
 
     Model, Args = adapter.model_classes()
@@ -392,6 +373,10 @@ def load_moe(
         raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model ({e})") from None
 
     target = _float_cast(layout, dtype)
+    if shard is not None and shard.pipeline:
+        from ..distributed.pipeline import pipeline_model
+
+        pipeline_model(model, shard, adapter.key)
 
     def cast(a):
         if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
@@ -415,7 +400,10 @@ def load_moe(
                     budget = DEFAULT_BANK_FRACTION * layout.num_experts * len(layout.layers) * bank_bytes / (1 << 30)
                     budget = max(budget, layout.top_k * len(layout.layers) * bank_bytes / (1 << 30))
                 slots = StreamingExpertStore.slots_for_budget(layout, budget, bank_bytes)
-            store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads, settings.direct_io)
+            if shard is not None and shard.expert_parallel:  # a rank's bank holds at most its own experts
+                slots = min(slots, max(len(shard.experts_of(src.layer)) for src in layout.layers))
+            store = StreamingExpertStore(layout, slots, settings.eviction_policy, settings.io_threads,
+                                         settings.direct_io)
             if layout.layout == "stacked":
                 print(
                     f"[mach] streaming residency on a stacked checkpoint ({index.directory}): experts are read as "
@@ -428,6 +416,11 @@ def load_moe(
             store = ResidentExpertStore(layout)
 
         tensors = _Tensors(index)
+        sidecar = None
+        if layout.layout == SIDECAR and not streaming:
+            from .expert_sidecar import stacked_reader
+
+            sidecar = stacked_reader(layout)
         act_kwargs = adapter.activation_kwargs(tc)
         swapped = []
         layers = layout.layers
@@ -436,14 +429,19 @@ def load_moe(
 
             layers = tqdm(layers, desc=f"experts ({settings.expert_residency})", unit="layer", file=sys.stderr)
         for src in layers:
+            if shard is not None and not shard.keeps_layer(src.layer):
+                continue  # pipeline parallel: another rank runs this layer
             mpath = adapter.switch_module_template.format(layer=src.layer)
             if streaming:
                 glu = _build_streaming(src, adapter, store, cast, layout.moe_intermediate, act_kwargs)
             else:
-                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs)
+                rows = shard.experts_of(src.layer) if shard is not None else None
+                glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs, sidecar, rows)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter)
+        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter,
+                          shard.keeps_weight if shard is not None and shard.pipeline else None)
+        dequantize_one_group_rows(model)  # a wrong MLX CUDA kernel for these layers (backend_faults.py)
         if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
             # so load time and memory before decoding do not grow with the bank (P7)
             bank_arrays = {id(a) for bank in store.banks for t in bank.targets.values()
@@ -453,9 +451,14 @@ def load_moe(
             mx.eval(model.parameters())
         model.eval()
         if streaming:
+            from ..config import resolve_prefetch_bytes
+            from .next_layer_prefetch import install as install_prefetch
             from .optimistic import install
 
             install(model, store)
+            install_prefetch(model, store, resolve_prefetch_bytes())
+            if pin_experts is not None:
+                store.pin_from_trace(pin_experts, store.slots // 2)
         if speculative is not None and speculative is not False:
             from ..engine.hooks import HookPlan, install_spec_hooks
 

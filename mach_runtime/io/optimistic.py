@@ -64,7 +64,13 @@ class ForwardRecord:
         import mlx.core as mx
 
         if self.entries:
-            self.flat = mx.concatenate([i.reshape(-1) for _, i, _ in self.entries])
+            idx = [i for _, i, _ in self.entries]
+            if all(i.shape == idx[0].shape and i.dtype == idx[0].dtype for i in idx):
+                # one kernel (stack takes the strided top-k slices as they are); flattened, the same layout as the
+                # concatenation of each call's flattened indices
+                self.flat = mx.stack(idx).reshape(-1)
+            else:
+                self.flat = mx.concatenate([i.reshape(-1) for i in idx])
 
 
 def rollback_ok(cache, tokens: int) -> bool:
@@ -213,11 +219,28 @@ class OptimisticRunner:
                 self._skip = self._backoff
                 self._backoff = min(max(1, 2 * self._backoff), MAX_BACKOFF)
                 return False
-        loaded = loaded or {}
-        for bank, inds, _ in parts:
-            self.store.account_hits(bank, inds, loaded.get(bank.index, ()))
+        pos = 0
+        for r in records:  # bookkeeping per forward, in order (each bank steps once per forward)
+            n = len(r.entries)
+            self._account(parts[pos : pos + n], loaded)
+            pos += n
         self._backoff = 0
         return True
+
+    def _account(self, parts: list, loaded: dict | None) -> None:
+        """The hits of one verified forward: vectorised over its MoE calls when each is one token row of a
+        different bank (decode), else call by call."""
+        store = self.store
+        if not loaded and parts and all(p[1].shape[0] == 1 for p in parts):
+            banks = [p[0] for p in parts]
+            inds = np.concatenate([p[1] for p in parts])
+            s = np.sort(inds, axis=1)
+            if len({b.index for b in banks}) == len(banks) and not (s[:, 1:] == s[:, :-1]).any():
+                store.account_rows(banks, inds)
+                return
+        loaded = loaded or {}
+        for bank, inds, _ in parts:
+            store.account_hits(bank, inds, loaded.get(bank.index, ()))
 
     def retry(self, run, tokens: int, cache):
         """Redoes a forward that missed: loads the first missing call's experts (its routing is exact) and runs

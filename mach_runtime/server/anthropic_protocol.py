@@ -4,7 +4,7 @@ at a local model.
 Streams follow the event sequence the official client parses: ``message_start``, then per content block
 ``content_block_start`` / ``content_block_delta``s / ``content_block_stop`` (a ``ping`` after the first block
 start), then ``message_delta`` (stop_reason, output usage) and ``message_stop``. Tool calls the model writes in
-its ``<tool_call>`` format become ``tool_use`` blocks (streamed as ``input_json_delta``); ``tool_result``
+its family's format (``tool_calls.py``) become ``tool_use`` blocks (streamed as ``input_json_delta``); ``tool_result``
 blocks go back to the model through the chat template as tool messages.
 """
 
@@ -20,7 +20,6 @@ from .anthropic_models import MessagesRequest
 from .errors import APIError, anthropic_body
 from .generation import SSEResponse, chain, collect, deltas, first_delta
 from .structured import tool_call_grammar
-from .tool_calls import ToolCallParser
 
 router = APIRouter()
 _STOP = {"length": "max_tokens", "tool_calls": "tool_use"}
@@ -87,7 +86,7 @@ async def messages(body: MessagesRequest, request: Request):
         chosen = tools if choice.type == "any" else [t for t in tools if t["name"] == choice.name]
         if not chosen:
             raise APIError(400, f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice.name")
-        grammar = tool_call_grammar(chosen, "tools")
+        grammar = tool_call_grammar(engine.tool_format, chosen, "tools")
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
     ids = engine.chat_ids(template_messages(body), template_tools)
     stop = list(body.stop_sequences or [])
@@ -98,13 +97,12 @@ async def messages(body: MessagesRequest, request: Request):
                   top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, grammar=grammar)
     rid = "msg_" + secrets.token_hex(12)
     meta = {"id": rid, "type": "message", "role": "assistant", "model": engine.settings.model_name()}
-    parser = ToolCallParser("toolu_") if use_tools else None
+    parser = engine.tool_format.parser(tools, "toolu_") if use_tools or engine.tool_format.always else None
     gen = deltas(engine, ids, params, rid, "messages", parser)
-    eos = set(engine.tokenizer.eos_token_ids)
     if body.stream:
         first = await first_delta(gen)
-        return SSEResponse(_events(meta, len(ids), first, gen, stop, eos), on_cancel=_cancel_events)
-    parts, token_ids, _, finish, usage = await collect(request, gen)
+        return SSEResponse(_events(meta, len(ids), first, gen), on_cancel=_cancel_events)
+    parts, _, _, last = await collect(request, gen)
     content = []
     for p in parts:
         if isinstance(p, str):
@@ -114,16 +112,17 @@ async def messages(body: MessagesRequest, request: Request):
                 content.append({"type": "text", "text": p})
         else:
             content.append(_tool_use(p))
-    reason, seq = _stop_reason(finish, token_ids[-1:], stop, eos)
+    reason, seq = _stop_reason(last)
     return JSONResponse({**meta, "content": content, "stop_reason": reason, "stop_sequence": seq,
-                         "usage": _usage(usage, len(ids))})
+                         "usage": _usage(last.usage, len(ids))})
 
 
-def _stop_reason(finish, last_ids, stop, eos):
-    if finish in _STOP:
-        return _STOP[finish], None
-    if stop and not (last_ids and last_ids[-1] in eos):  # ended on a stop string, not the end-of-turn token
-        return "stop_sequence", stop[0] if len(stop) == 1 else None
+def _stop_reason(last):
+    """(stop_reason, stop_sequence) of the last Delta: the stop string that matched, as the Runtime reports it."""
+    if last.finish in _STOP:
+        return _STOP[last.finish], None
+    if last.stop_sequence is not None:
+        return "stop_sequence", last.stop_sequence
     return "end_turn", None
 
 
@@ -141,14 +140,13 @@ def _cancel_events():
     yield _sse("error", anthropic_body(APIError(503, "the server shut down before the request finished")))
 
 
-async def _events(meta, prompt_tokens, first, gen, stop, eos):
+async def _events(meta, prompt_tokens, first, gen):
     yield _sse("message_start", {"type": "message_start", "message": {
         **meta, "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-    index, open_text, pinged, last_ids = 0, False, False, []
+    index, open_text, pinged = 0, False, False
     try:
         async for d in chain(first, gen):
-            last_ids = list(d.token_ids[-1:]) or last_ids
             for p in d.parts:
                 if isinstance(p, str):
                     if not p:
@@ -179,7 +177,7 @@ async def _events(meta, prompt_tokens, first, gen, stop, eos):
             if d.finish is not None:
                 if open_text:
                     yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
-                reason, seq = _stop_reason(d.finish, last_ids, stop, eos)
+                reason, seq = _stop_reason(d)
                 yield _sse("message_delta", {"type": "message_delta",
                                              "delta": {"stop_reason": reason, "stop_sequence": seq},
                                              "usage": {"output_tokens": (d.usage or {}).get("completion_tokens", 0)}})

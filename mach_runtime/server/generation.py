@@ -205,10 +205,11 @@ async def watch_disconnect(request, scope: anyio.CancelScope) -> None:
 class Delta:
     """What one Runtime chunk adds: text and tool calls in order, the tokens' logprobs, the finish."""
 
-    __slots__ = ("parts", "token_ids", "logprobs", "finish", "usage")
+    __slots__ = ("parts", "token_ids", "logprobs", "finish", "usage", "stop_sequence")
 
-    def __init__(self, parts, token_ids=(), logprobs=None, finish=None, usage=None):
+    def __init__(self, parts, token_ids=(), logprobs=None, finish=None, usage=None, stop_sequence=None):
         self.parts, self.token_ids, self.logprobs, self.finish, self.usage = parts, token_ids, logprobs, finish, usage
+        self.stop_sequence = stop_sequence  # with finish: the stop string that ended the request, if one did
 
 
 async def deltas(engine: Engine, ids, params: dict, request_id: str, endpoint: str, parser=None):
@@ -228,7 +229,7 @@ async def deltas(engine: Engine, ids, params: dict, request_id: str, endpoint: s
                         finish = "tool_calls"
                 if finish == "abort":
                     finish = "stop"
-            yield Delta(parts, chunk.token_ids, chunk.logprobs, finish, chunk.usage)
+            yield Delta(parts, chunk.token_ids, chunk.logprobs, finish, chunk.usage, chunk.stop_sequence)
 
 
 def usage_dict(usage: dict | None) -> dict:
@@ -248,8 +249,9 @@ async def first_delta(gen):
 
 
 async def collect(request, gen):
-    """Every Delta of a non-streaming request, aborting it if the client disconnects meanwhile."""
-    parts, token_ids, lps, finish, usage = [], [], [], None, None
+    """Every Delta of a non-streaming request, aborting it if the client disconnects meanwhile: (parts, token ids,
+    logprobs, the last Delta)."""
+    parts, token_ids, lps, last = [], [], [], None
     first = await first_delta(gen)  # a bad request answers with its status before anything runs
     try:
         with anyio.CancelScope() as scope:
@@ -260,7 +262,7 @@ async def collect(request, gen):
                     token_ids += d.token_ids
                     lps += d.logprobs or ()
                     if d.finish is not None:
-                        finish, usage = d.finish, d.usage
+                        last = d
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # an APIError from the stream, not a group of one
         if len(group.exceptions) == 1:
@@ -268,9 +270,9 @@ async def collect(request, gen):
         raise
     finally:
         await gen.aclose()
-    if finish is None:  # the client left: nobody reads this
+    if last is None:  # the client left: nobody reads this
         raise APIError(499, "client closed the request")
-    return parts, token_ids, lps, finish, usage
+    return parts, token_ids, lps, last
 
 
 async def chain(first, gen):

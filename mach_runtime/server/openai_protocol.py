@@ -2,7 +2,7 @@
 
 Streams are SSE (``data: {json}`` events, ``data: [DONE]`` last); ``stream_options.include_usage`` adds a
 usage chunk (``choices: []``) before ``[DONE]`` and ``usage: null`` on every other chunk. Stop strings are never
-echoed (the Runtime holds back partial matches). Tool calls in the model's ``<tool_call>`` format become
+echoed (the Runtime holds back partial matches). Tool calls in the model family's format (``tool_calls.py``) become
 ``tool_calls`` (streamed as ``delta.tool_calls``), with ``finish_reason: "tool_calls"``.
 """
 
@@ -19,7 +19,6 @@ from .errors import APIError, openai_body
 from .generation import SSEResponse, chain, collect, deltas, first_delta, usage_dict
 from .openai_models import ChatCompletionRequest, CompletionRequest
 from .structured import response_format_grammar, tool_call_grammar
-from .tool_calls import ToolCallParser
 
 router = APIRouter()
 ERRORS = {400: {"description": "invalid request (OpenAI error object)"}, 401: {"description": "bad API key"},
@@ -113,7 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                            param="tool_choice.function.name")
         if grammar is not None:
             raise APIError(400, "response_format and a forced tool_choice cannot be combined", param="tool_choice")
-        grammar = tool_call_grammar(chosen, "tools")
+        grammar = tool_call_grammar(engine.tool_format, chosen, "tools")
     elif choice is not None and choice != "none" and not tools:
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
@@ -127,14 +126,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = "chatcmpl-" + secrets.token_hex(12)
     meta = {"id": rid, "created": int(time.time()), "model": engine.settings.model_name(),
             "system_fingerprint": None}
-    parser = ToolCallParser() if use_tools else None
+    parser = engine.tool_format.parser(tools) if use_tools or engine.tool_format.always else None
     gen = deltas(engine, ids, params, rid, "chat", parser)
     if body.stream:
         first = await first_delta(gen)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(_chat_events(engine, meta, first, gen, include_usage, want_lp),
                            headers=_mode_header(engine), on_cancel=_cancel_events)
-    parts, token_ids, lps, finish, usage = await collect(request, gen)
+    parts, token_ids, lps, last = await collect(request, gen)
+    finish, usage = last.finish, last.usage
     text = "".join(p for p in parts if isinstance(p, str))
     calls = [p for p in parts if not isinstance(p, str)]
     message = {"role": "assistant", "content": text if (text or not calls) else None}
@@ -225,7 +225,8 @@ async def completions(body: CompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(_completion_events(engine, meta, first, gen, include_usage, want_lp, echo),
                            headers=_mode_header(engine), on_cancel=_cancel_events)
-    parts, token_ids, lps, finish, usage = await collect(request, gen)
+    parts, token_ids, lps, last = await collect(request, gen)
+    finish, usage = last.finish, last.usage
     choice = {"index": 0, "text": echo + "".join(parts), "finish_reason": finish,
               "logprobs": legacy_logprobs(engine.tokenizer, token_ids, lps, len(echo)) if want_lp else None}
     return JSONResponse({**meta, "choices": [choice], "usage": usage_dict(usage)}, headers=_mode_header(engine))

@@ -34,7 +34,8 @@ async def capabilities(request: Request):
     engine = request.app.state.engine
     return {"architectures": registry_summary(), "server": engine.settings.public(), "startup": engine.startup,
             "features": {"chat_completions": True, "completions": True, "anthropic_messages": True,
-                         "streaming": True, "tool_calls": "qwen <tool_call> json", "tool_template": engine.tool_template,
+                         "streaming": True, "tool_calls": engine.tool_format.name,
+                         "tool_template": engine.tool_template,
                          "response_format": ["text", "json_object", "json_schema"], "grammar_library": "llguidance",
                          "logprobs": True, "n": 1, "prefix_cache": engine.prefix_cache_enabled}}
 

@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,7 @@ from .errors import APIError, field_name, render
 from .generation import Engine
 from .metrics import Metrics
 from .settings import ServerSettings
+from .tool_formats import tool_format
 
 log = logging.getLogger("mach_runtime.server")
 _RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -44,6 +46,8 @@ _PREFIX_ARGS = {"--prefix-cache/--no-prefix-cache": ("prefix_cache", "prefix_cac
 
 def runtime_kwargs(s: ServerSettings, open_fn) -> dict:
     kw = dict(draft=s.draft, expert_residency=s.residency, expert_cache_gb=s.expert_cache_gb, max_batch=s.max_batch)
+    if s.spec_batch_size:
+        kw["spec_batch"] = s.spec_batch_size
     accepted = inspect.signature(open_fn).parameters
     for flag, (field, name) in _PREFIX_ARGS.items():
         value = getattr(s, field)
@@ -72,6 +76,8 @@ def startup_info(rt, settings: ServerSettings, stats) -> dict:
         "eviction_policy": e.eviction_policy, "direct_io": int(bool(e.direct_io)),
         "decode_path": f"specdec-{spec.config.mode.value}" if spec is not None else "batched-target",
         "adaptive_block_policy": spec.config.policy if spec is not None else "none",
+        "draft": Path(settings.draft).name if settings.draft else "none",
+        "spec_batch": rt._spec_batch.max_batch if rt._spec_batch is not None else 0,
         "max_batch": settings.max_batch, "max_queue": settings.max_queue,
         "prefix_cache": _prefix_state(stats),
         "arch": arch["arch"], "kv_cache_kind": arch["kv_cache_kind"], "specdec_kind": arch["specdec_kind"],
@@ -92,8 +98,8 @@ def _log_startup(info: dict, settings: ServerSettings) -> None:
 
     line("startup mode", ["model", "expert_residency", "max_batch", "max_queue"])
     line("startup bank", ["bank_experts", "bank_gb", "eviction_policy", "direct_io"])
-    line("startup", ["decode_path", "adaptive_block_policy", "prefix_cache"])
-    line("startup capabilities", ["arch", "kv_cache_kind", "specdec_kind", "continuous_batching"])
+    line("startup", ["decode_path", "draft", "spec_batch", "adaptive_block_policy", "prefix_cache"])
+    line("startup capabilities", ["arch", "kv_cache_kind", "specdec_kind", "continuous_batching", "tool_format"])
     log.info("startup listening url=http://%s:%d/v1 auth=%d", settings.host, settings.port, int(bool(settings.api_key)))
 
 
@@ -112,6 +118,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             engine.prefix_cache_enabled = engine.startup["prefix_cache"] != "off"
             template = getattr(rt.tokenizer, "chat_template", None) or ""
             engine.tool_template = "tools" in template
+            engine.tool_format = tool_format(template, engine.startup["arch"])
+            engine.startup["tool_format"] = engine.tool_format.name
             app.state.engine = engine
             _log_startup(engine.startup, settings)
             try:

@@ -10,6 +10,7 @@ class ServerSettings:
     checkpoint: str | None = None  # None: the bundled demo model
     streaming: bool | None = None  # --streaming / --no-streaming (None: the environment's default residency)
     draft: str | None = None
+    spec_batch: int | None = None  # with a draft: requests decoded speculatively together (None: max_batch; 0: off)
     host: str = "127.0.0.1"
     port: int = 8080
     expert_cache_gb: float | None = None
@@ -25,6 +26,14 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     retry_after_s: int = 1
     open_kwargs: dict = field(default_factory=dict)  # extra Runtime.open arguments (embedding, tests)
+
+    @property
+    def spec_batch_size(self) -> int:
+        """The Runtime's ``spec_batch``: 0 without a draft."""
+        if self.draft is None:
+            return 0
+        n = self.max_batch if self.spec_batch is None else self.spec_batch
+        return n if n >= 2 else 0
 
     @property
     def residency(self) -> str | None:
@@ -43,6 +52,7 @@ class ServerSettings:
         """What /v1/capabilities reports about this server (never the API key)."""
         return {
             "model": self.model_name(), "streaming": self.streaming, "draft": self.draft is not None,
+            "spec_batch": self.spec_batch_size,
             "expert_cache_gb": self.expert_cache_gb, "max_batch": self.max_batch, "max_queue": self.max_queue,
             "auth": self.api_key is not None, "prefix_cache": self.prefix_cache,
             "disk_kv_budget_gb": self.disk_kv_budget_gb, "max_request_bytes": self.max_request_bytes,

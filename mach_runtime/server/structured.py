@@ -2,19 +2,16 @@
 
 ``response_format`` ``{"type": "json_object"}`` → any JSON object; ``{"type": "json_schema", "json_schema":
 {"schema": ...}}`` → JSON following the schema. A forced tool call (OpenAI ``tool_choice`` "required" or a named
-function; Anthropic ``tool_choice`` "any" or a named tool) → exactly one ``<tool_call>{...}</tool_call>`` block
-whose JSON names one of the allowed tools and whose ``arguments`` follow that tool's parameter schema.
+function; Anthropic ``tool_choice`` "any" or a named tool) → exactly one call in the family's own format
+(``tool_grammars.py``) naming one of the allowed tools, whose arguments follow that tool's parameter schema.
 """
 
 from __future__ import annotations
-
-import json
 
 from mach_runtime.engine.constraints import json_schema_grammar, lark_grammar
 from mach_runtime.errors import RequestError
 
 from .errors import APIError
-from .tool_calls import CLOSE, OPEN
 
 
 def response_format_grammar(fmt: dict | None) -> str | None:
@@ -38,16 +35,10 @@ def response_format_grammar(fmt: dict | None) -> str | None:
                    param="response_format.type")
 
 
-def tool_call_grammar(tools: list[dict], param: str) -> str:
-    """One tool call to any of ``tools`` ({"name", "parameters"} each), in the Qwen block format."""
-    options = []
-    for t in tools:
-        params = t.get("parameters") or {"type": "object"}
-        options.append({"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": params},
-                        "required": ["name", "arguments"], "additionalProperties": False})
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    lark = f"start: {json.dumps(OPEN + chr(10))} obj {json.dumps(chr(10) + CLOSE)}\nobj: %json {json.dumps(schema)}\n"
+def tool_call_grammar(fmt, tools: list[dict], param: str) -> str:
+    """One call to any of ``tools`` ({"name", "parameters"} each), in the family's format ``fmt`` (a
+    ``tool_calls.ToolFormat``)."""
     try:
-        return lark_grammar(lark)
+        return lark_grammar(fmt.grammar(tools))
     except RequestError as e:
         raise APIError(400, f"a tool's parameters are not a usable JSON schema: {e}", param=param) from None

@@ -1,10 +1,22 @@
-"""Tool calls in the model's own format: Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
-blocks in the generated text (Qwen2.5/3/3.5, Hermes-style templates).
+"""Tool calls in the model family's own format, parsed out of the generated text.
 
-``ToolCallParser`` is incremental: ``feed(text)`` returns the events the new text completes — plain text (with
-any possible start of a ``<tool_call>`` tag held back) and whole tool calls — so the OpenAI stream sends
-``delta.tool_calls`` and the Anthropic stream ``tool_use`` blocks, never the raw tags. A block whose JSON does
-not parse is given back as text (what the model wrote, unchanged).
+Each family's chat template tells the model how to write a call; ``tool_format(template, arch)`` picks the
+matching ``ToolFormat`` (``tool_formats.py``; from the template's own markers, else from the checkpoint's family):
+
+* ``qwen_json``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Qwen2.5 / Qwen3, Hermes);
+* ``qwen_xml``: ``<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`` (Qwen3.5,
+  Qwen3-Coder; values typed by the tool's parameter schema);
+* ``gemma4``: ``<|tool_call>call:NAME{key:<|"|>text<|"|>,n:3}<tool_call|>``;
+* ``deepseek``: DSML ``<｜DSML｜function_calls><｜DSML｜invoke name="NAME"><｜DSML｜parameter name="K"
+  string="true">V</｜DSML｜parameter>...`` (V3.2 and later) and ``<｜tool▁calls▁begin｜>...`` (V3 / V3.1);
+* ``harmony`` (gpt-oss): messages ``<|channel|>C to=functions.NAME<|message|>ARGS<|call|>``; only the ``final``
+  (and recipient-less ``commentary``) channels are text, ``analysis`` is hidden.
+
+Parsers are incremental: ``feed(text)`` returns the events the new text completes — plain text (any possible
+start of a tag held back) and whole ``ToolCall``s — so the OpenAI stream sends ``delta.tool_calls`` and the
+Anthropic stream ``tool_use`` blocks, never the raw tags. A block that does not parse is given back as the text
+the model wrote. Here: the calls and the tagged-block parser; ``tool_formats.py``: each format's bodies and the
+choice of format; ``tool_grammars.py``: the grammar forcing one call in a format.
 """
 
 from __future__ import annotations
@@ -13,7 +25,9 @@ import json
 import secrets
 from dataclasses import dataclass
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+QUOTE = '<|"|>'  # Gemma 4's string delimiter
+DSML = "｜DSML｜"  # DeepSeek's markup token
 
 
 @dataclass
@@ -31,29 +45,20 @@ def new_call_id(prefix: str = "call_") -> str:
     return prefix + secrets.token_hex(12)
 
 
-def _parse(block: str, id_prefix: str) -> ToolCall | None:
-    try:
-        obj = json.loads(block.strip())
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):  # some templates / models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(new_call_id(id_prefix), obj["name"], json.dumps(args, ensure_ascii=False))
+def make_call(name: str, args: dict, id_prefix: str) -> ToolCall:
+    return ToolCall(new_call_id(id_prefix), name, json.dumps(args, ensure_ascii=False))
 
 
-class ToolCallParser:
-    def __init__(self, id_prefix: str = "call_"):
+class BlockParser:
+    """Tagged tool-call blocks in free text: ``tags`` are (open, close) pairs; ``parse_body(body)`` gives the block's
+    calls as (name, arguments dict) pairs, or None when the block is not a valid call (then its text is kept)."""
+
+    def __init__(self, tags, parse_body, id_prefix: str = "call_"):
+        self.tags = tuple(tags)
+        self.parse_body = parse_body
         self.id_prefix = id_prefix
         self._buf = ""
-        self._inside = False
+        self._open: tuple[str, str] | None = None  # the tag pair of the block being read
         self._after_call = False  # the newline(s) separating a closed block from what follows are dropped
         self.calls: list[ToolCall] = []
 
@@ -62,50 +67,55 @@ class ToolCallParser:
         self._buf += text
         out = []
         while True:
-            if not self._inside:
+            if self._open is None:
                 if self._after_call:
                     self._buf = self._buf.lstrip("\n")
                     self._after_call = not self._buf
-                i = self._buf.find(OPEN)
-                if i < 0:
-                    keep = _partial_suffix(self._buf, OPEN)
-                    emit = self._buf[: len(self._buf) - keep]
+                hit = min(((i, t) for t in self.tags if (i := self._buf.find(t[0])) >= 0), default=None)
+                if hit is None:  # held back: a possible start of a tag, and whitespace that may precede one
+                    keep = max(partial_suffix(self._buf, t[0]) for t in self.tags)
+                    emit = self._buf[: len(self._buf) - keep].rstrip()
                     if emit:
                         out.append(emit)
                     self._buf = self._buf[len(emit):]
                     return out
-                if i > 0:
-                    out.append(self._buf[:i])
-                self._buf = self._buf[i + len(OPEN):]
-                self._inside = True
-            j = self._buf.find(CLOSE)
+                i, self._open = hit
+                if self._buf[:i].strip():  # (the whitespace between text and a call is the template's layout)
+                    out.append(self._buf[:i].rstrip())
+                self._buf = self._buf[i + len(self._open[0]):]
+            close = self._open[1]
+            j = self._buf.find(close)
             if j < 0:
                 return out
-            call = _parse(self._buf[:j], self.id_prefix)
-            if call is None:
-                out.append(OPEN + self._buf[: j + len(CLOSE)])
-            else:
-                self.calls.append(call)
-                out.append(call)
-            self._buf = self._buf[j + len(CLOSE):]
-            self._after_call = call is not None
-            self._inside = False
+            out += self._block(self._buf[:j], self._buf[: j + len(close)])
+            self._buf = self._buf[j + len(close):]
+            self._open = None
+
+    def _block(self, body: str, raw: str) -> list:
+        try:
+            found = self.parse_body(body)
+        except (ValueError, KeyError, TypeError, IndexError):
+            found = None
+        if not found:
+            self._after_call = False
+            return [self._open[0] + raw]
+        calls = [make_call(name, args, self.id_prefix) for name, args in found]
+        self.calls += calls
+        self._after_call = True
+        return calls
 
     def finish(self) -> list:
-        """At the end of generation: whatever is still held back, as text (an unclosed block is parsed if its
-        JSON is complete: a model stopped by its stop token right before the closing tag)."""
+        """At the end of generation: whatever is still held back, as text (an unclosed block is parsed if it is
+        complete: a model stopped by its stop token right before the closing tag)."""
         rest, self._buf = self._buf, ""
-        if self._inside:
-            self._inside = False
-            call = _parse(rest, self.id_prefix)
-            if call is not None:
-                self.calls.append(call)
-                return [call]
-            return [OPEN + rest]
+        if self._open is not None:
+            out = self._block(rest, rest)
+            self._open = None
+            return out
         return [rest] if rest else []
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

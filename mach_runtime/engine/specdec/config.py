@@ -33,7 +33,7 @@ class BlockSpecDecEngineConfig:
     bucket_kv: bool = True  # multi-token forwards attend over KV lengths rounded up to 64 (static shapes; target.py)
     gdn_tape: bool = True  # GatedDeltaNet rollback replays the recorded recurrence (gdn_tape.py) instead of a re-run
     draft_prefetch: bool = False  # streaming: prefetch the experts a verify's tokens are predicted to route to
-    compile_moe: bool = True  # stacked: mx.compile the MoE blocks for forwards of <= 64 rows (compiled_moe.py)
+    compile_moe: bool = True  # mx.compile the MoE blocks for forwards of <= 64 rows (compiled_moe.py)
     compile_verify: bool = True  # qwen3_moe, stacked, bucket_kv: the verify forward as one compiled graph
     compile_draft: bool = True  # the DFlash draft pass (context append + block + head) as one compiled graph
 

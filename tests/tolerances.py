@@ -1,0 +1,79 @@
+"""The suite's tolerance rule, in one place (docs/testing.md gives the measurements behind each number).
+
+Every numeric comparison names the KIND of difference it allows; the number follows from the backend's arithmetic:
+
+* ``EXACT`` (bitwise): the same kernel on the same inputs and shapes. MLX's kernels are deterministic on the CPU
+  and on CUDA (``bench/backend_numerics.py`` runs each twice), so only this kind may use ``array_equal``.
+* ``reorder(cpu)``: the same float32 math in another order — another kernel or GEMM shape, a compiled (fused)
+  graph, a prefill split into chunks, a bank slot instead of a stacked expert. On MLX's CPU each test keeps the
+  bound it measured there (``cpu``: MLX's CPU kernels give each output the same sum whatever the shape, so these
+  are 1e-6..1e-5). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
+  dot product of K terms moves by ~sqrt(K)·2**-24 (H200: 2e-7 at K=64, 8e-7 at K=1024), the tiny models amplify a
+  per-GEMM error at most ~9x into their logits, so ``GPU_REORDER`` = 64·sqrt(64)·2**-24 ≈ 3e-5 (relative to the
+  largest logit) keeps 7x headroom over 9·8·2**-24 and still fails on any real fault: a wrong or stale expert, a
+  lost KV row or a mis-masked window moves logits by 1e-2 and more.
+* ``INDEPENDENT`` = 1e-4: against another implementation of the model (transformers + torch on the CPU,
+  mlx-lm's forward): float32 in a different order through every layer, on every backend.
+* ``half(dtype, cpu)``: two implementations of one bfloat16 / float16 forward. On the CPU the test's own bound
+  (MLX rounds each op's float32 result once, so the implementations agree to ~1e-5). On a GPU, GEMMs of
+  different shapes round their half-precision outputs differently (one ulp in an intermediate): 4·eps(dtype)
+  (bf16 3.1e-2, fp16 3.9e-3; the H200 measured 1.2 and 0.9 eps).
+
+TF32: MLX's CUDA backend runs float32 GEMMs on TF32 tensor cores by default (``MLX_ENABLE_TF32=1``: inputs rounded
+to 10 mantissa bits, 3e-4 relative per GEMM on the H200, 5e-4..2.7e-3 at the tiny models' logits). That would
+leave the float32 checks no power to find a subtle fault, so ``tests/conftest.py`` sets ``MLX_ENABLE_TF32=0`` for
+the suite (and its subprocesses) unless the caller set it: every backend then multiplies float32 exactly. A run
+that keeps TF32 on gets ``TF32_BOUND`` (16·2**-11 ≈ 7.8e-3, 3x the largest TF32 error measured) for both float32
+kinds: it still catches a wrong layout or format (0.1 and more), not a subtle one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+GPU = mx.default_device() == mx.gpu
+CUDA = GPU and hasattr(mx, "cuda") and mx.cuda.is_available()  # MLX's CUDA backend (not Metal)
+TF32 = GPU and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+
+EXACT = 0.0
+GPU_REORDER = 64 * 8 * 2.0**-24  # 64 x sqrt(K=64) x float32 unit roundoff ~= 3.05e-5
+TF32_BOUND = 16 * 2.0**-11  # 16 x TF32 unit roundoff ~= 7.8e-3
+INDEPENDENT = TF32_BOUND if TF32 else 1e-4
+_EPS = {mx.bfloat16: 2.0**-7, mx.float16: 2.0**-10}
+
+
+def reorder(cpu: float) -> float:
+    """Same float32 math in another order: ``cpu`` on MLX's CPU, ``GPU_REORDER`` (or the TF32 bound) on a GPU."""
+    if not GPU:
+        return cpu
+    return max(cpu, TF32_BOUND if TF32 else GPU_REORDER)
+
+
+def independent(cpu: float = INDEPENDENT) -> float:
+    """Against another implementation: ``cpu`` (1e-4 unless a test measured its own) on every backend, the TF32
+    bound when TF32 is on."""
+    return max(cpu, TF32_BOUND) if TF32 else cpu
+
+
+def half(dtype, cpu: float) -> float:
+    """Two implementations of one half-precision forward: ``cpu`` on MLX's CPU, 4 eps(dtype) on a GPU."""
+    return cpu if not GPU else max(cpu, 4 * _EPS[dtype])
+
+
+def assert_close(got, want, tol: float, what: str = "") -> None:
+    """max |got - want| <= tol x max |want| (the suite's relative error; tol 0 is bitwise equality)."""
+    import numpy as np
+
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = float(np.max(np.abs(got - want), initial=0.0))
+    scale = float(np.max(np.abs(want), initial=0.0))
+    assert np.all(np.isfinite(got)) and err <= tol * scale, f"{what}: max diff {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def reorder_in(dtype, cpu: float) -> float:
+    """``reorder(cpu)`` for float32 results, ``half(dtype, cpu)`` for half-precision ones (one ulp of a bf16 /
+    fp16 intermediate rounded another way moves its logits by about one eps of that dtype)."""
+    return half(dtype, cpu) if dtype in _EPS else reorder(cpu)
