@@ -74,7 +74,7 @@ class Decoder(DecoderPrefixCache):
         # prefix cache: snapshots of prefilled prompts (after their first token) and of finished requests go to the
         # Cache actor as host arrays; prefix_min_tokens None = only sessions' own turns are kept
         self.saver = PrefixSaver(self._emit_snapshot, prefix_min_tokens, self._fault,
-                                 exact_only(model)) if cache_inbox else None
+                                 lambda: exact_only(model)) if cache_inbox else None
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, caps=caps, spec=spec, spec_batch=spec_batch,
                                on_admit=lambda rid: self._fault("admit", request_id=rid),
                                on_prefilled=self._prefilled if self.saver is not None else None,

@@ -229,14 +229,10 @@ class Runtime:
             adapter = adapter_for_config(config)
             caps = adapter.capabilities()  # what the family can do: batching, speculative rollback (the table)
             tc = adapter.text_config(config)
-            if kv_bits is not None and spec_batch >= 2 and (draft is not None or specdec is not None):
-                raise ConfigError(f"kv_bits cannot be combined with spec_batch={spec_batch}: batched speculative "
-                                  "rollback trims plain KV rows only; leave spec_batch at 0 (a lone request still "
-                                  "decodes speculatively over the quantized cache) or kv_bits unset")
-            head_dim = tc.get("head_dim") or (tc.get("hidden_size", 0) // max(1, tc.get("num_attention_heads") or 1))
             layout = await mlx.call(lambda: apply_kv_layout(
                 model, adapter.kv_cache_kind, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                quantized_kv_start=quantized_kv_start, head_dim=head_dim or None))
+                quantized_kv_start=quantized_kv_start, text_config=tc,
+                spec_batch=spec_batch if draft is not None or specdec is not None else 0))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _build.spec_engine(model, tokenizer, store, draft, specdec))

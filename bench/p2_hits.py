@@ -73,7 +73,8 @@ def run_variant(name, ckpt, ids, a):
 
     def once(n):
         mx.random.seed(a.seed)
-        return C.timed_tokens(generate_tokens(model, ids, make_prompt_cache(model), make_sampler(a.temperature, seed=a.seed), n), n)
+        sampler = make_sampler(a.temperature, seed=a.seed)
+        return C.timed_tokens(generate_tokens(model, ids, make_prompt_cache(model), sampler, n), n)
 
     unchecked = name == "streaming unchecked"
     if unchecked:  # diagnostic: skip the routing check (every expert is resident, so the tokens stay right)

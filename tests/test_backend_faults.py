@@ -65,3 +65,13 @@ def test_quantized_kv_attention_over_a_cache_slice():
     got = mx.quantized_matmul(q, wq, scales, biases, transpose=True, group_size=32, bits=4)
     want = mx.matmul(q, mx.dequantize(wq, scales, biases, 32, 4, stream=mx.cpu).swapaxes(-1, -2), stream=mx.cpu)
     tol.assert_close(np.array(got), np.array(want), tol.reorder(1e-5))
+
+
+def test_float32_gemms_run_at_the_precision_the_tolerances_assume():
+    """The suite's premise (tests/tolerances.py): float32 GEMMs on the default device are within the float32
+    reorder bound of the CPU's — on CUDA that needs TF32 off (conftest), which a TF32 GEMM misses by 10x (3e-4)."""
+    mx.random.seed(0)
+    a = mx.random.normal((16, 1024))
+    b = mx.random.normal((1024, 64)) / 32
+    bound = tol.TF32_BOUND if tol.TF32 else tol.reorder(1e-6)
+    tol.assert_close(np.array(a @ b), np.array(mx.matmul(a, b, stream=mx.cpu)), bound)

@@ -19,10 +19,11 @@ from mach_runtime.io.expert_sidecar import ALIGN, DATA_NAME, INDEX_NAME, read_in
 from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests.family_helpers import FAMILIES, load_reference
 from tests.helpers import HF_QWEN3_MOE, greedy, reference_logits, rel_err
-from tests.quant_helpers import backend_tol, mlx_lm_convert, mlx_lm_quantize_save, qwen3_moe_source
+from tests.quant_helpers import mlx_lm_convert, mlx_lm_quantize_save, qwen3_moe_source
+from tests.tolerances import EXACT, independent, reorder
 
 IDS = [100, 7, 300, 42, 511, 3, 250, 99, 18, 400, 64, 5]
-SAME = backend_tol(1e-6)  # the same bytes through the same kernels: equal up to the backend's reduction order
+SAME = EXACT  # source vs converted: the same bytes through the same kernels at the same shapes (tests/tolerances.py)
 
 
 def _run(path, residency, ids=IDS, n=6, **kw):
@@ -80,7 +81,7 @@ def test_hf_per_expert_converts_to_equal_outputs(converted, hf_reference, reside
     want, want_tokens, _ = _run(HF_QWEN3_MOE, residency, ids=ids, **kw)
     got, tokens, stats = _run(dst, residency, ids=ids, **kw)
     assert rel_err(got, want) <= SAME and tokens == want_tokens
-    assert rel_err(got, hf_reference["logits"]) <= 1e-4  # and transformers' own forward
+    assert rel_err(got, hf_reference["logits"]) <= independent()  # and transformers' own forward
     idx = read_index(dst)
     assert idx.source.scheme == "hf_per_expert" and idx.requantized is None
     assert not [n for n in CheckpointIndex(dst).names() if ".experts." in n]  # experts only in the sidecar
@@ -114,6 +115,7 @@ def test_hf_fused_families_convert_to_equal_outputs(converted, arch):
         want, want_tokens, _ = _run(FAMILIES[arch], residency, ids=ids, n=4)
         got, tokens, _ = _run(dst, residency, ids=ids, n=4)
         assert rel_err(got, want) <= SAME and tokens == want_tokens, residency
+        assert rel_err(got, ref["logits"]) <= independent(), residency  # transformers' own forward
     assert read_index(dst).source.layout == "stacked"
 
 
@@ -171,9 +173,9 @@ def test_requantized_experts_equal_mlx_lm_quantization(q_source, tmp_path, mode,
     from mlx_lm import load as mlx_lm_load
 
     ref_model, _ = mlx_lm_load(str(ref))
-    assert rel_err(got, reference_logits(ref_model, IDS)) <= backend_tol(1e-4)
+    assert rel_err(got, reference_logits(ref_model, IDS)) <= independent()
     got_s, _, _ = _run(dst, "streaming", n=1)
-    assert rel_err(got_s, got) <= SAME
+    assert rel_err(got_s, got) <= reorder(1e-6)  # bank slots instead of stacked experts: another GEMM shape
     assert read_index(dst).requantized.mode == mode
 
 

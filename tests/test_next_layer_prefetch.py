@@ -27,6 +27,8 @@ def test_prefetch_is_lossless_and_reconciles(tiny_dir, temperature, monkeypatch)
         assert _decode(model, temperature) == want
         s = store.stats()
         assert s.next_layer_predicted > 0 and s.prefetched > 0
+        assert s.next_layer_correct <= s.next_layer_predicted
+        assert s.sync_seconds > 0 and s.write_seconds > 0  # the per-layer path's timers (bench/p2_hits.py shares)
         # every read is counted once: misses served from staging read nothing more
         assert s.bytes_read == (s.misses - s.prefetch_used + s.prefetched) * s.expert_bytes
     finally:

@@ -24,8 +24,9 @@ MARKERS = {"harmony": ("<|channel|>", "<|message|>", "to=functions"),
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module", params=[("harmony", HARMONY_TEMPLATE), ("gemma4", GEMMA4_TEMPLATE)],
-                ids=["harmony", "gemma4"])
+@pytest.fixture(scope="module", params=[pytest.param(("harmony", HARMONY_TEMPLATE), id="harmony"),
+                                        # the second format (a server start, ~20 s idle) in the long suite only
+                                        pytest.param(("gemma4", GEMMA4_TEMPLATE), id="gemma4", marks=pytest.mark.slow)])
 def server(request, tmp_path_factory):
     fmt, template = request.param
     ckpt = tool_checkpoint(tmp_path_factory.mktemp(fmt) / "ckpt", template)

@@ -91,7 +91,8 @@ def _checksum(arrays: dict) -> int:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(memoryview(a).cast("B"), crc)
+        if a.size:  # (an empty array has no bytes; memoryview cannot cast it)
+            crc = zlib.crc32(memoryview(a).cast("B"), crc)
     return crc
 
 

@@ -23,7 +23,7 @@ Who installs what, and when: ``install_spec_hooks(model, plan)``, at load. ``loa
 (called so by ``Runtime.open`` with a draft or ``specdec``, ``BlockSpecDecEngine.from_checkpoint`` and ``mach
 generate``) installs, driven by the family's capabilities and the ``HookPlan`` (``HookPlan.for_engine(config,
 draft)``): taps on the layers the draft reads (``hidden_taps`` families), the GDN tape hooks on GatedDeltaNet
-layers, compiled MoE blocks in stacked residency (streaming has ``load_moe``'s optimistic hook instead), and seals
+layers, compiled MoE blocks (stacked, and streaming's hit path under ``load_moe``'s optimistic hook), and seals
 the model with that plan. Engines built over it install nothing: one that needs more than the plan raises
 ``ConfigError`` (a shared model is never rewritten after load). A model loaded without a plan (``load_moe`` alone,
 mlx-lm's ``load``) belongs to its caller: the first engine built over it installs what it needs, through the same
@@ -193,10 +193,11 @@ class HookPlan:
 
 
 def install_spec_hooks(model: nn.Module, plan: HookPlan, *, seal: bool = False) -> list[dict]:
-    """Installs what ``plan`` asks for that the family has (idempotent): compiled MoE blocks on stacked routed-expert
-    blocks, the GDN tape hooks on GatedDeltaNet layers, taps on ``plan.tap_layers`` (``ConfigError`` where the
-    family's capabilities rule out speculation or hidden-state taps). ``seal``: the model is loaded for serving
-    (``load_moe(speculative=)``): engines may use it, never add to it. Returns ``installed_hooks(model)``."""
+    """Installs what ``plan`` asks for that the family has (idempotent): compiled MoE blocks on routed-expert
+    blocks (both residencies), the GDN tape hooks on GatedDeltaNet layers, taps on ``plan.tap_layers``
+    (``ConfigError`` where the family's capabilities rule out speculation or hidden-state taps). ``seal``: the
+    model is loaded for serving (``load_moe(speculative=)``): engines may use it, never add to it. Returns
+    ``installed_hooks(model)``."""
     from .compiled_moe import compile_moe_blocks
     from .specdec.gdn_tape import GDNTape
     from .specdec.target import TargetOps

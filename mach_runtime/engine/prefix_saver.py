@@ -72,16 +72,23 @@ MAX_BOUNDARIES = 4  # boundary snapshots per request (each one a prefill chunk s
 class PrefixSaver:
     """Captures on the MLX thread; ``emit(snapshot, owner)`` receives host snapshots (thread-safe callable)."""
 
-    def __init__(self, emit, min_tokens: int | None, fault=None, exact_only: bool = False):
+    def __init__(self, emit, min_tokens: int | None, fault=None, exact_only=False):
         self.emit = emit
         # None: only sessions' own turns are kept (prefix_cache=False)
         self.min_tokens = max(1, int(min_tokens)) if min_tokens is not None else 1 << 62
         self.fault = fault  # fault(point, **info): the Decoder's fault hook (tests crash a save here)
         # the model's caches cannot be cut to a shorter prefix (GatedDeltaNet state, sliding windows, compressed
-        # KV): snapshots at block boundaries during prefill give later requests partial-prefix points
-        self.exact_only = exact_only
+        # KV): snapshots at block boundaries during prefill give later requests partial-prefix points. A bool, or a
+        # callable deciding it on first use (on the MLX thread: it may build the model's caches)
+        self._exact_only = exact_only
         self.pending: dict[tuple[str, int], tuple[Snapshot, str | None]] = {}  # (request, tokens) -> capture
         self.skipped = 0
+
+    @property
+    def exact_only(self) -> bool:
+        if callable(self._exact_only):
+            self._exact_only = bool(self._exact_only())
+        return self._exact_only
 
     def boundaries(self, n_prompt: int, cached: int) -> tuple:
         """Token counts at which a fresh prompt of ``n_prompt`` tokens (``cached`` of them restored) is snapshotted

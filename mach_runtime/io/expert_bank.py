@@ -129,9 +129,7 @@ class LayerBank:
 
     @property
     def last_used(self) -> tuple[int, ...]:
-        if not isinstance(self._last_used, tuple):
-            self._last_used = tuple(self._last_used.tolist())
-        return self._last_used
+        return self._last_used if isinstance(self._last_used, tuple) else tuple(self._last_used.tolist())
 
     @last_used.setter
     def last_used(self, value) -> None:
@@ -290,7 +288,7 @@ class StreamingExpertStore:
         for bank, row in zip(banks, used):
             bank.last_used = row
         self.hits += used.size
-        self.policy_table.step_rows(np.fromiter((b.index for b in banks), dtype=np.int64, count=len(banks)), used)
+        self.policy_table.step_rows(np.array([b.index for b in banks]), used)
 
     def load_missing(self, bank: LayerBank, needed: np.ndarray) -> list[int]:
         """Makes ``needed`` resident, counting only the misses (a retried optimistic forward accounts its hits
