@@ -49,6 +49,14 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended the request, if one did
 
 
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: dict
+
+
 def _set_all(events) -> None:
     for e in events:
         e.set()

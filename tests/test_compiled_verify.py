@@ -10,6 +10,7 @@ import pytest
 from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, load_moe
 from mach_runtime.assets import demo_model_path
 from mach_runtime.engine.specdec import compiled_verify as CV
+from mach_runtime.engine.specdec.draft import load_dflash_draft
 from mach_runtime.engine.specdec.target import TargetOps
 from tests.family_helpers import FAMILIES
 from tests.helpers import greedy
@@ -65,11 +66,11 @@ def test_engine_uses_it_for_verifies_and_stays_lossless(demo, monkeypatch):
         return real(self, tokens, cache, capture)
 
     monkeypatch.setattr(CV.CompiledVerify, "forward", counting)
-    for compiled in (True, False):
+    draft = load_dflash_draft(DRAFT)
+    for compiled in (True, False):  # two engines over the module's model (one load, its compiled MoE blocks shared)
         calls.clear()
-        eng = BlockSpecDecEngine.from_checkpoint(
-            target_checkpoint=DEMO, draft_checkpoint=DRAFT, expert_residency="stacked",
-            config=BlockSpecDecEngineConfig(block_size=8, policy="fixed", compile_verify=compiled))
+        eng = BlockSpecDecEngine(model, tok, draft,
+                                 config=BlockSpecDecEngineConfig(block_size=8, policy="fixed", compile_verify=compiled))
         out = [t for ch in eng.generate(PROMPT, max_tokens=40, ignore_eos=True) for t in ch.token_ids]
         assert out == ref
         cycles = eng.stats()["specdec_cycles"]

@@ -47,7 +47,9 @@ import importlib, json, os, sys, traceback
 
 PRELOAD = ("numpy", "mlx.core", "mlx.nn", "mlx.utils", "mlx_lm", "mlx_lm.models.cache", "mlx_lm.utils",
            "mlx_lm.generate", "mlx_lm.sample_utils", "transformers", "tokenizers", "safetensors", "anyio", "msgspec",
-           "tqdm")
+           "tqdm", "huggingface_hub", "pydantic", "starlette", "fastapi", "fastapi.responses", "uvicorn",
+           "prometheus_client", "dflash_mlx", "dflash_mlx.model")  # (the server's web stack, the [dflash] extra:
+# seconds per child that imports them otherwise; a preload that is not installed is skipped)
 for name in PRELOAD:
     try:
         importlib.import_module(name)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from mach_runtime.assets import demo_model_path
+from tests.helpers import HF_QWEN3_MOE  # a tiny transformers-saved qwen3_moe: the test needs no size
 
 
 def test_target_only_and_prompt_lookup_run_without_dflash_mlx():
@@ -19,7 +19,7 @@ def test_target_only_and_prompt_lookup_run_without_dflash_mlx():
         from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, Runtime
         from mach_runtime.engine.specdec.draft_cache import RingDraftCache
         from mach_runtime.errors import ConfigError
-        eng = BlockSpecDecEngine.from_checkpoint({str(demo_model_path())!r},
+        eng = BlockSpecDecEngine.from_checkpoint({str(HF_QWEN3_MOE)!r},
                                                  config=BlockSpecDecEngineConfig(mode="target_only"))
         out = [t for c in eng.generate([5, 6, 7], max_tokens=4, ignore_eos=True) for t in c.token_ids]
         look = [t for c in eng.generate([5, 6, 7, 5, 6], max_tokens=4, ignore_eos=True, mode="prompt_lookup")

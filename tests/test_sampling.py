@@ -138,24 +138,30 @@ def _fields(p):
     return msgspec.structs.asdict(p)
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_cli_seed_equals_runtime_seed(anyio_backend, tiny_dir):
-    """``mach generate --seed`` and ``Runtime.stream(seed=)`` write the same text (one sampler, no global RNG)."""
+@pytest.fixture(scope="module")
+def cli_seed_text(tiny_dir):
+    """What ``mach generate --seed 7`` writes (one subprocess for both backends: the CLI has no event loop)."""
     import os
     import subprocess
     import sys
 
+    r = subprocess.run([sys.executable, "-m", "mach_runtime.cli.main", "generate", str(tiny_dir), "--prompt",
+                        "def fib(n):", "--max-tokens", "12", "--temp", "0.9", "--top-p", "0.95", "--seed", "7",
+                        "--no-streaming", "--ignore-chat-template", "--verbose", "False"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_cli_seed_equals_runtime_seed(anyio_backend, tiny_dir, cli_seed_text):
+    """``mach generate --seed`` and ``Runtime.stream(seed=)`` write the same text (one sampler, no global RNG)."""
     from mach_runtime import Runtime
 
     prompt = "def fib(n):"
-    r = subprocess.run([sys.executable, "-m", "mach_runtime.cli.main", "generate", str(tiny_dir), "--prompt", prompt,
-                        "--max-tokens", "12", "--temp", "0.9", "--top-p", "0.95", "--seed", "7", "--no-streaming",
-                        "--ignore-chat-template", "--verbose", "False"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert r.returncode == 0, r.stderr
     async with Runtime.open(tiny_dir, expert_residency="stacked") as rt:
         c = await rt.generate(prompt, max_tokens=12, temperature=0.9, top_p=0.95, seed=7)
         other = await rt.generate(prompt, max_tokens=12, temperature=0.9, top_p=0.95, seed=8)
-    assert c.text and r.stdout.startswith(c.text)
+    assert c.text and cli_seed_text.startswith(c.text)
     assert other.token_ids != c.token_ids  # the seed matters
