@@ -164,7 +164,7 @@ def test_routing_stats_on_a_synthetic_trace():
         routing_stats(RoutingTrace(8, 2, [0], [], granularity="mixed"))
 
 
-@pytest.mark.parametrize("policy,slots", [("lru", 6), ("lrfu", 10)])
+@pytest.mark.parametrize("policy,slots", [pytest.param("lru", 6, marks=pytest.mark.slow), ("lrfu", 10)])
 def test_trace_replay_reconciles_with_live_stats(tmp_path, policy, slots):
     """Teacher-forced held-out decoding and a sampled generation (with its multi-token prefill steps): replaying
     the recorded trace at the same bank size and policy reproduces the live counters exactly."""
@@ -227,6 +227,7 @@ def test_mach_demo_exits_cleanly_every_time():
         assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-500:])
 
 
+@pytest.mark.slow  # a CLI subprocess (~6-10 s); the in-process tests cover the same code
 def test_mach_trace_cli(tmp_path):
     out = tmp_path / "trace.json"
     r = _mach("trace", "--out", str(out), "--tokens", "24", "--seq", "12", "--slots", "6", "--sizes", "4,8,16",

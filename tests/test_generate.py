@@ -115,6 +115,7 @@ def test_cli_reports_errors_cleanly(tmp_path):
     assert r.returncode == 2 and "raise expert_cache_gb" in r.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess (~6-10 s); the in-process tests cover the same code
 def test_cli_make_tiny(tmp_path):
     out = tmp_path / "q"
     r = _mach("make-tiny", str(out), "--layout", "stacked", "--quant-bits", "4", "--shard-mb", "0.1")

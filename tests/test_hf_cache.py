@@ -124,6 +124,7 @@ def _cli(args, home):
     return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a CLI subprocess (~6-10 s); the in-process tests cover the same code
 def test_cli_commands_resolve_repo_ids_through_hf_home(hub):
     """HF_HOME alone (no HF_HUB_CACHE) locates the cache, as huggingface_hub and mlx-lm do."""
     r = _cli(["mach_runtime.cli.check", REPO, "--json", "--memory-gb", "8"], hub["home"])

@@ -28,7 +28,7 @@ def anyio_backend(request):
     return request.param
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", ["asyncio", pytest.param("trio", marks=pytest.mark.slow)])  # trio: -m slow (11 s)
 def test_open_close_cycles_keep_threads_and_rss_flat(tmp_path, backend):
     """8 cycles of ``for ...: async with Runtime.open(demo) as rt:`` in a fresh process (bench/open_close_leaks.py);
     before the fix: threads 9 -> 17 and RSS +51 MB per cycle (175 -> 533 MB)."""

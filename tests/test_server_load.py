@@ -106,6 +106,7 @@ async def concurrent(base: str, clients: int) -> dict:
     return got
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", pytest.param("trio", marks=pytest.mark.slow)])
 async def test_concurrent_streams_equal_alone(server):
     ref = await alone(server, len(PROMPTS))
     got = await concurrent(server, 32)
@@ -201,6 +202,7 @@ async def test_decoder_crash_mid_stream_loses_and_repeats_nothing(server):
         assert s["decoder_restarts"] == restarts + 1
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", pytest.param("trio", marks=pytest.mark.slow)])
 async def test_full_queue_answers_429_with_retry_after():
     settings = ServerSettings(streaming=False, max_batch=1, max_queue=1)
     with serve_in_thread(settings) as (base, app):

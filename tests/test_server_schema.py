@@ -33,7 +33,7 @@ def bounded(case):
     return case
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, pytest.param(GenerationMode.NEGATIVE, marks=pytest.mark.slow)])
 def test_no_server_errors(live, mode):
     schema = schemathesis.openapi.from_url(live + "/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
