@@ -2,7 +2,13 @@
 one run (the servers one after the other, never at once: they would share the cores).
 
     python bench/serve_bench.py [--ckpt DIR] [--draft DIR] [--requests 24] [--max-tokens 64] [--rates 1,2,4]
-                                [--servers mach-serve,mach-serve-target,mlx_lm.server] [--out JSON]
+                                [--warmup 16] [--servers mach-serve,mach-serve-target,mlx_lm.server] [--out JSON]
+
+Each server is warmed up before anything is timed: once it answers, ``--warmup`` requests (default 16: two
+waves) run untimed as a closed-8 scenario of the same prompts and lengths, so JIT compilation (MLX CUDA compiles
+kernels per new shape: 26 s of one cold closed-8 run on an H200) and first-use allocations are not measured.
+``--rates ''`` runs closed-8 only. The JSON records each server's command line and its startup log lines
+(mach-serve's decode path, spec batch, block policy) next to its results.
 
 Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
 4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
@@ -75,7 +81,13 @@ def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: st
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(ckpt), "--port", str(port),
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
                "--log-level", "WARNING"]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return cmd, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def startup_lines(log: Path) -> list[str]:
+    """mach-serve's ``startup ...`` log lines (mode, bank, decode path, capabilities), timestamps cut."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [ln.split(": ", 1)[1] for ln in lines if "mach_runtime.server: startup" in ln]
 
 
 def wait_ready(base: str, model: str, proc, timeout=300.0) -> None:
@@ -168,6 +180,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=16, help="untimed closed-8 requests per server first (0: none)")
     ap.add_argument("--draft", default=None, help="mach-serve's DFlash draft (default: the bundled one)")
     ap.add_argument("--servers", default="mach-serve,mach-serve-target,mlx_lm.server")
     ap.add_argument("--out", default=_common.default_out("serve_bench"))
@@ -188,9 +201,18 @@ def main() -> int:
         base, model = f"http://127.0.0.1:{port}", ("bench" if kind.startswith("mach-serve") else str(ckpt))
         log = Path(a.out).with_suffix(f".{kind}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc = start(kind, ckpt, port, a.max_batch, log, a.draft)
+        cmd, proc = start(kind, ckpt, port, a.max_batch, log, a.draft)
         try:
             wait_ready(base, model, proc)
+            info = out.setdefault("servers", {})[kind] = {"cmd": [str(c) for c in cmd[1:]]}
+            if a.warmup:
+                t = time.perf_counter()
+                anyio.run(lambda: scenario(base, model, "warmup", a.warmup, a.max_tokens, tok, clients=8))
+                info["warmup_s"] = round(time.perf_counter() - t, 2)
+                print(f"{kind}: warm-up of {a.warmup} requests (closed-8) took {info['warmup_s']} s", flush=True)
+            info["startup"] = startup_lines(log)
+            for ln in info["startup"]:
+                print(f"{kind}: {ln}", flush=True)
             runs = [("closed-8", dict(clients=8))] + [(f"poisson-{r:g}/s", dict(rate=r)) for r in rates]
             for name, kw in runs:
                 res = anyio.run(lambda: scenario(base, model, name, a.requests, a.max_tokens, tok, **kw))

@@ -106,10 +106,10 @@ async def test_concurrent_speculative_streams_run_as_one_spec_batch(families):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "hybrid"])
-async def test_a_fifth_request_moves_the_group_to_target_only_batching_and_back(families, family):
+async def test_a_fifth_request_moves_the_group_to_target_only_batching_until_it_drains(families, family):
     """4 rows (DFlash, target-only, prompt lookup: each its own mode) run in the spec batch; a 5th arrives → all
-    five in the target-only batch (the four move with their KV); the shortest finishes → the other four move back
-    (after a last batch step that queues none, with their KV), and finish speculatively."""
+    five in the target-only batch (the four move with their KV); the shortest finishes → the other four stay there
+    (the lane policy: a batch that outgrew the spec lane keeps its requests until it drains, no flapping)."""
     path, draft, ref = families[family]
     lookup = {"specdec": "prompt_lookup"}
     jobs = {0: (PROMPTS[0], 10, {}), 1: (PROMPTS[1], 28, {"specdec": None}), 2: (PROMPTS[2], 28, {}),
@@ -138,10 +138,11 @@ async def test_a_fifth_request_moves_the_group_to_target_only_batching_and_back(
     d = s.decoder
     assert s.decoder_restarts == 0
     assert d.steps > 0 and max(d.batch_histogram) == 5  # target-only batching of all five
-    assert d.spec_batch_moves >= 8  # four out of the spec batch, four back in
-    assert d.spec_batch_cycles > 0 and d.completed == 5 and d.active == 0 and d.spec_requests == 4
-    if family == "qwen3":  # its greedy output repeats itself: prompt lookup drafts get accepted
-        assert any(len(c.token_ids) > 1 for i in (3, 4) for c in got[i][1])
+    assert d.spec_batch_moves == 4  # four out of the spec batch, none back in
+    # the three speculative ones of the first four (the fifth never ran speculatively)
+    assert d.spec_batch_cycles > 0 and d.completed == 5 and d.active == 0 and d.spec_requests == 3
+    assert 4 in d.batch_histogram  # after the shortest finished, the four stayed in the target-only batch
+    assert all(len(c.token_ids) == 1 for c in got[4][1])  # the fifth only ever ran target-only
 
 
 async def test_a_target_only_row_left_alone_returns_to_the_target_only_batch(families):

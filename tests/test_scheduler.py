@@ -148,3 +148,52 @@ def test_every_lane_prefills_in_chunks_between_decode_steps(model, spec_lanes):
     assert tokens["solo"] == greedy(m, list(long), 6)
     assert tokens["long"] == greedy(m, list(long), 5)
     assert tokens["a"] == greedy(m, list(other), 40)
+
+
+def test_simultaneous_arrivals_on_an_idle_scheduler_prefill_as_one_group(model):
+    """A wave of 8 requests whose first one reaches an idle scheduler alone: it is held open one iteration
+    (``holding``) and the other 7, arriving meanwhile, join its group: one group, one chunk, 8 rows decoding
+    together from the first step; tokens equal plain greedy decoding."""
+    m, tok = model
+    sched = Scheduler(m, tok, max_batch=8, caps=REGISTRY["qwen3_moe"].capabilities())
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompts = [tuple(tok.encode(t)) for t in ("def add(a, b):", "import os", "class Node:", "x = [", "while True:",
+                                               "for i in range(3):", "# parse\n", "print(")]
+    sched.submit(Request("r0", prompts[0], p))
+    assert sched.step() == [] and sched.holding and sched.prefill is None and sched.counters["prefill_groups"] == 0
+    for i, ids in enumerate(prompts[1:], 1):
+        sched.submit(Request(f"r{i}", ids, p))
+    events = sched.step()
+    assert not sched.holding and sched.counters["prefill_groups"] == 1 and sched.counters["prefill_chunks"] == 1
+    assert sorted(e.request_id for e in events if e.token_ids) == sorted(f"r{i}" for i in range(8))
+    tokens, _ = _run(sched, lambda t: sched.idle, {e.request_id: list(e.token_ids) for e in events})
+    assert sched.histogram == {8: 3} and sched.counters["prefill_groups"] == 1
+    for i, ids in enumerate(prompts):
+        assert tokens[f"r{i}"] == greedy(m, list(ids), 3)
+    sched.submit(Request("late", prompts[1], p))  # a lone request on an idle scheduler: held once, then alone
+    assert sched.step() == [] and sched.holding
+    tokens, _ = _run(sched, lambda t: sched.idle, {})
+    assert tokens["late"] == greedy(m, list(prompts[1]), 3) and sched.counters["prefill_groups"] == 2
+
+
+def test_a_batch_that_outgrew_the_spec_lane_keeps_its_requests_until_it_drains(model, spec_lanes):
+    """Lane policy: 5 speculative requests outgrow the spec batch (4 rows) and run target-only; when the shortest
+    finishes, the other 4 stay in the target-only batch (no move back: no flapping around the threshold); once it
+    has drained, newcomers decode speculatively again. Everything equals plain greedy decoding."""
+    m, tok, spec, batched = spec_lanes
+    sched = Scheduler(m, tok, max_batch=8, caps=REGISTRY["qwen3_moe"].capabilities(), spec=spec, spec_batch=batched)
+    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, specdec="native_v7")
+    prompts = [tuple(tok.encode(t)) for t in ("def add(a, b):", "import os", "class Node:", "x = [", "while True:")]
+    for i, ids in enumerate(prompts):
+        sched.submit(Request(f"r{i}", ids, sp(2 if i == 0 else 6)))
+    tokens, _ = _run(sched, lambda t: sched.idle, {})
+    assert sched.counters["spec_batch_cycles"] == 0 and sched.counters["spec_batch_moves"] == 0
+    assert 5 in sched.histogram and 4 in sched.histogram  # the four stayed after the first finished
+    for i, ids in enumerate(prompts):
+        assert tokens[f"r{i}"] == greedy(m, list(ids), 2 if i == 0 else 6)
+    for i in (1, 2):
+        sched.submit(Request(f"again{i}", prompts[i], sp(6)))
+    tokens, _ = _run(sched, lambda t: sched.idle, {})
+    assert sched.counters["spec_batch_cycles"] > 0  # drained: the spec lane is back
+    for i in (1, 2):
+        assert tokens[f"again{i}"] == greedy(m, list(prompts[i]), 6)

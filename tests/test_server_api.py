@@ -235,6 +235,7 @@ def test_operations_endpoints(server, oai):
         assert name in metrics, name
     log = server[2].read_text()
     for key in ("startup mode", "expert_residency=stacked", "startup bank", "decode_path=batched-target",
+                "lane_policy=target_only",
                 "prefix_cache=l1", "startup capabilities", "kv_cache_kind=standard"):
         assert key in log, key
 

@@ -41,8 +41,9 @@ def test_demo_model_api_key_and_sigterm_mid_stream(tmp_path):
         text = log.read_text()
         from mach_runtime.cli.serve import demo_draft_pays
 
-        path = ("decode_path=specdec-native_v7 draft=demo-qwen3-moe-dflash spec_batch=4 adaptive_block_policy=fixed"
-                if demo_draft_pays() else "decode_path=batched-target draft=none spec_batch=0")
+        path = ("decode_path=specdec-native_v7 draft=demo-qwen3-moe-dflash spec_batch=4 "
+                "lane_policy=spec_upto_4_live_then_target_only_until_drained adaptive_block_policy=fixed"
+                if demo_draft_pays() else "decode_path=batched-target draft=none spec_batch=0 lane_policy=target_only")
         for key in ("startup mode model=demo-qwen3-moe", "expert_residency=stacked", "startup bank", path,
                     "startup capabilities arch=qwen3_moe", "tool_format=qwen_json", "auth=1"):
             assert key in text, key

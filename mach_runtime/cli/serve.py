@@ -79,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
 # decode speculatively with the trained draft and fixed 16-token blocks (2.1x mlx-lm alone; the adaptive policies
 # shrink blocks that cost the same on a launch-bound GPU), up to 4 together in the spec batch (1.1-1.4x target-only
 # batching at 2-4 requests; at 8 a [8, 16] verify is no longer launch-bound and loses, so more requests than that
-# use the target-only batch). On the CPU a verify costs in proportion to its rows (MLX's CPU matmuls), so drafting never
-# pays there: target-only continuous batching.
+# use the target-only batch, which keeps them until it drains: the scheduler's lane policy; H200, closed-8: target-only
+# 1108 tok/s vs 669 for mlx_lm.server, docs/benchmarks.md). On the CPU a verify costs in proportion to its rows (MLX's
+# CPU matmuls), so drafting never pays there: target-only continuous batching.
 DEMO_SPEC_BATCH = 4
 
 

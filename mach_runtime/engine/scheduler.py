@@ -19,7 +19,17 @@ Chunked prefill, the same in every lane: newcomers join through their lane engin
 ``BlockSpecDecEngine`` for the solo lane), ONE chunk (``prefill_chunk`` tokens) per step, interleaved with the
 running rows' decode steps, so a long prompt delays each running stream by a chunk, not by its whole prefill
 (mlx-lm's BatchGenerator does the same); ``join`` adds them once the last chunk has run. One group prefills at a
-time; what arrives meanwhile waits for it.
+time; what arrives meanwhile waits for it. A group that would start on an idle scheduler (nothing running or
+prefilling) is held open for one iteration before its first chunk (``holding``): whatever arrives meanwhile joins
+it, so a wave of simultaneous arrivals prefills as one group instead of its first request alone while the others
+wait (the Decoder drains its mailbox in between, briefly waiting for stragglers: ``actors/decoder.py``).
+
+Lane policy (one threshold, ``spec_batch.max_batch``): requests decode speculatively while the running + waiting
+set fits the spec batch (a lone one in the solo lane) and in target-only continuous batching once it outgrows
+it. A target-only batch entered that way keeps its requests until it drains: a set that shrinks back under it does not
+move into the spec lane (moves cost a settle step and a handover each, and under a load hovering around the
+threshold they would flap every few steps); newcomers join the running batch. Speculative lanes come back when the
+scheduler next starts from empty.
 
 Capabilities (``io.arch_registry.Capabilities``): a family whose caches cannot merge runs one request at a time,
 the others queued; the spec lane exists only where rows can be rolled back alone.
@@ -108,6 +118,8 @@ class Scheduler:
         self._dropped: set[str] = set()  # aborted while prefilling: finished when they join
         self._spec_counted: set[str] = set()  # live requests counted in spec_requests
         self._settle = False  # the next batch step queues none: its rows are about to move
+        self._outgrown = False  # the target-only batch runs because the set outgrew the spec batch: it keeps them
+        self._held = False  # the waiting requests were held open one iteration on an idle scheduler (``holding``)
         self._events: list[Event] = []
         self.counters = Counter()
         self.histogram: Counter = Counter()  # batch rows -> steps
@@ -136,6 +148,12 @@ class Scheduler:
         return not (self.pending or self.live or self.solo)
 
     @property
+    def holding(self) -> bool:
+        """Newcomers are held open for one iteration before their group starts (the scheduler was idle): the
+        caller may gather more arrivals before the next ``step``."""
+        return self._held and bool(self.pending)
+
+    @property
     def active(self) -> int:
         return self.batch.active + (self.spec_batch.active if self.spec_batch is not None else 0) + (
             self.solo is not None)
@@ -146,6 +164,8 @@ class Scheduler:
         ``flush()`` is called before slow host work and once a step is queued on the device (the caller delivers
         the previous outputs meanwhile)."""
         flush = flush or (lambda: None)
+        if not self.pending:
+            self._held = False
         suspect = next((r for r in self.pending if r.isolate), None)
         if suspect is not None:
             self.pending.remove(suspect)
@@ -234,6 +254,10 @@ class Scheduler:
             return  # (without a spec lane only newcomers change lanes)
         lane, running = self._lane()
         waiting = [r for r in self.pending if not r.isolate]  # suspects are probed alone first (``step``)
+        if lane is None and waiting and not self._held:
+            self._held = True  # idle: the group stays open one iteration for simultaneous arrivals to join it
+            return
+        self._held = False
         subs = running + waiting
         if len(subs) == 1:  # stays where it runs; a target-only request left in the spec batch goes pipelined
             spec = self._wants_spec(subs[0])
@@ -243,6 +267,13 @@ class Scheduler:
             want = "spec"
         else:
             want = "batch"
+        if lane is None:
+            self._outgrown = False
+        if (self.spec_batch is not None and len(subs) > self.spec_batch.max_batch
+                and any(self._wants_spec(s) for s in subs)):
+            self._outgrown = True  # target-only because the set outgrew the spec batch
+        if lane == "batch" and self._outgrown:
+            want = "batch"  # it keeps its requests until it drains (the lane policy above)
         moved = []
         if lane is not None and want != lane:
             if lane == "batch" and self.batch.in_flight:
@@ -271,6 +302,7 @@ class Scheduler:
         reqs = [r for r in reqs if r.request_id in self.live]  # those the admission hook did not fail
         if not reqs:
             return
+        self.counters["prefill_groups"] += 1
         pf = engine.begin([Admission(r.request_id, r.prompt_ids, r.params, r.generated, r.kv,
                                      r.cached_tokens if r.kv is not None else 0, r.boundaries) for r in reqs],
                           prefill_step=self.prefill_chunk)

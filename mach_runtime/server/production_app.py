@@ -78,11 +78,21 @@ def startup_info(rt, settings: ServerSettings, stats) -> dict:
         "adaptive_block_policy": spec.config.policy if spec is not None else "none",
         "draft": Path(settings.draft).name if settings.draft else "none",
         "spec_batch": rt._spec_batch.max_batch if rt._spec_batch is not None else 0,
+        "lane_policy": lane_policy(spec is not None, rt._spec_batch.max_batch if rt._spec_batch is not None else 0),
         "max_batch": settings.max_batch, "max_queue": settings.max_queue,
         "prefix_cache": _prefix_state(stats),
         "arch": arch["arch"], "kv_cache_kind": arch["kv_cache_kind"], "specdec_kind": arch["specdec_kind"],
         "continuous_batching": arch["continuous_batching"],
     }
+
+
+def lane_policy(draft: bool, spec_batch: int) -> str:
+    """The scheduler's lane policy in one token (``engine/scheduler.py``, "Lane policy")."""
+    if not draft:
+        return "target_only"
+    if not spec_batch:
+        return "spec_alone_else_target_only"
+    return f"spec_upto_{spec_batch}_live_then_target_only_until_drained"
 
 
 def _prefix_state(stats) -> str:
@@ -98,7 +108,7 @@ def _log_startup(info: dict, settings: ServerSettings) -> None:
 
     line("startup mode", ["model", "expert_residency", "max_batch", "max_queue"])
     line("startup bank", ["bank_experts", "bank_gb", "eviction_policy", "direct_io"])
-    line("startup", ["decode_path", "draft", "spec_batch", "adaptive_block_policy", "prefix_cache"])
+    line("startup", ["decode_path", "draft", "spec_batch", "lane_policy", "adaptive_block_policy", "prefix_cache"])
     line("startup capabilities", ["arch", "kv_cache_kind", "specdec_kind", "continuous_batching", "tool_format"])
     log.info("startup listening url=http://%s:%d/v1 auth=%d", settings.host, settings.port, int(bool(settings.api_key)))
 
