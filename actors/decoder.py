@@ -51,9 +51,10 @@ from .messages import (
 )
 from .slot import call_soon, loop_token
 
-# a wave's stragglers (``Decoder._take``): on 2 loaded CPU cores the event loop parses a request in ~1-3 ms
-GATHER_QUIET_S = 0.003
-GATHER_MAX_S = 0.02
+# a wave's stragglers (``Decoder._take``): waiting is worth a fraction of a decode step (an H200 steps the demo in
+# ~6 ms, 2 loaded CPU cores in 100-400 ms while their event loop parses a request in several ms)
+GATHER_QUIET = (0.002, 0.1, 0.01)  # (at least s, fraction of the last step, at most s) the mailbox stays quiet
+GATHER_MAX = (0.005, 0.5, 0.05)  # (at least s, fraction of the last step, at most s) in all
 
 
 class Decoder(DecoderPrefixCache):
@@ -73,6 +74,7 @@ class Decoder(DecoderPrefixCache):
         self.routing_source = routing_source  # callable() -> per-bank experts of the last step, or None
         self.mailbox: queue.SimpleQueue = queue.SimpleQueue()
         self.step_sync = step_sync  # distributed runtime: every rank takes rank 0's steps (actors/distributed.py)
+        self._step_s = 0.0  # the last iteration that produced tokens took this long (``_take``'s gathering)
         self._outbox: list = []  # outputs not yet handed to the sink (messages, or callables run in order)
         self._sessions: dict[str, str | None] = {}  # live request -> its session (KV stored at its finish)
         kw = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
@@ -160,8 +162,11 @@ class Decoder(DecoderPrefixCache):
                     sched.submit(self._request(m, kv))  # a prefix-cache hit restored (decoder_prefix.py)
                 elif isinstance(m, Abort):
                     sched.abort(m.request_id, m.reason)
+            t = time.perf_counter()
             events = self._step(sched)
             stepped = any(e.token_ids for e in events)
+            if stepped:
+                self._step_s = time.perf_counter() - t
             for e in events:
                 self._post(e)
             if self.saver is not None and self.saver.pending:
@@ -176,12 +181,14 @@ class Decoder(DecoderPrefixCache):
     def _take(self, block: bool, gather: bool = False) -> list:
         """The mailbox's messages (waiting for one when ``block``); in a distributed runtime, rank 0's. With
         ``gather`` (the scheduler holds a group open on an idle start) it also waits for stragglers: until the
-        mailbox stays quiet for ``GATHER_QUIET_S``, at most ``GATHER_MAX_S`` in all, so requests sent together but
-        parsed one after the other by the event loop prefill as one group."""
+        mailbox stays quiet for a tenth of the last decode step, at most half a step in all (``GATHER_QUIET``,
+        ``GATHER_MAX``), so requests sent together but parsed one after the other by the event loop prefill as one
+        group."""
         if self.step_sync is not None:
             return self.step_sync.take(self, block)
         msgs = [self.mailbox.get()] if block else []
-        deadline = time.monotonic() + GATHER_MAX_S
+        quiet, most = (min(hi, max(lo, f * self._step_s)) for lo, f, hi in (GATHER_QUIET, GATHER_MAX))
+        deadline = time.monotonic() + most
         while True:
             try:
                 msgs.append(self.mailbox.get_nowait())
@@ -193,7 +200,7 @@ class Decoder(DecoderPrefixCache):
             try:
                 if left <= 0:
                     return msgs
-                msgs.append(self.mailbox.get(timeout=min(GATHER_QUIET_S, left)))
+                msgs.append(self.mailbox.get(timeout=min(quiet, left)))
             except queue.Empty:
                 return msgs
 
