@@ -8,7 +8,8 @@ Each server is warmed up before anything is timed: once it answers, ``--warmup``
 waves) run untimed as a closed-8 scenario of the same prompts and lengths, so JIT compilation (MLX CUDA compiles
 kernels per new shape: 26 s of one cold closed-8 run on an H200) and first-use allocations are not measured.
 ``--rates ''`` runs closed-8 only. The JSON records each server's command line and its startup log lines
-(mach-serve's decode path, spec batch, block policy) next to its results.
+(mach-serve's decode path, spec batch, lane and block policy) next to its results, and mach-serve's ``/v1/stats``
+decoder counters at the end (batch sizes, spec-batch cycles and moves, prefill chunks).
 
 Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
 4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
@@ -221,6 +222,10 @@ def main() -> int:
                              f"{res['ttft_p99_ms']:.0f}", f"{res['itl_p50_ms']:.1f}", f"{res['itl_p99_ms']:.1f}"])
                 print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50", "TTFT p99",
                                          "ITL p50", "ITL p99"], rows[-1:]), flush=True)
+            if kind.startswith("mach-serve"):  # lanes, moves, batch sizes, prefill chunks over warm-up + scenarios
+                import httpx
+
+                info["decoder_stats"] = httpx.get(base + "/v1/stats", timeout=60).json().get("decoder")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
