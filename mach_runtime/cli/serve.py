@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
                          "bundled demo model on a GPU, else none)")
     dr.add_argument("--no-draft", action="store_true", help="no speculative decoding, even for the demo model")
     p.add_argument("--spec-batch", type=int, default=None,
-                   help="with a draft: up to N concurrent requests decoded speculatively together (0: only lone "
-                        "requests; default: --max-batch, or 4 for the bundled demo pair)")
+                   help="with a draft: up to N concurrent requests decoded speculatively together; more run "
+                        "target-only continuous batching until that batch drains (0: only lone requests; default: "
+                        "--max-batch, or 4 for the bundled demo pair)")
     p.add_argument("--block-policy", default=None,
                    choices=["fixed", "opencode-sampled-v1", "residency-aware", "throughput"],
                    help="with a draft: how many tokens to draft per cycle (default: the Runtime's; fixed for the "
