@@ -133,8 +133,8 @@ class Scheduler:
         """Ends a request now (``reason`` "stop": the front end found a stop string; its session KV is kept)."""
         for i, r in enumerate(self.pending):
             if r.request_id == request_id:
-                del self.pending[i]
-                self._finish_event(r, reason, r.usage or (0, 0), None)
+                del self.pending[i]  # (a prefix hit's first token may have ended it before its admission)
+                self._finish_event(r, reason, r.usage or (r.cached_tokens if r.kv is not None else 0, 0), None)
                 return
         if self.solo is not None and self.solo.req.request_id == request_id:
             self._finish_solo(reason)
