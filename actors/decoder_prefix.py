@@ -51,14 +51,14 @@ class DecoderPrefixCache:
         self.saver.boundary(request_id, extract, tokens, self._sessions.get(request_id))
 
     def _emitted(self, request_id: str) -> bool:
-        """The request has emitted its first token, or is no longer running (still prefilling: not yet)."""
+        """The request's first token has been handed to the sink (``_flush``), or it is no longer running."""
+        if request_id in self._delivered:
+            return True
         s = self.sched
         if s.prefill is not None and request_id in s.prefill[1].request_ids:
             return False
-        for m in list(s.batch.seqs) + (list(s.spec_batch.rows) if s.spec_batch is not None else []):
-            if m.request_id == request_id:
-                return len(m.generated) > 0
-        return True
+        return not any(m.request_id == request_id for m in list(s.batch.seqs) + (
+            list(s.spec_batch.rows) if s.spec_batch is not None else []))
 
     def _emit_snapshot(self, snap, owner) -> None:
         handle = self.kv_table.put(snap)

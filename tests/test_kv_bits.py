@@ -16,7 +16,7 @@ import pytest
 from mach_runtime import Runtime, load_moe
 from mach_runtime.errors import ConfigError
 from tests.family_helpers import FAMILIES
-from tests.helpers import HF_QWEN3_MOE
+from tests.helpers import HF_QWEN3_MOE, stream_tokens
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 7, 8, 9, 10] * 3  # 39 tokens
 OTHERS = [[12, 40, 41, 9, 300, 18], [101, 7, 7, 300, 18, 42, 64, 65, 66, 2, 3], [200, 201]]
@@ -63,12 +63,8 @@ def refs(ckpt):
     return ref
 
 
-async def _gen(rt, ids, **kw):
-    toks, usage = [], None
-    async for c in rt._stream_ids(list(ids), max_tokens=N, **kw):
-        toks += c.token_ids
-        usage = c.usage or usage
-    return toks, usage
+async def _gen(rt, ids, **kw):  # (tests/helpers.py)
+    return await stream_tokens(rt, ids, N, **kw)
 
 
 async def test_kv_bits_equals_mlx_lm_solo_batched_and_after_hits(ckpt, refs, tmp_path, anyio_backend):

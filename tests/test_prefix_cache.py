@@ -21,7 +21,7 @@ import pytest
 
 from mach_runtime import Runtime, load_moe
 from tests.family_helpers import FAMILIES
-from tests.helpers import child_env, greedy
+from tests.helpers import child_env, greedy, stream_tokens
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 7, 8, 9, 10] * 3  # 39 tokens: longer than the sliding windows (4)
 OTHER = [3, 4, 5, 6, 200, 201]
@@ -61,12 +61,8 @@ def _until_eos(ids, eos):
     return ids[: stop[0] + 1] if stop else ids
 
 
-async def _gen(rt, ids, **kw):
-    toks, usage = [], None
-    async for c in rt._stream_ids(list(ids), max_tokens=N, **kw):
-        toks += c.token_ids
-        usage = c.usage or usage
-    return toks, usage
+async def _gen(rt, ids, **kw):  # (tests/helpers.py)
+    return await stream_tokens(rt, ids, N, **kw)
 
 
 CHILD = r"""
