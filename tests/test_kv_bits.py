@@ -1,8 +1,10 @@
 """Quantized KV (``kv_bits``) through the Runtime: greedy output equals mlx-lm's own ``generate_step`` with the
 same ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start`` (the independent reference), solo and in a batch,
-after L1 and L2 prefix-cache hits (the snapshots hold the quantized arrays), with a lone request decoding
-speculatively; a quantized and an unquantized runtime never share prefix-cache entries; families and settings
-that cannot quantize fail with a ConfigError naming the flag. Both anyio backends."""
+after L1 and L2 prefix-cache hits (the snapshots hold the quantized arrays), with speculative decoding (a lone
+request, and concurrent ones in the batched speculative lane); a quantized and an unquantized runtime never share
+prefix-cache entries; families and settings that cannot quantize fail with a ConfigError naming the flag; where the
+backend lacks the quantized attention kernel (MLX CUDA) the caches attend over dequantized K/V. Both anyio
+backends."""
 
 from __future__ import annotations
 
@@ -163,6 +165,22 @@ async def test_kv_bits_with_speculative_decoding(ckpt, refs, tmp_path, anyio_bac
     assert s.decoder.spec_requests == 2
     assert same(cold, refs[(tuple(PROMPT), 0)]) and hit == cold and u["cached_tokens"] > 0
 
+    # spec_batch: concurrent requests verify their blocks in one batched forward over quantized batch caches, each
+    # row's rejected tail trimmed (or rolled into left padding) alone; equal to the non-speculative run
+    async with Runtime.open(ckpt, draft=draft, quantized_kv_start=0, spec_batch=3, **OPEN) as rt:
+        got = {}
+
+        async def client(i, p):
+            got[i] = (await _gen(rt, p))[0]
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i, p in enumerate([PROMPT, *OTHERS[:2]]):
+                    tg.start_soon(client, i, p)
+        s = await rt.stats()
+    assert s.decoder.spec_batch_cycles > 0 and max(s.decoder.spec_batch_histogram) > 1, s.decoder
+    assert got[0] == cold and all(same(got[i + 1], refs[(tuple(p), 0)]) for i, p in enumerate(OTHERS[:2]))
+
 
 async def test_kv_bits_refused_where_it_cannot_apply(ckpt, tiny_dir, tmp_path, anyio_backend):
     deepseek = os.path.join(os.path.dirname(FAMILIES["gpt_oss"]), "hf_deepseek_v4")
@@ -174,13 +192,8 @@ async def test_kv_bits_refused_where_it_cannot_apply(ckpt, tiny_dir, tmp_path, a
         (ckpt, {"kv_bits": 7}, "kv_bits must be one of"),
         (ckpt, {"kv_group_size": 48}, "kv_group_size must be one of"),
         (tiny_dir, {}, r"kv_group_size=64 must divide the attention head dimension \(16\)"),
-        (ckpt, {"specdec": "prompt_lookup", "spec_batch": 2}, "kv_bits cannot be combined with spec_batch"),
     ]
-    from mach_runtime.engine.specdec import BlockSpecDecEngineConfig, BlockSpecDecEngineMode
-
     for path, kw, match in cases:
-        if kw.get("specdec") == "prompt_lookup":
-            kw = dict(kw, specdec=BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP))
         with pytest.raises(ConfigError, match=match):
             async with Runtime.open(path, **{**OPEN, **kw}):
                 pass

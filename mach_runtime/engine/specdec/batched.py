@@ -162,7 +162,9 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                               "caches per row (capabilities: spec_batch=False; only full-attention KVCache and "
                               "GatedDeltaNet ArraysCache layers); use target-only batching (BatchEngine) or "
                               "BlockSpecDecEngine for one request")
-        attn = [i for i, c in enumerate(caches) if type(c) is KVCache]
+        from ..quantized_kv import PendingQuantKV
+
+        attn = [i for i, c in enumerate(caches) if type(c) in (KVCache, PendingQuantKV)]  # (kv_bits: quantized KV)
         recurrent = [i for i, c in enumerate(caches) if type(c) is ArraysCache]
         return attn, recurrent
 
