@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
-from ..batch import Admission, BatchMembership, Prefill, merge_caches, prefill_chunks
+from ..batch import Admission, BatchMembership, Prefill, boundary_prefill, merge_caches
 from ..kv_prefix import fit_prefix
 from ..emit import StopRule
 from ..hooks import HookPlan, install_spec_hooks
@@ -145,6 +145,7 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
         self.tape = tape if tape is not None and len(tape) else None
         self.lookup = PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram)
         self.eos = frozenset(tokenizer.eos_token_ids)
+        self.on_boundary = None  # on_boundary(request_id, extract, tokens): a prefix-cache point mid-prefill (batch.py)
         self.rows: list[_Row] = []  # row order of the batch caches
         self.cache = None  # per-layer batch caches; None while the batch is empty
         self._stats = self._new_stats()
@@ -225,7 +226,10 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                     r.drafter.observe(h[i, :valid])
             return h
 
-        return Prefill(rows, merged, prefill_chunks(merged, todos, prefill_step or self.config.prefill_step, forward))
+        points = [(a.request_id, tokens, r.cached_tokens, a.boundaries, todo)
+                  for (a, tokens, _), r, todo in zip(plans, rows, todos)]
+        return boundary_prefill(rows, merged, points, prefill_step or self.config.prefill_step, forward,
+                                self.on_boundary, lambda row: [c.extract(row) for c in merged])
 
     def _drafter(self, p, custom):
         mode = _mode(p, custom)
