@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+import anyio
 import pytest
 
 from mach_runtime import Runtime, load_moe
@@ -249,6 +250,49 @@ async def test_decoder_crash_mid_save_loses_nothing_cached(tiny_dir, refs, tmp_p
     assert out_other == _until_eos(greedy(model, other, N), set(tok.eos_token_ids))
     child = run_child(tiny_dir, tmp_path, [PROMPT])
     assert child["out"][0][0] == ref and child["l2_hits"] == 1 and child["corrupt"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", pytest.param("trio", marks=pytest.mark.slow)])
+async def test_crash_during_the_cache_actors_copy_loses_nothing_cached(tiny_dir, refs, tmp_path, anyio_backend):
+    """The Cache actor copies a snapshot the Decoder materialised (worker thread) while (1) the Cache actor itself
+    crashes in that copy, then (2) the Decoder crashes mid-copy: each crashed actor is restarted; the snapshot in
+    the crashed copy is dropped (its MLX arrays freed), the one copied across the Decoder's crash is stored; the
+    requests finish with greedy output (the Decoder's is replayed); what was cached before still hits; no hang."""
+    import threading
+
+    ref = refs["qwen3_moe"][0]
+    mode, copying, decoder_down = [None], threading.Event(), threading.Event()
+
+    def hook(actor, point, info):
+        if actor == "cache" and point == "copy" and mode[0] == "cache":
+            mode[0] = None
+            raise RuntimeError("injected Cache actor crash during a snapshot copy")
+        if actor == "cache" and point == "copy" and mode[0] == "decoder":
+            copying.set()
+            assert decoder_down.wait(60), "the Decoder never crashed during the copy"
+        if actor == "decoder" and point == "step" and mode[0] == "decoder" and copying.is_set():
+            mode[0] = None
+            decoder_down.set()
+            raise RuntimeError("injected Decoder crash during the Cache actor's copy")
+
+    model, tok, _, _ = load_moe(tiny_dir, expert_residency="stacked")
+    eos = set(tok.eos_token_ids)
+    others = [[(3 * i + k) % 400 + 2 for i in range(40)] for k in (1, 2)]
+    async with Runtime.open(tiny_dir, prefix_cache_dir=tmp_path, fault_hook=hook, **OPEN) as rt:
+        with anyio.fail_after(120):
+            await _gen(rt, PROMPT)  # cached before any crash
+            mode[0] = "cache"
+            out1, _ = await _gen(rt, others[0])
+            s1 = await rt.stats()
+            mode[0] = "decoder"
+            out2, _ = await _gen(rt, others[1])
+            again, u = await _gen(rt, PROMPT)
+            _, u2 = await _gen(rt, others[1])
+            s = await rt.stats()
+    assert s1.cache_restarts == 1 and s.decoder_restarts == 1 and decoder_down.is_set()
+    assert out1 == _until_eos(greedy(model, others[0], N), eos) and out2 == _until_eos(greedy(model, others[1], N), eos)
+    assert again == ref and u["cached_tokens"] == len(PROMPT) - 1
+    assert u2["cached_tokens"] == len(others[1]) - 1
 
 
 async def test_prefix_cache_off_keeps_sessions_only(tiny_dir, tmp_path, anyio_backend):
