@@ -161,7 +161,7 @@ class CacheActor(AsyncActor):
         entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)
         disk = self.prefix.disk
         if disk is not None and self.prefix.shared and (entry is None or n < len(msg.prompt_ids) - 1) \
-                and disk.changed():  # another runtime sharing the directory may have written what we need
+                and disk.changed(self.prefix.known_on_disk()):  # another runtime sharing the directory wrote
             scanned = await anyio.to_thread.run_sync(disk.scan, self.prefix.known_on_disk())
             self.prefix.apply_scan(*scanned)
             entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)
