@@ -172,6 +172,9 @@ class BatchMembership:
 
     max_batch: int
     cache = None
+    # on_boundary(request_id, extract, tokens): a prefilling request reached one of its ``boundaries``; ``extract()``
+    # gives its single-request caches covering ``tokens`` (the prefix cache's boundary snapshots: ``boundary_prefill``)
+    on_boundary = None
 
     def _members(self) -> list:
         raise NotImplementedError
@@ -254,9 +257,6 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
-        # on_boundary(request_id, extract, tokens): a prefilling request reached one of its ``boundaries``;
-        # ``extract()`` gives its single-request caches covering ``tokens`` (the prefix cache's boundary snapshots)
-        self.on_boundary = None
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:

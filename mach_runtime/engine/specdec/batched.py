@@ -57,6 +57,7 @@ import mlx.core as mx
 from ...errors import ConfigError, RequestError
 from ..batch import Admission, BatchMembership, Prefill, boundary_prefill, merge_caches
 from ..kv_prefix import fit_prefix
+from ..quantized_kv import PendingQuantKV
 from ..emit import StopRule
 from ..hooks import HookPlan, install_spec_hooks
 from ..sampling import SamplingParams, accept, check, sample
@@ -145,7 +146,6 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
         self.tape = tape if tape is not None and len(tape) else None
         self.lookup = PromptLookupDrafter(self.config.lookup_max_ngram, self.config.lookup_min_ngram)
         self.eos = frozenset(tokenizer.eos_token_ids)
-        self.on_boundary = None  # on_boundary(request_id, extract, tokens): a prefix-cache point mid-prefill (batch.py)
         self.rows: list[_Row] = []  # row order of the batch caches
         self.cache = None  # per-layer batch caches; None while the batch is empty
         self._stats = self._new_stats()
@@ -163,8 +163,6 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                               "caches per row (capabilities: spec_batch=False; only full-attention KVCache and "
                               "GatedDeltaNet ArraysCache layers); use target-only batching (BatchEngine) or "
                               "BlockSpecDecEngine for one request")
-        from ..quantized_kv import PendingQuantKV
-
         attn = [i for i, c in enumerate(caches) if type(c) in (KVCache, PendingQuantKV)]  # (kv_bits: quantized KV)
         recurrent = [i for i, c in enumerate(caches) if type(c) is ArraysCache]
         return attn, recurrent
@@ -226,8 +224,7 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                     r.drafter.observe(h[i, :valid])
             return h
 
-        points = [(a.request_id, tokens, r.cached_tokens, a.boundaries, todo)
-                  for (a, tokens, _), r, todo in zip(plans, rows, todos)]
+        points = [(a.request_id, t, r.cached_tokens, a.boundaries, todo) for (a, t, _), r, todo in zip(plans, rows, todos)]
         return boundary_prefill(rows, merged, points, prefill_step or self.config.prefill_step, forward,
                                 self.on_boundary, lambda row: [c.extract(row) for c in merged])
 
