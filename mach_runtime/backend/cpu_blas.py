@@ -17,7 +17,8 @@ LAPACK (``mx.linalg``) stays on MLX's reference LAPACK.
 
 Configuration (``config.resolve_cpu_blas_config``): ``MACH_CPU_BLAS=auto|openblas|off`` (default auto),
 ``MACH_CPU_BLAS_THREADS`` (default 1). Every model load (``load``, ``load_moe``, so ``Runtime.open``, ``mach
-generate``, ``mach-serve``) calls ``install_cpu_blas()``. Any other MLX program gets the same with
+generate``, ``mach-serve``) calls ``ensure_cpu_blas()``: the environment's choice, unless the program made its own
+with ``install_cpu_blas(mode)`` / ``restore_reference_blas()``. Any other MLX program gets the same with
 ``python -m mach_runtime.backend.cpu_blas MODULE ARGS`` (for instance ``mlx_lm.server``, see ``__main__``).
 """
 
@@ -63,6 +64,7 @@ class _State:
         self.originals: dict[int, int] = {}  # slot address -> the value it held before we wrote it
         self.status: CpuBlasStatus | None = None
         self.slots: dict[str, tuple] = {}  # libmlx.so path -> (slot addresses by symbol, RELRO range)
+        self.explicit = False  # the program chose (install_cpu_blas(mode) / restore_reference_blas): loads keep it
 
 
 _STATE = _State()
@@ -220,6 +222,7 @@ def restore_reference_blas() -> CpuBlasStatus:
                 _write_pointer(address, value, relro)
             _STATE.originals.clear()
         _STATE.status = _status("off", "reference BLAS put back")
+        _STATE.explicit = True
         return _STATE.status
 
 
@@ -277,6 +280,7 @@ def install_cpu_blas(mode: str | None = None, threads: int | None = None) -> Cpu
     back if this process had installed OpenBLAS. Raises ConfigError only for ``mode="openblas"`` when it cannot."""
     cfg = resolve_cpu_blas_config(mode, threads)
     with _STATE.lock:
+        _STATE.explicit = mode is not None or threads is not None
         before = _STATE.status
         if sys.platform != "linux":
             status = CpuBlasStatus("platform", cfg.mode, reason=f"{sys.platform}: MLX uses its platform BLAS")
@@ -294,6 +298,15 @@ def install_cpu_blas(mode: str | None = None, threads: int | None = None) -> Cpu
                      f", {status.threads} thread(s)" if status.threads else "", status.version or status.library,
                      f": {status.reason}" if status.reason else "")
         return status
+
+
+def ensure_cpu_blas() -> CpuBlasStatus:
+    """What every model load calls: ``install_cpu_blas()`` from the environment (MACH_CPU_BLAS...), unless the
+    program already chose with ``install_cpu_blas(mode)`` or ``restore_reference_blas()`` (that choice stays)."""
+    with _STATE.lock:
+        if _STATE.explicit and _STATE.status is not None:
+            return _STATE.status
+        return install_cpu_blas()
 
 
 def main(argv=None) -> int:
