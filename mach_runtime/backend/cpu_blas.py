@@ -64,6 +64,7 @@ class _State:
         self.originals: dict[int, int] = {}  # slot address -> the value it held before we wrote it
         self.status: CpuBlasStatus | None = None
         self.slots: dict[str, tuple] = {}  # libmlx.so path -> (slot addresses by symbol, RELRO range)
+        self.libmlx: str | None = None  # found once it is loaded (a loaded library stays where it is)
         self.explicit = False  # the program chose (install_cpu_blas(mode) / restore_reference_blas): loads keep it
 
 
@@ -76,6 +77,12 @@ def _libc():
 
 def libmlx_path() -> str | None:
     """The loaded ``libmlx.so`` of this process (None: MLX's library is not loaded, or not a separate file)."""
+    if _STATE.libmlx is None:
+        _STATE.libmlx = _find_libmlx()  # stays None (and is looked for again) until MLX is loaded
+    return _STATE.libmlx
+
+
+def _find_libmlx() -> str | None:
     paths = set()
     with open("/proc/self/maps") as f:
         for line in f:
