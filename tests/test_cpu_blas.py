@@ -61,7 +61,7 @@ def test_openblas_logits_match_reference_blas(tiny_dir, monkeypatch):
     import mlx.core as mx
 
     from mach_runtime import load_moe
-    from mach_runtime.backend.cpu_blas import cpu_blas_status, install_cpu_blas
+    from mach_runtime.backend.cpu_blas import cpu_blas_status, ensure_cpu_blas, install_cpu_blas
 
     monkeypatch.setenv("MACH_CPU_BLAS", "off")
     try:
@@ -74,6 +74,7 @@ def test_openblas_logits_match_reference_blas(tiny_dir, monkeypatch):
         inst = install_cpu_blas("openblas")
         assert inst.active == "openblas" and "scipy_openblas32" in inst.library, inst
         assert inst.version.startswith("OpenBLAS") and inst.threads == 1
+        assert ensure_cpu_blas().active == "openblas"  # a later load keeps the program's choice over the env's off
         fast = _logits(model, ids)
         assert install_cpu_blas("off").active == "reference"
         again = _logits(model, ids)
