@@ -35,6 +35,8 @@ _ENV = {
     "dist_heartbeat": ("MACH_DIST_HEARTBEAT", 1.0),
     "dist_placement": ("MACH_DIST_PLACEMENT", None),
     "import_torch": ("MACH_IMPORT_TORCH", False),  # let transformers import torch in our CLI processes
+    "cpu_blas": ("MACH_CPU_BLAS", "auto"),
+    "cpu_blas_threads": ("MACH_CPU_BLAS_THREADS", 1),
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -244,3 +246,36 @@ def resolve_distributed_config(backend=None, mode=None, timeout=None, heartbeat=
         if not os.path.isfile(p):
             raise ConfigError(f"{where}: expert placement trace {p!r} does not exist; record one with `mach trace`")
     return DistributedConfig(b, m, float(t), float(h), p)
+
+
+CPU_BLAS_MODES = ("auto", "openblas", "off")
+
+
+@dataclass(frozen=True)
+class CpuBlasConfig:
+    """Which BLAS serves MLX's float32 CPU matmuls on Linux (``backend/cpu_blas.py``, docs/cpu_blas.md).
+
+    mode: "auto" (OpenBLAS from scipy-openblas32 where MLX's wheel runs on netlib's reference BLAS, else leave it),
+    "openblas" (the same, and an error when it cannot be done), "off" (MLX's own reference BLAS). threads:
+    OpenBLAS threads per call (1 by default: on the 2-core machines measured, a second thread competed with MLX's
+    own threads and lost; docs/benchmarks.md "CPU BLAS")."""
+
+    mode: str
+    threads: int
+
+
+def resolve_cpu_blas_config(mode=None, threads=None) -> CpuBlasConfig:
+    """The CPU BLAS settings from arguments, then ``MACH_CPU_BLAS`` / ``MACH_CPU_BLAS_THREADS``, then defaults."""
+    m, where = _raw("cpu_blas", mode)
+    m = str(m).strip().lower()
+    if m in ("1", "true", "on", "yes"):
+        m = "openblas"
+    elif m in ("0", "false", "no", "none", "reference"):
+        m = "off"
+    if m not in CPU_BLAS_MODES:
+        raise ConfigError(f"{where}: cpu_blas must be one of {', '.join(CPU_BLAS_MODES)}, got {m!r}")
+    t, where = _raw("cpu_blas_threads", threads)
+    if isinstance(t, float) and not t.is_integer():
+        raise ConfigError(f"{where}: cpu_blas_threads must be an integer >= 1, got {t!r}")
+    t = _number("cpu_blas_threads", t, int, 1, where)
+    return CpuBlasConfig(m, int(t))

@@ -7,7 +7,8 @@ Every numeric comparison names the KIND of difference it allows; the number foll
 * ``reorder(cpu)``: the same float32 math in another order — another kernel or GEMM shape, a compiled (fused)
   graph, a prefill split into chunks, a bank slot instead of a stacked expert. On MLX's CPU each test keeps the
   bound it measured there (``cpu``: MLX's CPU kernels give each output the same sum whatever the shape, so these
-  are 1e-6..1e-5). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
+  are 1e-6..1e-5) — with MLX's reference BLAS; mach's default OpenBLAS (docs/cpu_blas.md) blocks each GEMM by its
+  shape like a GPU kernel, so on it the GPU bound below applies (``shape_dependent_gemm``). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
   dot product of K terms moves by ~sqrt(K)·2**-24 (H200: 2e-7 at K=64, 8e-7 at K=1024), the tiny models amplify a
   per-GEMM error at most ~9x into their logits, so ``GPU_REORDER`` = 64·sqrt(64)·2**-24 ≈ 3e-5 (relative to the
   largest logit) keeps 7x headroom over 9·8·2**-24 and still fails on any real fault: a wrong or stale expert, a
@@ -44,9 +45,21 @@ INDEPENDENT = TF32_BOUND if TF32 else 1e-4
 _EPS = {mx.bfloat16: 2.0**-7, mx.float16: 2.0**-10}
 
 
+def shape_dependent_gemm() -> bool:
+    """Whether a float32 GEMM may sum an output in another order when the call's shape changes (rows, batch): a
+    GPU's kernels pick tiling and split-K per shape, and so does OpenBLAS, which mach puts under MLX's CPU matmuls
+    by default (docs/cpu_blas.md); MLX's own reference BLAS gives each output the same sum whatever the shape."""
+    if GPU:
+        return True
+    from mach_runtime.backend.cpu_blas import cpu_blas_status
+
+    return cpu_blas_status().active == "openblas"
+
+
 def reorder(cpu: float) -> float:
-    """Same float32 math in another order: ``cpu`` on MLX's CPU, ``GPU_REORDER`` (or the TF32 bound) on a GPU."""
-    if not GPU:
+    """Same float32 math in another order: ``cpu`` on MLX's CPU with its reference BLAS, ``GPU_REORDER`` (or the
+    TF32 bound on a GPU) where GEMMs round per shape (a GPU, or the CPU on OpenBLAS: ``shape_dependent_gemm``)."""
+    if not shape_dependent_gemm():
         return cpu
     return max(cpu, TF32_BOUND if TF32 else GPU_REORDER)
 
