@@ -202,6 +202,8 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     model, tok, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=budget_gb,
                                         direct_io=True, io_threads=a.io_threads, eviction_policy=a.policy)
     load_s = time.perf_counter() - t0
+    if getattr(a, "in_place", None) is not None:  # slot writes as MLX ops instead of in place (p2_hits.py)
+        store.in_place_writes = store.in_place_writes and a.in_place
     st = store.stats()
     k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
     apply_routing(model, a.routing, st.num_experts, a, len(ids) + n_new)
