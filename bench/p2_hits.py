@@ -23,7 +23,10 @@ With ``--uniform-fraction F`` (default 0.25; 0 skips it) a second table follows:
 (O_DIRECT, page cache dropped before each run), every router replaced by uniform pseudo-random routing
 (``p2_streaming.UniformGate``) and a bank of F of the experts; stacked with the same routing as the reference; read
 MB/s against the disk's own O_DIRECT figure (before and after) and against the disk-bound rate (disk MB/s ÷ MB
-read per token).
+read per token). Its variants (``--miss-variants``) write slots as MLX ops ("ops", the accelerators' way) or in
+place ("in place", the CPU backend's default, ``io/slot_writes.py``), plain or with compiled MoE blocks;
+``--miss-only`` runs just this table, ``--no-stacked`` without the stacked reference (which holds every expert).
+``bench/miss_path.py`` measures the miss path alone (no model compute).
 
 Reported per variant: decode tok/s (median of ``--repeats``), ratio to stacked, host syncs per token
 (``store.stats().host_syncs``), forwards redone, and whether the tokens equal stacked's (they must). The disk's

@@ -122,6 +122,7 @@ class LayerBank:
         self.version = 0  # bumped whenever the expert -> slot table changes
         self.pinned: set[int] = set()  # experts never evicted (StreamingExpertStore.pin_from_trace)
         self.glu = None  # the DiskSwitchGLU computing over this bank (holds the device copy of the table)
+        self._in_place = None  # the arrays slot_writes.in_place_arrays may write in place (cached there)
         self.fences: list = []  # latest outputs computed over this bank, evaluated before slots change in place
 
     def device_table(self):

@@ -72,7 +72,7 @@ def in_place_ok(target, comp) -> bool:
 def in_place_arrays(bank) -> frozenset:
     """The (id(projection), component) arrays of ``bank`` that every one of their components can fill in place
     (cached on the bank)."""
-    keys = getattr(bank, "_in_place", None)
+    keys = bank._in_place
     if keys is None:
         ok: dict = {}
         for key, comp in bank.source.components.items():
