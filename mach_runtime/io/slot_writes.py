@@ -83,6 +83,10 @@ def in_place_arrays(bank) -> frozenset:
     return keys
 
 
+class NotPlainBuffer(Exception):
+    """A slot array whose memory numpy cannot write as one contiguous buffer (the load uses MLX ops instead)."""
+
+
 class HostViews:
     """Writable numpy views of slot arrays for the span of one load (never kept longer: a later MLX update of
     the array may move it to other memory). ``arrays``: {(id(proj), comp): (proj, comp)} to view."""
@@ -99,7 +103,7 @@ class HostViews:
                 mx.eval(arr)
             v = np.array(arr, copy=False)
             if not (v.flags.writeable and v.flags.c_contiguous and v.size == arr.size):
-                raise RuntimeError(f"slot array {comp} is not a plain host buffer: cannot write it in place")
+                raise NotPlainBuffer(comp)
             self.views[key] = v
 
     def write(self, key, slot: int, rows: slice, value: np.ndarray) -> None:
@@ -146,6 +150,9 @@ def host_views(store, bank, projs: dict | None = None) -> HostViews | None:
             if projs:
                 p = projs.get(id(t.proj), t.proj)
                 arrays[(id(p), t.comp)] = (p, t.comp)
-    views = HostViews(arrays, bank.fences)
+    try:
+        views = HostViews(arrays, bank.fences)
+    except NotPlainBuffer:
+        return None
     bank.fences.clear()
     return views
