@@ -18,7 +18,8 @@ evaluating the bank arrays after each layer ("bank eval": the MLX ops' deferred 
 of the variants compared bitwise at the end of their first runs (they must be equal).
 
     python bench/miss_path.py                       # a3b_l16 (made if missing), bank 25 %, 8 tokens x 2 runs
-    python bench/miss_path.py --ckpt p2_mid_bf16_pe --tokens 16
+    python bench/miss_path.py --ckpt mid_bf16_pe --tokens 16
+    python bench/miss_path.py --trace bench/traces/qwen3moe_e128k8_l16_stdlib.json.gz --tokens 128 --repeats 1
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def one_run(ckpt, files, routing, slots, variant, a) -> dict:
     store.close()
     C.free_mlx()
     n = len(routing)
-    return dict(variant=variant, seconds=dt, tokens=n, tps=n / dt, misses=s.misses, hits=s.hits,
+    return dict(variant=variant, seconds=dt, tokens=n, tps=n / dt, misses=s.misses, hits=s.hits, hit_rate=s.hit_rate,
                 bytes_per_token=s.bytes_read / n, read_mb_per_s=s.bytes_read / s.read_seconds / 1e6,
                 read_share=s.read_seconds / dt, write_share=s.write_seconds / dt, eval_share=evals / dt,
                 drop_caches=drop, in_place=store.in_place_writes, bank=(bank0, lut0))
@@ -79,6 +80,9 @@ def main():
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--policy", default="lrfu", choices=["lru", "lrfu"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", default=None, help="replay a recorded routing trace (mach trace format) instead of "
+                   "uniform routing, e.g. bench/traces/qwen3moe_e128k8_l16_stdlib.json.gz")
+    p.add_argument("--trace-segment", type=int, default=0)
     p.add_argument("--ckpt-root", type=C.Path, default=C.default_ckpt_root())
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -92,8 +96,18 @@ def main():
     layers, E, k, ebytes = len(store.banks), store.layout.num_experts, store.layout.top_k, store.layout.expert_bytes
     store.close()
     slots = max(k, min(E, round(a.fraction * E)))
-    rng = np.random.default_rng(a.seed)
-    routing = [[np.sort(rng.choice(E, k, replace=False)) for _ in range(layers)] for _ in range(a.tokens)]
+    if a.trace:  # the recorded routing of one sequence (token positions 0 .. tokens-1)
+        from mach_runtime.analysis.trace_replay import RoutingTrace
+        from trace_routing import map_layers, segment_steps
+
+        per, length = segment_steps(RoutingTrace.load(a.trace), a.trace_segment)
+        if length < a.tokens:
+            raise SystemExit(f"--trace segment {a.trace_segment} holds {length} tokens; asked for {a.tokens}")
+        drive = map_layers(sorted(per), layers)
+        routing = [[np.array(sorted(set(per[tl][t]))) for tl in drive] for t in range(a.tokens)]
+    else:
+        rng = np.random.default_rng(a.seed)
+        routing = [[np.sort(rng.choice(E, k, replace=False)) for _ in range(layers)] for _ in range(a.tokens)]
     load0 = os.getloadavg()[0]
     bw0 = disk_bw(files)
     print(f"[miss-path] {ckpt}: {layers} layers x {E} experts top-{k}, {ebytes / 1e6:.2f} MB/expert, bank {slots} "
@@ -126,22 +140,22 @@ def main():
         bound = disk * 1e6 / med("bytes_per_token")
         summary.append(dict(variant=v, tps=med("tps"), disk_bound_tps=bound, vs_disk_bound=med("tps") / bound,
                             runs=[x["tps"] for x in xs]))
-        rows.append([v, f"{med('tps'):.3f}", ", ".join(f"{x['tps']:.3f}" for x in xs),
+        rows.append([v, f"{med('tps'):.3f}", ", ".join(f"{x['tps']:.3f}" for x in xs), f"{med('hit_rate'):.3f}",
                      f"{med('bytes_per_token') / 1e6:.1f}", f"{med('read_mb_per_s'):.0f}",
                      f"{med('read_mb_per_s') / disk:.2f}", f"{bound:.3f}", f"{med('tps') / bound:.2f}",
                      f"{med('read_share'):.0%}", f"{med('write_share'):.0%}", f"{med('eval_share'):.0%}"])
     load1 = os.getloadavg()[0]
     payload = dict(benchmark="miss_path", machine=info, checkpoint=str(ckpt), layers=layers, experts=E, top_k=k,
-                   expert_bytes=ebytes, slots=slots, tokens=a.tokens, repeats=a.repeats, io_threads=a.io_threads,
+                   expert_bytes=ebytes, slots=slots, tokens=a.tokens, trace=a.trace, trace_segment=a.trace_segment, repeats=a.repeats, io_threads=a.io_threads,
                    disk_before=bw0, disk_after=bw1, disk_mb_per_s=disks, load_average=[load0, load1], same_bank_bytes=same,
                    summary=summary, runs=runs)
     C.write_json(a.out, payload)
     print(f"\nMiss path ({info['backend']}: {info.get('gpu') or info['cpu_model']}; mlx {info['mlx']}): {a.ckpt}, bank "
-          f"{slots}/{E} slots per layer, uniform routing, {a.tokens} tokens x {a.repeats} cold runs; disk O_DIRECT "
+          f"{slots}/{E} slots per layer, {'trace ' + str(a.trace) if a.trace else 'uniform routing'}, {a.tokens} tokens x {a.repeats} cold runs; disk O_DIRECT "
           f"before each run and after: {', '.join(f'{d:.0f}' for d in disks)} MB/s (median {disk:.0f}); page cache "
           f"dropped: {runs[a.variants[0]][0]['drop_caches']}; load average {load0:.1f} -> {load1:.1f}; read MB/s = "
           "bytes / time waited for reads (reads also run while slots are written)")
-    print(C.fmt_table(["slot writes", "path tok/s", "runs", "MB/token", "read MB/s", "read / disk", "disk-bound tok/s",
+    print(C.fmt_table(["slot writes", "path tok/s", "runs", "hit", "MB/token", "read MB/s", "read / disk", "disk-bound tok/s",
                        "vs disk-bound", "read wait", "writes", "bank eval"], rows))
     print(f"bank bytes equal across variants: {same}\njson: {a.out}")
 
