@@ -27,7 +27,8 @@ from .safetensors_index import DTYPES
 from .slot_writes import host_views, in_place_backend, write_slot
 
 GIB = 1 << 30
-MAX_FENCES = 4  # outputs remembered per bank for in-place slot writes (LayerBank.add_fence)
+MAX_FENCES = 2  # outputs remembered per bank for in-place slot writes (LayerBank.add_fence)
+FENCE_MAX_BYTES = 1 << 20  # larger outputs (prompt-sized calls) are computed at once instead of being remembered
 
 
 class ExpertStoreStats(msgspec.Struct, frozen=True):
@@ -141,11 +142,15 @@ class LayerBank:
 
     def add_fence(self, y) -> None:
         """Remembers an output computed over this bank (slot_writes.py evaluates them before writing in place);
-        the oldest beyond ``MAX_FENCES`` is evaluated (long done in any decode loop) and forgotten."""
+        the oldest beyond ``MAX_FENCES`` is evaluated (long done in any decode loop) and forgotten, and an output
+        over ``FENCE_MAX_BYTES`` is evaluated at once (remembering it would hold its memory)."""
+        import mlx.core as mx
+
+        if y.nbytes > FENCE_MAX_BYTES:
+            mx.eval(y)
+            return
         self.fences.append(y)
         if len(self.fences) > MAX_FENCES:
-            import mlx.core as mx
-
             mx.eval(self.fences.pop(0))
 
     @property

@@ -6,8 +6,8 @@ Two ways, the same values:
   component from the reader's staging buffer straight into the array's own memory: one copy, no MLX op per
   expert (bf16/f16 -> f32 widening, when the bank computes in f32, is done exactly on the host). A load first
   evaluates the arrays it writes and the bank's fences (the latest outputs computed over that bank, which
-  ``DiskSwitchGLU`` and the compiled MoE block register, ``LayerBank.add_fence``), so no graph still to run can
-  read a slot while its bytes change. Arrays whose
+  ``DiskSwitchGLU`` and the compiled MoE block register, ``LayerBank.add_fence``; prompt-sized outputs are
+  computed at once instead), so no graph still to run can read a slot while its bytes change. Arrays whose
   components need a transform (transposes, de-interleaving, FP8 block scales) or a product (float FP8 scales) are
   never written in place: an array takes one way or the other, never both.
 * **as MLX ops** (accelerators): ``mx.array(bytes)`` and a slice update per component.
