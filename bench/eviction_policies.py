@@ -12,7 +12,8 @@ score, ties to the lowest expert id. Policies are keep-score functions of what a
   expert frequencies as pseudo-counts), ``pin top-N + lrfu`` (``StreamingExpertStore.pin_from_trace``),
   ``lrfu + next-token predictor`` (a per-layer transition model P(expert at t+1 | experts at t), fitted on the
   tuning half: what a predictor could know at decode time from the routing alone), ``per-layer partition``
-  (slots per layer from the tuning half's marginal hit gains, same total), ``arc`` (adaptive replacement,
+  (slots per layer from the tuning half's marginal hit gains, same total; Belady's row keeps equal shares, so
+  this row can exceed it), ``arc`` (adaptive replacement,
   scan resistant);
 * upper bounds: ``oracle next h tokens`` (lrfu, but never evicting an expert the next h tokens use, nearest
   first: what a perfect h-token look-ahead would give; h = 1 is a perfect next-token predictor, or a perfect
