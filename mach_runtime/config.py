@@ -35,6 +35,7 @@ _ENV = {
     "dist_timeout": ("MACH_DIST_TIMEOUT", 30.0),
     "dist_heartbeat": ("MACH_DIST_HEARTBEAT", 1.0),
     "dist_placement": ("MACH_DIST_PLACEMENT", None),
+    "import_torch": ("MACH_IMPORT_TORCH", False),  # let transformers import torch in our CLI processes
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -183,6 +184,13 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
     key, _ = _raw("api_key", api_key)
     return key or None
+
+
+def resolve_import_torch(import_torch: bool | None = None) -> bool:
+    """Whether ``mach`` / ``mach-serve`` let transformers import torch (``MACH_IMPORT_TORCH``; default no: they use
+    transformers for tokenizers and configs only, and torch would cost each start seconds: cli/startup.py)."""
+    value, where = _raw("import_torch", import_torch)
+    return _as_bool(value, where)
 
 
 DIST_BACKENDS = ("auto", "ring", "nccl", "jaccl", "mpi")

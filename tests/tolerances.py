@@ -57,6 +57,55 @@ def independent(cpu: float = INDEPENDENT) -> float:
     return max(cpu, TF32_BOUND) if TF32 else cpu
 
 
+_PROBED: dict = {}
+
+
+def quantized_kernel_error(mode: str, bits: int, group: int) -> float:
+    """The backend's own float32 quantized matmuls (``quantized_matmul`` and ``gather_qmm``, 16 rows, 128 x 128 and
+    128 -> 256 like the tiny models' attention and experts) against float32 matmuls of the same dequantized
+    weights on MLX's CPU: the largest relative error, measured once per process (0 on the CPU)."""
+    key = (mode, bits, group)
+    if not GPU:
+        return 0.0
+    if key not in _PROBED:
+        import numpy as np
+
+        cpu, errs = mx.cpu, []
+        key_ = mx.random.key(7)
+        for n in (128, 256):
+            w = mx.random.normal((2, n, 128), key=key_) / 128**0.5
+            q = mx.quantize(w, group, bits, mode=mode, stream=cpu)
+            wq, sc, bi = q[0], q[1], (q[2] if len(q) > 2 else None)
+            deq = mx.dequantize(wq, sc, bi, group, bits, mode=mode, dtype=mx.float32, stream=cpu)
+            x = mx.random.normal((16, 128), key=key_)
+            idx = mx.array([[0, 1]] * 16, dtype=mx.uint32)
+            got = [mx.quantized_matmul(x, wq[0], sc[0], None if bi is None else bi[0], transpose=True,
+                                       group_size=group, bits=bits, mode=mode),
+                   mx.gather_qmm(x[:, None, None, :], wq, sc, bi, rhs_indices=idx, transpose=True, group_size=group,
+                                 bits=bits, mode=mode)]
+            want = [mx.matmul(x, deq[0].T, stream=cpu),
+                    mx.matmul(x[:, None, None, :], deq[idx].swapaxes(-1, -2), stream=cpu)]
+            for g, r in zip(got, want):
+                g, r = np.array(g, dtype=np.float64), np.array(r, dtype=np.float64)
+                errs.append(float(np.max(np.abs(g - r)) / np.max(np.abs(r))))
+        _PROBED[key] = max(errs)
+    return _PROBED[key]
+
+
+def quantized_vs_dequantized(mode: str, bits: int, group: int, cpu: float = INDEPENDENT) -> float:
+    """A model run through the backend's quantized kernels against the same model with its weights dequantized
+    (float32 matmuls). ``independent(cpu)`` where those kernels multiply float32 exactly (every CPU; MLX CUDA's
+    affine / mxfp4 kernels at N = 64: 4e-7); where this backend's float32 quantized kernels measure at TF32
+    precision (``quantized_kernel_error`` above GPU_REORDER / 8 per GEMM and at most 2**-10, what tensor cores fed
+    10-bit mantissas give, whatever MLX_ENABLE_TF32 says) the TF32 rule's ``TF32_BOUND``; a kernel worse than
+    that keeps ``independent(cpu)`` and fails. (MLX 0.32.4 CUDA, H200: test_nvfp4_global_scale's logits were
+    1.4e-3 from the dequantized model, TF32-sized; docs/testing.md.)"""
+    e = quantized_kernel_error(mode, bits, group)
+    if GPU_REORDER / 8 < e <= 2.0**-10:
+        return max(cpu, TF32_BOUND)
+    return independent(cpu)
+
+
 def half(dtype, cpu: float) -> float:
     """Two implementations of one half-precision forward: ``cpu`` on MLX's CPU, 4 eps(dtype) on a GPU."""
     return cpu if not GPU else max(cpu, 4 * _EPS[dtype])
