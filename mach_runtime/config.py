@@ -19,6 +19,7 @@ _ENV = {
     "expert_residency": ("MACH_EXPERT_RESIDENCY", "stacked"),
     "expert_cache_gb": ("MACH_EXPERT_CACHE_GB", None),
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
+    "lrfu_lambda": ("MACH_LRFU_LAMBDA", 0.02),  # LRFU decay per bank step (io/eviction.py); half-life 1/lambda
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
     "prefetch_mb": ("MACH_PREFETCH_MB", 0.0),  # next-layer prefetch budget (MB); 0: off
@@ -115,6 +116,16 @@ def resolve_store_config(
 
     direct, where = _raw("direct_io", direct_io)
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
+
+
+def resolve_lrfu_lambda(lrfu_lambda=None) -> float:
+    """The LRFU policy's decay per bank step (``io/eviction.py``): argument, then ``MACH_LRFU_LAMBDA``, then 0.02
+    (tuned on the first half of the trained routing trace, docs/benchmarks.md "Eviction policies")."""
+    lam, where = _raw("lrfu_lambda", lrfu_lambda)
+    lam = _number("lrfu_lambda", lam, float, 0.0, where)
+    if not 0 < lam <= 1:
+        raise ConfigError(f"{where}: lrfu_lambda must be in (0, 1] (1: LRU, near 0: LFU), got {lam!r}")
+    return lam
 
 
 def resolve_prefetch_bytes(prefetch_mb=None) -> int:
