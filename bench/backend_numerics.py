@@ -80,12 +80,25 @@ def main() -> None:
         row("gather_mm_f32", K=K, rel=rel(g, mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, stream=CPU)),
             vs_matmul=rel(g, mx.matmul(x, w[idx].swapaxes(-1, -2))))
     # quantize on the device vs the CPU, then quantized_matmul / gather_qmm against dequantized CPU matmuls
+    # nvfp4 dequantized with its tensor scale on the device vs the CPU (test_nvfp4_global_scale's reference), and
+    # the float32 matmul with bf16 weights that the dequantized nvfp4 attention of that test runs
+    for K in (64, 128):
+        w = mx.random.normal((4, 128, K)) / K**0.5
+        g = mx.array([0.05, 0.09, 0.2, 1.0])
+        wq, sc = mx.quantize(w, 16, 4, mode="nvfp4", stream=CPU)
+        for e in range(2):
+            dg = mx.dequantize(wq[e], sc[e], None, 16, 4, mode="nvfp4", global_scale=g[e])
+            dc = mx.dequantize(wq[e], sc[e], None, 16, 4, mode="nvfp4", global_scale=g[e], stream=CPU)
+            row("dequantize_nvfp4_global_scale", K=K, expert=e, dtype=str(dg.dtype), rel=rel(dg, dc))
+        wb = mx.dequantize(wq[0], sc[0], None, 16, 4, mode="nvfp4", stream=CPU)  # bf16, exact
+        x = mx.random.normal((16, K))
+        row("matmul_f32_x_bf16_w", K=K, w_dtype=str(wb.dtype),
+            rel=rel(x @ wb.T, mx.matmul(x, wb.astype(mx.float32).T, stream=CPU)))
     for mode, bits, group in (("affine", 4, 32), ("affine", 8, 32), ("affine", 4, 64), ("affine", 4, 128),
-                              ("affine", 8, 128), ("mxfp4", 4, 32)):
-        for K in (32, 64, 128):
+                              ("affine", 8, 128), ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)):
+        for K, N in ((32, 64), (64, 64), (128, 64), (128, 128), (128, 256)):  # N % 128 == 0: other kernels
             if K % group:
                 continue
-            N = 64
             w = mx.random.normal((N, K)) / K**0.5
             q = mx.quantize(w, group, bits, mode=mode)
             qc = mx.quantize(w, group, bits, mode=mode, stream=CPU)
@@ -98,7 +111,7 @@ def main() -> None:
                 try:
                     g1 = mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=group, bits=bits, mode=mode)
                     g2 = mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=group, bits=bits, mode=mode)
-                    row("qmm", mode=mode, bits=bits, group=group, K=K, M=M, quantize_equals_cpu=qsame,
+                    row("qmm", mode=mode, bits=bits, group=group, K=K, N=N, M=M, quantize_equals_cpu=qsame,
                         rel=rel(g1, want), deterministic=same(g1, g2))
                 except Exception as e:  # noqa: BLE001 - a missing kernel is a finding
                     row("qmm", mode=mode, bits=bits, group=group, K=K, M=M, error=str(e)[:120])
@@ -120,7 +133,7 @@ def main() -> None:
                                            bits=bits, mode=mode, sorted_indices=srt)
                         g2 = mx.gather_qmm(xs, wq, sc, bi, rhs_indices=ids, transpose=True, group_size=group,
                                            bits=bits, mode=mode, sorted_indices=srt)
-                        row("gather_qmm", mode=mode, bits=bits, group=group, K=K, T=T, sorted=srt,
+                        row("gather_qmm", mode=mode, bits=bits, group=group, K=K, N=N, T=T, sorted=srt,
                             rel=rel(g1, want), deterministic=same(g1, g2))
                     except Exception as e:  # noqa: BLE001
                         row("gather_qmm", mode=mode, bits=bits, group=group, K=K, T=T, sorted=srt, error=str(e)[:120])

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's mach_runtime
+from mach_runtime.io.safetensors_write import INDEX, header, index_json, plan_shards, shard_names  # noqa: E402
 
 # Elements generated and written per step (64 MiB of uint32, 32 MiB of bf16).
 CHUNK_ELEMS = 1 << 24
@@ -151,20 +152,6 @@ def spec_nbytes(spec):
     return int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(ST_DTYPE[spec["dtype"]]).itemsize
 
 
-def plan_shards(specs, shard_bytes):
-    """Greedily pack tensors, in order, into shards of at most shard_bytes."""
-    shards, current, size = [], [], 0
-    for spec in specs:
-        n = spec_nbytes(spec)
-        if current and size + n > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += n
-    shards.append(current)
-    return shards
-
-
 def tensor_rng(seed, name):
     """Independent, reproducible random stream for one tensor."""
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -232,22 +219,6 @@ class AsyncWriter:
         self._pool.shutdown()
 
 
-def safetensors_header(specs):
-    """Serialized safetensors header (length prefix + space-padded JSON)."""
-    header, offset = {"__metadata__": {"format": "mlx"}}, 0
-    for spec in specs:
-        end = offset + spec_nbytes(spec)
-        header[spec["name"]] = {
-            "dtype": spec["dtype"],
-            "shape": list(spec["shape"]),
-            "data_offsets": [offset, end],
-        }
-        offset = end
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return len(blob).to_bytes(8, "little") + blob
-
-
 class Progress:
     """Prints a line each time another `every` bytes have been written."""
 
@@ -270,7 +241,7 @@ class Progress:
 
 def write_shard(path, specs, seed, progress):
     with open(path, "wb") as f:
-        f.write(safetensors_header(specs))
+        f.write(header([(s["name"], s["dtype"], s["shape"], spec_nbytes(s)) for s in specs], {"format": "mlx"}))
         writer = AsyncWriter(f)
         for spec in specs:
             for chunk in generate_chunks(spec, seed):
@@ -336,7 +307,7 @@ def main():
 
     t0 = time.perf_counter()
     specs, config = derive_tensor_specs(model_config(a), a.group_size, a.bits)
-    shards = plan_shards(specs, int(a.shard_gb * 1e9))
+    shards = plan_shards(specs, spec_nbytes, int(a.shard_gb * 1e9))
     total = sum(spec_nbytes(s) for s in specs)
     print(
         f"{len(specs)} tensors, {total / 1e9:.2f} GB in {len(shards)} shard(s) "
@@ -357,16 +328,13 @@ def main():
     config["eos_token_id"] = eos_id
     (a.out / "config.json").write_text(json.dumps(config, indent=2))
 
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards), single=None)
     progress = Progress(total)
     for name, shard in zip(names, shards):
         print(f"{name}: {len(shard)} tensors, {sum(map(spec_nbytes, shard)) / 1e9:.2f} GB", flush=True)
         write_shard(a.out / name, shard, a.seed, progress)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {s["name"]: n for n, shard in zip(names, shards) for s in shard},
-    }
-    (a.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    wmap = {s["name"]: n for n, shard in zip(names, shards) for s in shard}
+    (a.out / INDEX).write_bytes(index_json(total, wmap, indent=2))
 
     dt = time.perf_counter() - t0
     print(

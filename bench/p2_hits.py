@@ -23,7 +23,10 @@ With ``--uniform-fraction F`` (default 0.25; 0 skips it) a second table follows:
 (O_DIRECT, page cache dropped before each run), every router replaced by uniform pseudo-random routing
 (``p2_streaming.UniformGate``) and a bank of F of the experts; stacked with the same routing as the reference; read
 MB/s against the disk's own O_DIRECT figure (before and after) and against the disk-bound rate (disk MB/s ÷ MB
-read per token).
+read per token). Its variants (``--miss-variants``) write slots as MLX ops ("ops", the accelerators' way) or in
+place ("in place", the CPU backend's default, ``io/slot_writes.py``), plain or with compiled MoE blocks;
+``--miss-only`` runs just this table, ``--no-stacked`` without the stacked reference (which holds every expert).
+``bench/miss_path.py`` measures the miss path alone (no model compute).
 
 Reported per variant: decode tok/s (median of ``--repeats``), ratio to stacked, host syncs per token
 (``store.stats().host_syncs``), forwards redone, and whether the tokens equal stacked's (they must). The disk's
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -82,7 +86,7 @@ def run_variant(name, ckpt, ids, a):
 
         saved = (O.ForwardGuard.verify, O.ForwardGuard.outputs, O.ForwardGuard.close)
         O.ForwardGuard.verify = lambda self, ck: setattr(self.runner, "pending", []) or True
-        O.ForwardGuard.outputs = lambda self: []
+        O.ForwardGuard.outputs = lambda self, token=None: []
         O.ForwardGuard.close = lambda self: setattr(self.runner, "pending", [])
     try:
         res = _timed_variant(name, model, store, ids, a, once, load_s)
@@ -154,7 +158,14 @@ def main():
     p.add_argument("--skip-probe", action="store_true", help="skip the host -> device copy probe")
     p.add_argument("--uniform-fraction", type=float, default=0.25, help="bank fraction of the miss-bound table (0: skip)")
     p.add_argument("--uniform-tokens", type=int, default=32)
-    p.add_argument("--uniform-repeats", type=int, default=1)
+    p.add_argument("--uniform-repeats", type=int, default=1, help="cold runs per miss-bound variant (interleaved)")
+    p.add_argument("--miss-variants", nargs="+", default=None, choices=MISS_VARIANTS,
+                   help="slot-write variants of the miss-bound table (default: ops and in place on the CPU, ops and "
+                        "compiled ops on accelerators)")
+    p.add_argument("--miss-only", action="store_true", help="only the miss-bound table (no hits variants, no probe)")
+    p.add_argument("--no-stacked", action="store_true",
+                   help="miss-bound table without the stacked reference (it loads every expert: 5.4 GB for a3b_l16); "
+                        "tokens are compared with the first variant's")
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--policy", default="lrfu", choices=["lru", "lrfu"])
     p.add_argument("--ckpt-root", type=C.Path, default=C.default_ckpt_root())
@@ -172,6 +183,10 @@ def main():
     ids = C.make_prompt(tok, a.prompt_tokens)
     bw = disk_bw(C.safetensors_files(ckpt))
     C.freeze_gc()
+    if a.miss_only:
+        payload = dict(benchmark="p2_hits", machine=info, checkpoint=str(ckpt), checkpoint_spec=spec, layers=st.layers,
+                       experts=st.num_experts, expert_bytes=st.expert_bytes, load_average=os.getloadavg(), disk=bw)
+        return print_miss(miss_bound(ckpt, ids, st, a, payload), a)
     names = a.variants
     results = {n: [] for n in names}
     for r in range(a.rounds):
@@ -216,14 +231,20 @@ def main():
         print("host -> device copies of " + f"{probe['bytes'] / 1e6:.0f} MB ({probe['experts']} experts, "
               f"{probe['components']} components each): "
               + ", ".join(f"{k} {v:.2f} GB/s" for k, v in probe["gb_per_s"].items()), flush=True)
-    miss = miss_bound(ckpt, ids, st, a, payload) if a.uniform_fraction > 0 else None
-    if miss:
-        print(f"\nMiss-bound: uniform routing, bank {a.uniform_fraction:.1%} ({miss['slots']} slots/layer), cold "
-              f"(O_DIRECT, page cache dropped: {miss['drop']}), {a.uniform_tokens} tokens, {a.io_threads} io threads, "
-              f"{a.policy}; disk O_DIRECT {miss['disk_before']:.0f} MB/s before, {miss['disk_after']:.0f} after")
-        print(C.fmt_table(["variant", "tok/s", "steady tok/s", "vs stacked", "hit", "MB/token", "read MB/s",
-                           "read / disk", "disk-bound tok/s", "vs disk-bound", "read wait", "slot writes",
-                           "routing syncs", "same tokens"], miss["rows"]))
+    if a.uniform_fraction > 0:
+        return print_miss(miss_bound(ckpt, ids, st, a, payload), a)
+    print(f"json: {a.out}")
+
+
+def print_miss(miss, a) -> None:
+    print(f"\nMiss-bound: uniform routing, bank {a.uniform_fraction:.1%} ({miss['slots']} slots/layer), cold "
+          f"(O_DIRECT, page cache dropped: {miss['drop']}), {a.uniform_tokens} tokens, {a.io_threads} io threads, "
+          f"{a.policy}; disk O_DIRECT {miss['disk_before']:.0f} MB/s before, {miss['disk_after']:.0f} after (their "
+          f"mean is the disk-bound rate's bandwidth); load average {os.getloadavg()[0]:.1f}")
+    print(C.fmt_table(["variant", "tok/s", "steady tok/s", "vs stacked", "hit", "MB/token", "read MB/s",
+                       "read / disk", "disk-bound tok/s", "vs disk-bound", "read wait", "slot writes",
+                       "routing syncs", "same tokens" + (" (as the first)" if a.no_stacked else "")],
+                      miss["rows"]))
     print(f"json: {a.out}")
 
 
@@ -260,44 +281,66 @@ def copy_probe(ckpt, n_experts: int = 16) -> dict:
     return dict(experts=n_experts, bytes=total, components=len(comps), gb_per_s=out)
 
 
+MISS_VARIANTS = ["ops", "in place", "compiled ops", "compiled in place"]
+
+
 def miss_bound(ckpt, ids, st, a, payload) -> dict:
-    """The uniform-routing, F-bank table (see the module docstring); stacked and streaming with the same
-    ``--compile`` setting each (plain and compiled)."""
+    """The uniform-routing, F-bank table (see the module docstring): per ``--miss-variants`` entry a stacked
+    reference with the same compile setting and cold streaming runs; "ops" writes slots as MLX ops (the only way
+    on accelerators), "in place" by numpy into the bank's host memory (CPU; io/slot_writes.py)."""
     import argparse as _ap
+
+    from mach_runtime.io.slot_writes import in_place_backend
 
     files = C.safetensors_files(ckpt)
     E = st.num_experts
     slots = max(8, min(E, round(a.uniform_fraction * E)))
     bank_bytes = bank_bytes_per_expert(ckpt, st.expert_bytes)
     base = dict(routing="uniform", temperature=a.temperature, seed=a.seed, io_threads=a.io_threads, policy=a.policy)
+    variants = a.miss_variants or (["ops", "in place"] if in_place_backend() else ["ops", "compiled ops"])
     bw0 = disk_bw(files)
     out = dict(slots=slots, disk_before=bw0["mb_per_s"], runs={})
-    rows = []
-    for compiled in (False, True):
-        ns = _ap.Namespace(**base, compile=compiled)
+    rows, refs = [], {}
+    runs_of = {v: [] for v in variants}
+    for rep in range(a.uniform_repeats):  # variants interleaved, order alternating
+        for v in (variants if rep % 2 == 0 else variants[::-1]):
+            compiled = v.startswith("compiled")
+            ns = _ap.Namespace(**base, compile=compiled, in_place=v.endswith("in place"))
+            if compiled not in refs:
+                refs[compiled] = (stacked_run(ckpt, ids, a.uniform_tokens, 1, ns) if not a.no_stacked else None)
+                streaming_run(ckpt, files, ids, 4, slots, st.layers, bank_bytes, ns, cold=False)  # warm-up (kernels)
+            runs_of[v].append(streaming_run(ckpt, files, ids, a.uniform_tokens, slots, st.layers, bank_bytes, ns))
+            r = runs_of[v][-1]["all"]
+            print(f"[p2-hits] miss-bound {v} (run {rep}): {r['tps']:.3f} tok/s, {r['bytes_per_token'] / 1e6:.1f} "
+                  f"MB/token, read {r['read_mb_per_s']:.0f} MB/s", flush=True)
+    out["disk_after"] = disk_bw(files)["mb_per_s"]
+    disk = (out["disk_before"] + out["disk_after"]) / 2
+    if a.no_stacked:  # the first variant's tokens are the reference; no stacked decode (it holds every expert)
+        first = runs_of[variants[0]][0]
+        refs = {c: dict(tps=float("nan"), tokens=first["tokens"]) for c in refs}
+    for compiled, ref in refs.items():
+        if a.no_stacked:
+            break
         tag = " compiled" if compiled else ""
-        ref = stacked_run(ckpt, ids, a.uniform_tokens, 1, ns)
-        streaming_run(ckpt, files, ids, 4, slots, st.layers, bank_bytes, ns, cold=False)  # warm-up (kernels)
-        runs = [streaming_run(ckpt, files, ids, a.uniform_tokens, slots, st.layers, bank_bytes, ns)
-                for _ in range(a.uniform_repeats)]
         out["runs"]["stacked" + tag] = ref
-        out["runs"]["streaming" + tag] = runs
-        out["drop"] = runs[-1]["drop_caches"]
-        rows.append([f"stacked{tag} (uniform routing)", f"{ref['tps']:.2f}", "", "1.000", "1", "0", "", "", "", "",
+        rows.append([f"stacked{tag} (uniform routing)", f"{ref['tps']:.3f}", "", "1.000", "1", "0", "", "", "", "",
                      "", "", "", "-"])
+    for v in variants:
+        runs, ref = runs_of[v], refs[v.startswith("compiled")]
+        out["runs"]["streaming " + v] = runs
+        out["drop"] = runs[-1]["drop_caches"]
         med = lambda win, key: C.median([r[win][key] for r in runs])  # noqa: E731
         bpt = med("all", "bytes_per_token")
-        bound = bw0["mb_per_s"] * 1e6 / bpt if bpt else float("nan")
+        bound = disk * 1e6 / bpt if bpt else float("nan")
         tps = med("all", "tps")
-        rows.append([f"streaming{tag} {a.uniform_fraction:.0%}", f"{tps:.2f}", f"{med('steady', 'tps'):.2f}",
+        rows.append([f"streaming {a.uniform_fraction:.0%}, slot writes {v}", f"{tps:.3f}", f"{med('steady', 'tps'):.3f}",
                      f"{tps / ref['tps']:.3f}", f"{med('all', 'hit_rate'):.3f}", f"{bpt / 1e6:.1f}",
-                     f"{med('all', 'read_mb_per_s'):.0f}", f"{med('all', 'read_mb_per_s') / bw0['mb_per_s']:.2f}",
-                     f"{bound:.2f}", f"{tps / bound:.2f}", f"{med('all', 'read_share'):.0%}",
+                     f"{med('all', 'read_mb_per_s'):.0f}", f"{med('all', 'read_mb_per_s') / disk:.2f}",
+                     f"{bound:.3f}", f"{tps / bound:.2f}", f"{med('all', 'read_share'):.0%}",
                      f"{med('all', 'write_share'):.0%}", f"{med('all', 'sync_share'):.0%} "
                      f"({med('all', 'host_syncs_per_token'):.1f}/tok)", all(r["tokens"] == ref["tokens"] for r in runs)])
-        print(f"[p2-hits] miss-bound{tag}: {tps:.2f} tok/s (stacked {ref['tps']:.2f}), {bpt / 1e6:.1f} MB/token",
-              flush=True)
-    out["disk_after"] = disk_bw(files)["mb_per_s"]
+        out.setdefault("summary", []).append(dict(variant=v, tps=tps, disk_bound_tps=bound, vs_disk_bound=tps / bound,
+                                                  bytes_per_token=bpt, vs_stacked=tps / ref["tps"]))
     out["rows"] = rows
     payload["miss_bound"] = out
     C.write_json(a.out, payload)

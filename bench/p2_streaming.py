@@ -202,6 +202,8 @@ def streaming_run(ckpt, files, ids, n_new, slots, layers, bank_bytes, a, cold=Tr
     model, tok, store, cache = load_moe(str(ckpt), expert_residency="streaming", expert_cache_gb=budget_gb,
                                         direct_io=True, io_threads=a.io_threads, eviction_policy=a.policy)
     load_s = time.perf_counter() - t0
+    if getattr(a, "in_place", None) is not None:  # slot writes as MLX ops instead of in place (p2_hits.py)
+        store.in_place_writes = store.in_place_writes and a.in_place
     st = store.stats()
     k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
     apply_routing(model, a.routing, st.num_experts, a, len(ids) + n_new)
@@ -332,6 +334,8 @@ def main():
                    help="untimed short runs before timing: first bank size only (CPU default) or each (GPU "
                         "default: the first forward of a new shape JIT-compiles)")
     p.add_argument("--time-budget-s", type=float, default=None, help="start no new timed run after this")
+    p.add_argument("--skip-locality", action="store_true",
+                   help="skip the full-bank locality run (it holds every expert; a --trace's locality is known)")
     p.add_argument("--compile", action="store_true",
                    help="compiled MoE blocks (engine/compiled_moe.py) for stacked and streaming alike")
     p.add_argument("--ckpt-root", type=Path, default=C.default_ckpt_root())
@@ -387,11 +391,12 @@ def main():
     payload["stacked"] = stacked
     print(f"[p2] stacked reference: {stacked['tps']:.2f} tok/s", flush=True)
 
-    loc = routing_locality(ckpt, ids, a.new_tokens, E, k, a)
+    loc = None if a.skip_locality else routing_locality(ckpt, ids, a.new_tokens, E, k, a)
     payload["routing_locality"] = loc
-    print(f"[p2] routing locality: repeat@1 {loc['repeat_at_1']:.3f} (uniform {loc['uniform_repeat_at_1']:.3f}), "
-          f"cover@8 {loc['cover_at_8']:.3f} (uniform {loc['uniform_cover_at_8']:.3f}), "
-          f"usage entropy {loc['usage_entropy']:.3f}", flush=True)
+    if loc:
+        print(f"[p2] routing locality: repeat@1 {loc['repeat_at_1']:.3f} (uniform {loc['uniform_repeat_at_1']:.3f}), "
+              f"cover@8 {loc['cover_at_8']:.3f} (uniform {loc['uniform_cover_at_8']:.3f}), "
+              f"usage entropy {loc['usage_entropy']:.3f}", flush=True)
 
     slots = {f: max(k, min(E, round(f * E))) for f in a.fractions}
     for f in (a.fractions if warm_mode == "each" else a.fractions[:1] if warm_mode == "first" else []):
@@ -469,9 +474,10 @@ def main():
           f"{all(s['replay_matches_live'] for s in summary)})")
     if a.trace is not None:
         print(f"routing: trace {a.trace} segment {a.trace_segment} ({a.trace_obj.meta.get('source', '?')})")
-    print(f"routing of this checkpoint (decode, traced): repeat@1 {loc['repeat_at_1']:.3f} (uniform random "
-          f"{loc['uniform_repeat_at_1']:.3f}, Qwen3-30B-A3B ~0.45), cover@8 {loc['cover_at_8']:.3f} (uniform "
-          f"{loc['uniform_cover_at_8']:.3f}, Qwen3-30B-A3B ~0.80), expert-use entropy {loc['usage_entropy']:.3f}")
+    if loc:
+        print(f"routing of this checkpoint (decode, traced): repeat@1 {loc['repeat_at_1']:.3f} (uniform random "
+              f"{loc['uniform_repeat_at_1']:.3f}, Qwen3-30B-A3B ~0.45), cover@8 {loc['cover_at_8']:.3f} (uniform "
+              f"{loc['uniform_cover_at_8']:.3f}, Qwen3-30B-A3B ~0.80), expert-use entropy {loc['usage_entropy']:.3f}")
     drops = {json.dumps(x["drop_caches"]) for v in runs.values() for x in v}
     print(f"page-cache drop: {', '.join(drops) or '-'}")
     print(C.RANDOM_ROUTING_NOTE)

@@ -19,6 +19,7 @@ _ENV = {
     "expert_residency": ("MACH_EXPERT_RESIDENCY", "stacked"),
     "expert_cache_gb": ("MACH_EXPERT_CACHE_GB", None),
     "eviction_policy": ("MACH_EVICTION_POLICY", "lrfu"),
+    "lrfu_lambda": ("MACH_LRFU_LAMBDA", 0.02),  # LRFU decay per bank step (io/eviction.py); half-life 1/lambda
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
     "prefetch_mb": ("MACH_PREFETCH_MB", 0.0),  # next-layer prefetch budget (MB); 0: off
@@ -34,6 +35,9 @@ _ENV = {
     "dist_timeout": ("MACH_DIST_TIMEOUT", 30.0),
     "dist_heartbeat": ("MACH_DIST_HEARTBEAT", 1.0),
     "dist_placement": ("MACH_DIST_PLACEMENT", None),
+    "import_torch": ("MACH_IMPORT_TORCH", False),  # let transformers import torch in our CLI processes
+    "cpu_blas": ("MACH_CPU_BLAS", "auto"),
+    "cpu_blas_threads": ("MACH_CPU_BLAS_THREADS", 1),
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -114,6 +118,16 @@ def resolve_store_config(
     return StoreConfig(residency, gb, policy, threads, _as_bool(direct, where))
 
 
+def resolve_lrfu_lambda(lrfu_lambda=None) -> float:
+    """The LRFU policy's decay per bank step (``io/eviction.py``): argument, then ``MACH_LRFU_LAMBDA``, then 0.02
+    (tuned on the first half of the trained routing trace, docs/benchmarks.md "Eviction policies")."""
+    lam, where = _raw("lrfu_lambda", lrfu_lambda)
+    lam = _number("lrfu_lambda", lam, float, 0.0, where)
+    if not 0 < lam <= 1:
+        raise ConfigError(f"{where}: lrfu_lambda must be in (0, 1] (1: LRU, near 0: LFU), got {lam!r}")
+    return lam
+
+
 def resolve_prefetch_bytes(prefetch_mb=None) -> int:
     """The next-layer prefetch budget in bytes (``io/next_layer_prefetch.py``): argument, then ``MACH_PREFETCH_MB``,
     then 0 (off: opt-in until it is measured on a realistic routing trace on an accelerator)."""
@@ -172,6 +186,13 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     """mach-serve's API key: ``--api-key``, else ``MACH_API_KEY``, else None (no authentication)."""
     key, _ = _raw("api_key", api_key)
     return key or None
+
+
+def resolve_import_torch(import_torch: bool | None = None) -> bool:
+    """Whether ``mach`` / ``mach-serve`` let transformers import torch (``MACH_IMPORT_TORCH``; default no: they use
+    transformers for tokenizers and configs only, and torch would cost each start seconds: cli/startup.py)."""
+    value, where = _raw("import_torch", import_torch)
+    return _as_bool(value, where)
 
 
 DIST_BACKENDS = ("auto", "ring", "nccl", "jaccl", "mpi")
@@ -236,3 +257,36 @@ def resolve_distributed_config(backend=None, mode=None, timeout=None, heartbeat=
         if not os.path.isfile(p):
             raise ConfigError(f"{where}: expert placement trace {p!r} does not exist; record one with `mach trace`")
     return DistributedConfig(b, m, float(t), float(h), p)
+
+
+CPU_BLAS_MODES = ("auto", "openblas", "off")
+
+
+@dataclass(frozen=True)
+class CpuBlasConfig:
+    """Which BLAS serves MLX's float32 CPU matmuls on Linux (``backend/cpu_blas.py``, docs/cpu_blas.md).
+
+    mode: "auto" (OpenBLAS from scipy-openblas32 where MLX's wheel runs on netlib's reference BLAS, else leave it),
+    "openblas" (the same, and an error when it cannot be done), "off" (MLX's own reference BLAS). threads:
+    OpenBLAS threads per call (1 by default: on the 2-core machines measured, a second thread competed with MLX's
+    own threads and lost; docs/benchmarks.md "CPU BLAS")."""
+
+    mode: str
+    threads: int
+
+
+def resolve_cpu_blas_config(mode=None, threads=None) -> CpuBlasConfig:
+    """The CPU BLAS settings from arguments, then ``MACH_CPU_BLAS`` / ``MACH_CPU_BLAS_THREADS``, then defaults."""
+    m, where = _raw("cpu_blas", mode)
+    m = str(m).strip().lower()
+    if m in ("1", "true", "on", "yes"):
+        m = "openblas"
+    elif m in ("0", "false", "no", "none", "reference"):
+        m = "off"
+    if m not in CPU_BLAS_MODES:
+        raise ConfigError(f"{where}: cpu_blas must be one of {', '.join(CPU_BLAS_MODES)}, got {m!r}")
+    t, where = _raw("cpu_blas_threads", threads)
+    if isinstance(t, float) and not t.is_integer():
+        raise ConfigError(f"{where}: cpu_blas_threads must be an integer >= 1, got {t!r}")
+    t = _number("cpu_blas_threads", t, int, 1, where)
+    return CpuBlasConfig(m, int(t))

@@ -15,6 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 for var in ("MACH_EXPERT_RESIDENCY", "MACH_EXPERT_CACHE_GB", "MACH_EVICTION_POLICY", "MACH_IO_THREADS", "MACH_DIRECT_IO"):
     os.environ.pop(var, None)
 
+# the CPU BLAS under MLX's float32 matmuls, chosen once before any fixture computes a reference (MACH_CPU_BLAS,
+# default OpenBLAS; docs/cpu_blas.md): a model load would otherwise switch it mid-session, and references computed
+# before it (mlx-lm's own load) would differ from results after it by float32 reordering
+from mach_runtime.backend.cpu_blas import ensure_cpu_blas  # noqa: E402
+
+ensure_cpu_blas()
+
 
 @pytest.fixture(scope="session")
 def hf_reference():

@@ -53,6 +53,17 @@ def forward(a, out: Path, rank_holder: list) -> None:
     d.close()
 
 
+async def collect(rt, r: dict) -> dict:
+    """One request of ``--requests`` streamed from a Runtime: its tokens and the chosen tokens' logprobs (the
+    distributed run and its one-process reference in test_distributed.py read them alike)."""
+    toks, lps = [], []
+    async for c in rt.stream(r["prompt"], **r["params"]):
+        toks.extend(c.token_ids)
+        if c.logprobs:
+            lps.extend(lp[0] for lp in c.logprobs)
+    return {"tokens": toks, "logprobs": lps}
+
+
 async def serve(a, out: Path, rank: int) -> None:
     import anyio
 
@@ -67,12 +78,7 @@ async def serve(a, out: Path, rank: int) -> None:
         results = {}
 
         async def one(r):
-            toks, lps = [], []
-            async for c in rt.stream(r["prompt"], **r["params"]):
-                toks.extend(c.token_ids)
-                if c.logprobs:
-                    lps.extend(lp[0] for lp in c.logprobs)
-            results[r["name"]] = {"tokens": toks, "logprobs": lps}
+            results[r["name"]] = await collect(rt, r)
 
         async with anyio.create_task_group() as tg:
             for r in reqs:

@@ -129,20 +129,14 @@ def reference_runs(ckpt, residency, slots, requests, draft=None):
     import anyio
 
     from actors.runtime import Runtime
+    from tests.distributed_worker import collect
 
     async def go():
         kw = {"expert_slots": slots} if slots else {}
         async with Runtime.open(ckpt, expert_residency=residency, max_batch=4, prefix_cache=False, draft=draft,
                                 **kw) as rt:
-            out = {}
-            for r in requests:  # one at a time: the distributed run batches them, which must not matter
-                toks, lps = [], []
-                async for c in rt.stream(r["prompt"], **r["params"]):
-                    toks.extend(c.token_ids)
-                    if c.logprobs:
-                        lps.extend(lp[0] for lp in c.logprobs)
-                out[r["name"]] = {"tokens": toks, "logprobs": lps}
-            return out
+            # one at a time: the distributed run batches them, which must not matter
+            return {r["name"]: await collect(rt, r) for r in requests}
 
     return anyio.run(go)
 

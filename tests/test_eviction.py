@@ -37,6 +37,38 @@ def test_lrfu_forgets_old_frequency():
     assert p.victim(exclude={3}) == 1  # 1 was hot long ago; 2 is hot now
 
 
+def test_lrfu_remembers_an_evicted_experts_history():
+    """An expert evicted after heavy use and then used once again resumes its history: it outranks an expert used
+    once, later. (Forgetting on eviction, as the bank did before, would evict the returning expert here.)"""
+    p = LRFUPolicy(lam=0.02)
+    for _ in range(10):
+        p.step([1])
+    p.remove(1)  # evicted
+    p.step([1])  # needed again: read back in
+    p.step([2])
+    p.step([3])
+    assert p.victim(exclude={3}) == 2
+    p.remove(2)
+    assert p.victim(exclude=set()) == 3  # a single recent use vs C(1) ~ 10
+
+
+def test_lrfu_lambda_from_config(monkeypatch):
+    from mach_runtime.config import resolve_lrfu_lambda
+    from mach_runtime.errors import ConfigError
+
+    monkeypatch.setenv("MACH_LRFU_LAMBDA", "1")  # lam 1: the same ranking as LRU
+    assert make_policy("lrfu").table.lam == 1.0
+    p = make_policy("lrfu")
+    for used in ([1], [1], [1], [2], [3]):
+        p.step(used)
+    assert p.victim(exclude={3}) == 1  # lam 1 ranks like LRU: three old uses weigh less than one newer
+    assert resolve_lrfu_lambda(0.5) == 0.5  # an argument wins over the environment
+    for bad in ("0", "1.5", "fast"):
+        monkeypatch.setenv("MACH_LRFU_LAMBDA", bad)
+        with pytest.raises(ConfigError, match="MACH_LRFU_LAMBDA"):
+            make_policy("lrfu")
+
+
 def test_victim_never_in_exclude():
     for name in ("lru", "lrfu"):
         p = make_policy(name)

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from mach_runtime import load_moe
-from mach_runtime.engine.generate import generate_tokens, make_sampler
+from mach_runtime.engine.generate import GenerationStats, generate_tokens, make_sampler
 from mach_runtime.io.expert_reader import ExpertReader
 from mach_runtime.io.optimistic import rollback_ok
 from tests.helpers import reference_logits, rel_err
@@ -55,10 +55,13 @@ def test_all_resident_decode_syncs_once_per_token(tiny_dir):
     try:
         prompt = PROMPT[:4]  # 3 prefill rows: one optimistic forward too
         s0 = store.stats()
-        toks = _decode(model, 1.0, n=20, prompt=prompt)
+        gstats = GenerationStats()
+        mx.random.seed(11)
+        toks = list(generate_tokens(model, prompt, make_prompt_cache(model), make_sampler(1.0, seed=11), 20, gstats))
         s1 = store.stats()
         forwards = 1 + len(toks)  # the prefill forward + one forward per generated token
         assert s1.host_syncs - s0.host_syncs == forwards  # one routing readback per forward, none per layer
+        assert gstats.token_readbacks == 1  # the first token only: the others rode along with their step's check
         assert s1.redone_forwards == s0.redone_forwards and s1.misses == s0.misses
         assert s1.hits - s0.hits >= forwards * 2  # every layer's lookups were accounted (>= 1 distinct each)
         assert toks == _decode(_stacked(tiny_dir), 1.0, n=20, prompt=prompt)

@@ -15,6 +15,7 @@ def test_target_only_and_prompt_lookup_run_without_dflash_mlx():
         import sys
         sys.modules["dflash_mlx"] = None  # import dflash_mlx now raises ImportError, as when it is not installed
         sys.modules["dflash_mlx.model"] = None
+        sys.modules["torch"] = None  # nor is torch in the base install (the test extra brings it)
         import mach_runtime
         from mach_runtime import BlockSpecDecEngine, BlockSpecDecEngineConfig, Runtime
         from mach_runtime.engine.specdec.draft_cache import RingDraftCache

@@ -119,6 +119,65 @@ def test_stats_reconcile_with_independent_lru_simulation(tiny_dir, slots):
         store.close()
 
 
+
+def _simulate_lrfu(steps, layers, slots, lam, forget=False):
+    """LRFU from its definition, independent of io/eviction.py: C(e) = sum over ALL past uses of 2^(-lam * age)
+    (an evicted expert keeps its history), the resident expert of smallest C not needed now is evicted, ties to
+    the lowest id; free slots first. ``forget``: an evicted expert's history is dropped (the bank before)."""
+    uses = [{} for _ in range(layers)]  # expert -> steps at which the layer used it
+    banks = [set() for _ in range(layers)]
+    clock = [0] * layers
+    hits = misses = evictions = 0
+    for i, needed in enumerate(steps):
+        layer = i % layers
+        bank, t = banks[layer], clock[layer]
+        missing = [e for e in needed if e not in bank]
+        hits += len(needed) - len(missing)
+        misses += len(missing)
+        overflow = len(bank) + len(missing) - slots
+        if overflow > 0:
+            crf = {e: sum(2.0 ** (-lam * (t - u)) for u in uses[layer][e]) for e in bank if e not in needed}
+            for v in sorted(crf, key=lambda e: (crf[e], e))[:overflow]:
+                bank.discard(v)
+                if forget:
+                    del uses[layer][v]
+            evictions += overflow
+        bank.update(missing)
+        clock[layer] = t + 1
+        for e in needed:
+            uses[layer].setdefault(e, []).append(t + 1)
+    return hits, misses, evictions
+
+
+@pytest.mark.parametrize("slots", [7])
+def test_stats_reconcile_with_independent_lrfu_simulation(tiny_dir, slots):
+    """The real streaming path under the default policy (LRFU, history kept across evictions, default lambda)
+    counts exactly the hits, misses and evictions of LRFU simulated from its definition on the same routing."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mach_runtime.config import resolve_lrfu_lambda
+
+    ref_model, tok = mlx_lm_load(str(tiny_dir))
+    ids = tok.encode(PROMPT)[:40]
+    steps = _record_routing(ref_model, ids)
+    want = _simulate_lrfu(steps, 2, slots, resolve_lrfu_lambda())
+    # the routing tells the policies apart: LRU, and LRFU forgetting on eviction
+    assert want != _simulate_lru(steps, 2, slots)
+    assert want != _simulate_lrfu(steps, 2, slots, resolve_lrfu_lambda(), forget=True)
+
+    model, tok, store, cache = load_moe(tiny_dir, expert_residency="streaming", expert_cache_gb=budget(slots))
+    try:
+        assert store.stats().eviction_policy == "lrfu"
+        cache = make_prompt_cache(model)
+        for t in ids:
+            mx.eval(model(mx.array([[t]]), cache=cache))
+        s = store.stats()
+        assert (s.hits, s.misses, s.evictions) == want
+    finally:
+        store.close()
+
+
 def test_streaming_from_stacked_layout_reads_slices(hf_reference, tmp_path, capfd):
     path = convert(hf_reference["path"], tmp_path / "stacked", layout="stacked")
     model, tok, store, cache = load_moe(path, expert_residency="streaming", expert_cache_gb=budget(2, 2, 24576))

@@ -16,15 +16,21 @@ from mach_runtime.io.expert_layout import find_expert_layout
 from mach_runtime.io.quant_formats import held_expert_bytes
 from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests.helpers import greedy, rel_err
-from tests.tolerances import half, reorder
+from tests.tolerances import reorder
 from tests.v4_formats import E2M1, E4M3, decode_fp4, decode_fp8, fp4_rows, fp8_block, v4_checkpoints
 
 PROMPT = [3, 17, 99, 250, 7, 42, 400, 12, 64, 5, 311, 77]
 TOL = reorder(1e-5)  # packed (gather_qmm) vs float (gather_mm) of the same values: float32 rounding only
 # FP8 experts with float block scales are held dequantized: bfloat16, float32 on the CPU (whose gather_mm is
-# float32-only; quant_formats.MX_DTYPES); against the float32 reference a GPU then computes in bfloat16
+# float32-only; quant_formats.MX_DTYPES). e4m3 x a float scale needs up to 12 (BF16 scale) or 24 (F32) significant
+# bits, bfloat16 keeps 8: the held weights are the decoded ones rounded once to bfloat16, so on a GPU the reference
+# holds exactly those (v4_formats.held) and the forward (float32 activations) differs only in summation order.
+# Against the unrounded values the hub fixture's logits moved by 0.074 (CUDA and, with the GPU's holding, the CPU
+# alike): a 2**-9 change of any weight swaps a near-tied 2nd/3rd expert of layer 1 at position 0 (router logits
+# 5.387 vs 5.378) — a different function, which no half-precision bound describes (docs/testing.md).
 HELD_FP8 = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-FP8_TOL = TOL if HELD_FP8 == mx.float32 else half(HELD_FP8, TOL)
+HELD_BF16 = HELD_FP8 == mx.bfloat16
+FP8_TOL = TOL
 
 
 def layout_of(path):
@@ -142,7 +148,8 @@ def test_v3_style_float_scale_inv(tmp_path):
 def test_fp8_experts_with_float_scale_inv(tmp_path, residency, slots):
     """FP8 experts with float block scales (DeepSeek-V3 / Qwen3-FP8 ``weight_scale_inv``) have no exact MX layout:
     they are dequantized to float at load (stacked) or per expert as it is read (streaming)."""
-    qdir, rdir = v4_checkpoints(tmp_path, experts="fp8", block=(16, 32), float_scales=True, expert_float_scales=True)
+    qdir, rdir = v4_checkpoints(tmp_path, experts="fp8", block=(16, 32), float_scales=True, expert_float_scales=True,
+                                held_bf16=HELD_BF16)
     src = layout_of(qdir).layers[0]
     assert src.quant_of("gate_up") is None
     assert src.components[("gate", "scales")].tensor_names[0].endswith(".w1.weight_scale_inv")
@@ -164,7 +171,8 @@ def test_qwen3_moe_fine_grained_fp8(tmp_path, residency, slots):
     from tests.quant_helpers import logits_of, qwen3_moe_source
     from tests.v4_formats import fp8_hub_checkpoint
 
-    qdir, rdir = fp8_hub_checkpoint(qwen3_moe_source(tmp_path / "src", hidden=128, inter=128), tmp_path)
+    qdir, rdir = fp8_hub_checkpoint(qwen3_moe_source(tmp_path / "src", hidden=128, inter=128), tmp_path,
+                                    held_bf16=HELD_BF16)
     layout = find_expert_layout(CheckpointIndex(qdir), REGISTRY["qwen3_moe"],
                                 json.loads((qdir / "config.json").read_text()), "config.json")
     assert layout.scheme == "hf_per_expert" and layout.quant is None

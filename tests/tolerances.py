@@ -7,7 +7,8 @@ Every numeric comparison names the KIND of difference it allows; the number foll
 * ``reorder(cpu)``: the same float32 math in another order — another kernel or GEMM shape, a compiled (fused)
   graph, a prefill split into chunks, a bank slot instead of a stacked expert. On MLX's CPU each test keeps the
   bound it measured there (``cpu``: MLX's CPU kernels give each output the same sum whatever the shape, so these
-  are 1e-6..1e-5). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
+  are 1e-6..1e-5) — with MLX's reference BLAS; mach's default OpenBLAS (docs/cpu_blas.md) blocks each GEMM by its
+  shape like a GPU kernel, so on it the GPU bound below applies (``shape_dependent_gemm``). On a GPU kernels pick their tiling and split-K per shape and fuse multiply-adds: one float32
   dot product of K terms moves by ~sqrt(K)·2**-24 (H200: 2e-7 at K=64, 8e-7 at K=1024), the tiny models amplify a
   per-GEMM error at most ~9x into their logits, so ``GPU_REORDER`` = 64·sqrt(64)·2**-24 ≈ 3e-5 (relative to the
   largest logit) keeps 7x headroom over 9·8·2**-24 and still fails on any real fault: a wrong or stale expert, a
@@ -44,9 +45,21 @@ INDEPENDENT = TF32_BOUND if TF32 else 1e-4
 _EPS = {mx.bfloat16: 2.0**-7, mx.float16: 2.0**-10}
 
 
+def shape_dependent_gemm() -> bool:
+    """Whether a float32 GEMM may sum an output in another order when the call's shape changes (rows, batch): a
+    GPU's kernels pick tiling and split-K per shape, and so does OpenBLAS, which mach puts under MLX's CPU matmuls
+    by default (docs/cpu_blas.md); MLX's own reference BLAS gives each output the same sum whatever the shape."""
+    if GPU:
+        return True
+    from mach_runtime.backend.cpu_blas import cpu_blas_status
+
+    return cpu_blas_status().active == "openblas"
+
+
 def reorder(cpu: float) -> float:
-    """Same float32 math in another order: ``cpu`` on MLX's CPU, ``GPU_REORDER`` (or the TF32 bound) on a GPU."""
-    if not GPU:
+    """Same float32 math in another order: ``cpu`` on MLX's CPU with its reference BLAS, ``GPU_REORDER`` (or the
+    TF32 bound on a GPU) where GEMMs round per shape (a GPU, or the CPU on OpenBLAS: ``shape_dependent_gemm``)."""
+    if not shape_dependent_gemm():
         return cpu
     return max(cpu, TF32_BOUND if TF32 else GPU_REORDER)
 
@@ -55,6 +68,55 @@ def independent(cpu: float = INDEPENDENT) -> float:
     """Against another implementation: ``cpu`` (1e-4 unless a test measured its own) on every backend, the TF32
     bound when TF32 is on."""
     return max(cpu, TF32_BOUND) if TF32 else cpu
+
+
+_PROBED: dict = {}
+
+
+def quantized_kernel_error(mode: str, bits: int, group: int) -> float:
+    """The backend's own float32 quantized matmuls (``quantized_matmul`` and ``gather_qmm``, 16 rows, 128 x 128 and
+    128 -> 256 like the tiny models' attention and experts) against float32 matmuls of the same dequantized
+    weights on MLX's CPU: the largest relative error, measured once per process (0 on the CPU)."""
+    key = (mode, bits, group)
+    if not GPU:
+        return 0.0
+    if key not in _PROBED:
+        import numpy as np
+
+        cpu, errs = mx.cpu, []
+        key_ = mx.random.key(7)
+        for n in (128, 256):
+            w = mx.random.normal((2, n, 128), key=key_) / 128**0.5
+            q = mx.quantize(w, group, bits, mode=mode, stream=cpu)
+            wq, sc, bi = q[0], q[1], (q[2] if len(q) > 2 else None)
+            deq = mx.dequantize(wq, sc, bi, group, bits, mode=mode, dtype=mx.float32, stream=cpu)
+            x = mx.random.normal((16, 128), key=key_)
+            idx = mx.array([[0, 1]] * 16, dtype=mx.uint32)
+            got = [mx.quantized_matmul(x, wq[0], sc[0], None if bi is None else bi[0], transpose=True,
+                                       group_size=group, bits=bits, mode=mode),
+                   mx.gather_qmm(x[:, None, None, :], wq, sc, bi, rhs_indices=idx, transpose=True, group_size=group,
+                                 bits=bits, mode=mode)]
+            want = [mx.matmul(x, deq[0].T, stream=cpu),
+                    mx.matmul(x[:, None, None, :], deq[idx].swapaxes(-1, -2), stream=cpu)]
+            for g, r in zip(got, want):
+                g, r = np.array(g, dtype=np.float64), np.array(r, dtype=np.float64)
+                errs.append(float(np.max(np.abs(g - r)) / np.max(np.abs(r))))
+        _PROBED[key] = max(errs)
+    return _PROBED[key]
+
+
+def quantized_vs_dequantized(mode: str, bits: int, group: int, cpu: float = INDEPENDENT) -> float:
+    """A model run through the backend's quantized kernels against the same model with its weights dequantized
+    (float32 matmuls). ``independent(cpu)`` where those kernels multiply float32 exactly (every CPU; MLX CUDA's
+    affine / mxfp4 kernels at N = 64: 4e-7); where this backend's float32 quantized kernels measure at TF32
+    precision (``quantized_kernel_error`` above GPU_REORDER / 8 per GEMM and at most 2**-10, what tensor cores fed
+    10-bit mantissas give, whatever MLX_ENABLE_TF32 says) the TF32 rule's ``TF32_BOUND``; a kernel worse than
+    that keeps ``independent(cpu)`` and fails. (MLX 0.32.4 CUDA, H200: test_nvfp4_global_scale's logits were
+    1.4e-3 from the dequantized model, TF32-sized; docs/testing.md.)"""
+    e = quantized_kernel_error(mode, bits, group)
+    if GPU_REORDER / 8 < e <= 2.0**-10:
+        return max(cpu, TF32_BOUND)
+    return independent(cpu)
 
 
 def half(dtype, cpu: float) -> float:

@@ -119,10 +119,11 @@ def _is_fp8_linear(name: str, a: np.ndarray) -> bool:
 
 
 def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=False, expert_float_scales=False,
-                   inter=32, seed=0):
+                   inter=32, seed=0, held_bf16=False):
     """(quantized dir, float reference dir): the V4 fixture with ``moe_intermediate_size`` widened to ``inter``
     (FP4 needs inputs in groups of 32), random expert / shared-expert weights, then stored in the released
-    layout; the reference holds exactly the decoded values as float32 under the same names."""
+    layout; the reference holds exactly the decoded values as float32 under the same names (``held_bf16``: FP8
+    experts with float scales rounded to bfloat16, what the loader holds on a GPU: ``held``)."""
     from safetensors.numpy import load_file, save_file
 
     rng = np.random.default_rng(seed)
@@ -149,6 +150,8 @@ def v4_checkpoints(dst: Path, *, experts="fp4", block=(128, 128), float_scales=F
             quant[k] = ("F8_E4M3", q)
             quant[base + (".weight_scale_inv" if fs else ".scale")] = ("F32", s) if fs else ("F8_E8M0", s)
             ref[k] = decode_fp8(q, s, block, fs)
+            if fs and held_bf16 and ".ffn.experts." in k:
+                ref[k] = held(ref[k])
         else:
             quant[k] = (_ST[v.dtype], v)
             ref[k] = v
@@ -179,11 +182,18 @@ def from_bf16_bits(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-def fp8_hub_checkpoint(src: Path, dst: Path, block=(128, 128)):
+def held(decoded: np.ndarray) -> np.ndarray:
+    """FP8 expert weights with float block scales as the loader holds them on a GPU: the decoded float32 value
+    (e4m3 x scale) rounded once to bfloat16 (``quant_formats.MX_DTYPES``), as float32."""
+    return from_bf16_bits(to_bf16_bits(decoded))
+
+
+def fp8_hub_checkpoint(src: Path, dst: Path, block=(128, 128), held_bf16=False):
     """(quantized dir, float reference dir): an HF-layout checkpoint's attention and routed-expert linears in the
     fine-grained FP8 hub layout (``F8_E4M3`` weight + BF16 ``weight_scale_inv`` block scales,
     ``quantization_config: {quant_method: fp8, weight_block_size}``); routers, norms, embeddings and the head stay
-    float. The reference holds exactly the decoded values as float32."""
+    float. The reference holds exactly the decoded values as float32 (``held_bf16``: the routed experts' rounded
+    to bfloat16, what the loader holds on a GPU: ``held``)."""
     from safetensors.numpy import load_file, save_file
 
     w = {}
@@ -198,6 +208,8 @@ def fp8_hub_checkpoint(src: Path, dst: Path, block=(128, 128)):
             quant[k] = ("F8_E4M3", q)
             quant[k[: -len(".weight")] + ".weight_scale_inv"] = ("BF16", bits)
             ref[k] = decode_fp8(q, from_bf16_bits(bits), block, float_scales=True)
+            if held_bf16 and ".experts." in k:
+                ref[k] = held(ref[k])
         else:
             quant[k] = (_ST[v.dtype], v)
             ref[k] = v

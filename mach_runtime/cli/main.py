@@ -10,6 +10,7 @@ import sys
 
 from ..errors import MachError
 from .pipe import quiet_on_closed_pipe
+from .startup import keep_torch_out
 
 
 def _cmd_make_tiny(a) -> int:
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @quiet_on_closed_pipe
 def main(argv=None) -> int:
+    """``mach``; run as a program (``argv`` None: the console script, ``python -m``) it keeps torch out of the
+    process first (startup.py), called with ``argv`` from Python it leaves the caller's imports alone."""
+    if argv is None:
+        keep_torch_out()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

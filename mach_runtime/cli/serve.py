@@ -123,6 +123,11 @@ def settings_from(a: argparse.Namespace):
 
 
 def main(argv=None) -> int:
+    """``mach-serve``; run as a program (``argv`` None) it keeps torch out of the process first (startup.py)."""
+    if argv is None:
+        from .startup import keep_torch_out
+
+        keep_torch_out()
     a = parser().parse_args(argv)
     try:
         import uvicorn

@@ -60,6 +60,8 @@ class CompiledMoeBlock(ModuleHook):
             if runner.recording is not None:  # an optimistic forward: compiled, routing recorded for its check
                 y, indices = self.hook_fn(*args)
                 runner.record(glu._bank, indices)
+                if glu._store.in_place_writes:  # slot writes in place wait for it (io/slot_writes.py)
+                    glu._bank.add_fence(y)
                 return y
         return self.inner(*args, **kwargs)
 

@@ -36,6 +36,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str | None = None
+    token_readbacks: int = 0  # tokens read back on their own (the rest rode along with a streaming step's check)
 
     @property
     def prefill_tps(self) -> float:
@@ -113,15 +114,21 @@ def generate_tokens(model, prompt_ids: list[int], cache, sampler, max_tokens: in
             nxt = nck = None
             if n + 1 < max_tokens:
                 nxt, nck = step(tok)
-                mx.async_eval(nxt, *(guard.outputs() if guard is not None else ()))
-            if guard is not None and ck is not None and not guard.verify(ck[0]):
-                tok = redo(y, ck, 2 if nxt is not None else 1)
-                if nxt is not None:
-                    nxt, nck = step(tok)
-                    mx.async_eval(nxt, *guard.outputs())
+                mx.async_eval(nxt, *(guard.outputs(nxt) if guard is not None else ()))
+            host = None
+            if guard is not None and ck is not None:
+                if guard.verify(ck[0]):
+                    host = guard.token(ck[0])  # read back with the check: no second sync
+                else:
+                    tok = redo(y, ck, 2 if nxt is not None else 1)
+                    if nxt is not None:
+                        nxt, nck = step(tok)
+                        mx.async_eval(nxt, *guard.outputs(nxt))
             stats.generated_tokens = n + 1
             stats.decode_seconds = time.perf_counter() - t0
-            yield int(tok.item())
+            if host is None:
+                stats.token_readbacks += 1
+            yield int(host[0]) if host is not None else int(tok.item())
             y, tok, ck = tok, nxt, nck
     finally:
         if guard is not None:

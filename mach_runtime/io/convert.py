@@ -45,6 +45,7 @@ from .expert_sidecar import (ALIGN, DATA_NAME, FORMAT, INDEX_NAME, VERSION, Side
                              SidecarLayer, SidecarQuant, SidecarSource, encode_index, expert_layout_for)
 from .quant_formats import QuantSpec
 from .safetensors_index import DTYPES, CheckpointIndex
+from .safetensors_write import INDEX, header, index_json, plan_shards, shard_names
 
 JOURNAL = "convert-journal.json"
 PARTIAL = ".partial"
@@ -390,18 +391,9 @@ def _source_metadata(path: str) -> dict:
 def _write_non_experts(index: CheckpointIndex, layout: ExpertLayout, work: Path, shard_bytes: int, progress) -> None:
     """Every non-expert tensor, byte for byte, under its source name, in shards of at most ``shard_bytes``."""
     names = sorted(n for n in index.names() if n not in layout.expert_tensor_names)
-    shards, cur, size = [], [], 0
-    for n in names:
-        nb = index[n].nbytes
-        if cur and size + nb > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(n)
-        size += nb
-    shards.append(cur)
+    shards = plan_shards(names, lambda n: index[n].nbytes, shard_bytes)
     meta = _source_metadata(index.files[0]) if index.files else {}
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    files = shard_names(len(shards))
     for old in work.glob("model*.safetensors*"):
         old.unlink()
     reader = _SourceBytes()
@@ -412,23 +404,13 @@ def _write_non_experts(index: CheckpointIndex, layout: ExpertLayout, work: Path,
         reader.close()
     if len(shards) > 1:
         wmap = {n: f for f, shard in zip(files, shards) for n in shard}
-        body = {"metadata": {"total_size": sum(index[n].nbytes for n in names)}, "weight_map": wmap}
-        _write_json_atomic(work / "model.safetensors.index.json", json.dumps(body, indent=1).encode())
+        _write_json_atomic(work / INDEX, index_json(sum(index[n].nbytes for n in names), wmap))
     _say(progress, f"non-expert tensors: {len(names)} in {len(files)} file(s)")
 
 
 def _write_safetensors(path: Path, names: list[str], index: CheckpointIndex, meta: dict, reader) -> None:
-    header, pos = {}, 0
-    if meta:
-        header["__metadata__"] = meta
-    for n in names:
-        t = index[n]
-        header[n] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
-        pos += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(header([(n, index[n].dtype, index[n].shape, index[n].nbytes) for n in names], meta))
         for n in names:
             t = index[n]
             for start in range(0, t.nbytes, _COPY_CHUNK):

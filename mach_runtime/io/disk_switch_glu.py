@@ -82,7 +82,10 @@ class DiskSwitchGLU(nn.Module):
         rec = self._store.optimistic.recording
         if rec is not None:  # optimistic: no host sync; checked once per forward
             self._store.optimistic.record(self._bank, indices)
-            return switch_glu(x, self.slot_of[indices], self.gate_up, self.down, self._activation, self.inter)
+            y = switch_glu(x, self.slot_of[indices], self.gate_up, self.down, self._activation, self.inter)
+            if self._store.in_place_writes:
+                self._bank.add_fence(y)
+            return y
         lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         nl = self.next_layer
         rows = indices.size // k
@@ -118,4 +121,6 @@ class DiskSwitchGLU(nn.Module):
                 mx.eval(y)  # the next group may overwrite slots this one reads
             outs.append(y)
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        if self._store.in_place_writes:
+            self._bank.add_fence(y)
         return y.reshape(*lead, k, D)

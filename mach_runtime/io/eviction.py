@@ -4,8 +4,11 @@
 * ``lrfu`` — frequency-aware LRU (LRFU, Lee et al. 1999): each expert carries a combined recency-frequency
   value ``C = sum over past uses of 2^(-lam * age)``, ages counted in bank steps (one step = one layer call,
   i.e. one token or one prefill chunk). The victim is the resident expert with the smallest C. ``lam`` → 1
-  behaves like LRU, ``lam`` → 0 like LFU; the default keeps an expert used at every step of the last ~20
-  well above one used once just now, which is what MoE routing locality rewards.
+  behaves like LRU, ``lam`` → 0 like LFU. ``C`` is kept for evicted experts too (a dense table costs nothing
+  more), so an expert that comes back resumes its history instead of starting at 1 like a never-seen one: on
+  the trained 128-expert routing trace this beats the forgetting variant at every bank size and every ``lam``
+  (docs/benchmarks.md, "Eviction policies"). The default ``lam`` (``DEFAULT_LRFU_LAMBDA``, configurable:
+  ``MACH_LRFU_LAMBDA``) was tuned on the first half of that trace's windows: a half-life of 50 steps.
 
 A ``PolicyTable`` holds the state of many banks (one row per bank, one column per expert): ``step_rows`` records
 one step of several banks at once (a verified optimistic decode forward steps every layer's bank with one call:
@@ -92,21 +95,27 @@ class LRUTable(PolicyTable):
 class LRFUTable(PolicyTable):
     name = "lrfu"
 
-    def __init__(self, banks: int, experts: int, lam: float = 0.05):
+    def __init__(self, banks: int, experts: int, lam: float | None = None):
+        if lam is None:
+            from ..config import resolve_lrfu_lambda
+
+            lam = resolve_lrfu_lambda()
         if not 0 < lam <= 1:
             raise ValueError(f"lrfu lambda must be in (0, 1], got {lam}")
         self.lam = lam
         super().__init__(banks, experts)
-        self.logc = np.zeros_like(self.score)  # log2(C) at the latest use
+        self.logc = np.zeros_like(self.score)  # log2(C) at the latest use (kept after eviction)
         self.last = np.zeros_like(self.score)  # step of the latest use
+        self.seen = np.zeros_like(self.tracked)  # used at least once (resident now or not)
 
     def _arrays(self):
-        return ("tracked", "score", "logc", "last")
+        return ("tracked", "score", "logc", "last", "seen")
 
     def _update(self, r, used, t):
         lam = self.lam
         decayed = self.logc[r, used] - lam * (t - self.last[r, used])  # log2 of the old C, aged to now
-        logc = np.where(self.tracked[r, used], np.log2(1.0 + np.exp2(decayed)), 0.0)  # a new expert: C = 1
+        logc = np.where(self.seen[r, used], np.log2(1.0 + np.exp2(decayed)), 0.0)  # never used before: C = 1
+        self.seen[r, used] = True
         self.logc[r, used] = logc
         self.last[r, used] = t
         self.score[r, used] = logc + lam * t  # log2(C) + lam * t_last: comparable without decaying every entry
@@ -148,5 +157,5 @@ def LRUPolicy() -> EvictionPolicy:  # noqa: N802 - the policy's name, as the ban
     return make_policy("lru")
 
 
-def LRFUPolicy(lam: float = 0.05) -> EvictionPolicy:  # noqa: N802
+def LRFUPolicy(lam: float | None = None) -> EvictionPolicy:  # noqa: N802
     return make_policy("lrfu", lam=lam)

@@ -24,8 +24,11 @@ from .eviction import EvictionPolicy, make_table
 from .expert_layout import ExpertLayerSource, ExpertLayout
 from .expert_reader import ExpertReader
 from .safetensors_index import DTYPES
+from .slot_writes import host_views, in_place_backend, write_slot
 
 GIB = 1 << 30
+MAX_FENCES = 2  # outputs remembered per bank for in-place slot writes (LayerBank.add_fence)
+FENCE_MAX_BYTES = 1 << 20  # larger outputs (prompt-sized calls) are computed at once instead of being remembered
 
 
 class ExpertStoreStats(msgspec.Struct, frozen=True):
@@ -120,6 +123,8 @@ class LayerBank:
         self.version = 0  # bumped whenever the expert -> slot table changes
         self.pinned: set[int] = set()  # experts never evicted (StreamingExpertStore.pin_from_trace)
         self.glu = None  # the DiskSwitchGLU computing over this bank (holds the device copy of the table)
+        self._in_place = None  # the arrays slot_writes.in_place_arrays may write in place (cached there)
+        self.fences: list = []  # latest outputs computed over this bank, evaluated before slots change in place
 
     def device_table(self):
         """The expert -> slot table as a device array; a missing expert maps to slot 0 (see optimistic.py)."""
@@ -134,6 +139,19 @@ class LayerBank:
     @last_used.setter
     def last_used(self, value) -> None:
         self._last_used = value
+
+    def add_fence(self, y) -> None:
+        """Remembers an output computed over this bank (slot_writes.py evaluates them before writing in place);
+        the oldest beyond ``MAX_FENCES`` is evaluated (long done in any decode loop) and forgotten, and an output
+        over ``FENCE_MAX_BYTES`` is evaluated at once (remembering it would hold its memory)."""
+        import mlx.core as mx
+
+        if y.nbytes > FENCE_MAX_BYTES:
+            mx.eval(y)
+            return
+        self.fences.append(y)
+        if len(self.fences) > MAX_FENCES:
+            mx.eval(self.fences.pop(0))
 
     @property
     def resident(self) -> int:
@@ -175,6 +193,7 @@ class StreamingExpertStore:
         self.next_layer = None  # NextLayerPrefetch (next_layer_prefetch.py), when installed
         self.preloaded: dict[int, set] = {}  # bank index -> experts an optimistic retry loaded before sync mode
         self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
+        self.in_place_writes = in_place_backend()  # slot writes by numpy into host memory (slot_writes.py)
         from .optimistic import OptimisticRunner
 
         self.optimistic = OptimisticRunner(self)
@@ -324,11 +343,12 @@ class StreamingExpertStore:
             bank.slot_expert[bank.slot_expert == v] = -1
         self.evictions += len(victims)
         t0 = time.perf_counter()
+        host = host_views(self, bank)  # in place (CPU): evaluates the bank and its fence first
         try:
             for e, views, bufs in self._read_iter(bank, experts):
                 t1 = time.perf_counter()
                 self.read_seconds += t1 - t0
-                self._write_slot(bank, slot_of[e], views)  # device copy while the other reads run
+                write_slot(bank, slot_of[e], views, host=host)  # device copy while the other reads run
                 self.reader.release(bufs)
                 bank.lut[e] = slot_of[e]
                 bank.slot_expert[slot_of[e]] = e
@@ -339,23 +359,6 @@ class StreamingExpertStore:
             for e in experts:  # slots whose expert never arrived go back to the free list
                 if bank.lut[e] < 0 and slot_of[e] not in bank.free:
                     bank.free.append(slot_of[e])
-
-    def _write_slot(self, bank: LayerBank, slot: int, views: list, projs: dict | None = None) -> None:
-        """One expert's raw component bytes -> its bank slot (every target projection), on the MLX thread.
-        ``projs`` redirects the bank's projections (by id) to others of the same shapes (the prefill arena)."""
-        import mlx.core as mx
-
-        for i, (key, comp) in enumerate(bank.source.components.items()):
-            t = bank.targets[key]
-            proj = projs.get(id(t.proj), t.proj) if projs else t.proj
-            arr = getattr(proj, t.comp)
-            dt = mx.float32 if t.multiply else arr.dtype
-            value = to_mx(views[i], comp.dtype, comp.shape, dt)
-            if t.transform:
-                value = apply_transform(value[None], t.transform)[0]
-            if t.multiply:  # a scale onto the weight written just before (components are in weight-first order)
-                value = (arr[slot, t.rows].astype(mx.float32) * value).astype(arr.dtype)
-            arr[slot, t.rows] = value
 
     def fill_arena(self, bank: LayerBank, arena, where: dict) -> None:
         """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a
@@ -374,14 +377,15 @@ class StreamingExpertStore:
         if not missing:
             return
         added = []
+        host = host_views(self, bank, arena.projs)  # evaluates the copies above first
         t0 = time.perf_counter()
         try:
             for e, views, bufs in self._read_iter(bank, missing):
                 self.read_seconds += time.perf_counter() - t0
-                self._write_slot(bank, where[e], views, arena.projs)
+                write_slot(bank, where[e], views, arena.projs, host)
                 if bank.free:  # a free decode slot: keep it too (warms a cold bank, evicts nothing)
                     slot = bank.free.pop()
-                    self._write_slot(bank, slot, views)
+                    write_slot(bank, slot, views, host=host)
                     bank.lut[e], bank.slot_expert[slot] = slot, e
                     added.append(e)
                 self.reader.release(bufs)

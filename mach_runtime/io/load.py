@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..backend.cpu_blas import ensure_cpu_blas
 from ..config import DEFAULT_BANK_FRACTION, resolve_store_config
 from ..errors import ArchNotImplementedError, CheckpointError, ConfigError, UnsupportedArchError
 from .arch_registry import REGISTRY, adapter_for_config, read_config
@@ -49,6 +50,7 @@ def load(path, revision: str | None = None, **kwargs):
                               "cannot read; load it with load_moe (or Runtime, mach generate, mach-serve)")
     from mlx_lm import load as mlx_lm_load
 
+    ensure_cpu_blas()  # OpenBLAS for MLX's float32 CPU matmuls (MACH_CPU_BLAS; docs/cpu_blas.md)
     overrides = _mlx_lm_overrides(config, str(directory / "config.json"))
     if overrides:
         kwargs["model_config"] = {**overrides, **(kwargs.get("model_config") or {})}
@@ -340,6 +342,7 @@ def load_moe(
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
     if expert_slots is not None and expert_cache_gb is not None:
         raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
+    ensure_cpu_blas()  # OpenBLAS for MLX's float32 CPU matmuls (MACH_CPU_BLAS; docs/cpu_blas.md)
     directory = _local_dir(path, revision)
     source = str(directory / "config.json")
     config = read_config(directory)

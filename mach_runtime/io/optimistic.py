@@ -56,6 +56,8 @@ class ForwardRecord:
     entries: list = field(default_factory=list)
     flat: object = None  # every entry's indices, flattened and concatenated (one lazy array)
     queued: bool = False  # flat was handed to mx.async_eval
+    extra: int = 0  # values appended to flat after the routing (the step's sampled token: ForwardGuard.outputs)
+    extra_host: object = None  # those values, read back by the check
 
     def close(self):
         """Builds ``flat`` (lazy). A deferred forward's caller queues it together with the forward's own output
@@ -196,7 +198,14 @@ class OptimisticRunner:
         entries = [e for r in records for e in r.entries]
         if not entries:
             return True
-        host = np.concatenate([np.array(r.flat).reshape(-1) for r in records if r.flat is not None])  # THE sync
+        chunks = []
+        for r in records:
+            if r.flat is not None:
+                h = np.array(r.flat).reshape(-1)  # THE sync (one per record; a decode step verifies one)
+                if r.extra:
+                    r.extra_host, h = h[-r.extra :], h[: -r.extra]
+                chunks.append(h)
+        host = np.concatenate(chunks)
         self.store.count_sync()
         self.host_syncs += 1
         parts, pos = [], 0
@@ -284,21 +293,34 @@ class ForwardGuard:
         self.cache = cache
         runner.pending, runner.pending_failed, runner._deferred_next = [], False, False  # an abandoned loop's
         runner.active_guard = self
+        self._tokens: dict = {}  # forward seq -> token ids read back with its check (outputs(token))
 
     def begin(self):
         ck = (self.runner.seq,)
         self.runner._deferred_next = True
         return ck
 
-    def outputs(self) -> list:
+    def outputs(self, token=None) -> list:
         """The routing arrays of deferred forwards not yet queued: pass them to the same ``mx.async_eval`` as the
-        step's output."""
+        step's output. ``token`` (the step's sampled token ids) rides along with the latest forward's routing, so
+        the check's one readback hands it out too (``token(ck)``): one host sync per step, as stacked decoding."""
+        import mlx.core as mx
+
         out = []
-        for p in self.runner.pending:
+        pending = self.runner.pending
+        for p in pending:
             if p.flat is not None and not p.queued:
                 p.queued = True
+                if token is not None and p is pending[-1]:
+                    p.extra = token.size
+                    p.flat = mx.concatenate([p.flat, token.reshape(-1).astype(p.flat.dtype)])
                 out.append(p.flat)
         return out
+
+    def token(self, ck):
+        """The token ids that rode along with the check of the forward started at ``ck`` (host int array), when
+        that check passed; else None (read the token itself)."""
+        return self._tokens.get(ck[0])
 
     def verify(self, ck) -> bool:
         r = self.runner
@@ -308,6 +330,7 @@ class ForwardGuard:
         head = [p for p in r.pending if p.seq <= ck[0]]
         r.pending = [p for p in r.pending if p.seq > ck[0]]
         ok = r.verify(head)
+        self._tokens = {p.seq: p.extra_host for p in head if p.extra_host is not None} if ok else {}
         if not ok:
             r.pending = head + r.pending  # rollback() drops them
         return ok

@@ -76,23 +76,14 @@ def save_weights(out: Path, weights: dict, shard_bytes: int | None) -> None:
     if not shard_bytes:
         mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
         return
-    shards, cur, size = [], {}, 0
-    for k in sorted(weights):
-        if cur and size + weights[k].nbytes > shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = weights[k]
-        size += weights[k].nbytes
-    shards.append(cur)
+    from ..io.safetensors_write import INDEX, index_json, plan_shards, shard_names
+
+    shards = plan_shards(sorted(weights), lambda k: weights[k].nbytes, shard_bytes)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+    for name, shard in zip(shard_names(len(shards), single=None), shards):
+        mx.save_safetensors(str(out / name), {k: weights[k] for k in shard}, metadata={"format": "mlx"})
         weight_map.update({k: name for k in shard})
-    total = sum(v.nbytes for v in weights.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
+    (out / INDEX).write_bytes(index_json(sum(v.nbytes for v in weights.values()), weight_map))
 
 
 def make_tiny_checkpoint(
