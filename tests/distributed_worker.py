@@ -33,8 +33,29 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def forward(a, out: Path, rank_holder: list) -> None:
+def forward_logits(model, cache, ids):
+    """float32 logits of ``ids`` and of one greedy decode step on the same cache ([len(ids) + 1, vocab]): the
+    model-level comparison of a rank (``forward``) and of the single-process reference (the test)."""
     import mlx.core as mx
+    import numpy as np
+
+    logits = model(mx.array([ids]), cache=cache)[0]
+    step = model(mx.array([[int(mx.argmax(logits[-1]).item())]]), cache=cache)[0]
+    return np.array(mx.concatenate([logits, step]).astype(mx.float32))
+
+
+async def collect(rt, r: dict) -> dict:
+    """Streams request ``r`` ({"prompt", "params"}) through ``rt``: {"tokens", "logprobs" (the chosen token's)}.
+    The distributed run (``serve``) and the single-process reference (the test) read requests the same way."""
+    toks, lps = [], []
+    async for c in rt.stream(r["prompt"], **r["params"]):
+        toks.extend(c.token_ids)
+        if c.logprobs:
+            lps.extend(lp[0] for lp in c.logprobs)
+    return {"tokens": toks, "logprobs": lps}
+
+
+def forward(a, out: Path, rank_holder: list) -> None:
     import numpy as np
 
     from actors.distributed import Distributed
@@ -45,11 +66,10 @@ def forward(a, out: Path, rank_holder: list) -> None:
     rank_holder.append(d.group.rank)
     model, _tok, store, cache = load_moe(a.ckpt, expert_residency=a.residency, expert_slots=a.slots, shard=d.plan)
     d.after_load(model, store, None, None)
-    logits = model(mx.array([ids]), cache=cache)[0]
-    step = model(mx.array([[int(mx.argmax(logits[-1]).item())]]), cache=cache)[0]  # one decode step on the cache
-    mx.eval(step)  # on every rank: a graph one rank leaves unevaluated leaves its peers' all_sums unmatched
+    # evaluated on every rank: a graph one rank leaves unevaluated leaves its peers' all_sums unmatched
+    logits = forward_logits(model, cache, ids)
     if d.group.rank == 0:
-        np.save(out / "logits.npy", np.array(mx.concatenate([logits, step]).astype(mx.float32)))
+        np.save(out / "logits.npy", logits)
     d.close()
 
 
@@ -67,12 +87,7 @@ async def serve(a, out: Path, rank: int) -> None:
         results = {}
 
         async def one(r):
-            toks, lps = [], []
-            async for c in rt.stream(r["prompt"], **r["params"]):
-                toks.extend(c.token_ids)
-                if c.logprobs:
-                    lps.extend(lp[0] for lp in c.logprobs)
-            results[r["name"]] = {"tokens": toks, "logprobs": lps}
+            results[r["name"]] = await collect(rt, r)
 
         async with anyio.create_task_group() as tg:
             for r in reqs:

@@ -23,6 +23,7 @@ from mach_runtime.config import resolve_distributed_config
 from mach_runtime.distributed.group import choose_backend
 from mach_runtime.distributed.plan import ShardPlan, balanced_placement, contiguous_share, pipeline_range
 from mach_runtime.errors import ConfigError
+from tests.distributed_worker import collect, forward_logits
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -115,14 +116,10 @@ def launch(n: int, out: Path, *args, timeout: float = 600, wait: bool = True):
 
 
 def reference_logits(ckpt, residency, slots):
-    import mlx.core as mx
-
     from mach_runtime.io.load import load_moe
 
     model, _tok, _store, cache = load_moe(ckpt, expert_residency=residency, expert_slots=slots)
-    logits = model(mx.array([IDS]), cache=cache)[0]
-    step = model(mx.array([[int(mx.argmax(logits[-1]).item())]]), cache=cache)[0]
-    return np.array(mx.concatenate([logits, step]).astype(mx.float32))
+    return forward_logits(model, cache, IDS)
 
 
 def reference_runs(ckpt, residency, slots, requests, draft=None):
@@ -136,12 +133,7 @@ def reference_runs(ckpt, residency, slots, requests, draft=None):
                                 **kw) as rt:
             out = {}
             for r in requests:  # one at a time: the distributed run batches them, which must not matter
-                toks, lps = [], []
-                async for c in rt.stream(r["prompt"], **r["params"]):
-                    toks.extend(c.token_ids)
-                    if c.logprobs:
-                        lps.extend(lp[0] for lp in c.logprobs)
-                out[r["name"]] = {"tokens": toks, "logprobs": lps}
+                out[r["name"]] = await collect(rt, r)
             return out
 
     return anyio.run(go)
