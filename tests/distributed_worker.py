@@ -87,7 +87,10 @@ async def serve(a, out: Path, rank: int) -> None:
         results = {}
 
         async def one(r):
-            results[r["name"]] = await collect(rt, r)
+            try:
+                results[r["name"]] = await collect(rt, r)
+            except Exception as e:  # the fault tests: what rank 0's caller saw
+                results[r["name"]] = {"error": type(e).__name__, "message": str(e)}
 
         async with anyio.create_task_group() as tg:
             for r in reqs:
@@ -96,9 +99,10 @@ async def serve(a, out: Path, rank: int) -> None:
         for r in reqs:
             if r.get("alone"):
                 await one(r)
-        stats = await rt.stats()
-        results["_stats"] = {"spec_cycles": stats.decoder.spec_cycles, "steps": stats.decoder.steps,
-                             "batch_histogram": {str(k): v for k, v in stats.decoder.batch_histogram.items()}}
+        if not any("error" in v for v in results.values()):
+            stats = await rt.stats()
+            results["_stats"] = {"spec_cycles": stats.decoder.spec_cycles, "steps": stats.decoder.steps,
+                                 "batch_histogram": {str(k): v for k, v in stats.decoder.batch_histogram.items()}}
         (out / "result.json").write_text(json.dumps(results))
         if a.hold:
             (out / "holding").write_text("1")
@@ -114,8 +118,30 @@ async def serve(a, out: Path, rank: int) -> None:
             (out / "killed.json").write_text(json.dumps(err))
 
 
+def diverge(rank: int) -> None:
+    """Test-only fault (env ``MACH_TEST_DIVERGE_RANK``): on that rank, every request rank 0 admits asks for one
+    token fewer than on rank 0, so this rank's scheduler finishes it a step early — a real divergence of the
+    follower's state, for rank 0's digest check to catch (tests/test_distributed_faults.py)."""
+    want = os.environ.get("MACH_TEST_DIVERGE_RANK")
+    if want is None or int(want) != rank:
+        return
+    import msgspec
+
+    from actors.distributed import StepSync
+    from actors.messages import Submit
+
+    take = StepSync.take
+
+    def take_shortened(self, decoder, block):
+        return [msgspec.structs.replace(m, params=msgspec.structs.replace(m.params, max_tokens=m.params.max_tokens - 1))
+                if isinstance(m, Submit) else m for m in take(self, decoder, block)]
+
+    StepSync.take = take_shortened
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    diverge(int(os.environ.get("MLX_RANK", "0")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.hold:  # mlx.launch terminates the other ranks when one dies: rank 0 must live to report
