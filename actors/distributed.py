@@ -7,9 +7,10 @@ all_sum of a small uint8 buffer), and every rank's scheduler takes the same step
 forwards then meet in their collectives (expert parallel: one all_sum per MoE layer; pipeline parallel: send /
 recv / all_gather). Nothing else crosses: scheduling is deterministic given the same inputs and the same logits
 (every rank computes identical logits; sampling is seeded per request), so the lanes, prefill chunks,
-speculative cycles and finishes coincide. The exchange also carries each rank's digest of its scheduler state
-(live requests, step counters) back to rank 0, which fails the runtime with ``DistributedError`` the step a
-follower diverges.
+speculative cycles and finishes coincide. The exchange also carries each rank's status back to rank 0: a digest
+of its scheduler state (live requests, step counters), which fails the runtime with ``DistributedError`` the
+step a follower diverges, and a stop request (a follower signalled, or its launcher gone:
+``mach_runtime/distributed/stop.py``), on which rank 0 shuts the group down as if signalled itself.
 
 What a distributed runtime leaves out, so every rank stays in step: the prefix cache (KV that only rank 0 holds:
 Submits lose their KV handle and prefill in full; sessions still work, re-prefilling their history),

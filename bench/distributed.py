@@ -55,14 +55,16 @@ def set_baseline(model, on: bool) -> None:
 
     if _BASELINE is None:
         class AllChoices(OwnedExperts):
-            def __call__(self, x, indices):
-                rows = self.hook_rows.copy()
-                rows[~self.hook_mine] = rows[self.hook_mine][0]
-                chosen = np.array(indices)
-                self.hook_pairs += chosen.size
-                self.hook_computed += chosen.size
-                y = self.inner(x, mx.array(rows[chosen]))
-                return y * mx.array(self.hook_mine[chosen])[..., None].astype(y.dtype)
+            def __call__(self, x, indices):  # as before: device-side tables, no host readback of its own
+                if not hasattr(self, "hook_all_rows"):
+                    rows = self.hook_rows.copy()
+                    rows[~self.hook_mine] = rows[self.hook_mine][0]
+                    self.hook_all_rows = mx.array(rows)
+                    self.hook_all_mask = mx.array(self.hook_mine.astype(np.float32))
+                self.hook_pairs += indices.size
+                self.hook_computed += indices.size
+                y = self.inner(x, self.hook_all_rows[indices])
+                return y * mx.expand_dims(self.hook_all_mask[indices], -1).astype(y.dtype)
 
         _BASELINE = AllChoices
     for _, m in model.named_modules():
