@@ -133,7 +133,12 @@ class CacheActor(AsyncActor):
         if snap is None:
             return
         if snap.held:  # materialised by the Decoder: the host copy is bytes only, here, off the MLX thread
-            self.kv_table.free_later(await anyio.to_thread.run_sync(snap.copy_views))
+            try:
+                self.kv_table.free_later(await anyio.to_thread.run_sync(self._copy, snap))
+            except BaseException:  # (a crash: the snapshot is not stored; its MLX arrays are freed all the same)
+                self.kv_table.free_later(snap.held)
+                snap.held = []
+                raise
         owner = msg.session_id
         if owner is not None and owner not in self.sessions:
             self.sessions.append(owner)
@@ -143,6 +148,12 @@ class CacheActor(AsyncActor):
         _, writes = self.prefix.insert(snap, owner)
         self._queue(writes)
 
+    def _copy(self, snap) -> list:
+        """Worker thread: the host copy of a materialised snapshot (fault point "copy": tests crash actors here)."""
+        if self.fault_hook is not None:
+            self.fault_hook(self.name, "copy", {"tokens": snap.n_tokens})
+        return snap.copy_views()
+
     async def _lookup(self, msg: CacheLookup) -> CacheLookupReply:
         from mach_runtime.engine.prefix_saver import PrefixHit
 
@@ -150,7 +161,7 @@ class CacheActor(AsyncActor):
         entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)
         disk = self.prefix.disk
         if disk is not None and self.prefix.shared and (entry is None or n < len(msg.prompt_ids) - 1) \
-                and disk.changed():  # another runtime sharing the directory may have written what we need
+                and disk.changed(self.prefix.known_on_disk()):  # another runtime sharing the directory wrote
             scanned = await anyio.to_thread.run_sync(disk.scan, self.prefix.known_on_disk())
             self.prefix.apply_scan(*scanned)
             entry, n = self.prefix.lookup_request(msg.prompt_ids, msg.session_id)

@@ -5,11 +5,14 @@
   at once (no forward) and joins like a replayed request;
 * ``_prefilled`` (the scheduler's ``on_prefilled``) + ``saver.poll`` after each step: a fresh prompt's prefill is
   captured lazily and handed to the Cache actor after its first token;
-* ``_boundary`` (the batch lane's ``on_boundary``): for caches that cannot be cut (GatedDeltaNet state, sliding
-  windows, compressed KV), a fresh prompt is also captured at up to 4 block boundaries during its (chunked)
-  prefill (``PrefixSaver.boundaries``), handed over after its first token too: partial-prefix points;
+* ``_boundary`` (every lane's ``on_boundary``: batch, spec batch, solo, ``warm_prefix``): for caches that cannot be
+  cut (GatedDeltaNet state, sliding windows, compressed KV), a fresh prompt is also captured at up to 4 block
+  boundaries during its (chunked) prefill (``PrefixSaver.boundaries``), handed over after its first token too:
+  partial-prefix points;
 * ``_store_then_finish``: a finished request's KV goes to the Cache actor as a host snapshot before its Finish;
-* ``_warm``: a ``warm_prefix`` request prefills every token and stores the snapshot, generating nothing.
+* ``_warm``: a ``warm_prefix`` request prefills every token (with boundary snapshots, as a lane would) and stores
+  the snapshot, generating nothing; like every snapshot it is only materialised on the MLX thread, copied to the
+  host by the Cache actor.
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ class DecoderPrefixCache:
         self.saver.boundary(request_id, extract, tokens, self._sessions.get(request_id))
 
     def _emitted(self, request_id: str) -> bool:
-        """The request has emitted its first token, or is no longer running (still prefilling: not yet)."""
+        """The request's first token has been handed to the sink (``_flush``), or it is no longer running."""
+        if request_id in self._delivered:
+            return True
         s = self.sched
         if s.prefill is not None and request_id in s.prefill[1].request_ids:
             return False
-        for m in list(s.batch.seqs) + (list(s.spec_batch.rows) if s.spec_batch is not None else []):
-            if m.request_id == request_id:
-                return len(m.generated) > 0
-        return True
+        return not any(m.request_id == request_id for m in list(s.batch.seqs) + (
+            list(s.spec_batch.rows) if s.spec_batch is not None else []))
 
     def _emit_snapshot(self, snap, owner) -> None:
         handle = self.kv_table.put(snap)
@@ -85,11 +88,17 @@ class DecoderPrefixCache:
             draft = getattr(self.sched.spec, "draft", None) if self.sched.spec is not None else None
             kv = restore_prefix(kv, draft)
             cached = kv.n_tokens if kv is not None else 0
-            snap = warm_prefill(self.sched.model, sub.prompt_ids, kv, cached)
+            saver = self.saver
+            n = len(sub.prompt_ids)
+            points = saver.boundaries(n + 1, cached) if saver is not None else ()  # (the whole prompt is fed)
+            snap = warm_prefill(self.sched.model, sub.prompt_ids, kv, cached, boundaries=points,
+                                on_boundary=self._boundary if points else None, request_id=sub.request_id)
+            snap = saver.materialized(snap) if saver is not None else snap.materialize()
         except MachError as e:
             self._outbox.append(RequestFailed(sub.request_id, str(e)))
             return
-        n = len(sub.prompt_ids)
+        if saver is not None:  # its boundary snapshots reach the Cache actor ahead of the whole prefix's
+            saver.poll(lambda rid: rid == sub.request_id)
         self.sched.counters["prefilled"] += n - cached
         self.sched.counters["cached"] += cached
         finish = Finish(request_id=sub.request_id, reason="length", prompt_tokens=n, completion_tokens=0,

@@ -232,8 +232,7 @@ class Runtime:
             tc = adapter.text_config(config)
             layout = await mlx.call(lambda: apply_kv_layout(
                 model, adapter.kv_cache_kind, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                quantized_kv_start=quantized_kv_start, text_config=tc,
-                spec_batch=spec_batch if draft is not None or specdec is not None else 0))
+                quantized_kv_start=quantized_kv_start, text_config=tc))
             spec = batched = None
             if draft is not None or specdec is not None:
                 spec = await mlx.call(lambda: _build.spec_engine(model, tokenizer, store, draft, specdec))

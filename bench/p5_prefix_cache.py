@@ -5,7 +5,8 @@
 long shared prefix + a short suffix, time from submitting it to its first token.
 
 * cold: ``Runtime.open(prefix_cache=False)``: the whole prompt is prefilled;
-* L1: one earlier request with the same prefix and another suffix populated the cache (RAM), then a new suffix;
+* L1: one earlier request with the same prefix and another suffix populated the cache (RAM), then a new suffix
+  (6 samples, each after a "fresh" sample: the suffix alone as a new request, the floor any short request pays);
 * L2: a fresh Runtime over the same ``prefix_cache_dir`` (L1 empty), page cache dropped (``echo 3 >
   /proc/sys/vm/drop_caches`` as root, + fadvise) right before the request: the snapshot is read from disk cold.
 
@@ -27,7 +28,7 @@ round-robin across the agents (as 4 concurrent agents hit a server). Total prefi
 and the same trace with a server restart after turn 10 (RAM caches lost; L2 survives). The trace also runs
 through the real Runtime (4 concurrent agent tasks, continuous batching) with the cache off and on.
 
-    python bench/p5_prefix_cache.py [--quick] [--out bench/results/p5_prefix_cache.json]
+    python bench/p5_prefix_cache.py [--quick] [--demo-only] [--skip-trace] [--out bench/results/p5_prefix_cache.json]
 """
 
 from __future__ import annotations
@@ -91,10 +92,15 @@ async def ttft_case(ckpt, prefix, suffixes, residency, cache_gb, l2_dir):
         # cold: the first request of the prefix (a miss: the whole prompt is prefilled; its snapshot is taken after
         # its first token, so the miss path's TTFT is the cache-off TTFT); it populates L1 (and L2 via the writer)
         out["cold"] = [await _ttft(rt, prompts[0], files)]
-        out["l1"] = [await _ttft(rt, p, files) for p in prompts[1:3]]
+        # L1 hits alternate with the same suffix alone (a fresh request of SUFFIX_LEN tokens, never cached): the
+        # difference is what a hit costs beyond any short request's forward, robust to the machine's load
+        out["l1"], out["fresh"] = [], []
+        for p, s in zip(prompts[1:-2], suffixes[1:-2]):
+            out["fresh"].append(await _ttft(rt, s, files))
+            out["l1"].append(await _ttft(rt, p, files))
     l2_files = [str(p) for p in Path(l2_dir).rglob("*.safetensors")]
     out["l2"] = []
-    for p in prompts[3:5]:
+    for p in prompts[-2:]:
         async with Runtime.open(ckpt, prefix_cache_dir=l2_dir, **kw) as rt:
             out["l2"].append(await _ttft(rt, p, files + l2_files))
     return out
@@ -103,13 +109,13 @@ async def ttft_case(ckpt, prefix, suffixes, residency, cache_gb, l2_dir):
 def summarize(name, res, n_prefix):
     rows, js = [], {}
     cold = _common.median([r[0] for r in res["cold"]])
-    for case in ("cold", "l1", "l2"):
+    for case in ("cold", "l1", "l2", "fresh"):
         t = _common.median([r[0] for r in res[case]])
         cached = [r[1]["cached_tokens"] for r in res[case]]
         bytes_read = _common.median([r[2] for r in res[case]])
         js[case] = {"ttft_s": [r[0] for r in res[case]], "cached_tokens": cached,
                     "expert_bytes_read": [r[2] for r in res[case]]}
-        rows.append([name, n_prefix, case, f"{t * 1000:.1f}", f"{cold / t:.1f}x", min(cached),
+        rows.append([name, n_prefix if case != "fresh" else 0, case, f"{t * 1000:.1f}", f"{cold / t:.1f}x", min(cached),
                      f"{bytes_read / 1e6:.1f}"])
     return rows, js
 
@@ -276,6 +282,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller trace (2 agents x 6 turns, 1k prefix)")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-trace", action="store_true")
+    ap.add_argument("--demo-only", action="store_true", help="TTFT of the demo model only (no 4k-prefix cases)")
     ap.add_argument("--out", default=_common.default_out("p5_prefix_cache"))
     args = ap.parse_args()
     _common.freeze_gc()
@@ -292,13 +299,14 @@ def main():
             rows = []
             _, dtok, _, _ = load_moe(demo, expert_residency="stacked")
             cases = [("demo (stacked)", demo, dtok, 900, "stacked", None)]
-            _, ltok, _, _ = load_moe(large, expert_residency="stacked")
-            experts_gb = _common.checkpoint_bytes(large) / 1e9
-            cases += [("qwen3_moe h384 (stacked)", large, ltok, 4096, "stacked", None),
-                      ("qwen3_moe h384 (streaming 25%)", large, ltok, 4096, "streaming", experts_gb * 0.25)]
+            if not args.demo_only:
+                _, ltok, _, _ = load_moe(large, expert_residency="stacked")
+                experts_gb = _common.checkpoint_bytes(large) / 1e9
+                cases += [("qwen3_moe h384 (stacked)", large, ltok, 4096, "stacked", None),
+                          ("qwen3_moe h384 (streaming 25%)", large, ltok, 4096, "streaming", experts_gb * 0.25)]
             for name, ckpt, tok, n, residency, gb in cases:
                 prefix = _common.make_prompt(tok, n)
-                suffixes = [_common.make_prompt(tok, SUFFIX_LEN + 7 * k)[-SUFFIX_LEN:] for k in range(1, 6)]
+                suffixes = [_common.make_prompt(tok, SUFFIX_LEN + 7 * k)[-SUFFIX_LEN:] for k in range(1, 10)]
                 suffixes = [[(t + 13 * k) % 400 + 5 for t in s] for k, s in enumerate(suffixes)]
                 print(f"[p5] TTFT {name}: prefix {n} + suffix {SUFFIX_LEN}", flush=True)
                 res = anyio.run(ttft_case, ckpt, prefix, suffixes, residency, gb, work / f"l2_{len(rows)}")

@@ -156,3 +156,12 @@ def slow_steps(hook=None, delay: float = 0.01):
             hook(actor, point, info)
 
     return slow
+
+
+async def stream_tokens(rt, ids, max_tokens: int, **kw) -> tuple[list[int], dict | None]:
+    """(every token id, the usage of the last chunk) of one request streamed through ``rt`` by its prompt ids."""
+    toks, usage = [], None
+    async for c in rt._stream_ids(list(ids), max_tokens=max_tokens, **kw):
+        toks += c.token_ids
+        usage = c.usage or usage
+    return toks, usage

@@ -37,11 +37,18 @@ def _mach(argv, capsys, stdin=None, monkeypatch=None):
     return code, out.out, out.err
 
 
-def _mlx_lm(argv, capsys, monkeypatch):
-    from mlx_lm.generate import main
+def _mlx_lm(argv, capsys, monkeypatch, cpu: bool = False):
+    """mlx_lm.generate's output; ``cpu``: on the CPU stream (its ``--kv-bits`` attention needs a quantized_matmul
+    MLX 0.32.4 CUDA lacks: tests/test_backend_faults.py)."""
+    import importlib
 
-    monkeypatch.setattr(sys, "argv", ["mlx_lm.generate", *argv])
-    main()
+    g = importlib.import_module("mlx_lm.generate")  # (``mlx_lm.generate`` the attribute is a function)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "argv", ["mlx_lm.generate", *argv])
+        if cpu:
+            f = g.stream_generate
+            m.setattr(f, "__defaults__", tuple(mx.cpu if d is g.generation_stream else d for d in f.__defaults__))
+        g.main()
     return capsys.readouterr().out
 
 
@@ -66,17 +73,14 @@ def test_defaults_are_mlx_lms():
 
 @pytest.mark.parametrize("extra", [
     [], ["--ignore-chat-template"], ["--system-prompt", "You write Python."],
-    pytest.param(["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0", "--ignore-chat-template"],
-                 marks=pytest.mark.xfail(tol.CUDA, raises=RuntimeError, strict=False,
-                                         reason="mlx-lm's --kv-bits needs a quantized_matmul MLX 0.32.4 CUDA lacks "
-                                                "(tests/test_backend_faults.py)")),
+    ["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0", "--ignore-chat-template"],
     ["--max-kv-size", "12", "--ignore-chat-template"],
 ], ids=["chat-default", "raw", "system", "kv-bits", "max-kv-size"])
 def test_output_equals_mlx_lm_generate(tiny32, capsys, monkeypatch, extra):
     """fp32 checkpoint (mlx-lm's CPU gather_mm is fp32-only): mach generate prints what mlx_lm.generate prints
     (greedy; sampled output follows mach's keyed sampler, equal to ``Runtime.stream(seed=)``: tests/test_sampling.py)."""
     argv = ["--model", str(tiny32), "--prompt", "def add(a, b):\\n", "-m", "16", "--verbose", "False", *extra]
-    want = _mlx_lm(argv, capsys, monkeypatch)
+    want = _mlx_lm(argv, capsys, monkeypatch, cpu="--kv-bits" in extra and tol.CUDA)
     code, got, _ = _mach(argv, capsys)
     assert code == 0 and got == want and got.strip()
 

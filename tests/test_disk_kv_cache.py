@@ -143,6 +143,19 @@ def test_budget_evicts_lowest_value(tmp_path):
     assert pc.disk.stats().evictions >= 6
 
 
+def test_own_writes_are_not_a_directory_change_but_anothers_are(tmp_path):
+    """A lookup rescans the directory only when ``changed``: this runtime's own saves and evictions do not count
+    (its index knows them), a file another runtime wrote does, and the rescan then indexes it."""
+    a, b = cache(tmp_path), cache(tmp_path)
+    a.rescan()
+    save(a, snap(list(range(1, 20))))
+    assert not a.disk.changed(a.known_on_disk()) and a.disk.changed()  # (mtime alone: it moved)
+    other = save(b, snap(list(range(50, 70)), seed=1))
+    assert a.disk.changed(a.known_on_disk())
+    a.apply_scan(*a.disk.scan(a.known_on_disk()))
+    assert other in a.known_on_disk() and not a.disk.changed(a.known_on_disk())
+
+
 WRITER = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[3])

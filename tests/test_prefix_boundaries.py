@@ -1,11 +1,13 @@
-"""Block-boundary snapshots during a batched, chunked prefill (engine level, qwen3_5_moe: GatedDeltaNet state that
-cannot be cut): two requests of different lengths prefill together (right-padded) in chunks that end at their
-boundaries; each boundary capture restores to exactly the state after its first t tokens, so continuing greedy
-decoding from it equals greedy decoding of the whole prompt (mlx-lm's cache loop)."""
+"""Block-boundary snapshots during a chunked prefill (engine level, qwen3_5_moe: GatedDeltaNet state that cannot be
+cut), in every lane (batch, batched speculative, solo speculative) and ``warm_prefix``'s prefill: chunks end at
+the requests' boundaries; each boundary capture restores to exactly the state after its first t tokens, so
+continuing greedy decoding from it equals greedy decoding of the whole prompt (mlx-lm's cache loop)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
+import pytest
 
 from mach_runtime import load_moe
 from mach_runtime.engine.batch import Admission, BatchEngine
@@ -30,18 +32,42 @@ def test_boundaries_are_block_multiples_bounded_and_only_for_exact_only_caches()
     assert PrefixSaver(lambda *a: None, 16, exact_only=False).boundaries(4000, 0) == ()
 
 
-def test_boundary_captures_in_a_right_padded_group_restore_exact_states():
+@pytest.fixture(scope="module")
+def gdn():
     model, tok, store, _ = load_moe(FAMILIES["qwen3_5_moe"], expert_residency="stacked")
+    yield model, tok
+    store.close()
+
+
+def _lane(kind, model, tok):
+    """The engine of a scheduler lane, as the Scheduler builds it."""
+    from mach_runtime.engine.specdec import BlockSpecDecEngine, BlockSpecDecEngineConfig, BlockSpecDecEngineMode
+    from mach_runtime.engine.specdec.batched import BatchedSpecDecoder
+
+    cfg = BlockSpecDecEngineConfig(mode=BlockSpecDecEngineMode.PROMPT_LOOKUP, prefill_step=512)
+    if kind == "batch":
+        return BatchEngine(model, tok, max_batch=2, prefill_step=512)
+    if kind == "spec_batch":
+        return BatchedSpecDecoder(model, tok, config=cfg, max_batch=2)
+    return BlockSpecDecEngine(model, tok, config=cfg)
+
+
+@pytest.mark.parametrize("lane", ["batch", "spec_batch", "solo"])
+def test_boundary_captures_in_every_lane_restore_exact_states(gdn, lane):
+    """Every lane's prefill (``batch.boundary_prefill``) is split at the boundaries and captures there; in the
+    batch lanes two requests of different lengths prefill together (right-padded)."""
+    model, tok = gdn
     got = {}
-    eng = BatchEngine(model, tok, max_batch=2, prefill_step=512)
+    eng = _lane(lane, model, tok)
     eng.on_boundary = lambda rid, extract, tokens: got.setdefault((rid, len(tokens)), capture(extract(), tokens))
-    p = SamplingParams(max_tokens=4, temperature=0.0)
-    pf = eng.begin([Admission("a", tuple(A), p, boundaries=(16, 32)), Admission("b", tuple(B), p, boundaries=(16,))])
+    p = SamplingParams(max_tokens=4, temperature=0.0, specdec="prompt_lookup" if lane != "batch" else None)
+    group = [Admission("a", tuple(A), p, boundaries=(16, 32)), Admission("b", tuple(B), p, boundaries=(16,))]
+    pf = eng.begin(group if lane != "solo" else group[:1], prefill_step=512)
     chunks = []
     while not pf.done:
         chunks.append(pf.advance())
     assert chunks == [16, 16, 6]  # the 512-token chunk was split at the boundaries
-    assert sorted(got) == [("a", 16), ("a", 32), ("b", 16)]
+    assert sorted(got) == [("a", 16), ("a", 32), ("b", 16)][: 2 if lane == "solo" else 3]
     for (rid, n), snap in got.items():
         prompt = A if rid == "a" else B
         caches, m, _ = snap.to_host().restore()
@@ -51,5 +77,22 @@ def test_boundary_captures_in_a_right_padded_group_restore_exact_states():
         for _ in range(6):
             out.append(int(mx.argmax(logits[0, -1]).item()))
             logits = model(mx.array([[out[-1]]]), cache=caches)
-        assert out == greedy(model, prompt, 6), (rid, n)
-    store.close()
+        assert out == greedy(model, prompt, 6), (lane, rid, n)
+
+
+def test_warm_prefill_takes_boundary_snapshots_and_leaves_the_host_copy(gdn):
+    """``warm_prefix``'s prefill (every token fed) goes through the same split; its snapshot is handed over
+    materialised on the device (numpy views of MLX buffers), for the Cache actor to copy off the MLX thread."""
+    from mach_runtime.engine.prefix_saver import warm_prefill
+
+    model, _ = gdn
+    got = {}
+    snap = warm_prefill(model, A, None, 0, boundaries=(16, 32),
+                        on_boundary=lambda rid, extract, tokens: got.setdefault(len(tokens), capture(extract(), tokens)))
+    assert sorted(got) == [16, 32] and snap.n_tokens == len(A) and snap.logits is not None
+    snap.materialize()
+    assert snap.held and not all(a.flags.owndata for a in snap.arrays.values())  # views until ``copy_views``
+    snap.copy_views()
+    caches, _, _ = got[32].to_host().restore()
+    logits = model(mx.array([A[32:]]), cache=caches)[0, -1]
+    assert np.allclose(np.array(logits), snap.logits, rtol=0, atol=1e-5 * float(np.abs(snap.logits).max()))

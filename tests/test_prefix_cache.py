@@ -17,11 +17,12 @@ import os
 import subprocess
 import sys
 
+import anyio
 import pytest
 
 from mach_runtime import Runtime, load_moe
 from tests.family_helpers import FAMILIES
-from tests.helpers import child_env, greedy
+from tests.helpers import child_env, greedy, stream_tokens
 
 PROMPT = [5, 17, 99, 3, 250, 77, 12, 40, 41, 7, 8, 9, 10] * 3  # 39 tokens: longer than the sliding windows (4)
 OTHER = [3, 4, 5, 6, 200, 201]
@@ -61,12 +62,8 @@ def _until_eos(ids, eos):
     return ids[: stop[0] + 1] if stop else ids
 
 
-async def _gen(rt, ids, **kw):
-    toks, usage = [], None
-    async for c in rt._stream_ids(list(ids), max_tokens=N, **kw):
-        toks += c.token_ids
-        usage = c.usage or usage
-    return toks, usage
+async def _gen(rt, ids, **kw):  # (tests/helpers.py)
+    return await stream_tokens(rt, ids, N, **kw)
 
 
 CHILD = r"""
@@ -153,23 +150,26 @@ def drafts(tmp_path_factory, refs):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gpt_oss", "gemma4"])
 async def test_hits_with_speculative_decoding(family, tiny_dir, refs, drafts, tmp_path, anyio_backend):
     """A lone request decodes speculatively (solo lane); its finished KV + the draft's context is the snapshot; a
-    repeat restores it (L1), a fresh runtime from disk (L2); output equals greedy decoding."""
+    repeat restores it (L1), a fresh runtime from disk (L2); output equals greedy decoding. The solo lane's prefill
+    takes the block-boundary snapshots exact-only caches need for a partial hit, and so does ``warm_prefix``'s."""
     ref, ref_partial, _ = refs[family]
     path = _path(family, tiny_dir)
     async with Runtime.open(path, draft=drafts[family], prefix_cache_dir=tmp_path, **OPEN) as rt:
         cold, _ = await _gen(rt, PROMPT)
-        if family != "qwen3_moe":
-            await rt.warm_prefix(PROMPT[:CUT])
         again, u1 = await _gen(rt, PROMPT)
-        part, up = await _gen(rt, PROMPT[:CUT] + OTHER)
+        part, up = await _gen(rt, PROMPT[:CUT] + OTHER)  # exact-only: the boundary at 32 of the first prefill
         s = await rt.stats()
     assert s.decoder.spec_requests == 3 and s.prefix_cache.l1.hits >= 2
     assert cold == ref and again == ref and part == ref_partial
-    assert u1["cached_tokens"] > 0 and up["cached_tokens"] >= CUT
+    assert u1["cached_tokens"] > 0 and up["cached_tokens"] == CUT
+    warm = [(7 * i) % 300 + 20 for i in range(len(PROMPT))]
     async with Runtime.open(path, draft=drafts[family], prefix_cache_dir=tmp_path, **OPEN) as rt:
         fresh, uf = await _gen(rt, PROMPT)
         s = await rt.stats()
+        await rt.warm_prefix(warm)
+        _, uw = await _gen(rt, warm[:CUT] + OTHER)  # exact-only: the warm prefill's boundary at 32
     assert fresh == ref and uf["cached_tokens"] > 0 and s.prefix_cache.l2.hits == 1
+    assert uw["cached_tokens"] == CUT
 
 
 @pytest.mark.slow  # the bundled pair, two runtimes and a subprocess (23 s for both backends); per-family L2 hits stay in the default suite
@@ -250,6 +250,49 @@ async def test_decoder_crash_mid_save_loses_nothing_cached(tiny_dir, refs, tmp_p
     assert out_other == _until_eos(greedy(model, other, N), set(tok.eos_token_ids))
     child = run_child(tiny_dir, tmp_path, [PROMPT])
     assert child["out"][0][0] == ref and child["l2_hits"] == 1 and child["corrupt"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", pytest.param("trio", marks=pytest.mark.slow)])
+async def test_crash_during_the_cache_actors_copy_loses_nothing_cached(tiny_dir, refs, tmp_path, anyio_backend):
+    """The Cache actor copies a snapshot the Decoder materialised (worker thread) while (1) the Cache actor itself
+    crashes in that copy, then (2) the Decoder crashes mid-copy: each crashed actor is restarted; the snapshot in
+    the crashed copy is dropped (its MLX arrays freed), the one copied across the Decoder's crash is stored; the
+    requests finish with greedy output (the Decoder's is replayed); what was cached before still hits; no hang."""
+    import threading
+
+    ref = refs["qwen3_moe"][0]
+    mode, copying, decoder_down = [None], threading.Event(), threading.Event()
+
+    def hook(actor, point, info):
+        if actor == "cache" and point == "copy" and mode[0] == "cache":
+            mode[0] = None
+            raise RuntimeError("injected Cache actor crash during a snapshot copy")
+        if actor == "cache" and point == "copy" and mode[0] == "decoder":
+            copying.set()
+            assert decoder_down.wait(60), "the Decoder never crashed during the copy"
+        if actor == "decoder" and point == "step" and mode[0] == "decoder" and copying.is_set():
+            mode[0] = None
+            decoder_down.set()
+            raise RuntimeError("injected Decoder crash during the Cache actor's copy")
+
+    model, tok, _, _ = load_moe(tiny_dir, expert_residency="stacked")
+    eos = set(tok.eos_token_ids)
+    others = [[(3 * i + k) % 400 + 2 for i in range(40)] for k in (1, 2)]
+    async with Runtime.open(tiny_dir, prefix_cache_dir=tmp_path, fault_hook=hook, **OPEN) as rt:
+        with anyio.fail_after(120):
+            await _gen(rt, PROMPT)  # cached before any crash
+            mode[0] = "cache"
+            out1, _ = await _gen(rt, others[0])
+            s1 = await rt.stats()
+            mode[0] = "decoder"
+            out2, _ = await _gen(rt, others[1])
+            again, u = await _gen(rt, PROMPT)
+            _, u2 = await _gen(rt, others[1])
+            s = await rt.stats()
+    assert s1.cache_restarts == 1 and s.decoder_restarts == 1 and decoder_down.is_set()
+    assert out1 == _until_eos(greedy(model, others[0], N), eos) and out2 == _until_eos(greedy(model, others[1], N), eos)
+    assert again == ref and u["cached_tokens"] == len(PROMPT) - 1
+    assert u2["cached_tokens"] == len(others[1]) - 1
 
 
 async def test_prefix_cache_off_keeps_sessions_only(tiny_dir, tmp_path, anyio_backend):

@@ -152,6 +152,15 @@ def _responses(a, model, tokenizer, ids):
               kv_group_size=a.kv_group_size, quantized_kv_start=a.quantized_kv_start)
     if draft is None:
         kw["max_kv_size"] = a.max_kv_size
+        if a.kv_bits is not None and a.max_kv_size is None:
+            # mlx-lm's KV quantization (same conversion step) by mach's caches, which attend over dequantized K/V
+            # where the backend lacks the quantized kernel (MLX 0.32.4 CUDA: io/backend_faults.py)
+            from mlx_lm.models.cache import make_prompt_cache
+
+            from ..engine.quantized_kv import quantizing_cache
+
+            kw.update(kv_bits=None, prompt_cache=quantizing_cache(make_prompt_cache(model), a.kv_bits,
+                                                                  a.kv_group_size, a.quantized_kv_start))
     else:
         kw.update(draft_model=draft, num_draft_tokens=a.num_draft_tokens or 3)
     try:

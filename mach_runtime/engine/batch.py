@@ -144,6 +144,27 @@ class Prefill:
             self.advance()
 
 
+def boundary_prefill(members: list, cache, rows: list, step: int, forward, on_boundary=None, extract_row=None):
+    """The chunked prefill of every lane (batch, spec batch, solo, ``warm_prefix``) with its prefix-cache boundary
+    points. ``rows[i] = (request_id, tokens, cached, boundaries, todo)`` for row i of ``cache``: it feeds ``todo``
+    (``tokens[cached:-1]`` in the decode lanes, ``tokens[cached:]`` for a warm prefix); a chunk also ends at each
+    boundary ``t`` with ``cached < t < cached + len(todo)``, where ``on_boundary(request_id, extract, tokens[:t])``
+    is called with ``extract() ->`` row i's single-request caches (``extract_row(i)``). Returns the ``Prefill``."""
+    points: dict = {}
+    todos = []
+    for i, (request_id, tokens, cached, boundaries, todo) in enumerate(rows):
+        todos.append(todo)
+        for t in boundaries if on_boundary is not None else ():
+            if cached < t < cached + len(todo):
+                points.setdefault(t - cached, []).append((i, request_id, tuple(tokens[:t])))
+
+    def on_point(row, request_id, tokens):
+        on_boundary(request_id, lambda: extract_row(row), tokens)
+
+    chunks = prefill_chunks(cache, todos, step, forward, sorted(points))
+    return Prefill(members, cache, chunks, points, on_point)
+
+
 class BatchMembership:
     """Who is in a continuous batch: ``_members()`` lists the requests in the row order of the batch caches
     ``self.cache`` (``request_id`` each); ``_filter(keep)`` drops every other row. Shared with
@@ -151,6 +172,9 @@ class BatchMembership:
 
     max_batch: int
     cache = None
+    # on_boundary(request_id, extract, tokens): a prefilling request reached one of its ``boundaries``; ``extract()``
+    # gives its single-request caches covering ``tokens`` (the prefix cache's boundary snapshots: ``boundary_prefill``)
+    on_boundary = None
 
     def _members(self) -> list:
         raise NotImplementedError
@@ -233,9 +257,6 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
-        # on_boundary(request_id, extract, tokens): a prefilling request reached one of its ``boundaries``;
-        # ``extract()`` gives its single-request caches covering ``tokens`` (the prefix cache's boundary snapshots)
-        self.on_boundary = None
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -250,7 +271,7 @@ class BatchEngine(BatchMembership):
         Checks every request first: a bad one raises and nothing is admitted."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        todos, caches, seqs, points = [], [], [], {}
+        rows, caches, seqs = [], [], []
         for a in admissions:
             check(a.params)
             tokens = [int(t) for t in list(a.prompt_ids) + list(a.resume_ids)]
@@ -260,10 +281,7 @@ class BatchEngine(BatchMembership):
             kv, cached = fit_prefix(a.kv, min(a.cached_tokens, len(tokens) - 1)) if a.kv is not None else (None, 0)
             if kv is None:
                 kv, cached = make_prompt_cache(self.model), 0
-            todos.append(tokens[cached:-1])
-            for t in a.boundaries if self.on_boundary is not None else ():
-                if cached < t < len(tokens) - 1:
-                    points.setdefault(t - cached, []).append((len(seqs), a.request_id, tuple(tokens[:t])))
+            rows.append((a.request_id, tokens, cached, a.boundaries, tokens[cached:-1]))
             caches.append(kv)
             p = a.params.resolved()
             seq = _Seq(a.request_id, tuple(a.prompt_ids), p, StopRule(p, self.eos), [int(t) for t in a.resume_ids],
@@ -279,12 +297,8 @@ class BatchEngine(BatchMembership):
         def forward(tokens, start):
             self.model(tokens, cache=merged)  # the logits are never evaluated
 
-        def on_point(row, request_id, tokens):
-            self.on_boundary(request_id, lambda: [c.extract(row) for c in merged] if self.mergeable else list(merged),
-                             tokens)
-
-        chunks = prefill_chunks(merged, todos, prefill_step or self.prefill_step, forward, sorted(points))
-        return Prefill(seqs, merged, chunks, points, on_point)
+        return boundary_prefill(seqs, merged, rows, prefill_step or self.prefill_step, forward, self.on_boundary,
+                                lambda row: [c.extract(row) for c in merged] if self.mergeable else list(merged))
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):

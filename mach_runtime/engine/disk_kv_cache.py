@@ -171,12 +171,19 @@ class DiskKVCache:
             os.unlink(path)
 
     # -- scan ------------------------------------------------------------------------------------------------
-    def changed(self) -> bool:
-        """Whether the directory changed (a file written or removed, by anyone) since the last ``scan``."""
+    def changed(self, known=None) -> bool:
+        """Whether the directory changed since the last ``scan``: its mtime moved and (given ``known``, the keys the
+        caller knows are on disk) its snapshot files are not exactly ``known``, so this runtime's own writes and
+        evictions do not count (one ``listdir``, no lock, no header read: a lookup's hot path)."""
         try:
-            return os.stat(self.dir).st_mtime_ns != self._scanned_mtime
+            if os.stat(self.dir).st_mtime_ns == self._scanned_mtime:
+                return False
+            if known is None:
+                return True
+            names = os.listdir(self.dir)
         except FileNotFoundError:
             return True
+        return {n[: -len(SUFFIX)] for n in names if n.endswith(SUFFIX) and not n.startswith(TMP_PREFIX)} != set(known)
 
     def scan(self, known=frozenset()) -> tuple[list[SnapshotHeader], set[str]]:
         """(headers of the valid files not in ``known``, every key present). Reads headers only; bad files are

@@ -61,17 +61,12 @@ def check_kv_bits(kv_cache_kind: str, kv_bits, kv_group_size, quantized_kv_start
 
 def apply_kv_layout(model, kv_cache_kind: str, *, max_kv_size=None, kv_bits=None,
                     kv_group_size=DEFAULT_KV_GROUP_SIZE, quantized_kv_start=DEFAULT_QUANTIZED_KV_START,
-                    head_dim=None, text_config=None, spec_batch: int = 0) -> dict:
+                    head_dim=None, text_config=None) -> dict:
     """Installs the cache layout on ``model`` (MLX thread); returns its description for the prefix salt.
-    ``text_config``: the family's text config (the attention head dimension when ``head_dim`` is not given);
-    ``spec_batch``: the batched speculative lane's size (refused with ``kv_bits`` from 2 on)."""
+    ``text_config``: the family's text config (the attention head dimension when ``head_dim`` is not given)."""
     if head_dim is None and text_config:
         tc = text_config
         head_dim = tc.get("head_dim") or (tc.get("hidden_size", 0) // max(1, tc.get("num_attention_heads") or 1))
-    if kv_bits is not None and spec_batch >= 2:
-        raise ConfigError(f"kv_bits cannot be combined with spec_batch={spec_batch}: batched speculative rollback "
-                          "trims plain KV rows only; leave spec_batch at 0 (a lone request still decodes "
-                          "speculatively over the quantized cache) or kv_bits unset")
     quant = check_kv_bits(kv_cache_kind, kv_bits, kv_group_size, quantized_kv_start, max_kv_size, head_dim or None)
     if max_kv_size is None and not quant:
         return {}

@@ -205,8 +205,8 @@ def _capture_layer(c, p: str, arrays: dict) -> LayerRecord:
         for side, parts in (("k", c.keys), ("v", c.values)):
             for j, a in enumerate(parts or ()):
                 names.append(_put(arrays, p, f"{side}{j}", a[..., :n, :]))
-        return LayerRecord("QuantizedKVCache", {"offset": n, "group_size": c.group_size, "bits": c.bits, **knobs},
-                           names)
+        bits, group = (c.kv_bits, c.kv_group_size) if knobs else (c.bits, c.group_size)
+        return LayerRecord("QuantizedKVCache", {"offset": n, "group_size": group, "bits": bits, **knobs}, names)
     if isinstance(c, RotatingKVCache):
         k, v, idx = c.keys, c.values, c._idx
         if k is not None and c.offset < c.max_size:  # not wrapped: rows [0, offset) in order

@@ -15,7 +15,8 @@ The integration surface a decode loop (today's Decoder actor, the scheduler tomo
   context from a speculative run) as a host snapshot for the next turn ("continued generation").
 
 ``warm_prefill`` runs a ``warm_prefix`` request: the whole prefix is fed (no token is left for a step), so its
-snapshot covers every token and carries the last logits.
+snapshot covers every token and carries the last logits; it prefills through ``batch.boundary_prefill`` like every
+lane, so exact-only caches get their block-boundary snapshots from it too.
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ class PrefixSaver:
         except _CANNOT:
             self.skipped += 1
             return None
-        return self._host(snap)
+        return self.materialized(snap)
 
-    def _host(self, snap: Snapshot) -> Snapshot:
+    def materialized(self, snap: Snapshot) -> Snapshot:
         """Materialised on the device (MLX thread); the Cache actor copies it to host memory in a worker thread
         (``Snapshot.copy_views``) before storing it."""
         if self.fault is not None:
@@ -169,21 +170,29 @@ class PrefixSaver:
         return snap.materialize()
 
     def _emit(self, snap: Snapshot, owner) -> None:
-        self.emit(self._host(snap), owner)
+        self.emit(self.materialized(snap), owner)
 
 
-def warm_prefill(model, tokens, kv, cached: int, step: int = 512, make_cache=None):
-    """Feeds ``tokens[cached:]`` into ``kv`` (a fresh cache when None) in chunks; returns a host snapshot covering
-    every token, with the last token's logits."""
-    import mlx.core as mx
+def warm_prefill(model, tokens, kv, cached: int, step: int = 512, make_cache=None, boundaries=(),
+                 on_boundary=None, request_id: str = "warm") -> Snapshot:
+    """Feeds ``tokens[cached:]`` into ``kv`` (a fresh cache when None) in chunks, through the prefill every lane runs
+    (``batch.boundary_prefill``: ``on_boundary`` at each of ``boundaries``, as ``PrefixSaver.boundary`` takes it);
+    returns the (lazy) capture covering every token, with the last token's logits: ``PrefixSaver.materialized``
+    evaluates it and the Cache actor copies it to the host off the MLX thread."""
     from mlx_lm.models.cache import make_prompt_cache
+
+    from .batch import boundary_prefill
 
     if kv is None:
         kv, cached = (make_cache() if make_cache is not None else make_prompt_cache(model)), 0
     kv = list(kv)
-    rest = list(tokens[cached:])
-    logits = None
-    for start in range(0, len(rest), step):
-        logits = model(mx.array([rest[start : start + step]]), cache=kv)[0, -1]
-        mx.eval([c.state for c in kv] + [logits])
-    return capture(kv, tokens, logits=logits).to_host()
+    tokens = [int(t) for t in tokens]
+    last = {}
+
+    def forward(rows, start):
+        last["logits"] = model(rows, cache=kv)[0, -1]
+        return last["logits"]
+
+    boundary_prefill([], kv, [(request_id, tokens, cached, boundaries, tokens[cached:])], step, forward,
+                     on_boundary, lambda row: kv).finish()
+    return capture(kv, tokens, logits=last["logits"])

@@ -15,6 +15,12 @@ server does not batch requests with ``--kv-bits``); these classes give one:
   and after quantization: ``merge`` / ``extract`` / ``filter`` / ``extend`` / ``prepare`` / ``finalize`` /
   ``trim``, the quantized one holding ``(packed, scales, biases)`` triples as ``QuantizedKVCache`` does.
 
+Attention: mlx-lm's ``scaled_dot_product_attention`` takes its quantized path (``mx.quantized_matmul``) for a cache
+with a ``bits`` attribute. Where the backend lacks those kernels (MLX 0.32.4 CUDA: ``io.backend_faults.
+quantized_kv_attention_missing``, probed once) the quantized classes hide ``bits`` and hand attention their K/V
+dequantized, for the ordinary fused attention: storage, snapshots and batch moves stay quantized; on the CPU (and
+Metal) nothing changes.
+
 Quantization is per token (groups along the head dimension), so a token's quantized K/V do not depend on when its
 cache was converted: merging, extracting, snapshotting and restoring never change values. What the conversion time
 changes is which forwards attend over quantized K/V. A batch holds one array per layer, so it converts as a whole
@@ -28,6 +34,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache, dynamic_roll
+
+from ..io.backend_faults import quantized_kv_attention_missing
 
 KV_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's affine bit widths (mlx-lm's --kv-bits)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -60,6 +68,57 @@ class _Knobs:
         return merge_quant(caches)
 
 
+class _Quantized(_Knobs):
+    """What attention reads of a quantized cache: ``bits`` / ``group_size`` (mlx-lm's SDPA takes its quantized path
+    when ``bits`` exists) and the fetched K/V, dequantized where the backend lacks the quantized kernels."""
+
+    @property
+    def bits(self) -> int:
+        if self.dequantized():
+            raise AttributeError("bits (hidden: this backend attends over dequantized K/V)")
+        return self.kv_bits
+
+    @bits.setter
+    def bits(self, v) -> None:
+        self.kv_bits = int(v)
+
+    @property
+    def group_size(self) -> int:
+        return self.kv_group_size
+
+    @group_size.setter
+    def group_size(self, v) -> None:
+        self.kv_group_size = int(v)
+
+    def dequantized(self) -> bool:
+        return quantized_kv_attention_missing(self.kv_bits, self.kv_group_size)
+
+    def _fetched(self, keys: tuple, values: tuple):
+        if not self.dequantized():
+            return keys, values
+        return tuple(mx.dequantize(*parts, group_size=self.kv_group_size, bits=self.kv_bits)
+                     for parts in (keys, values))
+
+
+def _write(cache, prev: int, keys, values) -> None:
+    """Grows ``cache.keys`` / ``values`` (packed, scales, biases) to hold ``prev + n`` rows in whole steps and writes
+    the quantized ``keys`` / ``values`` at rows ``[prev, prev + n)``."""
+    B, H, n, dk = keys.shape
+    g, b = cache.kv_group_size, cache.kv_bits
+    if cache.keys is None or prev + n > cache.keys[0].shape[2]:
+        grow = (cache.step + n - 1) // cache.step * cache.step
+        new_k = _zeros(B, H, grow, dk, keys.dtype, g, b)
+        new_v = _zeros(B, H, grow, values.shape[3], values.dtype, g, b)
+        if cache.keys is None:
+            cache.keys, cache.values = new_k, new_v
+        else:
+            cat = lambda old, new: tuple(mx.concatenate([o[..., :prev, :], z], axis=2)  # noqa: E731
+                                         for o, z in zip(old, new))
+            cache.keys, cache.values = cat(cache.keys, new_k), cat(cache.values, new_v)
+    for dst, src in zip(cache.keys + cache.values, _quantize(keys, g, b) + _quantize(values, g, b)):
+        dst[..., prev : prev + n, :] = src
+
+
 # -- one request -----------------------------------------------------------------------------------------------
 class PendingQuantKV(_Knobs, KVCache):
     """A request's attention KV before quantization (see the module doc)."""
@@ -77,7 +136,6 @@ class PendingQuantKV(_Knobs, KVCache):
         keys, values = self.keys[..., :n, :], self.values[..., :n, :]
         self.keys = _quantize(keys, self.kv_group_size, self.kv_bits)
         self.values = _quantize(values, self.kv_group_size, self.kv_bits)
-        self.group_size, self.bits = self.kv_group_size, self.kv_bits
         self.__class__ = QuantKV
         return self
 
@@ -87,12 +145,25 @@ class PendingQuantKV(_Knobs, KVCache):
         return KVCache.update_and_fetch(self, keys, values)
 
 
-class QuantKV(_Knobs, QuantizedKVCache):
-    """mlx-lm's ``QuantizedKVCache`` that merges into a ``BatchQuantKV``."""
+class QuantKV(_Quantized, QuantizedKVCache):
+    """mlx-lm's ``QuantizedKVCache`` (same layout: 256-row steps, ``offset``) that merges into a ``BatchQuantKV``."""
 
     def __init__(self, bits: int, group_size: int, start: int):
         QuantizedKVCache.__init__(self, group_size=group_size, bits=bits)
         self._set_knobs(bits, group_size, start)
+
+    def update_and_fetch(self, keys, values):
+        _write(self, self.offset, keys, values)
+        self.offset += keys.shape[2]
+        return self._fetched(*self.keys_and_values())
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset, self.kv_group_size, self.kv_bits
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.kv_group_size, self.kv_bits = v
 
     def size(self) -> int:
         return self.offset
@@ -139,7 +210,6 @@ class PendingBatchQuantKV(_Knobs, BatchKVCache):
             n = self._idx
             self.keys = _quantize(self.keys[..., :n, :], self.kv_group_size, self.kv_bits)
             self.values = _quantize(self.values[..., :n, :], self.kv_group_size, self.kv_bits)
-        self.group_size, self.bits = self.kv_group_size, self.kv_bits
         self.__class__ = BatchQuantKV
         return self
 
@@ -159,7 +229,7 @@ class PendingBatchQuantKV(_Knobs, BatchKVCache):
         return c._set_knobs(*self.knobs())
 
 
-class BatchQuantKV(_Knobs, _BaseCache):
+class BatchQuantKV(_Quantized, _BaseCache):
     """mlx-lm's ``BatchKVCache`` (left-padded rows, write index ``_idx``, per-row ``offset``) over quantized K/V:
     ``keys`` / ``values`` are ``(packed, scales, biases)`` as in ``QuantizedKVCache``."""
 
@@ -171,29 +241,14 @@ class BatchQuantKV(_Knobs, _BaseCache):
         self.offset = mx.array([-p for p in left_padding])
         self._idx = 0
         self._right_padding = None
-        self.group_size, self.bits = group_size, bits
         self._set_knobs(bits, group_size, start)
 
     def update_and_fetch(self, keys, values):
-        B, H, n, dk = keys.shape
-        prev = self._idx
-        if self.keys is None or prev + n > self.keys[0].shape[2]:
-            grow = (self.step + n - 1) // self.step * self.step
-            new_k = _zeros(B, H, grow, dk, keys.dtype, self.group_size, self.bits)
-            new_v = _zeros(B, H, grow, values.shape[3], values.dtype, self.group_size, self.bits)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                cat = lambda old, new: tuple(mx.concatenate([o[..., :prev, :], z], axis=2)  # noqa: E731
-                                             for o, z in zip(old, new))
-                self.keys, self.values = cat(self.keys, new_k), cat(self.values, new_v)
-        qk = _quantize(keys, self.group_size, self.bits)
-        qv = _quantize(values, self.group_size, self.bits)
+        n = keys.shape[2]
+        _write(self, self._idx, keys, values)
         self._idx += n
         self.offset = self.offset + n
-        for dst, src in zip(self.keys + self.values, qk + qv):
-            dst[..., prev : self._idx, :] = src
-        return self.keys_and_values()
+        return self._fetched(*self.keys_and_values())
 
     def keys_and_values(self):
         cut = lambda parts: tuple(p[..., : self._idx, :] for p in parts)  # noqa: E731
@@ -286,7 +341,7 @@ class BatchQuantKV(_Knobs, _BaseCache):
     def extract(self, idx):
         mx.eval(self.left_padding)
         pad = self.left_padding.tolist()[idx]
-        c = QuantKV(self.bits, self.group_size, self.quantized_kv_start)
+        c = QuantKV(*self.knobs())
         take = lambda parts: tuple(mx.contiguous(p[idx : idx + 1, :, pad : self._idx]) for p in parts)  # noqa: E731
         c.keys, c.values = take(self.keys), take(self.values)
         c.offset = self._idx - pad

@@ -99,7 +99,9 @@ class Scheduler:
         # on_prefilled(request_id, extract, tokens, cached) when a fresh prompt's prefill is done: ``extract()`` gives
         # its single-request caches covering ``tokens`` (the prefix cache snapshots them after the first token)
         self.on_prefilled = on_prefilled
-        self.batch.on_boundary = on_boundary  # (batch lane) a Request's ``boundaries`` reached mid-prefill
+        for lane in (self.batch, self.spec, self.spec_batch):  # a Request's ``boundaries`` reached mid-prefill
+            if lane is not None:
+                lane.on_boundary = on_boundary
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.pending: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # admitted (prefilling or running) requests

@@ -44,3 +44,48 @@ def dequantize_one_group_rows(model) -> list[str]:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return [p for p, _ in swaps]
+
+
+# -- quantized KV attention (``kv_bits``) ------------------------------------------------------------------------
+# MLX 0.32.4 CUDA has no ``quantized_matmul`` for the shapes mlx-lm's quantized SDPA multiplies a query block by a
+# quantized KV cache with ("[quantized_matmul] No implementation for problem shape: 1x39x64x2, transpose: true,
+# activation: float32, bits: 8, group size: 64": the cache hands attention a slice of its 256-row buffer). Where
+# the backend lacks it, ``engine.quantized_kv``'s caches keep K/V quantized (same bytes, same snapshots) and hand
+# attention the dequantized K/V instead, which the ordinary ``mx.fast.scaled_dot_product_attention`` takes: the
+# same function (the dequantized values are what the quantized matmul multiplies by), float math in another order.
+_KV_PROBES: dict = {}
+
+
+def _cuda() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+def quantized_kv_attention_missing(bits: int, group_size: int) -> bool:
+    """Whether the default device lacks the ``quantized_matmul`` kernels quantized KV attention needs at
+    ``bits`` / ``group_size``: probed once per setting (MLX thread) on a GPU with the shapes mlx-lm's quantized SDPA
+    uses (decode and prefill query blocks, against a slice of a larger quantized buffer, both products, float32 /
+    bfloat16 / float16 activations); False on the CPU without probing (the quantized kernel stays the path)."""
+    key = (int(bits), int(group_size))
+    if key not in _KV_PROBES:
+        _KV_PROBES[key] = _cuda() and not _kv_kernels_run(*key)
+    return _KV_PROBES[key]
+
+
+def _kv_kernels_run(bits: int, group_size: int) -> bool:
+    import mlx.core as mx
+
+    dim = max(64, group_size)
+    try:
+        for dtype in (mx.float32, mx.bfloat16, mx.float16):
+            buf = mx.quantize(mx.ones((1, 2, 256, dim), dtype), group_size=group_size, bits=bits)
+            kv = [a[..., :39, :] for a in buf]  # what a 256-row cache hands attention after 39 tokens
+            for rows in (1, 16):
+                scores = mx.quantized_matmul(mx.ones((1, 2, rows, dim), dtype), *kv, transpose=True,
+                                             group_size=group_size, bits=bits)
+                out = mx.quantized_matmul(scores, *kv, transpose=False, group_size=group_size, bits=bits)
+                mx.eval(out)
+    except (RuntimeError, ValueError):  # "[quantized_matmul] No implementation for problem shape ..."
+        return False
+    return True

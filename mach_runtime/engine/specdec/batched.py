@@ -55,8 +55,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ...errors import ConfigError, RequestError
-from ..batch import Admission, BatchMembership, Prefill, merge_caches, prefill_chunks
+from ..batch import Admission, BatchMembership, Prefill, boundary_prefill, merge_caches
 from ..kv_prefix import fit_prefix
+from ..quantized_kv import PendingQuantKV
 from ..emit import StopRule
 from ..hooks import HookPlan, install_spec_hooks
 from ..sampling import SamplingParams, accept, check, sample
@@ -162,7 +163,7 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                               "caches per row (capabilities: spec_batch=False; only full-attention KVCache and "
                               "GatedDeltaNet ArraysCache layers); use target-only batching (BatchEngine) or "
                               "BlockSpecDecEngine for one request")
-        attn = [i for i, c in enumerate(caches) if type(c) is KVCache]
+        attn = [i for i, c in enumerate(caches) if type(c) in (KVCache, PendingQuantKV)]  # (kv_bits: quantized KV)
         recurrent = [i for i, c in enumerate(caches) if type(c) is ArraysCache]
         return attn, recurrent
 
@@ -223,7 +224,9 @@ class BatchedSpecDecoder(RowRollback, BatchMembership):
                     r.drafter.observe(h[i, :valid])
             return h
 
-        return Prefill(rows, merged, prefill_chunks(merged, todos, prefill_step or self.config.prefill_step, forward))
+        points = [(a.request_id, t, r.cached_tokens, a.boundaries, todo) for (a, t, _), r, todo in zip(plans, rows, todos)]
+        return boundary_prefill(rows, merged, points, prefill_step or self.config.prefill_step, forward,
+                                self.on_boundary, lambda row: [c.extract(row) for c in merged])
 
     def _drafter(self, p, custom):
         mode = _mode(p, custom)

@@ -42,7 +42,7 @@ from .draft import DFlashDrafter, Drafter, PromptLookupDrafter, check_draft, loa
 from .output import Committer, SpecDecChunk
 from .policies import PolicyMemory, make_policy
 from .stats import SpecDecStats, engine_stats
-from ..batch import Prefill
+from ..batch import Prefill, boundary_prefill
 from ..hooks import HookPlan, install_spec_hooks
 from ..kv_prefix import fit_prefix
 from .compiled_draft import CompiledDraft
@@ -62,6 +62,7 @@ class BlockSpecDecEngine:
         self.tokenizer = tokenizer
         self.store = store
         self.target = TargetOps(model)
+        self.on_boundary = None  # on_boundary(request_id, extract, tokens): a prefix-cache point mid-prefill (batch.py)
         if self.config.compile_verify:
             self.target.compiled = CompiledVerify(self.target)  # qwen3_moe only; see compiled_verify.py
         self.draft = draft
@@ -194,7 +195,7 @@ class BlockSpecDecEngine:
         run = SpecDecRun(self, a.request_id)
         prefix = None if a.kv is None else (a.kv, a.cached_tokens, getattr(a.kv, "draft_state", None))
         pf = self._start(run, list(a.prompt_ids), a.params.resolved(), [int(t) for t in a.resume_ids], False,
-                         prefix, prefill_step or self.config.prefill_step)
+                         prefix, prefill_step or self.config.prefill_step, a.boundaries)
         run._gen = self._decode(run)
         return pf
 
@@ -205,9 +206,10 @@ class BlockSpecDecEngine:
         return prefill.members
 
     def _start(self, run: "SpecDecRun", prompt, params: SamplingParams, resume: list[int], text: bool, prefix,
-               step: int) -> Prefill:
+               step: int, boundaries=()) -> Prefill:
         """Checks the request, sets up its run and returns the chunked prefill of all but the prompt's last token
-        (``_decode`` feeds that one and samples the first token)."""
+        (``_decode`` feeds that one and samples the first token), split at its prefix-cache ``boundaries``
+        (``on_boundary``, as in every lane: ``batch.boundary_prefill``)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids += resume
         if not ids:
@@ -237,8 +239,9 @@ class BlockSpecDecEngine:
                 drafter.resume(draft_state, cached)
         run._begin(ids, cache, emitter, drafter, cached)
         run._plan = (params, len(resume), max_tokens, pol, capture)
-        run._prefill = Prefill([run], cache, self.target.prefill_chunks(
-            ids[cached:-1], cache, step, capture, drafter.observe if capture else None))
+        forward = self.target.chunk_forward(cache, capture, drafter.observe if capture else None)
+        run._prefill = boundary_prefill([run], cache, [(run.request_id, ids, cached, boundaries, ids[cached:-1])],
+                                        step, forward, self.on_boundary, lambda row: list(cache))
         return run._prefill
 
     def _decode(self, run: "SpecDecRun") -> Iterator[SpecDecChunk]:

@@ -173,13 +173,17 @@ class TargetOps:
         """Feeds ``tokens`` into ``cache``, one forward of ``step`` tokens per ``next`` (``batch.prefill_chunks``:
         the chunked prefill every lane uses). ``on_hidden(h [T, n*H])`` receives each chunk's captured hidden
         states (when ``capture``)."""
+        return prefill_chunks(cache, [[int(t) for t in tokens]], step, self.chunk_forward(cache, capture, on_hidden))
+
+    def chunk_forward(self, cache, capture=(), on_hidden=None):
+        """The ``forward(rows [1, T], start)`` of ``batch.prefill_chunks`` over one request's ``cache``."""
         def forward(rows, start):
             _, h = self.forward(rows[0], cache, capture, logits="none")
             if h is not None and on_hidden is not None:
                 on_hidden(h)
             return h
 
-        return prefill_chunks(cache, [[int(t) for t in tokens]], step, forward)
+        return forward
 
     def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
         """All prompt tokens through the target (all but the last in ``prefill_chunks``); returns the logits [V]

@@ -286,10 +286,13 @@ def plain_caches(cache) -> list:
 
 
 def drop_front(c, n: int) -> None:
-    """Removes the first ``n`` columns of a batch KV cache (``BatchKVCache`` or bucketed), which every row holds
+    """Removes the first ``n`` columns of a batch KV cache (``BatchKVCache``, bucketed or quantized), which every row holds
     as left padding (``filter`` does this for the rows it keeps); a bucketed buffer keeps its capacity."""
-    cap = c.keys.shape[2]
-    c.keys, c.values = c.keys[..., n:, :], c.values[..., n:, :]
+    if isinstance(c.keys, tuple):  # kv_bits: ``quantized_kv.BatchQuantKV``'s (packed, scales, biases)
+        c.keys, c.values = (tuple(p[..., n:, :] for p in parts) for parts in (c.keys, c.values))
+    else:
+        cap = c.keys.shape[2]
+        c.keys, c.values = c.keys[..., n:, :], c.values[..., n:, :]
     c._idx -= n
     c.left_padding = c.left_padding - n
     if _BUCKETED_BATCH is not None and type(c) is _BUCKETED_BATCH:
