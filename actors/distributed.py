@@ -7,9 +7,10 @@ all_sum of a small uint8 buffer), and every rank's scheduler takes the same step
 forwards then meet in their collectives (expert parallel: one all_sum per MoE layer; pipeline parallel: send /
 recv / all_gather). Nothing else crosses: scheduling is deterministic given the same inputs and the same logits
 (every rank computes identical logits; sampling is seeded per request), so the lanes, prefill chunks,
-speculative cycles and finishes coincide. The exchange also carries each rank's digest of its scheduler state
-(live requests, step counters) back to rank 0, which fails the runtime with ``DistributedError`` the step a
-follower diverges.
+speculative cycles and finishes coincide. The exchange also carries each rank's status back to rank 0: a digest
+of its scheduler state (live requests, step counters), which fails the runtime with ``DistributedError`` the
+step a follower diverges, and a stop request (a follower signalled, or its launcher gone:
+``mach_runtime/distributed/stop.py``), on which rank 0 shuts the group down as if signalled itself.
 
 What a distributed runtime leaves out, so every rank stays in step: the prefix cache (KV that only rank 0 holds:
 Submits lose their KV handle and prefill in full; sessions still work, re-prefilling their history),
@@ -32,6 +33,7 @@ from contextlib import nullcontext
 
 import msgspec
 
+from mach_runtime.distributed import stop
 from mach_runtime.errors import DistributedError
 
 from .messages import Abort, RequestFailed, Shutdown, StepOps, Submit
@@ -39,16 +41,19 @@ from .messages import Abort, RequestFailed, Shutdown, StepOps, Submit
 DETERMINISTIC_POLICIES = ("fixed", "opencode-sampled-v1")
 
 
+DIGEST = 16  # status bytes 0..15: the state digest; byte 16: this rank asks the group to stop (distributed/stop.py)
+
+
 def state_digest(sched) -> bytes:
     """16 bytes that differ when two ranks' schedulers hold different requests or have taken different steps."""
     if sched is None:
-        return b""
+        return bytes(DIGEST)
     ids = sorted(sched.live) + [r.request_id for r in sched.pending]
     if sched.solo is not None:
         ids.append("solo:" + sched.solo.req.request_id)
     c = sched.counters
     text = "|".join(ids) + f"#{c['steps']},{c['spec_cycles']},{c['spec_batch_cycles']},{c['generated']},{c['completed']}"
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return hashlib.blake2b(text.encode(), digest_size=DIGEST).digest()
 
 
 class StepSync:
@@ -61,6 +66,8 @@ class StepSync:
         self.config = config
         self.seq = 0
         self.on_lost = None  # rank 0: callable(DistributedError) failing the requests in flight (the Supervisor)
+        self.on_peer_stop = stop.stop_leader  # rank 0: callable(why), a follower asked the group to stop
+        self._peer_stop_seen = False
         self.lost: DistributedError | None = None
         self.watchdog = Watchdog(config.timeout, self._timed_out)
         self._encoder = msgspec.msgpack.Encoder()
@@ -89,16 +96,21 @@ class StepSync:
         mine = state_digest(decoder.sched)
         try:
             with self.guard("step exchange", limit):
-                data, statuses = self._exchange(payload, mine)
+                data, statuses = self._exchange(payload, mine + bytes([stop.requested()]))
         except DistributedError:
             raise
         except Exception as e:
             raise self._lose("the step exchange failed", f"{type(e).__name__}: {e}") from None
         if self.leader:
             for r, st in enumerate(statuses[1:], start=1):
-                if st[:len(mine)] != mine:
+                if st[:DIGEST] != mine:
                     raise self._lose(f"rank {r} diverged from rank 0 before step {self.seq}",
-                                     "its scheduler holds other requests or took other steps")
+                                     "its scheduler holds other requests or took other steps",
+                                     "Every rank must run the same mach_runtime, MLX and checkpoint files; restart "
+                                     "every rank (mlx.launch)")
+                if st[DIGEST] and not self._peer_stop_seen:  # a follower was signalled / lost its launcher
+                    self._peer_stop_seen = True
+                    self.on_peer_stop(f"rank {r} asked the group to stop (a signal, or its launcher is gone)")
         ops = self._decoder.decode(data)
         if ops.seq != self.seq:
             raise self._lose("out of step", f"rank 0 sent step {ops.seq}, this rank expected {self.seq}")
@@ -154,10 +166,10 @@ class StepSync:
         return None
 
     # -- losing the group --------------------------------------------------------------------------------
-    def _lose(self, what: str, cause) -> DistributedError:
+    def _lose(self, what: str, cause, fix: str | None = None) -> DistributedError:
         from mach_runtime.distributed.group import lost_error
 
-        err = lost_error(self.group, what, cause)
+        err = lost_error(self.group, what, cause, *([fix] if fix else []))
         if self.lost is None:
             self.lost = err
             if self.on_lost is not None:
@@ -168,7 +180,7 @@ class StepSync:
         err = self._lose(f"{what} has not finished after {seconds:.1f}s (timeout {self.config.timeout:g}s)",
                          "no answer from a peer")
         if not self.leader:  # the MLX thread is stuck in a collective: nothing left to serve
-            print(f"[mach] distributed rank {self.group.rank}: {err}", file=sys.stderr, flush=True)
+            stop.say(f"[mach] distributed rank {self.group.rank}: {err}")
             import os
 
             os._exit(3)
@@ -184,6 +196,18 @@ class StepSync:
         return None
 
 
+def unlink_next_layer_prefetch(model, store) -> None:
+    """Expert parallel, streaming: next-layer prefetch off (``MACH_PREFETCH_MB``). Its predictions come from the
+    replicated next router, so they name other ranks' experts too, which this rank must never read."""
+    from mach_runtime.io.disk_switch_glu import DiskSwitchGLU
+
+    for _, m in model.named_modules():
+        if isinstance(m, DiskSwitchGLU):
+            object.__setattr__(m, "next_layer", None)
+    store.next_layer = None
+    stop.say("[mach] distributed: next-layer prefetch is off in expert parallel (it would read other ranks' experts)")
+
+
 def run_follower(model, tokenizer, *, caps, max_batch: int, spec, spec_batch, prefill_chunk, sync: StepSync) -> None:
     """A rank > 0: a Decoder fed by rank 0's steps, outputs dropped, until rank 0 shuts down (MLX thread)."""
     from .cache import KVTable
@@ -195,6 +219,7 @@ def run_follower(model, tokenizer, *, caps, max_batch: int, spec, spec_batch, pr
         d.run()
     finally:
         d.release()
+    stop.say(f"[mach] distributed rank {sync.group.rank}: rank 0 shut the group down; this rank ends")
 
 
 __all__ = ["StepSync", "run_follower", "state_digest", "Abort", "Shutdown"]
@@ -238,6 +263,12 @@ class Distributed:
                                     [src.layer for src in layout.layers], layout.num_experts, self.config.placement)
         self.sync = StepSync(self.group, self.config)
         print(f"[mach] distributed ({self.group.backend}): {self.plan.describe()}", file=sys.stderr, flush=True)
+        # the launcher gone: rank 0 shuts the group down, a follower asks it to (distributed/stop.py)
+        stop.watch_launcher(stop.stop_leader if self.leader else stop.request)
+
+    def follow_signals(self) -> bool:
+        """A follower's SIGTERM / SIGINT ask rank 0 to shut the group down (call on the main thread)."""
+        return not self.leader and stop.follow_signals(self.group.rank)
 
     @property
     def leader(self) -> bool:
@@ -251,6 +282,8 @@ class Distributed:
 
             install_expert_parallel(model, self.adapter, self.plan, self.group.mx_group,
                                     streaming=hasattr(store, "optimistic"))
+            if getattr(store, "next_layer", None) is not None:  # it would read the next layer's foreign experts
+                unlink_next_layer_prefetch(model, store)
         if hasattr(store, "optimistic") and self.group.size > 1:
             store.optimistic.enabled = False  # a rank that missed would redo a forward alone
         return self.specdec(specdec, draft)

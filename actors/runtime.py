@@ -211,10 +211,11 @@ class Runtime:
         store = sup = rt = dist = None
         froze = False
         try:
-            if distributed:
+            if distributed is not False and distributed is not None:  # {}: distributed, every setting default
                 from .distributed import Distributed
 
                 dist = await mlx.call(lambda: Distributed(distributed, checkpoint))
+                dist.follow_signals()  # a follower's SIGTERM / SIGINT: rank 0 drains and ends the group
                 load_kwargs["shard"], pconf, restart_intensity = dist.plan, _build.no_prefix(pconf), 0
                 specdec = dist.specdec(specdec, draft)  # one every rank can follow: no collective in a compiled graph
             # with a draft or a speculative config, the engines' hooks go on at load (engine/hooks.py); building the

@@ -33,8 +33,29 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def forward(a, out: Path, rank_holder: list) -> None:
+def forward_logits(model, cache, ids):
+    """float32 logits of ``ids`` and of one greedy decode step on the same cache ([len(ids) + 1, vocab]): the
+    model-level comparison of a rank (``forward``) and of the single-process reference (the test)."""
     import mlx.core as mx
+    import numpy as np
+
+    logits = model(mx.array([ids]), cache=cache)[0]
+    step = model(mx.array([[int(mx.argmax(logits[-1]).item())]]), cache=cache)[0]
+    return np.array(mx.concatenate([logits, step]).astype(mx.float32))
+
+
+async def collect(rt, r: dict) -> dict:
+    """Streams request ``r`` ({"prompt", "params"}) through ``rt``: {"tokens", "logprobs" (the chosen token's)}.
+    The distributed run (``serve``) and the single-process reference (the test) read requests the same way."""
+    toks, lps = [], []
+    async for c in rt.stream(r["prompt"], **r["params"]):
+        toks.extend(c.token_ids)
+        if c.logprobs:
+            lps.extend(lp[0] for lp in c.logprobs)
+    return {"tokens": toks, "logprobs": lps}
+
+
+def forward(a, out: Path, rank_holder: list) -> None:
     import numpy as np
 
     from actors.distributed import Distributed
@@ -45,11 +66,10 @@ def forward(a, out: Path, rank_holder: list) -> None:
     rank_holder.append(d.group.rank)
     model, _tok, store, cache = load_moe(a.ckpt, expert_residency=a.residency, expert_slots=a.slots, shard=d.plan)
     d.after_load(model, store, None, None)
-    logits = model(mx.array([ids]), cache=cache)[0]
-    step = model(mx.array([[int(mx.argmax(logits[-1]).item())]]), cache=cache)[0]  # one decode step on the cache
-    mx.eval(step)  # on every rank: a graph one rank leaves unevaluated leaves its peers' all_sums unmatched
+    # evaluated on every rank: a graph one rank leaves unevaluated leaves its peers' all_sums unmatched
+    logits = forward_logits(model, cache, ids)
     if d.group.rank == 0:
-        np.save(out / "logits.npy", np.array(mx.concatenate([logits, step]).astype(mx.float32)))
+        np.save(out / "logits.npy", logits)
     d.close()
 
 
@@ -78,7 +98,10 @@ async def serve(a, out: Path, rank: int) -> None:
         results = {}
 
         async def one(r):
-            results[r["name"]] = await collect(rt, r)
+            try:
+                results[r["name"]] = await collect(rt, r)
+            except Exception as e:  # the fault tests: what rank 0's caller saw
+                results[r["name"]] = {"error": type(e).__name__, "message": str(e)}
 
         async with anyio.create_task_group() as tg:
             for r in reqs:
@@ -87,9 +110,10 @@ async def serve(a, out: Path, rank: int) -> None:
         for r in reqs:
             if r.get("alone"):
                 await one(r)
-        stats = await rt.stats()
-        results["_stats"] = {"spec_cycles": stats.decoder.spec_cycles, "steps": stats.decoder.steps,
-                             "batch_histogram": {str(k): v for k, v in stats.decoder.batch_histogram.items()}}
+        if not any("error" in v for v in results.values()):
+            stats = await rt.stats()
+            results["_stats"] = {"spec_cycles": stats.decoder.spec_cycles, "steps": stats.decoder.steps,
+                                 "batch_histogram": {str(k): v for k, v in stats.decoder.batch_histogram.items()}}
         (out / "result.json").write_text(json.dumps(results))
         if a.hold:
             (out / "holding").write_text("1")
@@ -105,8 +129,30 @@ async def serve(a, out: Path, rank: int) -> None:
             (out / "killed.json").write_text(json.dumps(err))
 
 
+def diverge(rank: int) -> None:
+    """Test-only fault (env ``MACH_TEST_DIVERGE_RANK``): on that rank, every request rank 0 admits asks for one
+    token fewer than on rank 0, so this rank's scheduler finishes it a step early — a real divergence of the
+    follower's state, for rank 0's digest check to catch (tests/test_distributed_faults.py)."""
+    want = os.environ.get("MACH_TEST_DIVERGE_RANK")
+    if want is None or int(want) != rank:
+        return
+    import msgspec
+
+    from actors.distributed import StepSync
+    from actors.messages import Submit
+
+    take = StepSync.take
+
+    def take_shortened(self, decoder, block):
+        return [msgspec.structs.replace(m, params=msgspec.structs.replace(m.params, max_tokens=m.params.max_tokens - 1))
+                if isinstance(m, Submit) else m for m in take(self, decoder, block)]
+
+    StepSync.take = take_shortened
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    diverge(int(os.environ.get("MLX_RANK", "0")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.hold:  # mlx.launch terminates the other ranks when one dies: rank 0 must live to report

@@ -151,11 +151,25 @@ def main(argv=None) -> int:
         config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
                                 timeout_graceful_shutdown=a.shutdown_timeout, access_log=False)
         server = uvicorn.Server(config)
+        if a.distributed:
+            drained_exit_zero(server)
         server.run()
     except MachError as e:
         print(f"mach-serve: {e}", file=sys.stderr)
         return 2
     return 0 if server.started else 1
+
+
+def drained_exit_zero(server) -> None:
+    """Rank 0 of ``--distributed``: exit 0 after a SIGTERM's / SIGINT's graceful shutdown. uvicorn re-raises the
+    signal it captured once it has shut down, under the handler that was there before it; Python's default would
+    end rank 0 by the signal, and mlx.launch answers a rank that ends non-zero by terminating the others (their
+    shutdown cut short) and reporting a failure. The handler installed here asks uvicorn to exit, so a signal that
+    arrives before uvicorn captures its own is not lost either."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
 
 
 def follower_rank() -> bool:

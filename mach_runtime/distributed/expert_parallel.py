@@ -4,12 +4,14 @@ adds the shares up. Installed on a loaded model by ``install_expert_parallel`` a
 Per MoE block (``<block>.switch_mlp`` and, where the family has one, ``<block>.shared_expert``):
 
 * ``OwnedExperts`` on the routed MLP: routing is computed on every rank by the block itself (the router is
-  replicated), so every rank sees the same top-k choices. The hook maps each chosen expert to the row this rank
-  holds (``hook_rows``) and zeroes the output of the experts it does not own (``hook_mask``): the block's own
-  weighted sum over k then gives this rank's partial output. In stacked residency the rank loaded only its own
-  experts (``load_moe(shard=...)``), so its rows are a table over them; in streaming residency a non-owned
-  choice is pointed at the rank's first owned expert (already resident, weighted by zero), so the bank and the
-  reader of a rank only ever see its own experts and the aggregate bank grows with the number of ranks.
+  replicated), so every rank sees the same top-k choices. The hook reads the choices to the host (one sync per
+  MoE layer), keeps the (token, choice) pairs routed to experts this rank owns (about 1/N of them), and runs the
+  inner module over those pairs only — each as one row choosing one expert, mapped to the row this rank holds
+  (``hook_rows``) — so a rank's expert FLOPs, like its expert bytes, are its share. The outputs go back to their
+  pairs' places in a zero [..., k, hidden] array: the block's own weighted sum over k then gives this rank's
+  partial output (the foreign pairs add exact zeros). In stacked residency the rank loaded only its own experts
+  (``load_moe(shard=...)``), so its rows are a table over them; in streaming residency the bank is keyed by
+  expert id and its reader only ever sees this rank's experts, so the aggregate bank grows with the ranks.
 * ``SharedOnLeader`` on a shared expert, on ranks > 0 only: it returns zeros, so the replicated shared expert is
   computed once (on rank 0) and not counted N times by the sum.
 * ``PartialSum`` on the block: ``mx.distributed.all_sum`` of the block's output (one collective per MoE layer,
@@ -20,7 +22,7 @@ Every rank ends a layer with the same hidden state (the ring all_sum hands every
 attention, dense layers, head and sampling stay replicated and agree. The sum's order differs from the
 single-process block (partials per rank, then across ranks): outputs match it to float rounding, not bitwise.
 
-``collective_stats(model)`` -> calls and bytes summed so far (benchmarks). ``hooks.remove_hooks`` takes the hooks
+``collective_stats(model)`` -> calls and bytes summed so far, pairs routed and computed (benchmarks). ``hooks.remove_hooks`` takes the hooks
 off again (kinds "expert_parallel", "expert_parallel_sum", "expert_parallel_shared").
 """
 
@@ -39,28 +41,39 @@ SHARED_NAMES = ("shared_expert", "shared_experts")
 
 
 class OwnedExperts(ModuleHook):
-    """The routed MLP computing only this rank's experts; the others' outputs are zero."""
+    """The routed MLP computing only the (token, choice) pairs routed to this rank's experts; the other pairs'
+    outputs are zero."""
 
     kind = "expert_parallel"
 
     def __init__(self, inner, owned: list[int], num_experts: int, local_rows: bool):
         super().__init__(inner)
         owned = sorted(int(e) for e in owned)
-        mask = np.zeros(num_experts, dtype=np.float32)
-        mask[owned] = 1.0
-        if local_rows:  # stacked: the rank's weights hold its experts as rows 0..len(owned)-1
-            rows = np.zeros(num_experts, dtype=np.int32)
-            rows[owned] = np.arange(len(owned), dtype=np.int32)
-        else:  # streaming: the bank is keyed by expert id; a non-owned choice reuses the first owned expert
-            rows = np.full(num_experts, owned[0], dtype=np.int32)
-            rows[owned] = owned
+        mine = np.zeros(num_experts, dtype=bool)
+        mine[owned] = True
+        # the row of each owned expert in the inner module: stacked, the rank's weights hold its experts as rows
+        # 0..len(owned)-1; streaming, the bank is keyed by expert id
+        rows = np.full(num_experts, -1, dtype=np.int32)
+        rows[owned] = np.arange(len(owned), dtype=np.int32) if local_rows else owned
         self.hook_owned = tuple(owned)
-        self.hook_rows = mx.array(rows)
-        self.hook_mask = mx.array(mask)
+        self.hook_mine = mine
+        self.hook_rows = rows
+        self.hook_pairs = 0  # (token, choice) pairs routed to any expert, and those this rank computed
+        self.hook_computed = 0
 
     def __call__(self, x, indices):
-        y = self.inner(x, self.hook_rows[indices])
-        return y * mx.expand_dims(self.hook_mask[indices], -1).astype(y.dtype)
+        lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
+        chosen = np.array(indices).reshape(-1)  # the host readback of the routing (one sync per MoE layer)
+        pos = np.flatnonzero(self.hook_mine[chosen])  # the pairs this rank computes
+        self.hook_pairs += chosen.size
+        self.hook_computed += pos.size
+        if pos.size == 0:
+            return mx.zeros((*lead, k, D), dtype=x.dtype)
+        # each own pair as one token choosing one expert: the inner module's own gather matmuls over M pairs
+        y = self.inner(x.reshape(-1, D)[mx.array(pos // k)], mx.array(self.hook_rows[chosen[pos]])[:, None])
+        out = mx.zeros((chosen.size, y.shape[-1]), dtype=y.dtype)
+        out[mx.array(pos)] = y.reshape(pos.size, -1)
+        return out.reshape(*lead, k, -1)
 
 
 class SharedOnLeader(ModuleHook):
@@ -112,13 +125,17 @@ def install_expert_parallel(model, adapter, plan, group, streaming: bool) -> int
 
 
 def collective_stats(model) -> dict:
-    """{"calls", "bytes"} summed by the expert-parallel all_sums so far."""
-    calls = nbytes = 0
+    """{"calls", "bytes"} summed by the expert-parallel all_sums so far; {"pairs", "computed"}: (token, choice)
+    pairs the routers chose and those this rank's experts computed (about pairs / ranks)."""
+    calls = nbytes = pairs = computed = 0
     for _, m in model.named_modules():
         if isinstance(m, PartialSum):
             calls += m.hook_calls
             nbytes += m.hook_bytes
-    return {"calls": calls, "bytes": nbytes}
+        elif isinstance(m, OwnedExperts):
+            pairs += m.hook_pairs
+            computed += m.hook_computed
+    return {"calls": calls, "bytes": nbytes, "pairs": pairs, "computed": computed}
 
 
 def _module(root, path: str):

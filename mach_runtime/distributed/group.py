@@ -152,11 +152,14 @@ def collective_failure(e: BaseException) -> bool:
     return isinstance(e, DistributedError) or (isinstance(e, RuntimeError) and str(e).lstrip().startswith(_BACKEND_TAGS))
 
 
-def lost_error(group: Group, what: str, cause: BaseException | str) -> DistributedError:
+LOST_FIX = "A rank died or stopped answering; restart every rank (mlx.launch)"
+
+
+def lost_error(group: Group, what: str, cause: BaseException | str, fix: str = LOST_FIX) -> DistributedError:
     """The error in-flight requests get when the group is lost."""
     return DistributedError(
         f"the distributed group is lost (rank {group.rank} of {group.size}, {group.backend} backend): {what}: "
-        f"{cause}. A rank died or stopped answering; restart every rank (mlx.launch)")
+        f"{cause}. {fix}")
 
 
 class Watchdog:
