@@ -271,4 +271,5 @@ def test_dequantized_attention_route_computes_the_quantized_attention(ckpt, monk
     store.close()
     for i, (g, w) in enumerate(zip(got, want)):
         tol.assert_close(g, w, tol.reorder(1e-5), f"forward {i}")
-    assert all(np.array_equal(a, b) for a, b in zip(kq, kd))
+    if not tol.GPU:  # on a GPU the reference ran on the CPU: its K projections differ by reordering, so may its codes
+        assert all(np.array_equal(a, b) for a, b in zip(kq, kd))
