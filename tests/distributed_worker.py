@@ -73,17 +73,6 @@ def forward(a, out: Path, rank_holder: list) -> None:
     d.close()
 
 
-async def collect(rt, r: dict) -> dict:
-    """One request of ``--requests`` streamed from a Runtime: its tokens and the chosen tokens' logprobs (the
-    distributed run and its one-process reference in test_distributed.py read them alike)."""
-    toks, lps = [], []
-    async for c in rt.stream(r["prompt"], **r["params"]):
-        toks.extend(c.token_ids)
-        if c.logprobs:
-            lps.extend(lp[0] for lp in c.logprobs)
-    return {"tokens": toks, "logprobs": lps}
-
-
 async def serve(a, out: Path, rank: int) -> None:
     import anyio
 
