@@ -142,13 +142,11 @@ class LayerBank:
 
     def add_fence(self, y) -> None:
         """Remembers an output computed over this bank (slot_writes.py evaluates them before writing in place);
-        the oldest beyond ``MAX_FENCES`` is evaluated (long done in any decode loop) and forgotten, and an output
-        over ``FENCE_MAX_BYTES`` is evaluated at once (remembering it would hold its memory)."""
+        the oldest beyond ``MAX_FENCES`` and any over ``FENCE_MAX_BYTES`` (its memory) are evaluated at once."""
         import mlx.core as mx
 
         if y.nbytes > FENCE_MAX_BYTES:
-            mx.eval(y)
-            return
+            return mx.eval(y)
         self.fences.append(y)
         if len(self.fences) > MAX_FENCES:
             mx.eval(self.fences.pop(0))
