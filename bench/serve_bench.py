@@ -14,7 +14,8 @@ decoder counters at the end (batch sizes, spec-batch cycles and moves, prefill c
 Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
 4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
 its CPU default) and
-``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model).
+``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model), and
+``mlx_lm.server-openblas`` (the same on mach's CPU OpenBLAS, docs/cpu_blas.md: like for like on the CPU).
 
 Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
 the issue's goal is >= 1.5x mlx_lm.server's throughput here with p99 TTFT no worse) and Poisson arrivals at each
@@ -78,8 +79,9 @@ def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: st
         cmd = [sys.executable, "-m", "mach_runtime.cli.serve", str(ckpt), "--no-streaming", "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "bench",
                "--log-level", "info"] + (demo_pair_flags(draft) if kind == "mach-serve" else ["--no-draft"])
-    else:
-        cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(ckpt), "--port", str(port),
+    else:  # "mlx_lm.server-openblas": the same server on mach's CPU OpenBLAS (docs/cpu_blas.md), like for like
+        run = ["-m", "mach_runtime.backend.cpu_blas", "mlx_lm"] if kind.endswith("-openblas") else ["-m", "mlx_lm"]
+        cmd = [sys.executable, *run, "server", "--model", str(ckpt), "--port", str(port),
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
                "--log-level", "WARNING"]
     return cmd, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
