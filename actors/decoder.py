@@ -194,15 +194,16 @@ class Decoder(DecoderPrefixCache):
         if self.step_sync is not None:
             return self.step_sync.take(self, block)
         msgs = [self.mailbox.get()] if block else []
-        quiet, most = (min(hi, max(lo, f * self._step_s)) for lo, f, hi in (GATHER_QUIET, GATHER_MAX))
-        deadline = time.monotonic() + most
         while True:
             try:
                 msgs.append(self.mailbox.get_nowait())
-                continue
             except queue.Empty:
-                if not gather:
-                    return msgs
+                break
+        if not gather:  # every iteration of a busy decoder ends here: the waiting below is for an idle start only
+            return msgs
+        quiet, most = (min(hi, max(lo, f * self._step_s)) for lo, f, hi in (GATHER_QUIET, GATHER_MAX))
+        deadline = time.monotonic() + most
+        while True:
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
