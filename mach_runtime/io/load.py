@@ -23,10 +23,12 @@ from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape
 from .expert_sidecar import LAYOUT as SIDECAR
 from .expert_sidecar import expert_layout_for, has_sidecar
 from .quant_formats import MX_DTYPES as _MX_DTYPES
-from .quant_formats import bank_expert_bytes, dequantize_released, held_rows, multiplied
+from .non_experts import Prefetch, _Tensors, load_non_experts, non_expert_names, prefetched_names
+from .quant_formats import bank_expert_bytes, held_rows, multiplied
 from .safetensors_index import CheckpointIndex
 from .tokenizer_files import load_tokenizer as _load_tokenizer
 from .tokenizer_files import require_tokenizer_files  # noqa: F401  (mach check imports it from here)
+from .gc_pause import gc_paused
 
 def _local_dir(path, revision: str | None = None) -> Path:
     """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
@@ -76,22 +78,6 @@ def _set_module(root, path: str, module) -> None:
     for p in parts[:-1]:
         obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
     setattr(obj, parts[-1], module)
-
-
-class _Tensors:
-    """Lazy ``mx.load`` of every shard, opened once; arrays are read from disk only when evaluated."""
-
-    def __init__(self, index: CheckpointIndex):
-        self.index = index
-        self._files: dict[str, dict] = {}
-
-    def __getitem__(self, name: str):
-        import mlx.core as mx
-
-        f = self.index[name].file
-        if f not in self._files:
-            self._files[f] = mx.load(f)
-        return self._files[f][name]
 
 
 def _float_cast(layout: ExpertLayout, dtype):
@@ -224,79 +210,7 @@ def _build_streaming(src, adapter, store, cast, inter, act_kwargs):
     return DiskSwitchGLU(gate_up, down, adapter.swiglu_variant, inter, store, bank, **act_kwargs)
 
 
-def _quantize_non_experts(model, config: dict, weights: dict) -> None:
-    quant = config.get("quantization")
-    if not quant:
-        return
-    import mlx.nn as nn
-    from mlx_lm.utils import infer_quant_config
-
-    def predicate(path, module):
-        if isinstance(quant.get(path), dict):
-            return quant[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        return infer_quant_config(path, module, weights)
-
-    nn.quantize(
-        model,
-        group_size=quant.get("group_size", 64),
-        bits=quant.get("bits", 4),
-        mode=quant.get("mode", "affine"),
-        class_predicate=predicate,
-    )
-
-
-def _non_expert_names(index: CheckpointIndex, layout: ExpertLayout, adapter, config: dict) -> dict[str, str]:
-    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors;
-    vision / audio tower tensors are skipped with one log line."""
-    names = [n for n in index.names() if n not in layout.expert_tensor_names]
-    skipped = [n for n in names if n.startswith(adapter.skipped_prefixes)] if adapter.skipped_prefixes else []
-    if skipped:
-        towers = sorted({p for p in adapter.skipped_prefixes for n in skipped if n.startswith(p)})
-        print(f"[mach] skipping {len(skipped)} non-text tensors ({', '.join(p + '*' for p in towers)}) of "
-              f"{index.directory}: mach_runtime serves the text model", file=sys.stderr)
-    rename = adapter.rename_for(config) or (lambda n: n)
-    drop = set(skipped)
-    return {rename(n): n for n in names if n not in drop}
-
-
-def _load_non_experts(model, index: CheckpointIndex, layout: ExpertLayout, tensors, config, swapped, cast,
-                      adapter, keep=None):
-    from mlx.utils import tree_flatten
-
-    names = _non_expert_names(index, layout, adapter, config)  # {name the model expects: name on disk}
-    names = {k: n for k, n in names.items() if keep is None or keep(k)}  # pipeline parallel: this rank's layers
-    raw = dequantize_released({n: tensors[n] for n in names.values()}, index, config)  # keyed by names on disk
-    weights = {k: raw[n] for k, n in names.items() if n in raw}
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    _quantize_non_experts(model, config, weights)
-    expected = {
-        k: v.shape for k, v in tree_flatten(model.parameters()) if not any(k.startswith(p + ".") for p in swapped)
-    }
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
-        raise CheckpointError(
-            f"{index.directory}: weights do not match the {config.get('model_type')} model built from "
-            f"config.json: {'; '.join(detail)}"
-        )
-    for k, shape in expected.items():
-        if tuple(weights[k].shape) != tuple(shape):
-            where = index[k].file if k in index else str(index.directory)
-            raise CheckpointError(
-                f"{where}: tensor {k!r} has shape {list(weights[k].shape)}, the model expects {list(shape)}; "
-                "config.json and the weights do not match"
-            )
-    model.load_weights([(k, cast(v)) for k, v in weights.items()], strict=False)
-
-
+@gc_paused  # the load allocates many objects; full collections over the imported heap cost 0.2-0.35 s (P7)
 def load_moe(
     path,
     arch: str | None = None,
@@ -342,7 +256,6 @@ def load_moe(
     settings = resolve_store_config(expert_residency, expert_cache_gb, eviction_policy, io_threads, direct_io)
     if expert_slots is not None and expert_cache_gb is not None:
         raise ConfigError("give either expert_cache_gb or expert_slots (the bank size), not both")
-    ensure_cpu_blas()  # OpenBLAS for MLX's float32 CPU matmuls (MACH_CPU_BLAS; docs/cpu_blas.md)
     directory = _local_dir(path, revision)
     source = str(directory / "config.json")
     config = read_config(directory)
@@ -367,30 +280,34 @@ def load_moe(
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
     layout = expert_layout_for(directory, index, adapter, tc, source)  # the sidecar (mach convert) if present
-    tokenizer = _load_tokenizer(directory, config)
-
-    Model, Args = adapter.model_classes()
-    try:
-        model = Model(Args.from_dict(adapter.model_args_dict(config, tc)))
-    except TypeError as e:
-        raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model ({e})") from None
-
     target = _float_cast(layout, dtype)
-    if shard is not None and shard.pipeline:
-        from ..distributed.pipeline import pipeline_model
-
-        pipeline_model(model, shard, adapter.key)
-
-    def cast(a):
-        if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
-            return a.astype(target)
-        return a
-
-    cast.target = target
-
-    streaming = settings.expert_residency == "streaming"
+    names = non_expert_names(index, layout, adapter, config, shard.keeps_weight if shard is not None and
+                             shard.pipeline else None)  # {name the model expects: name on disk}
+    # the non-expert weights are read on a thread from here on, while the rest is built (non_experts.py); with a
+    # float cast every floating tensor is derived from them, so they are read when evaluated instead
+    prefetch = Prefetch(index, prefetched_names(index, names.values())) if target is None else None
     store = None
     try:
+        ensure_cpu_blas()  # OpenBLAS for MLX's float32 CPU matmuls (MACH_CPU_BLAS; docs/cpu_blas.md)
+        tokenizer = _load_tokenizer(directory, config)
+        Model, Args = adapter.model_classes()
+        try:
+            model = Model(Args.from_dict(adapter.model_args_dict(config, tc)))
+        except TypeError as e:
+            raise CheckpointError(f"{source}: config.json does not describe a valid {adapter.key} model "
+                                  f"({e})") from None
+        if shard is not None and shard.pipeline:
+            from ..distributed.pipeline import pipeline_model
+
+            pipeline_model(model, shard, adapter.key)
+
+        def cast(a):
+            if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
+                return a.astype(target)
+            return a
+
+        cast.target = target
+        streaming = settings.expert_residency == "streaming"
         if streaming:
             from .expert_bank import StreamingExpertStore
 
@@ -418,7 +335,7 @@ def load_moe(
 
             store = ResidentExpertStore(layout)
 
-        tensors = _Tensors(index)
+        tensors = _Tensors(index, prefetch)
         sidecar = None
         if layout.layout == SIDECAR and not streaming:
             from .expert_sidecar import stacked_reader
@@ -442,8 +359,7 @@ def load_moe(
                 glu = _build_stacked(src, adapter, tensors, cast, layout.moe_intermediate, act_kwargs, sidecar, rows)
             _set_module(model, mpath, glu)
             swapped.append(mpath)
-        _load_non_experts(model, index, layout, tensors, config, swapped, cast, adapter,
-                          shard.keeps_weight if shard is not None and shard.pipeline else None)
+        load_non_experts(model, index, names, tensors, config, swapped, cast)
         dequantize_one_group_rows(model)  # a wrong MLX CUDA kernel for these layers (backend_faults.py)
         if streaming:  # the bank's slot arrays stay lazy: a layer's bank is allocated when it is first used,
             # so load time and memory before decoding do not grow with the bank (P7)
@@ -467,6 +383,8 @@ def load_moe(
 
             install_spec_hooks(model, HookPlan() if speculative is True else speculative, seal=True)
     except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
         if store is not None:
             store.close()
         raise

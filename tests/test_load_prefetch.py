@@ -1,0 +1,105 @@
+"""load_moe's background read of the non-expert weights (io/non_experts.py) and the collector pause (io/gc_pause.py):
+the arrays are mx.load's bit for bit, the model keeps them, errors reach the caller, nothing is left running."""
+
+import gc
+import os
+import shutil
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mach_runtime import load_moe
+from mach_runtime.errors import CheckpointError
+from mach_runtime.io import non_experts
+from mach_runtime.io.safetensors_index import CheckpointIndex
+from tests.helpers import HF_QWEN3_MOE
+
+THREAD = "mach-load-non-experts"
+
+
+@pytest.fixture(scope="module")
+def q4_sharded(tmp_path_factory):
+    """4-bit MLX stacked export (mlx-lm's quantize_model) split over several shards."""
+    from mach_runtime.testing.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("q4") / "ckpt", layout="stacked", quant_bits=4,
+                                quant_group=32, shard_bytes=40_000, hidden=64, layers=2, experts=8, top_k=2,
+                                moe_inter=32, tokenizer_from=HF_QWEN3_MOE)
+
+
+def _same(a, b) -> bool:
+    """Bitwise: dtype, shape and bytes."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return np.array_equal(np.array(a.view(mx.uint8)), np.array(b.view(mx.uint8)))
+
+
+def _reference(index: CheckpointIndex) -> dict:
+    out = {}
+    for f in index.files:
+        out.update(mx.load(f))
+    return out
+
+
+def test_prefetch_arrays_are_mx_load_bitwise(q4_sharded, monkeypatch):
+    monkeypatch.setattr(non_experts, "_CHUNK_BYTES", 3000)  # many chunks, each file split across several
+    index = CheckpointIndex(q4_sharded)
+    assert len(index.files) > 1
+    names = index.names()
+    got = non_experts.Prefetch(index, names).arrays()
+    want = _reference(index)
+    assert set(got) == set(names)
+    assert all(_same(got[n], want[n]) for n in names)
+
+
+@pytest.mark.parametrize("residency", ["streaming", "stacked"])
+def test_load_moe_keeps_the_prefetched_tensors(q4_sharded, residency):
+    """Every non-expert parameter is the checkpoint's tensor as stored, evaluated when load_moe returns."""
+    model, tok, store, cache = load_moe(q4_sharded, expert_residency=residency)
+    try:
+        want = _reference(CheckpointIndex(q4_sharded))
+        params = dict(tree_flatten(model.parameters()))
+        kept = [k for k in params if k in want]
+        assert len(kept) >= 20  # attention, norms, router, embedding, head (weights, scales, biases)
+        assert all(_same(params[k], want[k]) for k in kept)
+    finally:
+        store.close()
+    assert not any(t.name == THREAD for t in threading.enumerate())
+
+
+def test_vanished_shard_is_the_callers_error(q4_sharded, tmp_path):
+    """A shard that disappears after its header was read: the background read's error reaches the caller."""
+    ck = tmp_path / "ck"
+    shutil.copytree(q4_sharded, ck)
+    index = CheckpointIndex(ck)
+    os.remove(index.files[-1])
+    pf = non_experts.Prefetch(index, index.names())
+    with pytest.raises((RuntimeError, OSError, ValueError)):
+        pf.arrays()
+
+
+def test_failed_load_stops_the_read_and_resumes_the_collector(q4_sharded, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(q4_sharded, ck)
+    (ck / "tokenizer.json").write_text("{ not json")  # fails after the background read has started
+    assert gc.isenabled()
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_moe(ck, expert_residency="streaming")
+    assert gc.isenabled()
+    assert not any(t.name == THREAD for t in threading.enumerate())
+
+
+def test_collector_left_as_the_program_set_it(q4_sharded):
+    gc.disable()
+    try:
+        model, tok, store, cache = load_moe(q4_sharded, expert_residency="streaming")
+        store.close()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    model, tok, store, cache = load_moe(q4_sharded, expert_residency="streaming")
+    store.close()
+    assert gc.isenabled()
