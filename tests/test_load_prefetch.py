@@ -103,3 +103,25 @@ def test_collector_left_as_the_program_set_it(q4_sharded):
     model, tok, store, cache = load_moe(q4_sharded, expert_residency="streaming")
     store.close()
     assert gc.isenabled()
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the automatic float32 cast applies on the CPU backend")
+def test_converted_bf16_with_float_cast_equals_its_source(tiny_dir, tmp_path):
+    """A `mach convert` checkpoint's read starts before its sidecar is parsed; when the sidecar then calls for a float
+    cast (unquantized bf16 experts on the CPU) that read is dropped and the weights are cast as without it."""
+    from mach_runtime.io.convert import convert_checkpoint
+    from tests.helpers import convert
+
+    src = convert(tiny_dir, tmp_path / "bf16", dtype="bfloat16")
+    dst = convert_checkpoint(src, tmp_path / "side", progress=False)
+    want, _, wstore, _ = load_moe(src, expert_residency="stacked")
+    got, _, gstore, _ = load_moe(dst, expert_residency="streaming", expert_slots=16)
+    try:
+        w, g = dict(tree_flatten(want.parameters())), dict(tree_flatten(got.parameters()))
+        shared = [k for k in w if k in g and ".switch_mlp." not in k]
+        assert len(shared) >= 10 and all(g[k].dtype == mx.float32 for k in shared)
+        assert all(_same(g[k], w[k]) for k in shared)
+    finally:
+        wstore.close()
+        gstore.close()
+    assert not any(t.name == THREAD for t in threading.enumerate())

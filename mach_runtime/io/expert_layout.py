@@ -32,6 +32,7 @@ dequantized, the scale component multiplied into it (transform ``dequant:...``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -238,7 +239,9 @@ def _component_named(index, spec: ExpertTensorSpec, layer: int, comp: str, E: in
                 f"its first axis must be the {E} experts"
             )
         stride = info.nbytes // E
-        return [info], tuple((info.file, info.offset + e * stride) for e in range(E)), (tname,), tuple(info.shape[1:])
+        offsets = range(info.offset, info.offset + E * stride, stride) if stride else itertools.repeat(info.offset, E)
+        sources = tuple(zip(itertools.repeat(info.file, E), offsets))  # (file, offset) of each expert's slice
+        return [info], sources, (tname,), tuple(info.shape[1:])
     tnames = [name(e) for e in range(E)]
     present = [t in index for t in tnames]
     if not any(present):

@@ -20,6 +20,7 @@ at import; ``stacked_reader`` imports it when called.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -181,7 +182,9 @@ def _layer_source(la: SidecarLayer, E: int, H: int, inter: int, data: str, data_
             want = _expected_shape(c.comp, out_dim, in_dim, q)
             if _transformed_shape(c.shape, c.transform) != want:
                 raise bad(f"component {c.part}.{c.comp} has shape {list(c.shape)}, config.json implies {list(want)}")
-        sources = tuple((data, la.offset + e * la.stride + c.offset) for e in range(E))
+        first = la.offset + c.offset
+        offsets = range(first, first + E * la.stride, la.stride) if la.stride else itertools.repeat(first, E)
+        sources = tuple(zip(itertools.repeat(data, E), offsets))  # (file, offset) of expert e's component
         comps[(c.part, c.comp)] = ExpertComponent(c.part, c.comp, c.dtype, tuple(c.shape), c.nbytes, sources, (),
                                                   c.target, tuple(c.rows) if c.rows else None, c.transform)
     main = quants.get("gate_up", quants.get("gate"))

@@ -279,15 +279,22 @@ def load_moe(
         )
     index = CheckpointIndex(directory)
     tc = adapter.resolve_config(tc, index.__contains__)
-    layout = expert_layout_for(directory, index, adapter, tc, source)  # the sidecar (mach convert) if present
-    target = _float_cast(layout, dtype)
-    names = non_expert_names(index, layout, adapter, config, shard.keeps_weight if shard is not None and
-                             shard.pipeline else None)  # {name the model expects: name on disk}
-    # the non-expert weights are read on a thread from here on, while the rest is built (non_experts.py); with a
-    # float cast every floating tensor is derived from them, so they are read when evaluated instead
-    prefetch = Prefetch(index, prefetched_names(index, names.values())) if target is None else None
-    store = None
+    keep = shard.keeps_weight if shard is not None and shard.pipeline else None
+    # the non-expert weights are read on a thread from here on, while the rest is built (non_experts.py); a
+    # converted checkpoint's safetensors hold no experts, so its read starts before the sidecar's index is parsed
+    names = prefetch = store = None
+    if has_sidecar(directory):
+        names = non_expert_names(index, frozenset(), adapter, config, keep)  # {name the model expects: on disk}
+        prefetch = Prefetch(index, prefetched_names(index, names.values()))
     try:
+        layout = expert_layout_for(directory, index, adapter, tc, source)  # the sidecar (mach convert) if present
+        target = _float_cast(layout, dtype)
+        if names is None:
+            names = non_expert_names(index, layout.expert_tensor_names, adapter, config, keep)
+            prefetch = Prefetch(index, prefetched_names(index, names.values())) if target is None else None
+        elif target is not None:  # with a float cast every floating tensor is derived: read when evaluated instead
+            prefetch.cancel()
+            prefetch = None
         ensure_cpu_blas()  # OpenBLAS for MLX's float32 CPU matmuls (MACH_CPU_BLAS; docs/cpu_blas.md)
         tokenizer = _load_tokenizer(directory, config)
         Model, Args = adapter.model_classes()

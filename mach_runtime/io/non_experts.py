@@ -115,10 +115,11 @@ class _Tensors:
         return self.prefetch.arrays().get(hit[0], a)
 
 
-def non_expert_names(index: CheckpointIndex, layout, adapter, config: dict, keep=None) -> dict[str, str]:
-    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors;
-    vision / audio tower tensors are skipped with one log line. ``keep(name)``: pipeline parallel, this rank's."""
-    names = [n for n in index.names() if n not in layout.expert_tensor_names]
+def non_expert_names(index: CheckpointIndex, expert_names, adapter, config: dict, keep=None) -> dict[str, str]:
+    """{name the MLX model's sanitize expects: name in the checkpoint} of the text model's non-expert tensors (all
+    but ``expert_names``); vision / audio tower tensors are skipped with one log line. ``keep(name)``: pipeline
+    parallel, this rank's."""
+    names = [n for n in index.names() if n not in expert_names]
     skipped = [n for n in names if n.startswith(adapter.skipped_prefixes)] if adapter.skipped_prefixes else []
     if skipped:
         towers = sorted({p for p in adapter.skipped_prefixes for n in skipped if n.startswith(p)})
