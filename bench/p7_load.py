@@ -142,14 +142,10 @@ def child(a) -> dict:
     return out
 
 
-def _files(ckpt) -> list[str]:
-    side = Path(ckpt) / "experts.mach"
-    return C.safetensors_files(ckpt) + ([str(side)] if side.exists() else [])
-
-
 def spawn(engine, a, decode=True, cold=True) -> dict:
     base = engine.removesuffix("_before")
-    drop = C.drop_caches(_files(a.sidecar if base == "streaming_sidecar" else a.ckpt)) if cold else "warm: not dropped"
+    ckpt = a.sidecar if base == "streaming_sidecar" else a.ckpt
+    drop = C.drop_caches(C.safetensors_files(ckpt)) if cold else "warm: not dropped"
     env = dict(os.environ)
     if engine.endswith("_before"):  # the earlier mach_runtime first on the path
         env["PYTHONPATH"] = os.pathsep.join(x for x in (a.before_src, env.get("PYTHONPATH")) if x)
@@ -270,7 +266,8 @@ def main():
                 if "error" in res:
                     print(f"[p7] rep {r} {key}: ERROR {res['error']}", flush=True)
                 else:
-                    print(f"[p7] rep {r} {key}: load {res['load_seconds']:.2f} s (CPU {res.get('load_cpu_seconds', 0):.2f} "
+                    cpu = res.get("load_cpu_seconds", 0)
+                    print(f"[p7] rep {r} {key}: load {res['load_seconds']:.2f} s (CPU {cpu:.2f} "
                           f"s, calling thread {res.get('load_main_thread_cpu_seconds', 0):.2f} s), wall "
                           f"{res['process_wall_seconds']:.2f} s, peak RSS {res['peak_rss_after_load'] / 1e9:.2f} GB"
                           + (f", decode {res['decode_tps']:.2f} tok/s" if "decode_tps" in res else "")
@@ -334,7 +331,8 @@ def main():
     print(f"\nP7 cold load of {a.ckpt} ({ckpt_bytes / 1e9:.1f} GB) ({info['backend']}: {where}; mlx {info['mlx']}); "
           f"fresh process each, page cache dropped before each; median of {a.repeats}; streaming then decodes "
           f"{a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt")
-    print(C.fmt_table(["engine", "load s", "load CPU s (all / calling thread)", "start->loaded s", "peak RSS GB", "of which bank GB",
+    print(C.fmt_table(["engine", "load s", "load CPU s (all / calling thread)", "start->loaded s", "peak RSS GB",
+                       "of which bank GB",
                        "peak RSS GB +decode", "TTFT s", "decode tok/s", "hit rate"], rows))
     print("load s: the load call alone (mlx_lm/transformers/mach_runtime imported before the clock, for both); "
           "start->loaded s: from the parent's spawn to the loaded model (interpreter start, imports, load)")
