@@ -1,9 +1,11 @@
 """``load`` (mlx-lm compatible) and ``load_moe`` (MoE checkpoints in stacked or streaming residency).
 
 The load pipeline: read config.json → pick the family's adapter → index the safetensors headers → find the
-routed-expert tensors (per-expert or stacked layout) → build the family's MLX model → swap every routed MLP for
-a ``GatherSwitchGLU`` (stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from
-disk) → load the non-expert weights → return ``(model, tokenizer, store, cache)``.
+routed-expert tensors (per-expert or stacked layout) → start reading the non-expert weights on a background
+thread (``non_experts.Prefetch``) → build the family's MLX model → swap every routed MLP for a ``GatherSwitchGLU``
+(stacked: all experts resident) or ``DiskSwitchGLU`` (streaming: a bounded bank fed from disk) → load the
+non-expert weights (the background read's arrays) → return ``(model, tokenizer, store, cache)``. The garbage
+collector is paused meanwhile (``gc_pause``).
 
 Nothing is downloaded: the path is a local checkpoint directory or a repository id already in the local
 Hugging Face cache (``hf_cache.resolve_checkpoint``).
