@@ -24,13 +24,13 @@ from .backend_faults import dequantize_one_group_rows
 from .expert_layout import ExpertLayerSource, ExpertLayout, _transformed_shape
 from .expert_sidecar import LAYOUT as SIDECAR
 from .expert_sidecar import expert_layout_for, has_sidecar
-from .quant_formats import MX_DTYPES as _MX_DTYPES
+from .gc_pause import gc_paused
 from .non_experts import Prefetch, _Tensors, load_non_experts, non_expert_names, prefetched_names
+from .quant_formats import MX_DTYPES as _MX_DTYPES
 from .quant_formats import bank_expert_bytes, held_rows, multiplied
 from .safetensors_index import CheckpointIndex
 from .tokenizer_files import load_tokenizer as _load_tokenizer
 from .tokenizer_files import require_tokenizer_files  # noqa: F401  (mach check imports it from here)
-from .gc_pause import gc_paused
 
 def _local_dir(path, revision: str | None = None) -> Path:
     """The checkpoint directory: a local path, or a repository id resolved through the Hugging Face cache."""
