@@ -157,3 +157,41 @@ def test_whole_prompt_cached_is_cut_to_all_but_the_last_token(tiny_dir):
             if o.finish_reason:
                 eng.remove(o.request_id)
     assert got == greedy(model, ids, 6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gpt_oss"])
+def test_layer_by_layer_submission_changes_nothing_but_when_work_is_queued(tiny_dir, family, monkeypatch):
+    """Decode forwards handed to the stream layer by layer (``SubmittingCaches``, the CPU default) compute what the
+    whole-graph submission computes, bit for bit (tokens and their log-probabilities), and do submit per layer."""
+    from tests.family_helpers import FAMILIES
+
+    model, tok, store, _ = load_moe(tiny_dir if family == "qwen3_moe" else FAMILIES[family],
+                                    expert_residency="stacked")
+    calls = []
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append(len(a)), real(*a))[1])
+    params = [SamplingParams(max_tokens=7, logprobs=True, top_logprobs=3),
+              SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=6)]
+    outs, launches = {}, {}
+    for submit in (False, True):
+        eng = BatchEngine(model, tok, max_batch=3, submit_layers=submit)
+        eng.eos = frozenset()
+        calls.clear()
+        got = {i: [] for i in range(3)}
+        for i, p in enumerate(params):
+            eng.add(f"r{i}", tok.encode(PROMPTS[i]), p)
+        while eng.active:
+            for o in eng.step():
+                got[int(o.request_id[1:])].append((o.token, o.logprobs))
+                if o.finish_reason:
+                    eng.remove(o.request_id)
+        outs[submit], launches[submit] = got, (eng.steps, len(calls))
+    assert outs[True] == outs[False]
+    assert all(len(outs[True][i]) == p.max_tokens for i, p in enumerate(params))
+    n_layers = len(model.layers)
+    steps, n_calls = launches[False]
+    assert n_calls <= steps + 1  # one submission per launch (the pipelined launch that ran past the end included)
+    steps, n_calls = launches[True]
+    assert n_calls >= steps * n_layers  # and layer by layer: n_layers - 1 during the forward, 1 at the end
+    store.close() if store is not None else None

@@ -112,6 +112,42 @@ def prefill_rows(cache, todos, step: int, forward) -> None:
         pass
 
 
+def _state_arrays(cache) -> list:
+    """The arrays a layer's cache holds after the layer queued its update (keys and values, or a recurrent state)."""
+    out, todo = [], [getattr(cache, n, None) for n in ("keys", "values", "cache")]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, mx.array):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return out
+
+
+class SubmittingCaches(list):
+    """The per-layer batch caches as a decode forward on the CPU gets them: when the forward takes layer i+1's
+    cache (``zip(layers, cache)``), layer i's queued work is submitted (``mx.async_eval`` of its cache's new
+    state), so the CPU stream computes layer i while Python builds layer i+1.
+
+    Why: ``mx.async_eval`` lets the calling thread run at most ~100 CPU ops ahead of the stream's worker (MLX's
+    ``MAX_ACTIVE_TASKS`` back-pressure, 10 tasks of 10 dispatches) and returns only once the graph is that close to
+    done. A decode step of the demo model is ~1,400 ops: submitted whole, the step in flight is nearly computed
+    when the next step's graph starts being built, and the worker idles through that build (3-4 ms of a ~20 ms
+    step on the 2-core CPU). Submitted layer by layer, the build of each layer overlaps the computation of the ones
+    before. The graph, and so every result, is the same; only when its parts are handed to the stream changes.
+    A forward that does not iterate its caches gets no submissions (the whole graph is submitted at the end)."""
+
+    def __iter__(self):
+        prev = None
+        for c in list.__iter__(self):
+            if prev is not None:
+                arrays = _state_arrays(prev)
+                if arrays:
+                    mx.async_eval(*arrays)
+            yield c
+            prev = c
+
+
 class Prefill:
     """Newcomers being prefilled: their merged caches, their records and the chunks still to run."""
 
@@ -238,9 +274,11 @@ def merge_caches(caches: list) -> list:
 
 class BatchEngine(BatchMembership):
     def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True,
-                 mergeable: bool = True):
+                 mergeable: bool = True, submit_layers: bool | None = None):
         """``mergeable=False``: the family's caches cannot merge into batch caches (its capabilities say
-        ``batch=False``): one request at a time, on its own caches."""
+        ``batch=False``): one request at a time, on its own caches. ``submit_layers``: decode forwards hand each
+        layer to the stream as soon as it is built (``SubmittingCaches``); None: on the CPU (on a GPU the launch
+        queue is not the bound and a submission per layer would split its command buffers)."""
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.mergeable = mergeable
@@ -257,6 +295,7 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
+        self.submit_layers = (mx.default_device() == mx.cpu) if submit_layers is None else bool(submit_layers)
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -345,7 +384,8 @@ class BatchEngine(BatchMembership):
         if fresh:
             parts.append(mx.array(fresh, dtype=mx.uint32))
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
-        raw = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        cache = SubmittingCaches(self.cache) if self.submit_layers else self.cache
+        raw = self.model(inputs[:, None], cache=cache)[:, -1, :]
         rows = [s.row((cur[pos[id(s)] : pos[id(s)] + 1] if s.params.processors else True) if id(s) in pos else None)
                 for s in self.seqs]
         self._inflight = sample_rows(self._processed(raw), rows)
