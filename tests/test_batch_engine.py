@@ -195,3 +195,18 @@ def test_layer_by_layer_submission_changes_nothing_but_when_work_is_queued(tiny_
     steps, n_calls = launches[True]
     assert n_calls >= steps * n_layers  # and layer by layer: n_layers - 1 during the forward, 1 at the end
     store.close() if store is not None else None
+
+
+def test_submission_setting_argument_then_environment_then_device(tiny_dir, monkeypatch):
+    from mach_runtime.errors import ConfigError
+
+    model, tok, store, _ = load_moe(tiny_dir)
+    monkeypatch.delenv("MACH_SUBMIT_LAYERS", raising=False)
+    assert BatchEngine(model, tok).submit_layers == (mx.default_device() == mx.cpu)  # auto: on the CPU
+    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "0")
+    assert BatchEngine(model, tok).submit_layers is False
+    assert BatchEngine(model, tok, submit_layers=True).submit_layers is True
+    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "sometimes")
+    with pytest.raises(ConfigError, match="MACH_SUBMIT_LAYERS"):
+        BatchEngine(model, tok)
+    store.close()

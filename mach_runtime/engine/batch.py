@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from ..config import resolve_submit_layers
 from ..errors import ConfigError
 from .constraints import constraint_for
 from .emit import StopRule
@@ -277,8 +278,9 @@ class BatchEngine(BatchMembership):
                  mergeable: bool = True, submit_layers: bool | None = None):
         """``mergeable=False``: the family's caches cannot merge into batch caches (its capabilities say
         ``batch=False``): one request at a time, on its own caches. ``submit_layers``: decode forwards hand each
-        layer to the stream as soon as it is built (``SubmittingCaches``); None: on the CPU (on a GPU the launch
-        queue is not the bound and a submission per layer would split its command buffers)."""
+        layer to the stream as soon as it is built (``SubmittingCaches``); None: ``MACH_SUBMIT_LAYERS`` (auto: on
+        the CPU; on a GPU the launch queue is not the bound and a submission per layer would split its command
+        buffers)."""
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.mergeable = mergeable
@@ -295,7 +297,7 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
-        self.submit_layers = (mx.default_device() == mx.cpu) if submit_layers is None else bool(submit_layers)
+        self.submit_layers = resolve_submit_layers(submit_layers, on_cpu=mx.default_device() == mx.cpu)
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
