@@ -1,4 +1,5 @@
-"""The steady batched decode step on the CPU: whole-graph vs layer-by-layer submission (``engine.batch.SubmittingCaches``).
+"""The steady batched decode step on the CPU: whole-graph vs layer-by-layer submission
+(``engine.batch.SubmittingCaches``).
 
     python bench/decode_step.py [--ckpt DIR] [--batch 8] [--steps 240] [--block 8] [--out JSON]
 
