@@ -71,7 +71,7 @@ def main() -> int:
     want = [[o.token for o in ref.step()] for _ in range(a.steps)]
     ref.clear()
     eng = engine(True)
-    names = {True: "layer by layer", False: "whole graph"}
+    names = {True: "layer by layer", False: "whole graph (default)"}
     wall = {v: [] for v in names}
     cpu = {v: {} for v in names}
     got = []

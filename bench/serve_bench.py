@@ -19,8 +19,8 @@ Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the
 its CPU default) and
 ``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model), and
 ``mlx_lm.server-openblas`` (the same on mach's CPU OpenBLAS, docs/cpu_blas.md: like for like on the CPU), and
-``mach-serve-target-wholegraph`` (``mach-serve-target`` with ``MACH_SUBMIT_LAYERS=0``: each decode forward handed
-to MLX whole instead of layer by layer, the CPU default before ``engine.batch.SubmittingCaches``).
+``mach-serve-target-layers`` (``mach-serve-target`` with ``MACH_SUBMIT_LAYERS=1``: each decode forward handed to
+MLX layer by layer instead of whole, ``engine.batch.SubmittingCaches``).
 
 Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
 the issue's goal is >= 1.5x mlx_lm.server's throughput here with p99 TTFT no worse) and Poisson arrivals at each
@@ -90,8 +90,8 @@ def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: st
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
                "--log-level", "WARNING"]
     env = dict(os.environ)
-    if kind.endswith("-wholegraph"):  # decode forwards submitted whole (engine.batch.SubmittingCaches off)
-        env["MACH_SUBMIT_LAYERS"] = "0"
+    if kind.endswith("-layers"):  # decode forwards submitted layer by layer (engine.batch.SubmittingCaches)
+        env["MACH_SUBMIT_LAYERS"] = "1"
     return cmd, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 

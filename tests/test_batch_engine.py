@@ -161,8 +161,9 @@ def test_whole_prompt_cached_is_cut_to_all_but_the_last_token(tiny_dir):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gpt_oss"])
 def test_layer_by_layer_submission_changes_nothing_but_when_work_is_queued(tiny_dir, family, monkeypatch):
-    """Decode forwards handed to the stream layer by layer (``SubmittingCaches``, the CPU default) compute what the
-    whole-graph submission computes, bit for bit (tokens and their log-probabilities), and do submit per layer."""
+    """Decode forwards handed to the stream layer by layer (``SubmittingCaches``, ``MACH_SUBMIT_LAYERS=1``) compute
+    what the whole-graph submission computes, bit for bit (tokens and their log-probabilities), and do submit per
+    layer."""
     from tests.family_helpers import FAMILIES
 
     model, tok, store, _ = load_moe(tiny_dir if family == "qwen3_moe" else FAMILIES[family],
@@ -197,15 +198,15 @@ def test_layer_by_layer_submission_changes_nothing_but_when_work_is_queued(tiny_
     store.close() if store is not None else None
 
 
-def test_submission_setting_argument_then_environment_then_device(tiny_dir, monkeypatch):
+def test_submission_setting_argument_then_environment_then_off(tiny_dir, monkeypatch):
     from mach_runtime.errors import ConfigError
 
     model, tok, store, _ = load_moe(tiny_dir)
     monkeypatch.delenv("MACH_SUBMIT_LAYERS", raising=False)
-    assert BatchEngine(model, tok).submit_layers == (mx.default_device() == mx.cpu)  # auto: on the CPU
-    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "0")
     assert BatchEngine(model, tok).submit_layers is False
-    assert BatchEngine(model, tok, submit_layers=True).submit_layers is True
+    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "1")
+    assert BatchEngine(model, tok).submit_layers is True
+    assert BatchEngine(model, tok, submit_layers=False).submit_layers is False
     monkeypatch.setenv("MACH_SUBMIT_LAYERS", "sometimes")
     with pytest.raises(ConfigError, match="MACH_SUBMIT_LAYERS"):
         BatchEngine(model, tok)

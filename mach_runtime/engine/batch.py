@@ -126,17 +126,20 @@ def _state_arrays(cache) -> list:
 
 
 class SubmittingCaches(list):
-    """The per-layer batch caches as a decode forward on the CPU gets them: when the forward takes layer i+1's
-    cache (``zip(layers, cache)``), layer i's queued work is submitted (``mx.async_eval`` of its cache's new
-    state), so the CPU stream computes layer i while Python builds layer i+1.
+    """The per-layer batch caches as a decode forward gets them when ``submit_layers`` is on (``MACH_SUBMIT_LAYERS``,
+    off by default): when the forward takes layer i+1's cache (``zip(layers, cache)``), layer i's queued work is
+    submitted (``mx.async_eval`` of its cache's new state), so the stream computes layer i while Python builds
+    layer i+1.
 
-    Why: ``mx.async_eval`` lets the calling thread run at most ~100 CPU ops ahead of the stream's worker (MLX's
-    ``MAX_ACTIVE_TASKS`` back-pressure, 10 tasks of 10 dispatches) and returns only once the graph is that close to
-    done. A decode step of the demo model is ~1,400 ops: submitted whole, the step in flight is nearly computed
-    when the next step's graph starts being built, and the worker idles through that build (3-4 ms of a ~20 ms
-    step on the 2-core CPU). Submitted layer by layer, the build of each layer overlaps the computation of the ones
-    before. The graph, and so every result, is the same; only when its parts are handed to the stream changes.
-    A forward that does not iterate its caches gets no submissions (the whole graph is submitted at the end)."""
+    Why it exists: ``mx.async_eval`` lets the calling thread run at most ~100 CPU ops ahead of the stream's worker
+    (MLX's back-pressure: more than 10 active tasks of 10 dispatches and the caller waits), so it returns only once
+    the submitted step is nearly computed; a decode step of the demo model is ~1,400 ops, and the next step's graph
+    is built while the worker has ~1 ms of work left. Submitted layer by layer, each layer's build overlaps the
+    computation of the ones before. Why it is off: on the 2-core CPU at load ~2 it cost ~2 ms more CPU per step
+    (more, shorter submissions: the Python thread and the worker each) and the worker was never short of work, so
+    steps were ~12 % slower (docs/benchmarks.md); it can only pay where a core is idle while Python builds
+    (``bench/decode_step.py`` measures both). The graph, and so every result, is the same either way. A forward
+    that does not iterate its caches gets no submissions."""
 
     def __iter__(self):
         prev = None
@@ -278,9 +281,8 @@ class BatchEngine(BatchMembership):
                  mergeable: bool = True, submit_layers: bool | None = None):
         """``mergeable=False``: the family's caches cannot merge into batch caches (its capabilities say
         ``batch=False``): one request at a time, on its own caches. ``submit_layers``: decode forwards hand each
-        layer to the stream as soon as it is built (``SubmittingCaches``); None: ``MACH_SUBMIT_LAYERS`` (auto: on
-        the CPU; on a GPU the launch queue is not the bound and a submission per layer would split its command
-        buffers)."""
+        layer to the stream as soon as it is built (``SubmittingCaches``); None: ``MACH_SUBMIT_LAYERS`` (default
+        off)."""
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.mergeable = mergeable
@@ -297,7 +299,7 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
-        self.submit_layers = resolve_submit_layers(submit_layers, on_cpu=mx.default_device() == mx.cpu)
+        self.submit_layers = resolve_submit_layers(submit_layers)
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
