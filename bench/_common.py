@@ -153,7 +153,8 @@ def drop_caches(paths) -> dict:
 
 
 def safetensors_files(ckpt) -> list[str]:
-    return sorted(str(p) for p in Path(ckpt).glob("*.safetensors"))
+    """The checkpoint's weight files: its safetensors shards and, after ``mach convert``, the expert sidecar."""
+    return sorted(str(p) for p in [*Path(ckpt).glob("*.safetensors"), *Path(ckpt).glob("experts.mach")])
 
 
 def ensure_tiny_checkpoint(root: Path, name: str, **kwargs) -> Path:

@@ -3,15 +3,17 @@
 
 Every token of a fixed, seeded uniform routing (top-k distinct experts per MoE layer, no locality: a bank of F of
 the experts hits about F) is loaded layer by layer with ``store.ensure`` (the engine's own miss path: O_DIRECT
-reads on the I/O threads into staging buffers, slot writes on this thread), and each layer's slot arrays are
+reads on the I/O threads into staging buffers, then the slot writes), and each layer's slot arrays are
 evaluated after its load, as the layer's compute would need them. No model compute runs, so the figure is the miss
 path's own speed: "path tok/s" = tokens / time; "disk-bound tok/s" = the disk's O_DIRECT MB/s (2 MiB random
 blocks x 4 threads, measured before every run and after the last: median) / MB missed per token; their ratio is what the issue's goal
 (decode within 80 % of the disk-bound rate) asks of the I/O and write path. Variants, interleaved, each from a cold
 page cache (dropped before every run) and a fresh load:
 
-* ``ops``: slot writes as MLX ops (``mx.array`` per component + a slice update): the accelerators' way;
-* ``in place``: numpy copies into the bank's host memory (CPU backend; ``io/slot_writes.py``).
+* ``ops``: slot writes as MLX ops (``mx.array`` per component + a slice update; ``MACH_IN_PLACE_WRITES=off``);
+* ``in place``: numpy copies into the bank's memory on the writer threads, beside the reads (the default where
+  the backend allows it: the CPU, MLX CUDA's managed memory; ``io/slot_writes.py``);
+* ``in place serial``: the same copies on the MLX thread, one expert after another (the way before the writers).
 
 Also reported: the share of the time waiting for reads ("read wait"), in host slot writes ("writes") and in
 evaluating the bank arrays after each layer ("bank eval": the MLX ops' deferred copies), and the bank contents
@@ -33,7 +35,7 @@ import numpy as np
 import _common as C
 from p2_streaming import disk_bw, make_checkpoint
 
-VARIANTS = ["ops", "in place"]
+VARIANTS = ["ops", "in place", "in place serial"]
 
 
 def one_run(ckpt, files, routing, slots, variant, a) -> dict:
@@ -44,7 +46,10 @@ def one_run(ckpt, files, routing, slots, variant, a) -> dict:
     drop = C.drop_caches(files)
     _, _, store, _ = load_moe(str(ckpt), expert_residency="streaming", expert_slots=slots, direct_io=True,
                               io_threads=a.io_threads, eviction_policy=a.policy)
-    store.in_place_writes = store.in_place_writes and variant == "in place"
+    store.in_place_writes = store.in_place_writes and variant.startswith("in place")
+    if variant == "in place serial":  # the in-place copies on the MLX thread, not on the writer threads
+        store.writers.close()
+        store.writers = None
     arrays = [[getattr(t.proj, t.comp) for t in b.targets.values()] for b in store.banks]
     for arrs in arrays:  # the banks' memory (lazy at load) is allocated before timing, as the first layer use does
         mx.eval(arrs)

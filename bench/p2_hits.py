@@ -194,11 +194,15 @@ def main():
             res = run_variant(n, ckpt, ids, a)
             results[n].append(res)
             print(f"[p2-hits] round {r} {n}: {res['tps']:.2f} tok/s", flush=True)
-    ref_tokens = results["stacked"][0]["tokens"]
+    stacked = [n for n in names if n.startswith("stacked")]
+    if not stacked:
+        raise SystemExit("p2_hits: name a stacked variant too (the reference for tokens and speed)")
+    ref_tokens = results[stacked[0]][0]["tokens"]
     rows, summary = [], []
     for n in names:
         xs = results[n]
-        base = "stacked compiled" if n.endswith("compiled") and "stacked compiled" in results else "stacked"
+        base = "stacked compiled" if n.endswith("compiled") and "stacked compiled" in results else (
+            "stacked" if "stacked" in results else stacked[0])
         ref = C.median([x["tps"] for x in results[base]])
         tps = C.median([x["tps"] for x in xs])
         same = all(x["tokens"] == ref_tokens for x in xs)

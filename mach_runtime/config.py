@@ -23,6 +23,7 @@ _ENV = {
     "io_threads": ("MACH_IO_THREADS", 4),
     "direct_io": ("MACH_DIRECT_IO", False),
     "prefetch_mb": ("MACH_PREFETCH_MB", 0.0),  # next-layer prefetch budget (MB); 0: off
+    "in_place_writes": ("MACH_IN_PLACE_WRITES", "auto"),  # streaming slot writes by numpy (io/slot_writes.py)
     "api_key": ("MACH_API_KEY", None),
     "prefix_cache": ("MACH_PREFIX_CACHE", True),
     "prefix_cache_gb": ("MACH_PREFIX_CACHE_GB", 2.0),
@@ -133,6 +134,19 @@ def resolve_prefetch_bytes(prefetch_mb=None) -> int:
     then 0 (off: opt-in until it is measured on a realistic routing trace on an accelerator)."""
     mb, where = _raw("prefetch_mb", prefetch_mb)
     return int(_number("prefetch_mb", mb, float, 0.0, where) * 1e6)
+
+
+def resolve_in_place_writes(in_place_writes=None) -> str:
+    """How streaming slot writes reach the bank (``io/slot_writes.py``): argument, then ``MACH_IN_PLACE_WRITES``,
+    then ``auto`` (in place wherever a probe finds the backend's arrays in host-writable memory: the CPU, MLX
+    CUDA's managed memory, Apple's unified memory); ``on`` insists (an error where the probe fails), ``off`` keeps
+    the MLX-op way."""
+    mode, where = _raw("in_place_writes", in_place_writes)
+    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(
+        str(mode).strip().lower(), str(mode).strip().lower())
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: in_place_writes must be auto, on or off, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)

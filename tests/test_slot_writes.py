@@ -1,4 +1,4 @@
-"""Slot writes in place (CPU): the same bank bytes as the MLX-op writes, exact dtype widening, and a pending output
+"""Slot writes in place (the CPU; MLX CUDA's managed memory): the same bank bytes as the MLX-op writes, exact dtype widening, and a pending output
 over a bank is computed before its slots change."""
 
 import mlx.core as mx
@@ -7,10 +7,10 @@ import pytest
 
 from mach_runtime import load_moe
 from mach_runtime.io.expert_bank import to_mx
-from mach_runtime.io.slot_writes import host_value, in_place_arrays
+from mach_runtime.io.slot_writes import host_value, host_writes_reach_device, in_place_arrays
 from tests.helpers import convert, quantize
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="slot writes in place are the CPU backend's")
+pytestmark = pytest.mark.skipif(not host_writes_reach_device(), reason="numpy cannot write this backend's arrays in place")
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16", "q4"])
@@ -79,3 +79,23 @@ def test_pending_output_is_computed_before_its_slots_change(tiny_dir):
         assert np.array_equal(np.array(y), want)
     finally:
         store.close()
+
+
+def test_in_place_mode_follows_config_and_probe(tiny_dir, monkeypatch):
+    """auto follows the probe (numpy writes reach the device: true on the CPU and on MLX CUDA's managed memory),
+    off keeps the MLX-op way, anything else is a ConfigError naming the variable."""
+    from mach_runtime.errors import ConfigError
+    from mach_runtime.io.slot_writes import in_place_backend
+
+    assert in_place_backend() == host_writes_reach_device()
+    if mx.default_device() == mx.cpu:
+        assert host_writes_reach_device()
+    monkeypatch.setenv("MACH_IN_PLACE_WRITES", "off")
+    _, _, store, _ = load_moe(tiny_dir, expert_residency="streaming", expert_slots=4)
+    try:
+        assert not store.in_place_writes
+    finally:
+        store.close()
+    monkeypatch.setenv("MACH_IN_PLACE_WRITES", "sometimes")
+    with pytest.raises(ConfigError, match="MACH_IN_PLACE_WRITES"):
+        in_place_backend()

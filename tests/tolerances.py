@@ -74,8 +74,8 @@ _PROBED: dict = {}
 
 
 def quantized_kernel_error(mode: str, bits: int, group: int) -> float:
-    """The backend's own float32 quantized matmuls (``quantized_matmul`` and ``gather_qmm``, 16 rows, 128 x 128 and
-    128 -> 256 like the tiny models' attention and experts) against float32 matmuls of the same dequantized
+    """The backend's own float32 quantized matmuls (``quantized_matmul`` and ``gather_qmm``, 1 and 16 rows — MLX
+    picks other kernels for one row —, 128 x 128 and 128 -> 256 like the tiny models' attention and experts) against float32 matmuls of the same dequantized
     weights on MLX's CPU: the largest relative error, measured once per process (0 on the CPU)."""
     key = (mode, bits, group)
     if not GPU:
@@ -90,17 +90,18 @@ def quantized_kernel_error(mode: str, bits: int, group: int) -> float:
             q = mx.quantize(w, group, bits, mode=mode, stream=cpu)
             wq, sc, bi = q[0], q[1], (q[2] if len(q) > 2 else None)
             deq = mx.dequantize(wq, sc, bi, group, bits, mode=mode, dtype=mx.float32, stream=cpu)
-            x = mx.random.normal((16, 128), key=key_)
-            idx = mx.array([[0, 1]] * 16, dtype=mx.uint32)
-            got = [mx.quantized_matmul(x, wq[0], sc[0], None if bi is None else bi[0], transpose=True,
-                                       group_size=group, bits=bits, mode=mode),
-                   mx.gather_qmm(x[:, None, None, :], wq, sc, bi, rhs_indices=idx, transpose=True, group_size=group,
-                                 bits=bits, mode=mode)]
-            want = [mx.matmul(x, deq[0].T, stream=cpu),
-                    mx.matmul(x[:, None, None, :], deq[idx].swapaxes(-1, -2), stream=cpu)]
-            for g, r in zip(got, want):
-                g, r = np.array(g, dtype=np.float64), np.array(r, dtype=np.float64)
-                errs.append(float(np.max(np.abs(g - r)) / np.max(np.abs(r))))
+            for rows in (1, 16):  # one row (a decode step, a streaming token group) and a block: other kernels
+                x = mx.random.normal((rows, 128), key=key_)
+                idx = mx.array([[0, 1]] * rows, dtype=mx.uint32)
+                got = [mx.quantized_matmul(x, wq[0], sc[0], None if bi is None else bi[0], transpose=True,
+                                           group_size=group, bits=bits, mode=mode),
+                       mx.gather_qmm(x[:, None, None, :], wq, sc, bi, rhs_indices=idx, transpose=True,
+                                     group_size=group, bits=bits, mode=mode)]
+                want = [mx.matmul(x, deq[0].T, stream=cpu),
+                        mx.matmul(x[:, None, None, :], deq[idx].swapaxes(-1, -2), stream=cpu)]
+                for g, r in zip(got, want):
+                    g, r = np.array(g, dtype=np.float64), np.array(r, dtype=np.float64)
+                    errs.append(float(np.max(np.abs(g - r)) / np.max(np.abs(r))))
         _PROBED[key] = max(errs)
     return _PROBED[key]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 import numpy as np
@@ -24,7 +25,7 @@ from .eviction import EvictionPolicy, make_table
 from .expert_layout import ExpertLayerSource, ExpertLayout
 from .expert_reader import ExpertReader
 from .safetensors_index import DTYPES
-from .slot_writes import host_views, in_place_backend, write_slot
+from .slot_writes import SlotWriters, host_views, in_place_backend, whole_in_place, write_slot
 
 GIB = 1 << 30
 MAX_FENCES = 2  # outputs remembered per bank for in-place slot writes (LayerBank.add_fence)
@@ -192,6 +193,7 @@ class StreamingExpertStore:
         self.preloaded: dict[int, set] = {}  # bank index -> experts an optimistic retry loaded before sync mode
         self.host_syncs = 0  # routing readbacks to the host (per layer in sync mode, per forward when optimistic)
         self.in_place_writes = in_place_backend()  # slot writes by numpy into host memory (slot_writes.py)
+        self.writers: SlotWriters | None = SlotWriters(io_threads)  # None: in-place writes on the MLX thread
         from .optimistic import OptimisticRunner
 
         self.optimistic = OptimisticRunner(self)
@@ -341,60 +343,34 @@ class StreamingExpertStore:
             bank.slot_expert[bank.slot_expert == v] = -1
         self.evictions += len(victims)
         t0 = time.perf_counter()
-        host = host_views(self, bank)  # in place (CPU): evaluates the bank and its fence first
+        host = host_views(self, bank)  # in place: evaluates the bank and its fences first
+        writes: list | None = [] if self.writers and whole_in_place(bank, host) else None  # on writer threads
+        done: list = []
         try:
             for e, views, bufs in self._read_iter(bank, experts):
                 t1 = time.perf_counter()
                 self.read_seconds += t1 - t0
-                write_slot(bank, slot_of[e], views, host=host)  # device copy while the other reads run
-                self.reader.release(bufs)
-                bank.lut[e] = slot_of[e]
-                bank.slot_expert[slot_of[e]] = e
-                self.misses += 1
+                if writes is not None:
+                    writes.append((e, self.writers.submit(bank, slot_of[e], views, host, partial(
+                        self.reader.release, bufs))))
+                else:
+                    write_slot(bank, slot_of[e], views, host=host)  # device copy while the other reads run
+                    self.reader.release(bufs)
+                    done.append(e)
                 t0 = time.perf_counter()
                 self.write_seconds += t0 - t1
         finally:
+            t0 = time.perf_counter()
+            done += [e for e, fut in writes or () if fut.exception() is None]  # waits for every write
+            self.write_seconds += time.perf_counter() - t0
+            for e in done:
+                bank.lut[e], bank.slot_expert[slot_of[e]] = slot_of[e], e
+            self.misses += len(done)
             for e in experts:  # slots whose expert never arrived go back to the free list
                 if bank.lut[e] < 0 and slot_of[e] not in bank.free:
                     bank.free.append(slot_of[e])
-
-    def fill_arena(self, bank: LayerBank, arena, where: dict) -> None:
-        """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a
-        device copy (hits), the others from disk (misses), those also into free bank slots while any are left
-        (never evicting). See prefill_arena.py."""
-        bank.last_used = tuple(sorted(where))
-        if self.trace is not None:
-            self.trace.append((bank.source.layer, bank.last_used))
-        pairs = {(id(t.proj), t.comp): (t.proj, t.comp) for t in bank.targets.values()}
-        resident = [e for e in where if bank.lut[e] >= 0]
-        missing = [e for e in where if bank.lut[e] < 0]
-        for e in resident:
-            for proj, comp in pairs.values():
-                getattr(arena.projs[id(proj)], comp)[where[e]] = getattr(proj, comp)[int(bank.lut[e])]
-        self.hits += len(resident)
-        if not missing:
-            return
-        added = []
-        host = host_views(self, bank, arena.projs)  # evaluates the copies above first
-        t0 = time.perf_counter()
-        try:
-            for e, views, bufs in self._read_iter(bank, missing):
-                self.read_seconds += time.perf_counter() - t0
-                write_slot(bank, where[e], views, arena.projs, host)
-                if bank.free:  # a free decode slot: keep it too (warms a cold bank, evicts nothing)
-                    slot = bank.free.pop()
-                    write_slot(bank, slot, views, host=host)
-                    bank.lut[e], bank.slot_expert[slot] = slot, e
-                    added.append(e)
-                self.reader.release(bufs)
-                self.misses += 1
-                t0 = time.perf_counter()
-        finally:
-            if added:
-                bank.policy.step(added)
-                bank.version += 1
-                if bank.glu is not None:
-                    bank.glu.slot_of = bank.device_table()
+        for _, fut in writes or ():
+            fut.result()  # a failed write raises here (its expert is not resident)
 
     def _read_iter(self, bank: LayerBank, experts: list[int]):
         """(expert, views, staging buffers) for each expert: prefetched bytes first, then fresh reads as they
@@ -467,6 +443,8 @@ class StreamingExpertStore:
         with self._staged_lock:
             self._staged.clear()
         self.reader.close()
+        if self.writers is not None:
+            self.writers.close()
 
 
 class ResidentExpertStore:

@@ -19,7 +19,11 @@ arena's arrays exist while prefill chunks come and are dropped by the next small
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+from .slot_writes import host_views, write_slot
 
 ARENA_MIN_ROWS = 33  # calls with fewer token rows (decode, verify blocks) use the bank itself
 
@@ -72,9 +76,48 @@ def arena_forward(glu, xf, inds: np.ndarray):
         chunk = inds[a:b]
         needed = np.unique(chunk).tolist()
         where = {e: i for i, e in enumerate(needed)}  # expert -> arena slot
-        store.fill_arena(bank, arena, where)
+        fill_arena(store, bank, arena, where)
         slot_idx = mx.array(np.vectorize(where.__getitem__, otypes=[np.int32])(chunk))
         y = switch_glu(xf[a:b], slot_idx, arena.gate_up, arena.down, glu._activation, glu.inter)
         mx.eval(y)  # the next group, or the next layer, overwrites the arena
         outs.append(y)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+
+
+def fill_arena(store, bank, arena, where: dict) -> None:
+    """Puts the experts ``where`` names (expert -> arena slot) into the prefill arena: bank-resident ones by a
+    device copy (hits), the others from disk (misses), those also into free bank slots while any are left
+    (never evicting): the store's reads, slot writes and counters."""
+    bank.last_used = tuple(sorted(where))
+    if store.trace is not None:
+        store.trace.append((bank.source.layer, bank.last_used))
+    pairs = {(id(t.proj), t.comp): (t.proj, t.comp) for t in bank.targets.values()}
+    resident = [e for e in where if bank.lut[e] >= 0]
+    missing = [e for e in where if bank.lut[e] < 0]
+    for e in resident:
+        for proj, comp in pairs.values():
+            getattr(arena.projs[id(proj)], comp)[where[e]] = getattr(proj, comp)[int(bank.lut[e])]
+    store.hits += len(resident)
+    if not missing:
+        return
+    added = []
+    host = host_views(store, bank, arena.projs)  # evaluates the copies above first
+    t0 = time.perf_counter()
+    try:
+        for e, views, bufs in store._read_iter(bank, missing):
+            store.read_seconds += time.perf_counter() - t0
+            write_slot(bank, where[e], views, arena.projs, host)
+            if bank.free:  # a free decode slot: keep it too (warms a cold bank, evicts nothing)
+                slot = bank.free.pop()
+                write_slot(bank, slot, views, host=host)
+                bank.lut[e], bank.slot_expert[slot] = slot, e
+                added.append(e)
+            store.reader.release(bufs)
+            store.misses += 1
+            t0 = time.perf_counter()
+    finally:
+        if added:
+            bank.policy.step(added)
+            bank.version += 1
+            if bank.glu is not None:
+                bank.glu.slot_of = bank.device_table()

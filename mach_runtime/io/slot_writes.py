@@ -2,7 +2,8 @@
 
 Two ways, the same values:
 
-* **in place** (the CPU backend, the default there): the slot arrays live in host memory, so numpy copies each
+* **in place** (the default wherever numpy can write the backend's arrays: the CPU, MLX CUDA's managed memory,
+  Apple's unified memory; ``host_writes_reach_device`` probes it once): numpy copies each
   component from the reader's staging buffer straight into the array's own memory: one copy, no MLX op per
   expert (bf16/f16 -> f32 widening, when the bank computes in f32, is done exactly on the host). A load first
   evaluates the arrays it writes and the bank's fences (the latest outputs computed over that bank, which
@@ -10,14 +11,18 @@ Two ways, the same values:
   computed at once instead), so no graph still to run can read a slot while its bytes change. Arrays whose
   components need a transform (transposes, de-interleaving, FP8 block scales) or a product (float FP8 scales) are
   never written in place: an array takes one way or the other, never both.
-* **as MLX ops** (accelerators): ``mx.array(bytes)`` and a slice update per component.
+* **as MLX ops** (``MACH_IN_PLACE_WRITES=off``, or a backend whose arrays numpy cannot write):
+  ``mx.array(bytes)`` and a slice update per component.
 
 Why: the MLX-op way made the CPU's miss path copy every byte twice and run 9 ops per expert (216 per layer for
 24 misses of a 30B-A3B-shaped layer): 52-139 ms per layer, against 22-28 ms in place (docs/benchmarks.md,
-"Third pass").
+"Third pass"). On an H200 (MLX CUDA, managed memory) in place took the miss path from 0.39x to 0.66x of the
+disk-bound rate ("Fourth pass").
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,11 +36,52 @@ _SAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32"
          "I8": "int8", "I32": "int32"}
 
 
-def in_place_backend() -> bool:
-    """Whether slot arrays are host memory written by numpy: the CPU backend."""
+_PROBED: dict = {}  # device -> whether host writes reach it (host_writes_reach_device)
+
+
+def host_writes_reach_device() -> bool:
+    """Whether numpy can write an evaluated MLX array's memory in place and the default device then computes on
+    the written values, also after the device has used that memory (probed once per device, on 1 MiB: the
+    allocator's path for slot-array-sized buffers)."""
     import mlx.core as mx
 
-    return mx.default_device() == mx.cpu
+    dev = str(mx.default_device())
+    if dev not in _PROBED:
+        ok = False
+        try:
+            a = mx.zeros((1 << 18,), dtype=mx.uint32)
+            mx.eval(a)
+            v = np.array(a, copy=False)
+            if v.flags.writeable and v.flags.c_contiguous and v.size == a.size:
+                ok = True
+                for salt in (1, 7):  # the second round writes memory the device has just read
+                    want = np.arange(a.size, dtype=np.uint32) * np.uint32(salt)
+                    v[:] = want
+                    got = a + 0
+                    mx.eval(got)
+                    ok = ok and bool(np.array_equal(np.array(got), want))
+        except Exception:  # noqa: BLE001 - any failure means "not this way"
+            ok = False
+        _PROBED[dev] = ok
+    return _PROBED[dev]
+
+
+def in_place_backend(mode: str | None = None) -> bool:
+    """Whether streaming slot writes go in place (``MACH_IN_PLACE_WRITES``: auto follows the probe, on insists,
+    off keeps the MLX-op way)."""
+    from ..config import resolve_in_place_writes
+    from ..errors import ConfigError
+
+    mode = resolve_in_place_writes(mode)
+    if mode == "off":
+        return False
+    ok = host_writes_reach_device()
+    if mode == "on" and not ok:
+        import mlx.core as mx
+
+        raise ConfigError(f"in_place_writes=on (MACH_IN_PLACE_WRITES): numpy cannot write MLX arrays in place on "
+                          f"{mx.default_device()}; use auto or off")
+    return ok
 
 
 def _dtype_name(dtype) -> str:
@@ -137,7 +183,7 @@ def write_slot(bank, slot: int, views: list, projs: dict | None = None, host: Ho
 
 def host_views(store, bank, projs: dict | None = None) -> HostViews | None:
     """HostViews of ``bank``'s in-place arrays (and, with ``projs``, of the arena's arrays that stand for them),
-    or None when slot writes are MLX ops (``store.in_place_writes`` off: not the CPU backend, or turned off)."""
+    or None when slot writes are MLX ops (``store.in_place_writes`` off: the backend cannot, or turned off)."""
     if not store.in_place_writes:
         return None
     keys = in_place_arrays(bank)
@@ -156,3 +202,36 @@ def host_views(store, bank, projs: dict | None = None) -> HostViews | None:
         return None
     bank.fences.clear()
     return views
+
+
+def whole_in_place(bank, host: HostViews | None) -> bool:
+    """Whether every component of ``bank`` is written in place: ``write_slot`` is then numpy only, safe on any
+    thread for distinct slots."""
+    if host is None:
+        return False
+    keys = in_place_arrays(bank)
+    return all((id(t.proj), t.comp) in keys for t in bank.targets.values())
+
+
+class SlotWriters:
+    """Worker threads for in-place slot writes: a missed expert's bytes are copied into its slot (numpy releases
+    the GIL for the copy) while the MLX thread collects the next reads, so reads and writes overlap. On MLX CUDA a
+    write is also where the slot's managed pages come back from the device: serial writes were half of a missed
+    token there (docs/benchmarks.md, "Fourth pass")."""
+
+    def __init__(self, threads: int):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mach-slot-write")
+
+    def submit(self, bank, slot: int, views: list, host: HostViews, release):
+        """Writes one expert into ``slot`` on a worker, then ``release()``s its staging buffers; a Future."""
+
+        def run():
+            try:
+                write_slot(bank, slot, views, host=host)
+            finally:
+                release()
+
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
