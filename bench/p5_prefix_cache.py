@@ -148,8 +148,8 @@ def mlx_lm_floor(ckpt, prefix, suffix, reps: int = 12) -> dict:
 
     times = {"fresh": [], "hit": [], "cold": []}
     for r in range(reps + 1):
-        for name, fn in ((("fresh", fresh), ("hit", hit)) if r % 2 else (("hit", hit), ("fresh", fresh)))
-                         + ((("cold", cold),) if r % 4 == 0 else ())):
+        order = (("fresh", fresh), ("hit", hit)) if r % 2 else (("hit", hit), ("fresh", fresh))
+        for name, fn in order + ((("cold", cold),) if r % 4 == 0 else ()):
             t0 = time.perf_counter()
             mx.argmax(fn()[0, -1]).item()
             if r:  # the first round warms up
