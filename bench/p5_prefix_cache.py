@@ -366,8 +366,8 @@ def main():
                     floor = mlx_lm_floor(ckpt, prefix, suffixes[1])
                     cold = js["cold"]["ttft_s"][0] * 1000
                     js["mlx_lm_floor_ms"] = floor
-                    r += [[f"{name}: mlx-lm bare", n if k != "fresh" else 0, k, f"{v:.1f}", f"{cold / v:.1f}x", "-", "-"]
-                          for k, v in floor.items()]
+                    r += [[f"{name}: mlx-lm bare", n if k != "fresh" else 0, k, f"{v:.1f}", f"{cold / v:.1f}x", "-",
+                           "-"] for k, v in floor.items()]
                 rows += r
                 result["ttft"][name] = js
                 _common.write_json(args.out, result)

@@ -125,7 +125,7 @@ class Prefill:
         self.column = 0  # prompt columns fed so far
         self.points = points or {}  # column -> [(row, request_id, tokens)]: ``on_point`` after that chunk
         self.on_point = on_point
-        self.first = None  # (tokens, logprobs) drawn from each row's last logits by the last chunk (BatchEngine)
+        self.drawn = {}  # "first": (tokens, logprobs) drawn from the rows' last logits by the last chunk (BatchEngine)
 
     @property
     def request_ids(self) -> list[str]:
@@ -315,7 +315,7 @@ class BatchEngine(BatchMembership):
         last = [len(r[4]) - 1 for r in rows]  # the prefill column of each row's last token
         width = max(last) + 1
         picked: dict = {}  # row -> its last token's logits [V]
-        pf = None
+        drawn: dict = {}  # "first": (tokens, logprobs) (the closure holds no reference to the Prefill: no cycle)
 
         def forward(tokens, start):
             end = start + tokens.shape[1]
@@ -330,11 +330,12 @@ class BatchEngine(BatchMembership):
                 picked[i] = logits[j]
             if end < width:
                 return logits
-            pf.first = self._first_draws(seqs, mx.stack([picked[i] for i in range(len(seqs))]))
-            return [pf.first[0], *(pf.first[1] or ())]
+            tokens, lp = drawn["first"] = self._first_draws(seqs, mx.stack([picked[i] for i in range(len(seqs))]))
+            return [tokens, *(lp or ())]
 
         pf = boundary_prefill(seqs, merged, rows, prefill_step or self.prefill_step, forward, self.on_boundary,
                               lambda row: [c.extract(row) for c in merged] if self.mergeable else list(merged))
+        pf.drawn = drawn
         return pf
 
     def _first_draws(self, seqs: list, raw: mx.array) -> tuple:
@@ -347,7 +348,7 @@ class BatchEngine(BatchMembership):
         """Adds a finished ``Prefill``'s rows to the batch with their next token drawn (their outputs wait in
         ``take_ready``); returns their records."""
         members = super().join(prefill)
-        tokens, lp = prefill.first
+        tokens, lp = prefill.drawn.pop("first")
         lps = [a.tolist() for a in lp] if lp is not None else None
         self._ready.extend(self._record(members, tokens.tolist(), lps, skip_finished=True))
         return members

@@ -210,8 +210,7 @@ class BlockSpecDecEngine:
                step: int, boundaries=()) -> Prefill:
         """Checks the request, sets up its run and returns the chunked prefill of the prompt (its last chunk also
         gives the last token's logits, which ``_decode`` samples the first token from), split at its prefix-cache
-        ``boundaries``
-        (``on_boundary``, as in every lane: ``batch.boundary_prefill``)."""
+        ``boundaries`` (``on_boundary``, as in every lane: ``batch.boundary_prefill``)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids += resume
         if not ids:
@@ -241,16 +240,8 @@ class BlockSpecDecEngine:
                 drafter.resume(draft_state, cached)
         run._begin(ids, cache, emitter, drafter, cached)
         run._plan = (params, len(resume), max_tokens, pol, capture)
-        chunk, width = self.target.chunk_forward(cache, capture, drafter.observe if capture else None), len(ids) - cached
-
-        def forward(rows, start):  # the last chunk holds the prompt's last token: its logits draw the first token
-            if start + rows.shape[1] < width:
-                return chunk(rows, start)
-            run._first, h = self.target.forward(rows[0], cache, capture, logits="last")
-            if h is not None and capture:
-                drafter.observe(h)
-            return [run._first] + ([h] if h is not None else [])
-
+        forward = self.target.prompt_forward(cache, len(ids) - cached, run._first, capture,
+                                             drafter.observe if capture else None)
         run._prefill = boundary_prefill([run], cache, [(run.request_id, ids, cached, boundaries, ids[cached:])],
                                         step, forward, self.on_boundary, lambda row: list(cache))
         return run._prefill
@@ -259,7 +250,7 @@ class BlockSpecDecEngine:
         ids, cache, emitter, drafter, _ = run._state
         params, pos0, max_tokens, pol, capture = run._plan  # pos0: completion positions (sampling keys) continue
         cfg = self.config  # after the resumed tokens
-        logits, run._first = run._first, None  # the prefill's last chunk fed the prompt's last token
+        logits = run._first.pop("logits")  # the prefill's last chunk fed the prompt's last token
         run._extent = len(ids)  # tokens in the cache
         staged = int(sample(logits, params, pos0, [ids]).item())
         self._stats.add_prompt_commit()
@@ -445,7 +436,7 @@ class SpecDecRun:
         self._state = None  # (ids, cache, emitter, drafter, run number) once the prefill starts
         self._plan = None  # (params, resumed tokens, new-token budget, block policy, captured layers)
         self._prefill = None  # the ``batch.Prefill`` of the prompt (from its cached prefix on)
-        self._first = None  # the logits [1, V] of the prompt's last token, from the prefill's last chunk
+        self._first = {}  # "logits": [1, V] of the prompt's last token, from the prefill's last chunk
         self._extent = None  # tokens the cache covers (after the prefill, at each yield)
         self._last = None  # the last cycle's (checkpoint, block, accepted): undoes accepted tokens past a stop
         self._failed = False

@@ -178,16 +178,30 @@ class TargetOps:
 
         return forward
 
+    def prompt_forward(self, cache, width: int, out: dict, capture=(), on_hidden=None):
+        """``chunk_forward`` over a prompt's ``width`` uncached tokens, except that the chunk holding its last token
+        also computes that token's logits [1, V] (``out["logits"]``): the first token is drawn from them, with no
+        forward of its own."""
+        chunk = self.chunk_forward(cache, capture, on_hidden)
+
+        def forward(rows, start):
+            if start + rows.shape[1] < width:
+                return chunk(rows, start)
+            out["logits"], h = self.forward(rows[0], cache, capture, logits="last")
+            if h is not None and on_hidden is not None:
+                on_hidden(h)
+            return [out["logits"]] + ([h] if h is not None else [])
+
+        return forward
+
     def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
-        """All prompt tokens through the target (all but the last in ``prefill_chunks``); returns the logits [V]
-        of the last one."""
-        for _ in self.prefill_chunks(tokens[:-1], cache, step, capture, on_hidden):
+        """All prompt tokens through the target in chunks (``prompt_forward``: the last chunk also gives the last
+        token's logits); returns those logits [V]."""
+        out, tokens = {}, [int(t) for t in tokens]
+        forward = self.prompt_forward(cache, len(tokens), out, capture, on_hidden)
+        for _ in prefill_chunks(cache, [tokens], step, forward):
             pass
-        logits, h = self.forward(mx.array(tokens[-1:], dtype=mx.uint32), cache, capture, logits="last")
-        mx.eval(logits, h)
-        if h is not None and on_hidden is not None:
-            on_hidden(h)
-        return logits[0]
+        return out["logits"][0]
 
 
 # -- rollback ---------------------------------------------------------------------------------------------
