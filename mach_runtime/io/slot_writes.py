@@ -91,7 +91,7 @@ def _dtype_name(dtype) -> str:
 def host_value(buf: np.ndarray, st_dtype: str, shape: tuple, arr_dtype) -> np.ndarray | None:
     """Raw bytes of one component as numpy values of the slot array's host dtype, exactly; None when the pair
     has no exact host conversion (the component is written as MLX ops)."""
-    name = _dtype_name(arr_dtype)
+    name = arr_dtype if isinstance(arr_dtype, str) else _dtype_name(arr_dtype)
     if name not in _HOST or st_dtype not in DTYPES:
         return None
     src = buf.view(DTYPES[st_dtype][1]).reshape(shape)
@@ -142,8 +142,10 @@ class HostViews:
 
         mx.eval(*fences, *[getattr(p, c) for p, c in arrays.values()])
         self.views = {}
+        self.dtypes = {}  # the arrays' MLX dtype names: writes need no MLX object (they may run on other threads)
         for key, (proj, comp) in arrays.items():
             arr = getattr(proj, comp)
+            self.dtypes[key] = _dtype_name(arr.dtype)
             if arr.dtype == mx.bfloat16:
                 arr = arr.view(mx.uint16)  # numpy has no bfloat16; the view shares the array's memory
                 mx.eval(arr)
@@ -168,10 +170,11 @@ def write_slot(bank, slot: int, views: list, projs: dict | None = None, host: Ho
     for i, (key, comp) in enumerate(bank.source.components.items()):
         t = bank.targets[key]
         proj = projs.get(id(t.proj), t.proj) if projs else t.proj
-        arr = getattr(proj, t.comp)
-        if (id(t.proj), t.comp) in inplace:
-            host.write((id(proj), t.comp), slot, t.rows, host_value(views[i], comp.dtype, comp.shape, arr.dtype))
+        if (id(t.proj), t.comp) in inplace:  # numpy only: no MLX object is touched (SlotWriters' threads)
+            key = (id(proj), t.comp)
+            host.write(key, slot, t.rows, host_value(views[i], comp.dtype, comp.shape, host.dtypes[key]))
             continue
+        arr = getattr(proj, t.comp)
         dt = mx.float32 if t.multiply else arr.dtype
         value = to_mx(views[i], comp.dtype, comp.shape, dt)
         if t.transform:
