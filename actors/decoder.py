@@ -168,7 +168,7 @@ class Decoder(DecoderPrefixCache):
             t = time.perf_counter()
             events = self._step(sched)
             stepped = any(e.token_ids for e in events)
-            if stepped:
+            if any(e.index for e in events if e.token_ids):  # a decode step (not only first tokens of a prefill)
                 self._step_s = time.perf_counter() - t
             for e in events:
                 self._post(e)

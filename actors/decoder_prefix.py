@@ -44,7 +44,10 @@ class DecoderPrefixCache:
         store = self.saver is not None and self.saver.wants(len(m.prompt_ids), m.session_id)
         cached = m.cached_tokens if kv is not None else 0
         # exact-only caches: snapshot points at block boundaries of a fresh prompt's prefill
-        points = self.saver.boundaries(len(m.prompt_ids), cached) if self.saver is not None and not generated else ()
+        points = ()
+        if self.saver is not None and not generated:
+            n = len(m.prompt_ids)
+            points = tuple(sorted({*self.saver.boundaries(n, cached), *self.saver.admission_point(n, cached)}))
         return Request(m.request_id, m.prompt_ids, m.params, generated, kv, cached, store, boundaries=points)
 
     def _prefilled(self, request_id, extract, tokens, cached) -> None:

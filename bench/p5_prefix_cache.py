@@ -10,6 +10,10 @@ long shared prefix + a short suffix, time from submitting it to its first token.
 * L2: a fresh Runtime over the same ``prefix_cache_dir`` (L1 empty), page cache dropped (``echo 3 >
   /proc/sys/vm/drop_caches`` as root, + fadvise) right before the request: the snapshot is read from disk cold.
 
+On the demo model it also times the floor: mlx-lm's own model, bare (no runtime), forwarding the same suffix alone,
+over the prefix's KV, and the whole prompt; "vs cold" of those rows divides the Runtime's cold TTFT by them (the
+L1 ratio a runtime adding nothing to mlx-lm's forward would reach).
+
 Before every timed request of every case the page cache is dropped the same way (streaming residency then
 reads its experts cold too; expert bytes read per request are reported). Models: the bundled demo model
 (context 1024: a ~900-token prefix) stacked, and a larger random qwen3_moe (hidden 512, 8 layers, 64 experts
@@ -104,6 +108,53 @@ async def ttft_case(ckpt, prefix, suffixes, residency, cache_gb, l2_dir):
         async with Runtime.open(ckpt, prefix_cache_dir=l2_dir, **kw) as rt:
             out["l2"].append(await _ttft(rt, p, files + l2_files))
     return out
+
+
+def mlx_lm_floor(ckpt, prefix, suffix, reps: int = 12) -> dict:
+    """The independent floor of a hit: mlx-lm's own model (``mlx_lm.load``, float32 on the CPU as ``load_moe`` runs
+    it; this process's BLAS) timed bare, no runtime around it: ``fresh`` = one forward of the suffix alone +
+    argmax; ``hit`` = the prefix's KV copied into fresh ``KVCache``s (as a restore does) + one forward of the
+    suffix + argmax; ``cold`` = the whole prompt in 512-token chunks + argmax. Medians (ms) of ``reps``,
+    alternating."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    model, _ = mlx_lm.load(str(ckpt))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # as load_moe does on the CPU (MLX's CPU gather_mm takes float32 only)
+    kv = make_prompt_cache(model)
+    model(mx.array([prefix]), cache=kv)
+    host = [(np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])) for c in kv]
+
+    def fresh():
+        return model(mx.array([suffix]), cache=make_prompt_cache(model))
+
+    def hit():
+        cache = []
+        for k, v in host:
+            c = KVCache()
+            c.keys, c.values, c.offset = mx.array(k), mx.array(v), k.shape[2]
+            cache.append(c)
+        return model(mx.array([suffix]), cache=cache)
+
+    def cold():
+        cache, ids = make_prompt_cache(model), prefix + suffix
+        for s in range(0, len(ids) - 512, 512):
+            model(mx.array([ids[s : s + 512]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        return model(mx.array([ids[len(ids) - 1 - (len(ids) - 1) % 512 :]]), cache=cache)
+
+    times = {"fresh": [], "hit": [], "cold": []}
+    for r in range(reps + 1):
+        order = (("fresh", fresh), ("hit", hit)) if r % 2 else (("hit", hit), ("fresh", fresh))
+        for name, fn in order + ((("cold", cold),) if r % 4 == 0 else ()):
+            t0 = time.perf_counter()
+            mx.argmax(fn()[0, -1]).item()
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {k: _common.median(v) * 1000 for k, v in times.items()}
 
 
 def summarize(name, res, n_prefix):
@@ -311,6 +362,12 @@ def main():
                 print(f"[p5] TTFT {name}: prefix {n} + suffix {SUFFIX_LEN}", flush=True)
                 res = anyio.run(ttft_case, ckpt, prefix, suffixes, residency, gb, work / f"l2_{len(rows)}")
                 r, js = summarize(name, res, n)
+                if ckpt == demo:  # the floor: mlx-lm's own forwards of the same prompts, bare
+                    floor = mlx_lm_floor(ckpt, prefix, suffixes[1])
+                    cold = js["cold"]["ttft_s"][0] * 1000
+                    js["mlx_lm_floor_ms"] = floor
+                    r += [[f"{name}: mlx-lm bare", n if k != "fresh" else 0, k, f"{v:.1f}", f"{cold / v:.1f}x", "-",
+                           "-"] for k, v in floor.items()]
                 rows += r
                 result["ttft"][name] = js
                 _common.write_json(args.out, result)

@@ -9,13 +9,18 @@ waves) run untimed as a closed-8 scenario of the same prompts and lengths, so JI
 kernels per new shape: 26 s of one cold closed-8 run on an H200) and first-use allocations are not measured.
 ``--rates ''`` runs closed-8 only. The JSON records each server's command line and its startup log lines
 (mach-serve's decode path, spec batch, lane and block policy) next to its results, and mach-serve's ``/v1/stats``
-decoder counters at the end (batch sizes, spec-batch cycles and moves, prefill chunks).
+decoder counters at the end (batch sizes, spec-batch cycles and moves, prefill chunks). Each scenario records the
+1-minute load average before and after it (the table's last column): CPU numbers taken on a busy machine compare
+little. Ratios: every mach-serve kind against ``mlx_lm.server-openblas`` (like for like) and ``mlx_lm.server``,
+whichever ran.
 
 Servers: ``mach-serve`` with the bundled DFlash draft as its GPU default for the demo pair runs it (spec batch of
 4, fixed blocks: ``mach_runtime/cli/serve.py``), ``mach-serve-target`` (no draft: target-only continuous batching,
 its CPU default) and
 ``mlx_lm.server`` as users run it (``--draft-model`` does not apply: a DFlash draft is not an mlx-lm model), and
-``mlx_lm.server-openblas`` (the same on mach's CPU OpenBLAS, docs/cpu_blas.md: like for like on the CPU).
+``mlx_lm.server-openblas`` (the same on mach's CPU OpenBLAS, docs/cpu_blas.md: like for like on the CPU), and
+``mach-serve-target-layers`` (``mach-serve-target`` with ``MACH_SUBMIT_LAYERS=1``: each decode forward handed to
+MLX layer by layer instead of whole, ``engine.batch.SubmittingCaches``).
 
 Scenarios: ``closed-8`` (8 concurrent streaming clients, each sending its next request when the last one ends:
 the issue's goal is >= 1.5x mlx_lm.server's throughput here with p99 TTFT no worse) and Poisson arrivals at each
@@ -84,7 +89,10 @@ def start(kind: str, ckpt: Path, port: int, max_batch: int, log: Path, draft: st
         cmd = [sys.executable, *run, "server", "--model", str(ckpt), "--port", str(port),
                "--decode-concurrency", str(max_batch), "--prompt-concurrency", str(max_batch),
                "--log-level", "WARNING"]
-    return cmd, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if kind.endswith("-layers"):  # decode forwards submitted layer by layer (engine.batch.SubmittingCaches)
+        env["MACH_SUBMIT_LAYERS"] = "1"
+    return cmd, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
 def startup_lines(log: Path) -> list[str]:
@@ -218,12 +226,15 @@ def main() -> int:
                 print(f"{kind}: {ln}", flush=True)
             runs = [("closed-8", dict(clients=8))] + [(f"poisson-{r:g}/s", dict(rate=r)) for r in rates]
             for name, kw in runs:
+                load = os.getloadavg()[0]
                 res = anyio.run(lambda: scenario(base, model, name, a.requests, a.max_tokens, tok, **kw))
+                res["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min, before / after
                 out["results"].setdefault(kind, []).append(res)
                 rows.append([kind, name, res["tokens"], f"{res['throughput_tok_s']:.1f}", f"{res['ttft_p50_ms']:.0f}",
-                             f"{res['ttft_p99_ms']:.0f}", f"{res['itl_p50_ms']:.1f}", f"{res['itl_p99_ms']:.1f}"])
+                             f"{res['ttft_p99_ms']:.0f}", f"{res['itl_p50_ms']:.1f}", f"{res['itl_p99_ms']:.1f}",
+                             "{:.1f}-{:.1f}".format(*res["load_average"])])
                 print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50", "TTFT p99",
-                                         "ITL p50", "ITL p99"], rows[-1:]), flush=True)
+                                         "ITL p50", "ITL p99", "load"], rows[-1:]), flush=True)
             if kind.startswith("mach-serve"):  # lanes, moves, batch sizes, prefill chunks over warm-up + scenarios
                 import httpx
 
@@ -236,19 +247,21 @@ def main() -> int:
                 proc.kill()
     print()
     print(_common.fmt_table(["server", "scenario", "tokens", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-                             "ITL p99 ms"], rows))
+                             "ITL p99 ms", "load avg"], rows))
     res = out["results"]
-    base = res.get("mlx_lm.server")
-    if base:
+    bases = [b for b in ("mlx_lm.server-openblas", "mlx_lm.server") if b in res]  # like for like first (CPU)
+    if bases:
         out["ratios"] = {}
         for kind, runs in res.items():
-            if kind == "mlx_lm.server":
-                continue
-            for m, b in zip(runs, base):
-                same = sum(m["texts"].get(p) == b["texts"].get(p) for p in m["texts"])
-                out["ratios"].setdefault(kind, {})[m["scenario"]] = {
-                    "throughput_x": m["throughput_tok_s"] / b["throughput_tok_s"],
-                    "ttft_p99_x": m["ttft_p99_ms"] / b["ttft_p99_ms"], "same_text_prompts": f"{same}/{len(m['texts'])}"}
+            for base_kind in bases:
+                if kind.startswith("mlx_lm.server"):
+                    continue
+                for m, b in zip(runs, res[base_kind]):
+                    same = sum(m["texts"].get(p) == b["texts"].get(p) for p in m["texts"])
+                    out["ratios"].setdefault(f"{kind} / {base_kind}", {})[m["scenario"]] = {
+                        "throughput_x": m["throughput_tok_s"] / b["throughput_tok_s"],
+                        "ttft_p99_x": m["ttft_p99_ms"] / b["ttft_p99_ms"],
+                        "same_text_prompts": f"{same}/{len(m['texts'])}"}
         print(json.dumps(out["ratios"], indent=1))
     _common.write_json(a.out, out)
     print("wrote", a.out)

@@ -39,6 +39,7 @@ _ENV = {
     "import_torch": ("MACH_IMPORT_TORCH", False),  # let transformers import torch in our CLI processes
     "cpu_blas": ("MACH_CPU_BLAS", "auto"),
     "cpu_blas_threads": ("MACH_CPU_BLAS_THREADS", 1),
+    "submit_layers": ("MACH_SUBMIT_LAYERS", False),  # decode forwards handed to the stream layer by layer
 }
 
 # Fraction of the routed-expert bytes the streaming bank gets when no budget is given.
@@ -304,3 +305,10 @@ def resolve_cpu_blas_config(mode=None, threads=None) -> CpuBlasConfig:
         raise ConfigError(f"{where}: cpu_blas_threads must be an integer >= 1, got {t!r}")
     t = _number("cpu_blas_threads", t, int, 1, where)
     return CpuBlasConfig(m, int(t))
+
+
+def resolve_submit_layers(submit_layers=None) -> bool:
+    """Whether a batch decode forward is handed to the MLX stream layer by layer (``engine.batch.SubmittingCaches``):
+    argument, then ``MACH_SUBMIT_LAYERS`` (1/0), then off."""
+    v, where = _raw("submit_layers", submit_layers)
+    return _as_bool(v, where)

@@ -157,3 +157,57 @@ def test_whole_prompt_cached_is_cut_to_all_but_the_last_token(tiny_dir):
             if o.finish_reason:
                 eng.remove(o.request_id)
     assert got == greedy(model, ids, 6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "gpt_oss"])
+def test_layer_by_layer_submission_changes_nothing_but_when_work_is_queued(tiny_dir, family, monkeypatch):
+    """Decode forwards handed to the stream layer by layer (``SubmittingCaches``, ``MACH_SUBMIT_LAYERS=1``) compute
+    what the whole-graph submission computes, bit for bit (tokens and their log-probabilities), and do submit per
+    layer."""
+    from tests.family_helpers import FAMILIES
+
+    model, tok, store, _ = load_moe(tiny_dir if family == "qwen3_moe" else FAMILIES[family],
+                                    expert_residency="stacked")
+    calls = []
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append(len(a)), real(*a))[1])
+    params = [SamplingParams(max_tokens=7, logprobs=True, top_logprobs=3),
+              SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=6)]
+    outs, launches = {}, {}
+    for submit in (False, True):
+        eng = BatchEngine(model, tok, max_batch=3, submit_layers=submit)
+        eng.eos = frozenset()
+        calls.clear()
+        got = {i: [] for i in range(3)}
+        for i, p in enumerate(params):
+            eng.add(f"r{i}", tok.encode(PROMPTS[i]), p)
+        while eng.active:
+            for o in eng.step():
+                got[int(o.request_id[1:])].append((o.token, o.logprobs))
+                if o.finish_reason:
+                    eng.remove(o.request_id)
+        outs[submit], launches[submit] = got, (eng.steps, len(calls))
+    assert outs[True] == outs[False]
+    assert all(len(outs[True][i]) == p.max_tokens for i, p in enumerate(params))
+    n_layers = len(model.layers)
+    steps, n_calls = launches[False]
+    assert n_calls <= steps + 1  # one submission per launch (the pipelined launch that ran past the end included)
+    steps, n_calls = launches[True]
+    assert n_calls >= steps * n_layers  # and layer by layer: n_layers - 1 during the forward, 1 at the end
+    store.close() if store is not None else None
+
+
+def test_submission_setting_argument_then_environment_then_off(tiny_dir, monkeypatch):
+    from mach_runtime.errors import ConfigError
+
+    model, tok, store, _ = load_moe(tiny_dir)
+    monkeypatch.delenv("MACH_SUBMIT_LAYERS", raising=False)
+    assert BatchEngine(model, tok).submit_layers is False
+    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "1")
+    assert BatchEngine(model, tok).submit_layers is True
+    assert BatchEngine(model, tok, submit_layers=False).submit_layers is False
+    monkeypatch.setenv("MACH_SUBMIT_LAYERS", "sometimes")
+    with pytest.raises(ConfigError, match="MACH_SUBMIT_LAYERS"):
+        BatchEngine(model, tok)
+    store.close()

@@ -126,10 +126,11 @@ def test_every_lane_prefills_in_chunks_between_decode_steps(model, spec_lanes):
     long = tuple(tok.encode("while True:\n    line = input()\n" * 6)[:81])
     other = tuple(tok.encode("def add(a, b):"))
     tokens, trace = {}, []
-    # 1. a lone long prompt in the solo lane: 10 chunks (80 tokens before the last), one per step, then decoding
+    # 1. a lone long prompt in the solo lane: 11 chunks (all 81 tokens: the last one's logits draw the first token),
+    # one per step, then decoding
     sched.submit(Request("solo", long, sp(6)))
     _trace(sched, lambda t: len(t.get("solo", [])) >= 1, tokens, trace)
-    assert trace[:10] == [("chunk", ("solo",))] * 10 and trace[10] == ("tokens", "solo")
+    assert trace[:11] == [("chunk", ("solo",))] * 11 and trace[11] == ("tokens", "solo")
     assert sched.solo is not None and sched.counters["spec_requests"] == 1
     _trace(sched, lambda t: sched.idle, tokens, trace)
     # 2. a short request streams alone (solo); a long newcomer takes both into the spec batch and prefills there
@@ -140,6 +141,7 @@ def test_every_lane_prefills_in_chunks_between_decode_steps(model, spec_lanes):
     sched.submit(Request("long", long, sp(5)))
     _trace(sched, lambda t: "long" in t, tokens, trace)
     chunks = [i for i, ev in enumerate(trace) if ev == ("chunk", ("long",))]
+    # (the spec batch feeds 80: its first verify block starts with the last prompt token)
     assert len(chunks) == 10 and sched.counters["spec_demoted"] == 1  # "a" left the solo lane with its KV
     assert {r.request_id for r in batched.rows} == {"a", "long"}
     for i, j in zip(chunks, chunks[1:]):  # "a" streamed between every two chunks of the newcomer
@@ -167,7 +169,9 @@ def test_simultaneous_arrivals_on_an_idle_scheduler_prefill_as_one_group(model):
     assert not sched.holding and sched.counters["prefill_groups"] == 1 and sched.counters["prefill_chunks"] == 1
     assert sorted(e.request_id for e in events if e.token_ids) == sorted(f"r{i}" for i in range(8))
     tokens, _ = _run(sched, lambda t: sched.idle, {e.request_id: list(e.token_ids) for e in events})
-    assert sched.histogram == {8: 3} and sched.counters["prefill_groups"] == 1
+    # 3 tokens each: the first drawn by the group's prefill (its last chunk feeds every prompt's last token), then 2
+    # decode steps of 8 rows
+    assert sched.histogram == {8: 2} and sched.counters["prefill_groups"] == 1
     for i, ids in enumerate(prompts):
         assert tokens[f"r{i}"] == greedy(m, list(ids), 3)
     sched.submit(Request("late", prompts[1], p))  # a lone request on an idle scheduler: held once, then alone

@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from ..config import resolve_submit_layers
 from ..errors import ConfigError
 from .constraints import constraint_for
 from .emit import StopRule
 from .kv_prefix import fit_prefix
+from .layer_submission import SubmittingCaches
+from .model_head import ModelHead
 from .sampling import apply_bitmask, check, penalize, sample_rows, token_logprobs
 
 PREFILL_STEP = 512
@@ -123,6 +127,7 @@ class Prefill:
         self.column = 0  # prompt columns fed so far
         self.points = points or {}  # column -> [(row, request_id, tokens)]: ``on_point`` after that chunk
         self.on_point = on_point
+        self.drawn = {}  # "first": (tokens, logprobs) drawn from the rows' last logits by the last chunk (BatchEngine)
 
     @property
     def request_ids(self) -> list[str]:
@@ -232,15 +237,28 @@ class BatchMembership:
 
 
 def merge_caches(caches: list) -> list:
-    """Single-request caches (one list per request) → per-layer batch caches."""
+    """Single-request caches (one list per request) → per-layer batch caches. A lone request's filled plain KV
+    becomes its batch cache as it is (mlx-lm's ``merge`` would copy it into a new buffer: a prefix hit's KV)."""
+    if len(caches) == 1:
+        return [_adopt(c) if type(c) is KVCache and c.keys is not None else type(c).merge([c]) for c in caches[0]]
     return [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+
+
+def _adopt(c: KVCache) -> BatchKVCache:
+    """A one-row ``BatchKVCache`` over ``c``'s buffers (what ``BatchKVCache.merge([c])`` holds, uncopied)."""
+    b = BatchKVCache([0])
+    b.keys, b.values, b._idx = c.keys, c.values, c.offset
+    b.offset = b.offset + c.offset
+    return b
 
 
 class BatchEngine(BatchMembership):
     def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = PREFILL_STEP, pipeline: bool = True,
-                 mergeable: bool = True):
+                 mergeable: bool = True, submit_layers: bool | None = None):
         """``mergeable=False``: the family's caches cannot merge into batch caches (its capabilities say
-        ``batch=False``): one request at a time, on its own caches."""
+        ``batch=False``): one request at a time, on its own caches. ``submit_layers``: decode forwards hand each
+        layer to the stream as soon as it is built (``SubmittingCaches``); None: ``MACH_SUBMIT_LAYERS`` (default
+        off)."""
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.mergeable = mergeable
@@ -257,6 +275,9 @@ class BatchEngine(BatchMembership):
         self._inflight = None  # sampled tokens [rows] of the queued step, not yet read back
         self._inflight_rows: list[_Seq] = []
         self._inflight_lp = None  # their token_logprobs(...) when a row asked for logprobs
+        self.submit_layers = resolve_submit_layers(submit_layers)
+        self._ready: list[StepOutput] = []  # newcomers' first draws (``take_ready``)
+        self._head = ModelHead(model)
 
     # -- membership ---------------------------------------------------------------------------------------
     def _members(self) -> list:
@@ -268,7 +289,9 @@ class BatchEngine(BatchMembership):
 
     def begin(self, admissions: list[Admission], prefill_step: int | None = None) -> Prefill:
         """The newcomers' ``Prefill`` (nothing run yet; ``prefill_step`` tokens per chunk, default the engine's).
-        Checks every request first: a bad one raises and nothing is admitted."""
+        Checks every request first: a bad one raises and nothing is admitted. Every token is fed, the last one
+        too: the chunk holding a row's last token also gives its logits (at that position only), and the last
+        chunk draws each row's next token from them (``join`` reads them back for ``take_ready``)."""
         from mlx_lm.models.cache import make_prompt_cache
 
         rows, caches, seqs = [], [], []
@@ -277,13 +300,14 @@ class BatchEngine(BatchMembership):
             tokens = [int(t) for t in list(a.prompt_ids) + list(a.resume_ids)]
             if not tokens:
                 raise ConfigError("the prompt is empty: give at least one token")
-            # a reused KV is cut to what the request shares, but the last token is always fed by a step
+            # a reused KV is cut to what the request shares, but at least the last token is fed (its logits)
             kv, cached = fit_prefix(a.kv, min(a.cached_tokens, len(tokens) - 1)) if a.kv is not None else (None, 0)
             if kv is None:
                 kv, cached = make_prompt_cache(self.model), 0
-            rows.append((a.request_id, tokens, cached, a.boundaries, tokens[cached:-1]))
+            rows.append((a.request_id, tokens, cached, a.boundaries, tokens[cached:]))
             caches.append(kv)
             p = a.params.resolved()
+            # (the last prompt token counts as decoded, not prefilled, as when a decode step fed it)
             seq = _Seq(a.request_id, tuple(a.prompt_ids), p, StopRule(p, self.eos), [int(t) for t in a.resume_ids],
                        tokens[-1], cached_tokens=cached, prefilled_tokens=len(tokens) - 1 - cached,
                        constraint=constraint_for(p, self.tokenizer, a.resume_ids))
@@ -293,12 +317,52 @@ class BatchEngine(BatchMembership):
         if not self.mergeable and len(caches) > 1:
             raise ConfigError("this family's caches cannot be batched: admit one request at a time")
         merged = merge_caches(caches) if self.mergeable else caches[0]
+        last = [len(r[4]) - 1 for r in rows]  # the prefill column of each row's last token
+        width = max(last) + 1
+        picked: dict = {}  # row -> its last token's logits [V]
+        drawn: dict = {}  # "first": (tokens, logprobs) (the closure holds no reference to the Prefill: no cycle)
 
         def forward(tokens, start):
-            self.model(tokens, cache=merged)  # the logits are never evaluated
+            end = start + tokens.shape[1]
+            ending = [i for i, c in enumerate(last) if start <= c < end]
+            if not ending:
+                self.model(tokens, cache=merged)  # the logits are never evaluated
+                return None
+            head = self._head  # (its text model called from here: one file less on a request's path)
+            out = head.inner(tokens, merged) if head.splits else self.model(tokens, cache=merged)
+            logits = head.logits_of(out, ending, [last[i] - start for i in ending])
+            for j, i in enumerate(ending):
+                picked[i] = logits[j]
+            if end < width:
+                return logits
+            tokens, lp = drawn["first"] = self._first_draws(seqs, mx.stack([picked[i] for i in range(len(seqs))]))
+            return [tokens, *(lp or ())]
 
-        return boundary_prefill(seqs, merged, rows, prefill_step or self.prefill_step, forward, self.on_boundary,
-                                lambda row: [c.extract(row) for c in merged] if self.mergeable else list(merged))
+        pf = boundary_prefill(seqs, merged, rows, prefill_step or self.prefill_step, forward, self.on_boundary,
+                              lambda row: [c.extract(row) for c in merged] if self.mergeable else list(merged))
+        pf.drawn = drawn
+        return pf
+
+    def _first_draws(self, seqs: list, raw: mx.array) -> tuple:
+        """(tokens [rows], token_logprobs or None): the newcomers' next draws from their last logits ``raw``."""
+        tokens = sample_rows(self._processed(raw, seqs), [s.row() for s in seqs])
+        k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+        return tokens, (token_logprobs(raw, tokens, k) if k >= 0 else None)
+
+    def join(self, prefill: Prefill) -> list:
+        """Adds a finished ``Prefill``'s rows to the batch with their next token drawn (their outputs wait in
+        ``take_ready``); returns their records."""
+        members = super().join(prefill)
+        tokens, lp = prefill.drawn.pop("first")
+        lps = [a.tolist() for a in lp] if lp is not None else None
+        self._ready.extend(self._record(members, tokens.tolist(), lps, skip_finished=True))
+        return members
+
+    def take_ready(self) -> list[StepOutput]:
+        """The tokens drawn at the end of the prefills joined since the last call (each newcomer's first), which
+        no ``step`` has returned yet (``step`` returns them ahead of its own)."""
+        out, self._ready = self._ready, []
+        return out
 
     def _filter(self, keep: list[int]) -> None:
         if len(keep) == len(self.seqs):
@@ -345,7 +409,8 @@ class BatchEngine(BatchMembership):
         if fresh:
             parts.append(mx.array(fresh, dtype=mx.uint32))
         inputs = parts[0] if len(parts) == 1 else mx.concatenate([p.astype(mx.uint32) for p in parts])
-        raw = self.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        cache = SubmittingCaches(self.cache) if self.submit_layers else self.cache
+        raw = self.model(inputs[:, None], cache=cache)[:, -1, :]
         rows = [s.row((cur[pos[id(s)] : pos[id(s)] + 1] if s.params.processors else True) if id(s) in pos else None)
                 for s in self.seqs]
         self._inflight = sample_rows(self._processed(raw), rows)
@@ -354,10 +419,10 @@ class BatchEngine(BatchMembership):
         self._inflight_lp = token_logprobs(raw, self._inflight, k) if k >= 0 else None
         mx.async_eval(self._inflight, *(self._inflight_lp or ()))
 
-    def _processed(self, logits: mx.array) -> mx.array:
-        """Penalties and grammar masks of the rows that have them (such rows are never pipelined: their state
-        includes the newest token, read back)."""
-        seqs = self.seqs
+    def _processed(self, logits: mx.array, seqs=None) -> mx.array:
+        """Penalties and grammar masks of the rows (``seqs``, default the batch's) that have them (such rows are
+        never pipelined: their state includes the newest token, read back)."""
+        seqs = self.seqs if seqs is None else seqs
         if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
             logits = mx.stack([penalize(logits[i], s.generated, s.params.presence_penalty, s.params.frequency_penalty)
                                for i, s in enumerate(seqs)])
@@ -378,7 +443,8 @@ class BatchEngine(BatchMembership):
         return self._inflight is not None
 
     def step(self, on_launched=None, launch_next: bool = True) -> list[StepOutput]:
-        """One batched decode step: the tokens of every running row of the step in flight.
+        """One batched decode step: the tokens of every running row of the step in flight; or, when rows that
+        joined since have first draws nobody took (``take_ready``), those alone (no step).
 
         With ``pipeline`` on, the next step is queued before this one's tokens are read back, so building the
         next graph on the host overlaps the device's work (as mlx-lm's generators do). A row that finishes
@@ -386,6 +452,9 @@ class BatchEngine(BatchMembership):
         ``launch_next=False`` queues none (a batch about to hand its rows' KV over: each cache then covers all
         but the row's newest token, which the next engine feeds).
         """
+        ready = self.take_ready()
+        if ready:  # the first draws of rows that joined since: they go out alone, the rows step at the next call
+            return ready
         if any(s.finish for s in self.seqs):  # rows that ended (e.g. replayed complete) and nobody removed
             self._filter([i for i, s in enumerate(self.seqs) if not s.finish])
         if not self.seqs:
@@ -401,8 +470,15 @@ class BatchEngine(BatchMembership):
         tokens = cur.tolist()
         lps = [a.tolist() for a in lp] if lp is not None else None
         self.steps += 1
+        return self._record(rows, tokens, lps)
+
+    def _record(self, rows: list, tokens: list, lps, skip_finished: bool = False) -> list[StepOutput]:
+        """Appends each row's drawn token (``tokens[i]`` for ``rows[i]``) and ends rows on their stop rules; returns
+        the outputs. ``skip_finished``: rows that already ended (a replayed request) draw nothing."""
         out = []
         for i, (s, t) in enumerate(zip(rows, tokens)):
+            if skip_finished and s.finish:
+                continue
             index = len(s.generated)
             s.generated.append(t)
             s.next_token = t

@@ -159,7 +159,8 @@ def capture(caches, tokens, *, logits=None, draft_state=None) -> Snapshot:
     ``DraftState`` covering at least ``tokens`` (read, not consumed). Raises ``SnapshotUnsupported`` for a cache
     class it does not know."""
     arrays: dict = {}
-    layers = [_capture_layer(c, f"L{i}", arrays) for i, c in enumerate(caches)]
+    n = len(tokens)  # caches holding more (a prefill fed the prompt's last token too) are cut where they can be
+    layers = [_cut_layer(r, n, arrays) for r in (_capture_layer(c, f"L{i}", arrays) for i, c in enumerate(caches))]
     snap = Snapshot(np.asarray(tokens, dtype=np.uint32), layers, arrays, {})
     if logits is not None:
         snap.logits = logits.reshape(-1)
@@ -172,6 +173,19 @@ def capture(caches, tokens, *, logits=None, draft_state=None) -> Snapshot:
         snap.draft_layers.append(LayerRecord("pending", {}, names))
         snap.draft_tokens = int(draft_state.n_tokens)
     return snap
+
+
+def _cut_layer(r: LayerRecord, n: int, arrays: dict) -> LayerRecord:
+    """``r`` covering only the first ``n`` tokens (lazy slices) when it holds more."""
+    if not isinstance(r.meta.get("offset"), int) or r.meta["offset"] <= n:
+        return r
+    if not layer_cuttable(r.cls, r.meta):
+        raise SnapshotUnsupported(f"a {r.cls} holding {r.meta['offset']} tokens cannot be cut to {n}")
+    for name in r.names:
+        if name is not None:
+            arrays[name] = arrays[name][..., :n, :]
+    meta = dict(r.meta, offset=n, **({"idx": n} if r.cls == "RotatingKVCache" else {}))
+    return LayerRecord(r.cls, meta, r.names)
 
 
 def _put(arrays: dict, prefix: str, name: str, a) -> str | None:

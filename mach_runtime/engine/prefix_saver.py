@@ -110,10 +110,18 @@ class PrefixSaver:
             t //= 2
         return tuple(sorted(out))
 
+    def admission_point(self, n_prompt: int, cached: int) -> tuple:
+        """For exact-only caches, the boundary at ``n_prompt - 1`` where the admission snapshot is taken: the batch
+        lane's prefill feeds the last prompt token too (its logits give the first token), and such caches cannot
+        be cut back to the tokens before it afterwards. () otherwise."""
+        end = n_prompt - 1
+        return (end,) if self.exact_only and end >= self.min_tokens and cached < end else ()
+
     def admitted(self, request_id: str, extract, tokens, cached: int, owner: str | None = None) -> None:
-        """After a prefill: ``extract()`` -> the request's single-request caches covering ``tokens``; worth a
-        snapshot when they hold at least ``min_tokens`` tokens and more than the ``cached`` it reused."""
-        if len(tokens) < self.min_tokens or cached >= len(tokens):
+        """After a prefill: ``extract()`` -> the request's single-request caches covering ``tokens`` (or more:
+        ``capture`` cuts them); worth a snapshot when they hold at least ``min_tokens`` tokens and more than the
+        ``cached`` it reused. Skipped when a boundary capture (``admission_point``) already covers ``tokens``."""
+        if len(tokens) < self.min_tokens or cached >= len(tokens) or (request_id, len(tokens)) in self.pending:
             return
         try:
             self.pending[(request_id, len(tokens))] = (capture(extract(), tokens), owner)
@@ -185,12 +193,19 @@ def warm_prefill(model, tokens, kv, cached: int, step: int = 512, make_cache=Non
 
     if kv is None:
         kv, cached = (make_cache() if make_cache is not None else make_prompt_cache(model)), 0
+    from .model_head import ModelHead
+
     kv = list(kv)
     tokens = [int(t) for t in tokens]
-    last = {}
+    head, width, last = ModelHead(model), len(tokens) - cached, {}
 
     def forward(rows, start):
-        last["logits"] = model(rows, cache=kv)[0, -1]
+        end = start + rows.shape[1]
+        if end < width:  # only the last token's logits are kept: earlier chunks skip the head (never evaluated)
+            head.inner(rows, kv) if head.splits else model(rows, cache=kv)
+            return None
+        out = head.inner(rows, kv) if head.splits else model(rows, cache=kv)
+        last["logits"] = head.logits_of(out, [0], [rows.shape[1] - 1])[0]
         return last["logits"]
 
     boundary_prefill([], kv, [(request_id, tokens, cached, boundaries, tokens[cached:])], step, forward,

@@ -174,8 +174,9 @@ class Scheduler:
             flush()
             self._guard([suspect], self._probe, suspect)
         self._schedule(flush)
-        if self.prefill is not None:
-            self._advance(flush)
+        if self.prefill is not None and self._advance(flush):
+            events, self._events = self._events, []  # first tokens go out now; the lane steps next iteration
+            return events
         if self.solo is not None:
             self._guard([self.solo.req], self._solo_cycle)
         elif self.spec_batch is not None and self.spec_batch.active:
@@ -315,8 +316,9 @@ class Scheduler:
             pf.finish()
             self._advance(lambda: None)
 
-    def _advance(self, flush) -> None:
-        """One chunk of the prefilling group; joins it to its lane when done."""
+    def _advance(self, flush) -> bool:
+        """One chunk of the prefilling group; joins it to its lane when done. True when the join drew tokens (the
+        batch lane's last chunk draws each newcomer's next token: ``BatchEngine.take_ready``)."""
         engine, pf, reqs = self.prefill
         flush()
         try:
@@ -325,11 +327,13 @@ class Scheduler:
             if process_fault(e):
                 raise
             self._contain(reqs, e)
-            return
+            return False
         if not pf.done:
-            return
+            return False
         self.prefill = None
-        for m, r in zip(engine.join(pf), reqs):
+        members = engine.join(pf)
+        ready = {o.request_id: o for o in engine.take_ready()} if engine is self.batch else {}
+        for m, r in zip(members, reqs):
             self.counters["prefilled"] += m.prefilled_tokens
             if r.usage is None:
                 self.counters["cached"] += m.cached_tokens
@@ -349,8 +353,15 @@ class Scheduler:
             if r.request_id in self._dropped:
                 self._dropped.discard(r.request_id)
                 self._finish(r.request_id, "abort")
-            elif m.finish:  # a replayed request that had in fact ended before the crash
+                continue
+            o = ready.get(r.request_id)
+            if o is not None:
+                self._events.append(Event(o.request_id, o.index, (o.token,),
+                                          logprobs=(o.logprobs,) if o.logprobs is not None else None))
+                self.counters["generated"] += 1
+            if m.finish:  # its first token ended it, or a replayed request had in fact ended before the crash
                 self._finish(r.request_id, m.finish)
+        return bool(ready)
 
     def _evict(self, lane: str) -> list[Request]:
         """Takes every request out of ``lane`` with its KV: Requests that re-join as prompt + generated tokens."""
@@ -410,9 +421,10 @@ class Scheduler:
         seq = eng.add_many([Admission(r.request_id, r.prompt_ids, r.params, r.generated)])[0]
         usage = self._usage(r, seq.cached_tokens, seq.prefilled_tokens)
         self.counters["prefilled"] += seq.prefilled_tokens
-        if seq.finish:
+        ready = eng.take_ready()  # the token its prefill drew
+        if not ready:  # a replayed request that had in fact ended
             return self._finish_event(r, seq.finish, usage, None)
-        o = eng.step(launch_next=False)[0]
+        o = ready[0]
         self._events.append(Event(r.request_id, o.index, (o.token,),
                                   logprobs=(o.logprobs,) if o.logprobs is not None else None))
         self.counters["generated"] += 1

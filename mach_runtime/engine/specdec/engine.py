@@ -187,7 +187,8 @@ class BlockSpecDecEngine:
         bringing the draft's context): a ``batch.Prefill`` whose ``advance()`` runs one chunk of
         ``prefill_step`` prompt tokens (the same chunked prefill as every lane, ``batch.prefill_chunks``), so a
         long prompt entering this lane interleaves with the other lanes' decode steps. ``join`` returns
-        ``[run]``: the ``SpecDecRun`` (token ids only), whose first ``next`` feeds the prompt's last token.
+        ``[run]``: the ``SpecDecRun`` (token ids only), whose first ``next`` draws the first token from the
+        logits of the prompt's last token (fed by the prefill's last chunk).
         Checks the request first: a bad one raises and nothing runs."""
         if len(admissions) != 1:
             raise ValueError(f"BlockSpecDecEngine admits one request at a time, got {len(admissions)}")
@@ -207,9 +208,9 @@ class BlockSpecDecEngine:
 
     def _start(self, run: "SpecDecRun", prompt, params: SamplingParams, resume: list[int], text: bool, prefix,
                step: int, boundaries=()) -> Prefill:
-        """Checks the request, sets up its run and returns the chunked prefill of all but the prompt's last token
-        (``_decode`` feeds that one and samples the first token), split at its prefix-cache ``boundaries``
-        (``on_boundary``, as in every lane: ``batch.boundary_prefill``)."""
+        """Checks the request, sets up its run and returns the chunked prefill of the prompt (its last chunk also
+        gives the last token's logits, which ``_decode`` samples the first token from), split at its prefix-cache
+        ``boundaries`` (``on_boundary``, as in every lane: ``batch.boundary_prefill``)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids += resume
         if not ids:
@@ -239,8 +240,9 @@ class BlockSpecDecEngine:
                 drafter.resume(draft_state, cached)
         run._begin(ids, cache, emitter, drafter, cached)
         run._plan = (params, len(resume), max_tokens, pol, capture)
-        forward = self.target.chunk_forward(cache, capture, drafter.observe if capture else None)
-        run._prefill = boundary_prefill([run], cache, [(run.request_id, ids, cached, boundaries, ids[cached:-1])],
+        forward = self.target.prompt_forward(cache, len(ids) - cached, run._first, capture,
+                                             drafter.observe if capture else None)
+        run._prefill = boundary_prefill([run], cache, [(run.request_id, ids, cached, boundaries, ids[cached:])],
                                         step, forward, self.on_boundary, lambda row: list(cache))
         return run._prefill
 
@@ -248,10 +250,7 @@ class BlockSpecDecEngine:
         ids, cache, emitter, drafter, _ = run._state
         params, pos0, max_tokens, pol, capture = run._plan  # pos0: completion positions (sampling keys) continue
         cfg = self.config  # after the resumed tokens
-        logits, h = self.target.forward(mx.array(ids[-1:], dtype=mx.uint32), cache, capture, logits="last")
-        mx.eval(logits, h)
-        if h is not None and capture:
-            drafter.observe(h)
+        logits = run._first.pop("logits")  # the prefill's last chunk fed the prompt's last token
         run._extent = len(ids)  # tokens in the cache
         staged = int(sample(logits, params, pos0, [ids]).item())
         self._stats.add_prompt_commit()
@@ -436,7 +435,8 @@ class SpecDecRun:
         self._gen = None
         self._state = None  # (ids, cache, emitter, drafter, run number) once the prefill starts
         self._plan = None  # (params, resumed tokens, new-token budget, block policy, captured layers)
-        self._prefill = None  # the ``batch.Prefill`` of all but the prompt's last token
+        self._prefill = None  # the ``batch.Prefill`` of the prompt (from its cached prefix on)
+        self._first = {}  # "logits": [1, V] of the prompt's last token, from the prefill's last chunk
         self._extent = None  # tokens the cache covers (after the prefill, at each yield)
         self._last = None  # the last cycle's (checkpoint, block, accepted): undoes accepted tokens past a stop
         self._failed = False
@@ -476,7 +476,7 @@ class SpecDecRun:
         or was handed over already. Call on the MLX thread; the caller owns the result."""
         self._gen.close()  # at a yield point (or finished): the caches are consistent
         if self._extent is None and self._prefill is not None and self._prefill.done:
-            self._extent = len(self._state[0]) - 1  # prefilled, the last prompt token not fed yet
+            self._extent = len(self._state[0])  # prefilled (the last prompt token too), no token drawn yet
         state, self._state = self._state, None
         if state is None or self._failed or self._extent is None:
             return None

@@ -35,6 +35,7 @@ from ...errors import ConfigError
 from ...io.arch_registry import capabilities_of
 from ..batch import prefill_chunks
 from ..hooks import ModuleHook, find_hook
+from ..model_head import ModelHead
 from .verify_cache import bucket_kv_caches, exact_rotating_caches
 
 _ARMED: dict[int, dict] = {}  # id(tap hook) -> {"index": i, "out": recorded output} while a capture is armed
@@ -60,8 +61,9 @@ class TargetOps:
         self.model = model
         self.caps = capabilities_of(model)
         self.family = self.caps.family
-        self.owner = getattr(model, "language_model", model)  # holds lm_head and the text args
-        self.inner = getattr(self.owner, "model", None)
+        self._head = ModelHead(model)  # the text model and the head applied after it
+        self.owner = self._head.owner  # holds lm_head and the text args
+        self.inner = self._head.inner
         if (not self.caps.speculate or self.inner is None or not hasattr(self.inner, "embed_tokens")
                 or not hasattr(self.inner, "layers")):
             raise ConfigError(f"{self.family}: this family's capabilities rule out speculative decoding")
@@ -70,14 +72,11 @@ class TargetOps:
         self._n_layers = len(self.inner.layers)
         if n_main is not None:
             self._n_layers = min(self._n_layers, int(n_main))  # MTP blocks (deepseek_v4) follow the main layers
-        self.tied = bool(getattr(args, "tie_word_embeddings", False)) or not hasattr(self.owner, "lm_head")
         self.hidden_size = int(self.inner.embed_tokens.weight.shape[-1])
         self.embed_scale = getattr(self.inner, "embed_scale", None)
-        self.softcap = getattr(self.owner, "final_logit_softcapping", None)
-        self._final = None  # applied to the text model's output before the head
+        self.tied, self.softcap = self._head.tied, self._head.softcap
+        self._final = self._head.final  # deepseek_v4's hyper-connection streams collapsed before the norm, or None
         self.compiled = None  # a ``compiled_verify.CompiledVerify`` for the verify forwards it covers
-        if hasattr(self.inner, "hc_head"):  # hyper-connections (deepseek_v4): streams collapsed before the norm
-            self._final = lambda h: self.inner.norm(self.inner.hc_head(h))
 
     @property
     def layers(self) -> list:
@@ -110,13 +109,7 @@ class TargetOps:
 
     def head(self, hidden: mx.array) -> mx.array:
         """Logits from final-normed hidden states: exactly what the model applies after its text model."""
-        if self.tied:
-            out = self.inner.embed_tokens.as_linear(hidden)
-        else:
-            out = self.owner.lm_head(hidden)
-        if self.softcap:
-            out = mx.tanh(out / self.softcap) * self.softcap
-        return out
+        return self._head.head(hidden)
 
     # -- forwards -------------------------------------------------------------------------------------------
     def make_cache(self, bucket_kv: bool = True) -> list:
@@ -185,16 +178,30 @@ class TargetOps:
 
         return forward
 
+    def prompt_forward(self, cache, width: int, out: dict, capture=(), on_hidden=None):
+        """``chunk_forward`` over a prompt's ``width`` uncached tokens, except that the chunk holding its last token
+        also computes that token's logits [1, V] (``out["logits"]``): the first token is drawn from them, with no
+        forward of its own."""
+        chunk = self.chunk_forward(cache, capture, on_hidden)
+
+        def forward(rows, start):
+            if start + rows.shape[1] < width:
+                return chunk(rows, start)
+            out["logits"], h = self.forward(rows[0], cache, capture, logits="last")
+            if h is not None and on_hidden is not None:
+                on_hidden(h)
+            return [out["logits"]] + ([h] if h is not None else [])
+
+        return forward
+
     def prefill(self, tokens: list[int], cache, step: int, capture=(), on_hidden=None) -> mx.array:
-        """All prompt tokens through the target (all but the last in ``prefill_chunks``); returns the logits [V]
-        of the last one."""
-        for _ in self.prefill_chunks(tokens[:-1], cache, step, capture, on_hidden):
+        """All prompt tokens through the target in chunks (``prompt_forward``: the last chunk also gives the last
+        token's logits); returns those logits [V]."""
+        out, tokens = {}, [int(t) for t in tokens]
+        forward = self.prompt_forward(cache, len(tokens), out, capture, on_hidden)
+        for _ in prefill_chunks(cache, [tokens], step, forward):
             pass
-        logits, h = self.forward(mx.array(tokens[-1:], dtype=mx.uint32), cache, capture, logits="last")
-        mx.eval(logits, h)
-        if h is not None and on_hidden is not None:
-            on_hidden(h)
-        return logits[0]
+        return out["logits"][0]
 
 
 # -- rollback ---------------------------------------------------------------------------------------------
