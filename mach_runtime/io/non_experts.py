@@ -56,7 +56,9 @@ class Prefetch:
                 if self._stop.is_set():
                     return
                 if chunk[0].file != loaded_file:
-                    loaded, loaded_file = mx.load(chunk[0].file), chunk[0].file
+                    # MLX reads files on its CPU stream on every backend; named, so this thread needs no stream of
+                    # its own on an accelerator
+                    loaded, loaded_file = mx.load(chunk[0].file, stream=mx.cpu), chunk[0].file
                 arrays = [loaded[t.name] for t in chunk]
                 mx.eval(arrays)
                 self._arrays.update((t.name, a) for t, a in zip(chunk, arrays))
