@@ -64,7 +64,9 @@ def test_load_moe_keeps_the_prefetched_tensors(q4_sharded, residency):
         params = dict(tree_flatten(model.parameters()))
         kept = [k for k in params if k in want]
         assert len(kept) >= 20  # attention, norms, router, embedding, head (weights, scales, biases)
-        assert all(_same(params[k], want[k]) for k in kept)
+        differ = [(k, params[k].dtype, want[k].dtype, params[k].shape, want[k].shape) for k in kept
+                  if not _same(params[k], want[k])]
+        assert not differ, differ[:6]  # (MLX CUDA at 6b3e1f0: failed there; this names what differs)
     finally:
         store.close()
     assert not any(t.name == THREAD for t in threading.enumerate())

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from mach_runtime.server.settings import ServerSettings
+from tests import tolerances as tol
 from tests.server_helpers import MODEL, serve_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.anyio
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Node:", "for i in range(10):", "# parse the file\n",
            "while True:", "try:\n    import json\nexcept ImportError:", "x = ["]
 LENGTHS = [12, 20, 7, 16, 9, 24, 5, 14]
+# the demo model's logits stay well inside +-32 (largest |logit| over these prompts' greedy continuations: 21.4)
+LOGIT_BOUND = 32.0
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -82,13 +85,36 @@ async def stream_text(client: httpx.AsyncClient, base: str, payload: dict, on_ch
     return text, events
 
 
-async def alone(base: str, n: int) -> list[str]:
+async def alone(base: str, n: int) -> list[tuple[str, list]]:
+    """Each prompt run by itself: (text, its tokens' logprobs with the top two alternatives)."""
     async with httpx.AsyncClient(timeout=120) as client:
         out = []
         for i in range(n):
-            r = await client.post(base + "/v1/chat/completions", json=body(i, stream=False))
-            out.append(r.json()["choices"][0]["message"]["content"])
+            payload = body(i, stream=False) | {"logprobs": True, "top_logprobs": 2}
+            choice = (await client.post(base + "/v1/chat/completions", json=payload)).json()["choices"][0]
+            out.append((choice["message"]["content"], choice["logprobs"]["content"]))
         return out
+
+
+def assert_same_or_near_tie(got: str, ref: tuple[str, list], what) -> None:
+    """A request in a batch gives the text it gives alone. Where GEMMs round per shape (a GPU; the CPU on OpenBLAS:
+    tests/tolerances.py) the batch sums a logit in another order, so the texts may part only at a near tie: there
+    the alone run's top two logprobs are closer than the reorder bound on the logits (2 x relative bound x
+    LOGIT_BOUND). A wrong row (another request's KV, a stale slot) parts at confident tokens and fails."""
+    want, steps = ref
+    if got == want:
+        return
+    pieces = [s["token"] for s in steps]
+    assert tol.shape_dependent_gemm() and "".join(pieces) == want, (what, got, want)
+    pos = 0
+    for step, piece in zip(steps, pieces):
+        if not got.startswith(want[: pos + len(piece)]):  # the texts part inside this token
+            top = sorted((t["logprob"] for t in step["top_logprobs"]), reverse=True)
+            bound = 2 * tol.reorder(0.0) * LOGIT_BOUND
+            assert len(top) > 1 and top[0] - top[1] <= bound, (what, top[:2], bound, got, want)
+            return
+        pos += len(piece)
+    raise AssertionError((what, "the batch's text runs past the alone text", got, want))
 
 
 async def concurrent(base: str, clients: int) -> dict:
@@ -112,7 +138,7 @@ async def test_concurrent_streams_equal_alone(server):
     got = await concurrent(server, 32)
     assert len(got) == 32
     for i, text in got.items():
-        assert text == ref[i % len(PROMPTS)], i
+        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i)
 
 
 @pytest.mark.slow
@@ -121,7 +147,9 @@ async def test_200_concurrent_streams_equal_alone(server, anyio_backend):
         pytest.skip("one backend is enough for the long version")
     ref = await alone(server, len(PROMPTS))
     got = await concurrent(server, 200)
-    assert len(got) == 200 and all(t == ref[i % len(PROMPTS)] for i, t in got.items())
+    assert len(got) == 200
+    for i, text in got.items():
+        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i)
 
 
 async def stats(client, base):
