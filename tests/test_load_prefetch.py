@@ -66,7 +66,7 @@ def test_load_moe_keeps_the_prefetched_tensors(q4_sharded, residency):
         assert len(kept) >= 20  # attention, norms, router, embedding, head (weights, scales, biases)
         differ = [(k, params[k].dtype, want[k].dtype, params[k].shape, want[k].shape) for k in kept
                   if not _same(params[k], want[k])]
-        assert not differ, differ[:6]  # (MLX CUDA at 6b3e1f0: failed there; this names what differs)
+        assert not differ, differ[:6]  # MLX CUDA failed this at 10293b9 (H200): the message names what differs
     finally:
         store.close()
     assert not any(t.name == THREAD for t in threading.enumerate())
