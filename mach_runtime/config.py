@@ -143,11 +143,12 @@ def resolve_in_place_writes(in_place_writes=None) -> str:
     CUDA's managed memory, Apple's unified memory); ``on`` insists (an error where the probe fails), ``off`` keeps
     the MLX-op way."""
     mode, where = _raw("in_place_writes", in_place_writes)
-    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(
-        str(mode).strip().lower(), str(mode).strip().lower())
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"{where}: in_place_writes must be auto, on or off, got {mode!r}")
-    return mode
+    if str(mode).strip().lower() == "auto":
+        return "auto"
+    try:
+        return "on" if _as_bool(mode, where) else "off"
+    except ConfigError:
+        raise ConfigError(f"{where}: in_place_writes must be auto, on or off, got {mode!r}") from None
 
 
 @dataclass(frozen=True)
