@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,21 @@ def wait_for(path: Path, proc, limit: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@contextmanager
 def held(tmp_path, name: str):
-    """Both ranks up, rank 0 streaming one long request (the worker's --hold); returns (out, launcher, pids)."""
+    """Both ranks up, rank 0 streaming one long request (the worker's --hold): yields (out, launcher, pids); on
+    leaving, the launcher and both ranks are killed (whatever the test left)."""
     out = tmp_path / name
     p = launch(2, out, "--ckpt", CKPT, "--requests", "[]", "--hold", "--timeout", TIMEOUT, wait=False)
-    wait_for(out / "streaming", p, 600, "rank 0 streaming")
-    pids = [int((out / f"rank{r}.pid").read_text()) for r in range(2)]
-    return out, p, pids
+    pids = []
+    try:
+        wait_for(out / "streaming", p, 600, "rank 0 streaming")
+        pids = [int((out / f"rank{r}.pid").read_text()) for r in range(2)]
+        yield out, p, pids
+    finally:
+        p.kill()
+        p.wait()
+        kill_all(pids)
 
 
 def log(out: Path) -> str:
@@ -45,17 +54,12 @@ def log(out: Path) -> str:
 
 @pytest.mark.slow
 def test_killed_rank_fails_in_flight_request_within_seconds(tmp_path):
-    out, p, pids = held(tmp_path, "kill")
-    try:
+    with held(tmp_path, "kill") as (out, p, pids):
         os.kill(pids[1], signal.SIGKILL)
         wait_for(out / "killed.json", p, 120, "rank 0 reporting the lost rank")
         rep = json.loads((out / "killed.json").read_text())
         assert not wait_gone(pids, 120), log(out)
         p.wait(60)
-    finally:
-        p.kill()
-        p.wait()
-        kill_all(pids)
     assert rep["error"] == "DistributedError", rep
     assert "rank" in rep["message"] and "restart every rank" in rep["message"]
     assert rep["seconds"] < TIMEOUT  # a closed socket fails the collective at once, before any timeout
@@ -63,8 +67,7 @@ def test_killed_rank_fails_in_flight_request_within_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_frozen_follower_fails_in_flight_request_after_the_timeout_and_nothing_hangs(tmp_path):
-    out, p, pids = held(tmp_path, "freeze")
-    try:
+    with held(tmp_path, "freeze") as (out, p, pids):
         os.kill(pids[1], signal.SIGSTOP)  # alive, sockets open, answering nothing: a frozen host
         wait_for(out / "killed.json", p, 120, "rank 0 reporting the frozen rank")
         rep = json.loads((out / "killed.json").read_text())
@@ -74,10 +77,6 @@ def test_frozen_follower_fails_in_flight_request_after_the_timeout_and_nothing_h
         os.kill(pids[1], signal.SIGCONT)  # thawed, it finds rank 0 gone (or its own watchdog expired) and ends
         assert not wait_gone(pids[1:], 120), f"the thawed follower hangs:\n{log(out)}"
         p.wait(60)
-    finally:
-        p.kill()
-        p.wait()
-        kill_all(pids)
     assert rep["error"] == "DistributedError", rep
     assert "has not finished after" in rep["message"] and f"(timeout {TIMEOUT:g}s)" in rep["message"], rep
     assert "no answer from a peer" in rep["message"] and "restart every rank" in rep["message"], rep
