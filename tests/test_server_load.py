@@ -96,22 +96,34 @@ async def alone(base: str, n: int) -> list[tuple[str, list]]:
         return out
 
 
-def assert_same_or_near_tie(got: str, ref: tuple[str, list], what) -> None:
+def streamed_logprobs(events: list) -> list:
+    """The per-token logprob entries of a streamed chat completion's chunks (``logprobs: true``)."""
+    out = []
+    for e in events[:-1]:
+        for c in json.loads(e)["choices"]:
+            out += (c.get("logprobs") or {}).get("content") or []
+    return out
+
+
+def assert_same_or_near_tie(got: str, ref: tuple[str, list], what, got_steps=()) -> None:
     """A request in a batch gives the text it gives alone. Where GEMMs round per shape (a GPU; the CPU on OpenBLAS:
     tests/tolerances.py) the batch sums a logit in another order, so the texts may part only at a near tie: there
     the alone run's top two logprobs are closer than the reorder bound on the logits (2 x relative bound x
-    LOGIT_BOUND). A wrong row (another request's KV, a stale slot) parts at confident tokens and fails."""
+    LOGIT_BOUND). A wrong row (another request's KV, a stale slot) parts at confident tokens and fails. The
+    message reports how far the batch's logprobs drifted from the alone run's over the tokens they share."""
     want, steps = ref
     if got == want:
         return
     pieces = [s["token"] for s in steps]
+    drift = max((abs(a["logprob"] - b["logprob"]) for a, b in zip(got_steps, steps) if a["token"] == b["token"]),
+                default=None)
     assert tol.shape_dependent_gemm() and "".join(pieces) == want, (what, got, want)
     pos = 0
     for step, piece in zip(steps, pieces):
         if not got.startswith(want[: pos + len(piece)]):  # the texts part inside this token
             top = sorted((t["logprob"] for t in step["top_logprobs"]), reverse=True)
             bound = 2 * tol.reorder(0.0) * LOGIT_BOUND
-            assert len(top) > 1 and top[0] - top[1] <= bound, (what, top[:2], bound, got, want)
+            assert len(top) > 1 and top[0] - top[1] <= bound, (what, top[:2], bound, "drift", drift, got, want)
             return
         pos += len(piece)
     raise AssertionError((what, "the batch's text runs past the alone text", got, want))
@@ -124,7 +136,8 @@ async def concurrent(base: str, clients: int) -> dict:
 
         async def one(i):
             await anyio.sleep(0.005 * (i % 7))  # some join a batch that is already running
-            got[i], _ = await stream_text(client, base, body(i))
+            text, events = await stream_text(client, base, body(i) | {"logprobs": True, "top_logprobs": 2})
+            got[i] = (text, streamed_logprobs(events))
 
         async with anyio.create_task_group() as tg:
             for i in range(clients):
@@ -137,8 +150,9 @@ async def test_concurrent_streams_equal_alone(server):
     ref = await alone(server, len(PROMPTS))
     got = await concurrent(server, 32)
     assert len(got) == 32
-    for i, text in got.items():
-        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i)
+    for i, (text, steps) in got.items():
+        assert "".join(t["token"] for t in steps) == text  # the stream's logprobs cover its text
+        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i, steps)
 
 
 @pytest.mark.slow
@@ -148,8 +162,8 @@ async def test_200_concurrent_streams_equal_alone(server, anyio_backend):
     ref = await alone(server, len(PROMPTS))
     got = await concurrent(server, 200)
     assert len(got) == 200
-    for i, text in got.items():
-        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i)
+    for i, (text, steps) in got.items():
+        assert_same_or_near_tie(text, ref[i % len(PROMPTS)], i, steps)
 
 
 async def stats(client, base):
