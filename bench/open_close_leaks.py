@@ -42,6 +42,23 @@ def os_threads() -> int:
     return n
 
 
+def thread_names() -> dict:
+    """OS threads by name (/proc/self/task/*/comm; Python's names where /proc is missing): says which kind leaks."""
+    import collections
+
+    try:
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:  # left since the listing
+                pass
+    except OSError:
+        names = [t.name for t in threading.enumerate()]
+    return dict(sorted(collections.Counter(names).items()))
+
+
 def rss_mb() -> float:
     """Current resident set size (not the peak): /proc on Linux, psutil elsewhere if installed."""
     try:
@@ -70,7 +87,8 @@ async def cycles(n: int, ckpt, residency: str, rows: list) -> None:
         async with Runtime.open(ckpt, expert_residency=residency, max_batch=2) as rt:
             await rt.generate("def add(a, b):", max_tokens=8)
         rows.append({"cycle": i + 1, "threads": os_threads(), "rss_mb": round(rss_mb(), 1),
-                     "gc_frozen": gc.get_freeze_count(), "mlx_active_mb": mlx_active_mb()})
+                     "gc_frozen": gc.get_freeze_count(), "mlx_active_mb": mlx_active_mb(),
+                     "thread_names": thread_names()})
 
 
 def main(argv=None) -> int:
@@ -91,7 +109,7 @@ def main(argv=None) -> int:
     import mlx.core  # noqa: F401  (MLX's own threads exist before the first runtime: not a leak)
 
     rows = [{"cycle": 0, "threads": os_threads(), "rss_mb": round(rss_mb(), 1), "gc_frozen": gc.get_freeze_count(),
-             "mlx_active_mb": mlx_active_mb()}]
+             "mlx_active_mb": mlx_active_mb(), "thread_names": thread_names()}]
     anyio.run(cycles, a.cycles, ckpt, a.residency, rows, backend=a.backend)
     print(f"{'cycle':>5} {'threads':>8} {'rss MB':>8} {'gc frozen':>10} {'mlx active MB':>14}")
     for r in rows:
@@ -100,6 +118,9 @@ def main(argv=None) -> int:
     summary = {"threads_after_first": first["threads"], "threads_after_last": last["threads"],
                "rss_after_first_mb": first["rss_mb"], "rss_after_last_mb": last["rss_mb"],
                "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1)}
+    grown = {k: v - first["thread_names"].get(k, 0) for k, v in last["thread_names"].items()
+             if v != first["thread_names"].get(k, 0)}
+    summary["threads_grown_by_name"] = grown  # after the first cycle: empty when nothing leaks
     print(json.dumps(summary))
     if a.json:
         out = {"machine": _common.machine_info(), "args": vars(a), "rows": rows, "summary": summary}

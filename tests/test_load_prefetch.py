@@ -5,7 +5,6 @@ import gc
 import json
 import os
 import shutil
-import threading
 
 import mlx.core as mx
 import numpy as np
@@ -14,12 +13,11 @@ from mlx.utils import tree_flatten
 
 from mach_runtime import load_moe
 from mach_runtime.errors import CheckpointError
-from mach_runtime.io import non_experts
+from mach_runtime.io import load_thread, non_experts
 from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests import tolerances as tol
 from tests.helpers import HF_QWEN3_MOE
 
-THREAD = "mach-load-non-experts"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +89,7 @@ def test_load_moe_keeps_the_prefetched_tensors(q4_sharded, residency):
         assert not differ, differ[:6]
     finally:
         store.close()
-    assert not any(t.name == THREAD for t in threading.enumerate())
+    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)
 
 
 def test_vanished_shard_is_the_callers_error(q4_sharded, tmp_path):
@@ -113,7 +111,36 @@ def test_failed_load_stops_the_read_and_resumes_the_collector(q4_sharded, tmp_pa
     with pytest.raises(CheckpointError, match="tokenizer"):
         load_moe(ck, expert_residency="streaming")
     assert gc.isenabled()
-    assert not any(t.name == THREAD for t in threading.enumerate())
+    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)
+
+
+def _os_threads() -> int:
+    """This process's OS threads, once a thread that just ended has left /proc (polled for at most a second)."""
+    import time
+
+    n = len(os.listdir("/proc/self/task"))
+    for _ in range(10):
+        time.sleep(0.1)
+        m = len(os.listdir("/proc/self/task"))
+        if m >= n:
+            return m
+        n = m
+    return n
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts OS threads through /proc (Linux)")
+@pytest.mark.parametrize("residency", ["streaming", "stacked"])
+def test_loads_leave_no_os_thread_behind(q4_sharded, residency):
+    """Each thread that ran MLX ops leaves an OS thread of MLX's behind when it ends: the background read runs on one
+    thread for the process, so repeated loads keep the count flat (a thread per load: +1 per load, CPU and CUDA)."""
+    counts = []
+    for _ in range(4):
+        model, tok, store, cache = load_moe(q4_sharded, expert_residency=residency)
+        store.close()
+        del model, tok, store, cache
+        gc.collect()
+        counts.append(_os_threads())
+    assert max(counts[1:]) <= counts[0], counts
 
 
 def test_collector_left_as_the_program_set_it(q4_sharded):
@@ -148,4 +175,4 @@ def test_converted_bf16_with_float_cast_equals_its_source(tiny_dir, tmp_path):
     finally:
         wstore.close()
         gstore.close()
-    assert not any(t.name == THREAD for t in threading.enumerate())
+    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)

@@ -11,8 +11,9 @@ FP4 dequantization, a family's ``sanitize`` rewriting it) stays a lazy graph ove
 afterwards, as without the prefetch; ``load_moe`` skips the prefetch when a float cast applies (every floating
 tensor would be derived). The arrays are MLX's own reads, so the model holds exactly what ``mx.load`` gives.
 
-Threads: the prefetch thread builds and evaluates only its own arrays (MLX >= 0.31.2 gives each thread its own
-streams); the main thread touches them only after the thread has finished (``Prefetch.arrays`` joins it).
+Threads: the read runs on the process's one load thread (``load_thread.py``: a thread per load leaked an OS thread
+of MLX's each time); it builds and evaluates only its own arrays (MLX >= 0.31.2 gives each thread its own streams),
+and the main thread touches them only after the read has finished (``Prefetch.arrays`` waits for it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import threading
 
 from ..errors import CheckpointError
+from . import load_thread
 from .quant_formats import _SCALE_SUFFIXES, dequantize_released
 from .safetensors_index import CheckpointIndex
 
@@ -29,8 +31,8 @@ _DEQUANTIZED = ("F8_E4M3", "I8")  # released FP8 / FP4 weights: dequantized at l
 
 
 class Prefetch:
-    """Reads the named tensors on a thread (MLX's ``mx.load``, evaluated in file order, ``_CHUNK_BYTES`` at a
-    time); ``arrays()`` waits for it and gives ``{name on disk: evaluated array}`` or raises what the read raised."""
+    """Reads the named tensors on the load thread (MLX's ``mx.load``, evaluated in file order, ``_CHUNK_BYTES`` at
+    a time); ``arrays()`` waits for it and gives ``{name on disk: evaluated array}`` or raises what the read raised."""
 
     def __init__(self, index: CheckpointIndex, names):
         infos = sorted((index[n] for n in names), key=lambda t: (t.file, t.offset))
@@ -44,8 +46,8 @@ class Prefetch:
         self._arrays: dict = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mach-load-non-experts", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        load_thread.submit(self._run)
 
     def _run(self) -> None:
         try:
@@ -64,17 +66,19 @@ class Prefetch:
                 self._arrays.update((t.name, a) for t, a in zip(chunk, arrays))
         except BaseException as e:  # noqa: BLE001  (handed to the main thread by arrays())
             self._error = e
+        finally:
+            self._done.set()
 
     def arrays(self) -> dict:
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error
         return self._arrays
 
     def cancel(self) -> None:
-        """Stops after the chunk being read (the load failed elsewhere) and waits for the thread."""
+        """Stops after the chunk being read (the load failed elsewhere) and waits for the read to end."""
         self._stop.set()
-        self._thread.join()
+        self._done.wait()
         self._arrays = {}
 
 
