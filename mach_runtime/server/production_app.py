@@ -82,8 +82,19 @@ def startup_info(rt, settings: ServerSettings, stats) -> dict:
         "max_batch": settings.max_batch, "max_queue": settings.max_queue,
         "prefix_cache": _prefix_state(stats),
         "arch": arch["arch"], "kv_cache_kind": arch["kv_cache_kind"], "specdec_kind": arch["specdec_kind"],
-        "continuous_batching": arch["continuous_batching"],
+        "continuous_batching": arch["continuous_batching"], "dtype": compute_dtype(rt._sup.model),
     }
+
+
+def compute_dtype(model) -> str:
+    """The float dtype the model computes in: its norms' (a checkpoint's own dtype, or float32 where the loader
+    casts half precision for MLX's CPU kernels: io/load.py ``_float_cast``)."""
+    from mlx.utils import tree_flatten
+
+    for name, a in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            return str(a.dtype).rsplit(".", 1)[-1]
+    return "unknown"
 
 
 def lane_policy(draft: bool, spec_batch: int) -> str:
@@ -106,7 +117,7 @@ def _log_startup(info: dict, settings: ServerSettings) -> None:
     def line(prefix, keys):
         log.info("%s %s", prefix, " ".join(f"{k}={info[k]}" for k in keys))
 
-    line("startup mode", ["model", "expert_residency", "max_batch", "max_queue"])
+    line("startup mode", ["model", "dtype", "expert_residency", "max_batch", "max_queue"])
     line("startup bank", ["bank_experts", "bank_gb", "eviction_policy", "direct_io"])
     line("startup", ["decode_path", "draft", "spec_batch", "lane_policy", "adaptive_block_policy", "prefix_cache"])
     line("startup capabilities", ["arch", "kv_cache_kind", "specdec_kind", "continuous_batching", "tool_format"])
