@@ -13,7 +13,7 @@ import pytest
 
 from mach_runtime import load_moe
 from tests.helpers import mlx_lm_reference
-from tests.tolerances import quantized_vs_dequantized, reorder
+from tests.tolerances import quantized_kernel_error, quantized_vs_dequantized, reorder
 from tests.quant_helpers import (PROMPT, assert_matches, logits_of, mlx_lm_convert, mlx_lm_model,
                                  mlx_lm_quantize_save, qwen3_moe_source)
 
@@ -119,7 +119,11 @@ def test_nvfp4_global_scale(qwen_src, tmp_path, residency, slots):
             logits_of(ref, PROMPT)  # why the reference is the dequantized model
     model, store = ours(dst, residency, slots)
     try:
-        assert_matches(model, dequantized(ref), tol=quantized_vs_dequantized("nvfp4", 4, 16))
+        try:
+            assert_matches(model, dequantized(ref), tol=quantized_vs_dequantized("nvfp4", 4, 16))
+        except AssertionError as e:  # say which class the backend's kernels measured in (tests/tolerances.py)
+            err = quantized_kernel_error("nvfp4", 4, 16)
+            raise AssertionError(f"{e}; this backend's nvfp4 kernels measured {err:.3g} per GEMM") from None
         glu = model.layers[0].mlp.switch_mlp
         assert glu.gate_up.global_scale.shape[1:] == (256,) and glu.down.global_scale.shape[1:] == (128,)
     finally:
