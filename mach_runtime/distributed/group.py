@@ -10,9 +10,9 @@ message saying so (``choose_backend``). Not launched at all, the group is this p
 a payload longer than the inline part takes a second all_sum of its remainder. No transport of our own.
 
 What a dead peer does to MLX's collectives (measured, ring backend, CPU, MLX 0.32.4: docs/distributed.md): a
-killed process closes its sockets, and its neighbours' pending collective fails with an exception within
-milliseconds. A peer that stops without closing (a frozen host, a cut cable) leaves the collective blocked for
-good. The ``Watchdog`` covers that case: a thread that sees a guarded section (a step, an exchange) run longer
+killed process closes its sockets, and its neighbours' pending collective usually fails with an exception within
+milliseconds, but not always (in 3 of 5 test runs it kept waiting until the watchdog's timeout). A peer that stops
+without closing (a frozen host, a cut cable) leaves the collective blocked for good. The ``Watchdog`` covers that case: a thread that sees a guarded section (a step, an exchange) run longer
 than the timeout and calls ``on_timeout`` — rank 0 fails every request in flight with ``DistributedError``;
 a follower exits the process.
 """
