@@ -336,7 +336,9 @@ def load_moe(
             if layout.layout == "stacked":
                 print(
                     f"[mach] streaming residency on a stacked checkpoint ({index.directory}): experts are read as "
-                    "lazy per-expert slices of the stacked tensors; the stacked tensors are never materialised",
+                    "lazy per-expert slices of the stacked tensors; the stacked tensors are never materialised. A "
+                    "miss reads one range per tensor of an expert (weight, scales, biases of each projection): "
+                    "`mach convert SRC DST` writes each expert as one extent, one read per miss (docs/convert.md)",
                     file=sys.stderr,
                 )
         else:
