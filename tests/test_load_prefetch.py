@@ -89,7 +89,7 @@ def test_load_moe_keeps_the_prefetched_tensors(q4_sharded, residency):
         assert not differ, differ[:6]
     finally:
         store.close()
-    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)
+    assert load_thread.wait_idle(5)  # the read has ended (the load thread is parked for the next load)
 
 
 def test_vanished_shard_is_the_callers_error(q4_sharded, tmp_path):
@@ -111,7 +111,7 @@ def test_failed_load_stops_the_read_and_resumes_the_collector(q4_sharded, tmp_pa
     with pytest.raises(CheckpointError, match="tokenizer"):
         load_moe(ck, expert_residency="streaming")
     assert gc.isenabled()
-    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)
+    assert load_thread.wait_idle(5)  # the read has ended (the load thread is parked for the next load)
 
 
 def _os_threads() -> int:
@@ -175,4 +175,4 @@ def test_converted_bf16_with_float_cast_equals_its_source(tiny_dir, tmp_path):
     finally:
         wstore.close()
         gstore.close()
-    assert not load_thread.busy()  # the read has ended (the load thread is parked for the next load)
+    assert load_thread.wait_idle(5)  # the read has ended (the load thread is parked for the next load)

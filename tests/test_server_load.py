@@ -114,8 +114,9 @@ def assert_same_or_near_tie(got: str, ref: tuple[str, list], what, got_steps=())
     tests/tolerances.py) the batch sums a logit in another order, so the texts may part only at a near tie: there
     the alone run's top two logprobs are closer than the reorder bound on the logits (2 x relative bound x
     LOGIT_BOUND), the bound of the dtype the model computes in (``reorder_in``: float32 on the CPU, the demo's
-    float16 on a GPU, where the H200 measured a drift of 4.4e-3 over shared tokens against 1e-5 on the CPU). A wrong row (another request's KV, a stale slot) parts at confident tokens and fails. The
-    message reports how far the batch's logprobs drifted from the alone run's over the tokens they share."""
+    float16 on a GPU, where the H200 measured a drift of 4.4e-3 over shared tokens against 1e-5 on the CPU). A
+    wrong row (another request's KV, a stale slot) parts at confident tokens and fails. The message reports how
+    far the batch's logprobs drifted from the alone run's over the tokens they share."""
     want, steps = ref
     if got == want:
         return

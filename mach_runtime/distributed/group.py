@@ -12,9 +12,9 @@ a payload longer than the inline part takes a second all_sum of its remainder. N
 What a dead peer does to MLX's collectives (measured, ring backend, CPU, MLX 0.32.4: docs/distributed.md): a
 killed process closes its sockets, and its neighbours' pending collective usually fails with an exception within
 milliseconds, but not always (in 3 of 5 test runs it kept waiting until the watchdog's timeout). A peer that stops
-without closing (a frozen host, a cut cable) leaves the collective blocked for good. The ``Watchdog`` covers that case: a thread that sees a guarded section (a step, an exchange) run longer
-than the timeout and calls ``on_timeout`` — rank 0 fails every request in flight with ``DistributedError``;
-a follower exits the process.
+without closing (a frozen host, a cut cable) leaves the collective blocked for good. The ``Watchdog`` covers both:
+a thread that sees a guarded section (a step, an exchange) run longer than the timeout and calls ``on_timeout`` —
+rank 0 fails every request in flight with ``DistributedError``; a follower exits the process.
 """
 
 from __future__ import annotations

@@ -19,35 +19,43 @@ NAME = "mach-load-reader"
 _lock = threading.Lock()
 _jobs: queue.SimpleQueue | None = None
 _thread: threading.Thread | None = None
-_busy = threading.Event()  # set while a job runs (tests: nothing is left running after a load)
+_idle = threading.Condition()
+_queued = 0  # jobs submitted and not yet finished (tests: nothing is left running after a load)
 
 
 def _run(jobs: queue.SimpleQueue) -> None:
+    global _queued
     while True:
         job = jobs.get()
         if job is None:
             return
-        _busy.set()
         try:
             job()  # a job hands its own errors to its caller (Prefetch keeps them); nothing escapes here
         finally:
-            _busy.clear()
+            with _idle:
+                _queued -= 1
+                _idle.notify_all()
 
 
 def submit(job) -> None:
     """Runs ``job()`` on the reader thread, after the jobs submitted before it."""
-    global _jobs, _thread
+    global _jobs, _thread, _queued
     with _lock:
         if _thread is None:
             _jobs = queue.SimpleQueue()
             _thread = threading.Thread(target=_run, args=(_jobs,), name=NAME, daemon=True)
             _thread.start()
             atexit.register(_stop)
+        with _idle:
+            _queued += 1
         _jobs.put(job)
 
 
-def busy() -> bool:
-    return _busy.is_set()
+def wait_idle(timeout: float) -> bool:
+    """Whether every submitted job has finished within ``timeout`` seconds (a job's caller may be released by the
+    job itself a moment before the thread counts it finished)."""
+    with _idle:
+        return _idle.wait_for(lambda: _queued == 0, timeout)
 
 
 def _release_streams() -> None:
