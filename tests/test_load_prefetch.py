@@ -5,6 +5,8 @@ import gc
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +20,8 @@ from mach_runtime.io.safetensors_index import CheckpointIndex
 from tests import tolerances as tol
 from tests.helpers import HF_QWEN3_MOE
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from open_close_leaks import os_threads  # noqa: E402  (the leak bench's count: polled until joined threads leave)
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +118,6 @@ def test_failed_load_stops_the_read_and_resumes_the_collector(q4_sharded, tmp_pa
     assert load_thread.wait_idle(5)  # the read has ended (the load thread is parked for the next load)
 
 
-def _os_threads() -> int:
-    """This process's OS threads, once a thread that just ended has left /proc (polled for at most a second)."""
-    import time
-
-    n = len(os.listdir("/proc/self/task"))
-    for _ in range(10):
-        time.sleep(0.1)
-        m = len(os.listdir("/proc/self/task"))
-        if m >= n:
-            return m
-        n = m
-    return n
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts OS threads through /proc (Linux)")
 @pytest.mark.parametrize("residency", ["streaming", "stacked"])
 def test_loads_leave_no_os_thread_behind(q4_sharded, residency):
@@ -139,7 +129,7 @@ def test_loads_leave_no_os_thread_behind(q4_sharded, residency):
         store.close()
         del model, tok, store, cache
         gc.collect()
-        counts.append(_os_threads())
+        counts.append(os_threads())
     assert max(counts[1:]) <= counts[0], counts
 
 

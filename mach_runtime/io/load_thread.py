@@ -19,43 +19,34 @@ NAME = "mach-load-reader"
 _lock = threading.Lock()
 _jobs: queue.SimpleQueue | None = None
 _thread: threading.Thread | None = None
-_idle = threading.Condition()
-_queued = 0  # jobs submitted and not yet finished (tests: nothing is left running after a load)
 
 
 def _run(jobs: queue.SimpleQueue) -> None:
-    global _queued
     while True:
         job = jobs.get()
         if job is None:
             return
-        try:
-            job()  # a job hands its own errors to its caller (Prefetch keeps them); nothing escapes here
-        finally:
-            with _idle:
-                _queued -= 1
-                _idle.notify_all()
+        job()  # a job hands its own errors to its caller (Prefetch keeps them); nothing escapes here
 
 
 def submit(job) -> None:
     """Runs ``job()`` on the reader thread, after the jobs submitted before it."""
-    global _jobs, _thread, _queued
+    global _jobs, _thread
     with _lock:
         if _thread is None:
             _jobs = queue.SimpleQueue()
             _thread = threading.Thread(target=_run, args=(_jobs,), name=NAME, daemon=True)
             _thread.start()
             atexit.register(_stop)
-        with _idle:
-            _queued += 1
         _jobs.put(job)
 
 
 def wait_idle(timeout: float) -> bool:
-    """Whether every submitted job has finished within ``timeout`` seconds (a job's caller may be released by the
-    job itself a moment before the thread counts it finished)."""
-    with _idle:
-        return _idle.wait_for(lambda: _queued == 0, timeout)
+    """Whether every job submitted so far has finished within ``timeout`` seconds: jobs run in order, so a marker
+    job submitted now runs once they have."""
+    reached = threading.Event()
+    submit(reached.set)
+    return reached.wait(timeout)
 
 
 def _release_streams() -> None:
