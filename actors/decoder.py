@@ -35,6 +35,7 @@ import time
 
 import anyio
 
+from mach_runtime.backend.worker_thread import WorkerThread
 from mach_runtime.engine.prefix_saver import PrefixSaver
 from mach_runtime.engine.scheduler import Scheduler
 
@@ -253,21 +254,8 @@ class Decoder(DecoderPrefixCache):
 
 
 # -- the one MLX thread ---------------------------------------------------------------------------------------
-def _release_streams() -> None:
-    """Waits for this thread's queued MLX work and destroys the streams it created, while Python still runs.
-    MLX keeps per-thread streams (and their worker threads); left to process exit they are torn down in an
-    order that could abort the interpreter ("terminate called without an active exception", ~1 exit in 4 of
-    ``mach demo`` on the CPU build before this)."""
-    import mlx.core as mx
-
-    try:
-        mx.synchronize()
-    finally:
-        mx.clear_streams()
-
-
-class MLXThread:
-    """A single daemon thread running submitted jobs in order."""
+class MLXThread(WorkerThread):
+    """The Decoder's MLX thread (``WorkerThread``), reused by the next runtime once its runtime closes."""
 
     _idle: list["MLXThread"] = []  # threads of closed runtimes, waiting for the next one (see the module doc)
     _idle_lock = threading.Lock()
@@ -278,7 +266,7 @@ class MLXThread:
         with cls._idle_lock:
             while cls._idle:
                 t = cls._idle.pop()
-                if t._thread.is_alive():
+                if t.is_alive():
                     return t
         return cls()
 
@@ -304,27 +292,7 @@ class MLXThread:
             t.stop()
 
     def __init__(self, name: str = "mach-mlx"):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                _release_streams()
-                return
-            fn, done = job
-            try:
-                result, error = fn(), None
-            except BaseException as e:  # reported to the submitter, never kills the thread
-                result, error = None, e
-            if done is not None:
-                done(result, error)
-
-    def submit(self, fn, done=None) -> None:
-        """Runs ``fn()`` on the thread; then ``done(result, error)`` on the thread."""
-        self._jobs.put((fn, done))
+        super().__init__(name)
 
     async def call(self, fn):
         """Runs ``fn()`` on the MLX thread and returns its result (or raises its exception)."""
@@ -340,14 +308,6 @@ class MLXThread:
         if box["error"] is not None:
             raise box["error"]
         return box["result"]
-
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        if not self.is_current():
-            self._thread.join(timeout=30)
 
 
 atexit.register(MLXThread._stop_idle)
