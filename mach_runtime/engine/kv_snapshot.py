@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backend.dtypes import dtype_name
 from ..errors import ConfigError
 
 
@@ -79,7 +80,7 @@ class Snapshot:
         out = {}
         for k, a in self.arrays.items():
             if isinstance(a, mx.array):
-                self.dtypes[k] = str(a.dtype).rsplit(".", 1)[-1]
+                self.dtypes[k] = dtype_name(a.dtype)
                 out[k] = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
         logits = self.logits.astype(mx.float32).reshape(-1) if isinstance(self.logits, mx.array) else None
         held = list(out.values()) + ([logits] if logits is not None else [])

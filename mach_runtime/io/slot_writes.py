@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from mach_runtime.backend.dtypes import dtype_name
+
 from .safetensors_index import DTYPES
 
 # numpy dtype through which an MLX dtype's memory is written (bfloat16 as its raw bits)
@@ -84,14 +86,10 @@ def in_place_backend(mode: str | None = None) -> bool:
     return ok
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
-
-
 def host_value(buf: np.ndarray, st_dtype: str, shape: tuple, arr_dtype) -> np.ndarray | None:
     """Raw bytes of one component as numpy values of the slot array's host dtype, exactly; None when the pair
     has no exact host conversion (the component is written as MLX ops)."""
-    name = arr_dtype if isinstance(arr_dtype, str) else _dtype_name(arr_dtype)
+    name = arr_dtype if isinstance(arr_dtype, str) else dtype_name(arr_dtype)
     if name not in _HOST or st_dtype not in DTYPES:
         return None
     src = buf.view(DTYPES[st_dtype][1]).reshape(shape)
@@ -145,7 +143,7 @@ class HostViews:
         self.dtypes = {}  # the arrays' MLX dtype names: writes need no MLX object (they may run on other threads)
         for key, (proj, comp) in arrays.items():
             arr = getattr(proj, comp)
-            self.dtypes[key] = _dtype_name(arr.dtype)
+            self.dtypes[key] = dtype_name(arr.dtype)
             if arr.dtype == mx.bfloat16:
                 arr = arr.view(mx.uint16)  # numpy has no bfloat16; the view shares the array's memory
                 mx.eval(arr)

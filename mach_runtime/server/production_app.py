@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mach_runtime.backend.dtypes import dtype_name
 from mach_runtime.errors import ConfigError
 
 from . import anthropic_protocol, openai_protocol, operations
@@ -93,7 +94,7 @@ def compute_dtype(model) -> str:
 
     for name, a in tree_flatten(model.parameters()):
         if name.endswith("norm.weight"):
-            return str(a.dtype).rsplit(".", 1)[-1]
+            return dtype_name(a.dtype)
     return "unknown"
 
 
