@@ -35,7 +35,7 @@ import time
 
 import anyio
 
-from mach_runtime.backend.worker_thread import WorkerThread
+from mach_runtime.backend.mlx_streams import release_streams
 from mach_runtime.engine.prefix_saver import PrefixSaver
 from mach_runtime.engine.scheduler import Scheduler
 
@@ -254,8 +254,9 @@ class Decoder(DecoderPrefixCache):
 
 
 # -- the one MLX thread ---------------------------------------------------------------------------------------
-class MLXThread(WorkerThread):
-    """The Decoder's MLX thread (``WorkerThread``), reused by the next runtime once its runtime closes."""
+class MLXThread:
+    """A single daemon thread running submitted jobs in order; its last job releases its MLX streams
+    (``backend/mlx_streams.py``)."""
 
     _idle: list["MLXThread"] = []  # threads of closed runtimes, waiting for the next one (see the module doc)
     _idle_lock = threading.Lock()
@@ -266,7 +267,7 @@ class MLXThread(WorkerThread):
         with cls._idle_lock:
             while cls._idle:
                 t = cls._idle.pop()
-                if t.is_alive():
+                if t._thread.is_alive():
                     return t
         return cls()
 
@@ -292,7 +293,27 @@ class MLXThread(WorkerThread):
             t.stop()
 
     def __init__(self, name: str = "mach-mlx"):
-        super().__init__(name)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                release_streams()
+                return
+            fn, done = job
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # reported to the submitter, never kills the thread
+                result, error = None, e
+            if done is not None:
+                done(result, error)
+
+    def submit(self, fn, done=None) -> None:
+        """Runs ``fn()`` on the thread; then ``done(result, error)`` on the thread."""
+        self._jobs.put((fn, done))
 
     async def call(self, fn):
         """Runs ``fn()`` on the MLX thread and returns its result (or raises its exception)."""
@@ -308,6 +329,14 @@ class MLXThread(WorkerThread):
         if box["error"] is not None:
             raise box["error"]
         return box["result"]
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        if not self.is_current():
+            self._thread.join(timeout=30)
 
 
 atexit.register(MLXThread._stop_idle)

@@ -74,7 +74,7 @@ async def test_closed_runtime_holds_nothing_and_says_closed(tiny_dir):
     gc.collect()
     assert model() is None  # the caller still names rt, but the model is gone
     assert len(rt._sup.kv_table) == 0
-    assert mlx in MLXThread._idle and mlx.is_alive()  # parked for the next runtime
+    assert mlx in MLXThread._idle and mlx._thread.is_alive()  # parked for the next runtime
     async with Runtime.open(tiny_dir, max_batch=2) as rt2:
         assert rt2._sup.mlx is mlx
         assert (await rt2.generate("def f():", max_tokens=2)).token_ids
