@@ -85,7 +85,12 @@ def test_float_modes(qwen_src, tmp_path, mode, bits, group, residency, slots):
 def dequantized(model):
     """mlx-lm's model with every quantized layer replaced by its float weights: ``mx.dequantize`` with the
     nvfp4 tensor scale for switch layers that carry one (mlx-lm 0.32.2's ``dequantize_model`` drops that scale:
-    its weights come out 2688x too large), ``dequantize_model`` for the rest."""
+    its weights come out 2688x too large), ``dequantize_model`` for the rest.
+
+    The tensor-scale dequantize runs on MLX's CPU, whose values equal the format's definition (e2m1 x e4m3 x
+    g / 2688) in numpy within 1e-7. MLX 0.32.4 CUDA's, called like this (no ``dtype=``), returns float32 at
+    bfloat16 precision: 1.8e-3..2.9e-3 from the CPU's on the H200, exact with ``dtype=mx.float32``
+    (docs/testing.md). On the GPU the reference, not the model, was the one that was off."""
     from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
     from mlx_lm.utils import dequantize_model
@@ -94,7 +99,7 @@ def dequantized(model):
     for path, m in model.named_modules():
         if isinstance(m, QuantizedSwitchLinear) and m.global_scale is not None:
             w = mx.stack([mx.dequantize(m.weight[e], m.scales[e], None, m.group_size, m.bits, mode=m.mode,
-                                        global_scale=m.global_scale[e]) for e in range(m.num_experts)])
+                                        global_scale=m.global_scale[e], stream=mx.cpu) for e in range(m.num_experts)])
             lin = SwitchLinear(m.input_dims, m.output_dims, m.num_experts, bias="bias" in m)
             lin.weight = w
             if "bias" in m:
