@@ -90,6 +90,16 @@ def main() -> None:
             dg = mx.dequantize(wq[e], sc[e], None, 16, 4, mode="nvfp4", global_scale=g[e])
             dc = mx.dequantize(wq[e], sc[e], None, 16, 4, mode="nvfp4", global_scale=g[e], stream=CPU)
             row("dequantize_nvfp4_global_scale", K=K, expert=e, dtype=str(dg.dtype), rel=rel(dg, dc))
+        # as mlx-lm writes it (quantized with the expert's max |w| as the tensor scale: block scales up to 448), with
+        # and without dtype=float32 (MLX 0.32.4 CUDA, H200: 1.8e-3..2.9e-3 without, exact with; docs/testing.md)
+        gm = mx.max(mx.abs(w), axis=(-2, -1))
+        for e in range(2):
+            q = mx.quantize(w[e], 16, 4, mode="nvfp4", global_scale=gm[e], stream=CPU)
+            dc = mx.dequantize(q[0], q[1], None, 16, 4, mode="nvfp4", global_scale=gm[e], stream=CPU)
+            for kw in ({}, {"dtype": mx.float32}):
+                dg = mx.dequantize(q[0], q[1], None, 16, 4, mode="nvfp4", global_scale=gm[e], **kw)
+                row("dequantize_nvfp4_global_scale_mlx_lm", K=K, expert=e, dtype_arg=str(kw.get("dtype")),
+                    rel=rel(dg, dc))
         wb = mx.dequantize(wq[0], sc[0], None, 16, 4, mode="nvfp4", stream=CPU)  # bf16, exact
         x = mx.random.normal((16, K))
         row("matmul_f32_x_bf16_w", K=K, w_dtype=str(wb.dtype),
